@@ -1,0 +1,3 @@
+from mpr.cli import app
+
+app(prog_name="mpr")

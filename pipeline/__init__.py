@@ -1,0 +1,1 @@
+"""Everything that makes data: readers, shards, mining, the LLM stages."""

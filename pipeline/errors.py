@@ -1,0 +1,20 @@
+"""Errors that reach the user as one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MprError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
+
+
+class InputError(MprError):
+    """Bad input data, located by file and (where known) line."""
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")

@@ -1,0 +1,268 @@
+"""Readers for the input formats: BEIR layout and Tevatron/RLHN-style rows.
+
+Every problem is reported as one line naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpr.pipeline.errors import InputError, MprError
+
+
+def find_file(folder: Path, name: str) -> Path | None:
+    """`name` or `name.gz` inside `folder`."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; a malformed line is an InputError."""
+    with open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno) from None
+            if not isinstance(obj, dict):
+                raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
+            yield lineno, obj
+
+
+def _str_field(path: Path, lineno: int, obj: dict[str, Any], key: str, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InputError(path, f"missing field '{key}'", lineno)
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise InputError(path, f"field '{key}' must be a string, got {type(value).__name__}", lineno)
+    return value
+
+
+@dataclass
+class Corpus:
+    """Passages in file order, with an id -> position index."""
+
+    ids: list[str] = field(default_factory=list)
+    titles: list[str | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, pid: str, title: str | None, text: str) -> None:
+        self.index[pid] = len(self.ids)
+        self.ids.append(pid)
+        self.titles.append(title)
+        self.texts.append(text)
+
+    def full_text(self, i: int) -> str:
+        """Title and text joined by a space, as BEIR and sentence-transformers encode passages."""
+        title = self.titles[i]
+        return f"{title} {self.texts[i]}" if title else self.texts[i]
+
+
+def read_corpus(path: Path) -> Corpus:
+    corpus = Corpus()
+    first_line: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        pid = _str_field(path, lineno, obj, "_id")
+        title = _str_field(path, lineno, obj, "title", required=False).strip() or None
+        text = _str_field(path, lineno, obj, "text", required=False)
+        if pid in first_line:
+            raise InputError(path, f"duplicate _id '{pid}' (first seen on line {first_line[pid]})", lineno)
+        if not text.strip() and not title:
+            raise InputError(path, f"document '{pid}' has an empty title and text", lineno)
+        first_line[pid] = lineno
+        corpus.add(pid, title, text)
+    if not corpus.ids:
+        raise InputError(path, "no documents")
+    return corpus
+
+
+def read_queries(path: Path) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        qid = _str_field(path, lineno, obj, "_id")
+        text = _str_field(path, lineno, obj, "text")
+        if qid in first_line:
+            raise InputError(path, f"duplicate _id '{qid}' (first seen on line {first_line[qid]})", lineno)
+        if not text.strip():
+            raise InputError(path, f"query '{qid}' has an empty text", lineno)
+        first_line[qid] = lineno
+        queries[qid] = text
+    return queries
+
+
+def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[tuple[str, str], int]]:
+    """qrels[qid][pid] = score, plus the line of each pair (for error messages downstream)."""
+    qrels: dict[str, dict[str, int]] = {}
+    lines: dict[tuple[str, str], int] = {}
+    with open_text(path) as fh:
+        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue
+            if len(row) == 4:  # TREC qrels: qid iteration docid relevance
+                row = [row[0], row[2], row[3]]
+            if len(row) != 3:
+                raise InputError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}", lineno)
+            qid, pid, raw = (x.strip() for x in row)
+            try:
+                score = int(float(raw))
+            except ValueError:
+                raise InputError(path, f"score '{raw}' is not a number", lineno) from None
+            if pid in qrels.get(qid, {}):
+                raise InputError(path, f"duplicate judgment for query '{qid}', document '{pid}' (first on line {lines[(qid, pid)]})", lineno)
+            qrels.setdefault(qid, {})[pid] = score
+            lines[(qid, pid)] = lineno
+    return qrels, lines
+
+
+@dataclass
+class BeirDataset:
+    root: Path
+    split: str
+    corpus: Corpus
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    files: dict[str, Path]
+    dropped_qrels: int = 0
+
+
+def split_names(root: Path) -> list[str]:
+    folder = root / "qrels"
+    return sorted(p.name.split(".")[0] for p in folder.glob("*.tsv*")) if folder.is_dir() else []
+
+
+def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05) -> BeirDataset:
+    """Read a BEIR-layout folder; qrels pointing at unknown queries or documents are dropped and
+    counted, and more than `max_bad_qrels` (a fraction of the split's rows) of them is an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MprError(f"{root}: no such data folder")
+    files: dict[str, Path] = {}
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        found = find_file(root, name)
+        if found is None:
+            raise InputError(root / name, "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
+        files[name] = found
+    qrels_path = find_file(root / "qrels", f"{split}.tsv")
+    if qrels_path is None:
+        available = ", ".join(split_names(root)) or "none"
+        raise InputError(root / "qrels" / f"{split}.tsv", f"split '{split}' does not exist (available: {available})")
+    files["qrels"] = qrels_path
+    corpus = read_corpus(files["corpus.jsonl"])
+    queries = read_queries(files["queries.jsonl"])
+    qrels, lines = read_qrels(qrels_path)
+    total = sum(len(v) for v in qrels.values())
+    bad: list[tuple[int, str]] = []
+    for qid, judged in list(qrels.items()):
+        for pid in list(judged):
+            problem = None
+            if qid not in queries:
+                problem = f"unknown query '{qid}'"
+            elif pid not in corpus.index:
+                problem = f"unknown document '{pid}'"
+            if problem:
+                bad.append((lines[(qid, pid)], problem))
+                del judged[pid]
+        if not judged:
+            del qrels[qid]
+    if total and len(bad) / total > max_bad_qrels:
+        lineno, problem = min(bad)
+        raise InputError(
+            qrels_path,
+            f"{problem}; {len(bad)} of {total} judgments point at unknown queries or documents "
+            f"(more than the allowed {max_bad_qrels:.0%})",
+            lineno,
+        )
+    if not qrels:
+        raise InputError(qrels_path, "no judgments")
+    return BeirDataset(root, split, corpus, queries, qrels, files, dropped_qrels=len(bad))
+
+
+# Tevatron / RLHN rows: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
+TEVATRON_FIELDS = ("query_id", "query", "positive_passages", "negative_passages")
+
+
+@dataclass
+class TevatronRow:
+    qid: str
+    query: str
+    positives: list[tuple[str, str | None, str]]
+    negatives: list[tuple[str, str | None, str]]
+
+
+def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tuple[str, str | None, str]]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(path, f"'{key}' must be a list of passages", lineno)
+    out = []
+    for n, passage in enumerate(value):
+        if not isinstance(passage, dict):
+            raise InputError(path, f"'{key}[{n}]' must be an object with docid, title, text", lineno)
+        pid = passage.get("docid", passage.get("_id", passage.get("id")))
+        if pid is None:
+            raise InputError(path, f"'{key}[{n}]' has no 'docid'", lineno)
+        text = passage.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') has an empty text", lineno)
+        title = passage.get("title")
+        out.append((str(pid), title.strip() if isinstance(title, str) and title.strip() else None, text))
+    return out
+
+
+def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
+    """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = [f for f in ("query_id", "query") if f not in table.column_names]
+        if missing:
+            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected {', '.join(TEVATRON_FIELDS)}")
+        rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(table.to_pylist(), start=1)
+    else:
+        rows = iter_jsonl(path)
+    seen: dict[str, int] = {}
+    for lineno, obj in rows:
+        qid = _str_field(path, lineno, obj, "query_id")
+        query = _str_field(path, lineno, obj, "query")
+        if not query.strip():
+            raise InputError(path, f"query '{qid}' has an empty text", lineno)
+        if qid in seen:
+            raise InputError(path, f"duplicate query_id '{qid}' (first seen on line {seen[qid]})", lineno)
+        seen[qid] = lineno
+        positives = _passages(path, lineno, obj, "positive_passages")
+        if not positives:
+            raise InputError(path, f"query '{qid}' has no positive_passages", lineno)
+        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages"))

@@ -1,0 +1,1 @@
+"""Prompt templates, one versioned file each, shipped as package data."""

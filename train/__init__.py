@@ -1,0 +1,1 @@
+"""Group building, losses, trainer glue and evaluation."""
