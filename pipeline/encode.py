@@ -161,7 +161,8 @@ class Encoder:
                         os.replace(tmp, path)
                 parts.append(emb)
                 bar.update(len(chunk))
-        dim = self.model.get_sentence_embedding_dimension() or 0
+        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = dim_fn() or 0
         return (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), counts
 
 
