@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from mpr.pipeline.errors import MprError
 from tqdm.auto import tqdm
+
+from mpr.pipeline.errors import MprError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHUNK = 2048

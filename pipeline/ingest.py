@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from mpr.pipeline.mine import MINE_SCHEMA
 from mpr.pipeline.readers import TevatronRow, iter_tevatron
 from mpr.pipeline.schema import to_table
 from mpr.pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
-from pydantic import BaseModel, ConfigDict, Field
 
 
 class IngestConfig(BaseModel):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from mpr.pipeline.schema import SCHEMA, SOURCES
 from mpr.pipeline.shards import iter_groups, read_manifest, read_shards, sha256_file, shard_files
 

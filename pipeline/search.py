@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from mpr.pipeline.errors import MprError
 from tqdm.auto import tqdm
+
+from mpr.pipeline.errors import MprError
 
 CORPUS_CHUNK = 32768
 

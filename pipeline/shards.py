@@ -19,10 +19,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mpr.pipeline.errors import MprError
 from pydantic import BaseModel, Field
 
 from mpr import __version__
+from mpr.pipeline.errors import MprError
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
@@ -86,8 +86,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def read_manifest(folder: str | Path) -> Manifest | None:
     path = Path(folder) / MANIFEST
-    if not path.exists():
-        return None
+    return _load_manifest(path) if path.exists() else None
+
+
+def _load_manifest(path: Path) -> Manifest:
     try:
         return Manifest.model_validate_json(path.read_text())
     except ValueError as exc:
@@ -113,24 +115,32 @@ class ShardRun:
         prompts: dict[str, str] | None = None,
         planned_shards: int | None = None,
         overwrite: bool = False,
+        job: tuple[int, int] | None = None,
     ):
         self.out = Path(out)
+        self.job = job if job and job[1] > 1 else None
+        self.manifest_name = f"manifest.{job[0]}-of-{job[1]}.json" if self.job else MANIFEST
         digest = config_hash(identity)
-        old = read_manifest(self.out) if self.out.exists() else None
+        own = self.out / self.manifest_name
+        old = _load_manifest(own) if own.exists() else None
+        siblings = sorted(self.out.glob("manifest*.json")) if self.out.is_dir() else []
         if self.out.exists() and any(self.out.iterdir()):
-            if overwrite:
+            if overwrite and self.job is None:
                 shutil.rmtree(self.out)
                 old = None
-            elif old is None:
+            elif not siblings:
                 raise MprError(f"{self.out}: folder exists and is not an mpr shard folder; choose another --out")
-            elif old.stage != stage or old.config_hash != digest:
-                raise MprError(
-                    f"{self.out}: holds a '{old.stage}' run with other options; "
-                    "use --overwrite to replace it or choose another --out"
-                )
+            else:
+                other = old or _load_manifest(siblings[0])
+                if other.stage != stage or other.config_hash != digest:
+                    raise MprError(
+                        f"{self.out}: holds a '{other.stage}' run with other options; "
+                        "use --overwrite to replace it or choose another --out"
+                    )
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(f"*{TMP_SUFFIX}"):
-            stale.unlink()
+        if self.job is None:  # parallel jobs may be writing their own temporary files
+            for stale in self.out.glob(f"*{TMP_SUFFIX}"):
+                stale.unlink()
         kept = [s for s in (old.shards if old else []) if self._intact(s)]
         self.manifest = Manifest(
             stage=stage,
@@ -146,6 +156,10 @@ class ShardRun:
             created=old.created if old else _now(),
         )
         self._save()
+
+    def owns(self, index: int) -> bool:
+        """Whether part `index` belongs to this job (`--shard K/N`: every part whose index is K mod N)."""
+        return self.job is None or index % self.job[1] == self.job[0]
 
     def _intact(self, info: ShardInfo) -> bool:
         path = self.out / info.name
@@ -185,14 +199,41 @@ class ShardRun:
         return out
 
     def finish(self, summary: dict[str, Any]) -> Manifest:
+        """Mark this run complete. The last of N parallel jobs to finish also writes the folder's
+        manifest.json, listing every job's parts, so the folder is one valid shard folder."""
         self.manifest.summary = summary
         self.manifest.complete = True
         self._save()
-        return self.manifest
+        if self.job is None:
+            return self.manifest
+        jobs = [self.out / f"manifest.{k}-of-{self.job[1]}.json" for k in range(self.job[1])]
+        loaded = [_load_manifest(p) for p in jobs if p.exists()]
+        if len(loaded) < len(jobs) or not all(m.complete for m in loaded):
+            return self.manifest
+        merged = self.manifest.model_copy(deep=True)
+        merged.shards = sorted((s for m in loaded for s in m.shards), key=lambda s: s.name)
+        merged.summary = _sum_summaries([m.summary for m in loaded])
+        merged.created = min(m.created for m in loaded)
+        merged.updated = _now()
+        write_json_atomic(self.out / MANIFEST, merged.model_dump(mode="json"))
+        return merged
 
     def _save(self) -> None:
         self.manifest.updated = _now()
-        write_json_atomic(self.out / MANIFEST, self.manifest.model_dump(mode="json"))
+        write_json_atomic(self.out / self.manifest_name, self.manifest.model_dump(mode="json"))
+
+
+def _sum_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for summary in summaries:
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+            elif isinstance(value, dict):
+                out[key] = _sum_summaries([out.get(key, {}), value])
+            else:
+                out.setdefault(key, value)
+    return out
 
 
 def shard_files(folder: str | Path) -> list[Path]:

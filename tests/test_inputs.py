@@ -6,11 +6,11 @@ import gzip
 import json
 
 import pytest
-from mpr.pipeline.readers import load_beir
-from mpr.pipeline.shards import read_manifest, read_shards
 from typer.testing import CliRunner
 
 from mpr.cli import app
+from mpr.pipeline.readers import load_beir
+from mpr.pipeline.shards import read_manifest, read_shards
 
 from .conftest import write_beir
 

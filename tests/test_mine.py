@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from sentence_transformers import SentenceTransformer
+
 from mpr.pipeline.mine import MINE_SCHEMA, MineConfig, mine
 from mpr.pipeline.readers import load_beir
 from mpr.pipeline.shards import read_manifest, read_shards
-from sentence_transformers import SentenceTransformer
 
 from .conftest import SEQ
 

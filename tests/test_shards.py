@@ -8,12 +8,12 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mpr.pipeline.inspect import inspect_shards, validate_shards
-from mpr.pipeline.schema import SCHEMA, to_table
-from mpr.pipeline.shards import ShardRun, read_manifest, read_shards, sha256_file
 from typer.testing import CliRunner
 
 from mpr.cli import app
+from mpr.pipeline.inspect import inspect_shards, validate_shards
+from mpr.pipeline.schema import SCHEMA, to_table
+from mpr.pipeline.shards import ShardRun, read_manifest, read_shards, sha256_file
 
 runner = CliRunner()
 

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (the pipeline on the built-in example) and `make test`.
+# Both create .venv and install mpr into it. TORCH_SPEC pins PyTorch so a CPU machine does not pull
+# CUDA wheels; set TORCH_INDEX to PyTorch's CPU wheel index where PyPI's default build is a CUDA one.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_mine.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

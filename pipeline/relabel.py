@@ -1,0 +1,455 @@
+"""`mpr relabel`: an LLM judges the mined candidates; false negatives are relabeled, dropped or graded.
+
+Modes, after RLHN (Thakur et al., 2025) and BiXSE:
+- `relabel`: per query, the LLM sees the query, its known positives and up to `batch_candidates`
+  numbered candidates and names the relevant ones; those become positives (`label=1`).
+- `drop`: flagged candidates are removed. `drop-query`: a query with any flagged candidate is removed.
+- `graded`: per (query, candidate) pair, a 0-3 rubric grade; `grade` is the expected grade over the
+  grade tokens' probabilities when the server returns logprobs (else the sampled grade) divided by 3,
+  `level` the sampled grade, `label` = level >= `positive_level`.
+A query with more than `max_flagged` flags is removed in every mode. With `confirm_model`, what the
+first model flagged is judged again by the second, whose verdict stands (a cascade).
+
+Every input row is written out, or counted as dropped by the mode. Added columns: `prior_label` (the
+label before this stage), `llm_label` (the verdict, 1/0), `rationale`, `error` (why a row could not be
+judged; its label is then left as it was), `prompt` (`name@version` of the prompt used).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mpr.pipeline.encode import default_cache_dir
+from mpr.pipeline.errors import MprError
+from mpr.pipeline.llm.base import ChatBackend
+from mpr.pipeline.llm.jsonparse import parse_json
+from mpr.pipeline.llm.models import TokenCounter, resolve_backend, resolve_model
+from mpr.pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from mpr.pipeline.prompts import (
+    Prompt,
+    candidates_block,
+    escape,
+    known_relevant_block,
+    load_prompt,
+    passage_text,
+)
+from mpr.pipeline.schema import with_extra
+from mpr.pipeline.shards import (
+    InputInfo,
+    Manifest,
+    ShardRun,
+    fingerprint_shards,
+    iter_groups,
+    read_manifest,
+    shard_files,
+)
+
+Mode = Literal["relabel", "drop", "drop-query", "graded"]
+RELABEL_FIELDS = (
+    pa.field("prior_label", pa.int8()),
+    pa.field("llm_label", pa.int8()),
+    pa.field("rationale", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("prompt", pa.string()),
+)
+GRADES = (0, 1, 2, 3)
+
+
+class RelabelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: Path
+    out: Path
+    model: str
+    mode: Mode = "relabel"
+    backend: Literal["auto", "openai", "vllm"] = "auto"
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    confirm_model: str | None = None
+    prompt: str | None = Field(None, description="prompt file name (default: relabel, or graded in graded mode)")
+    candidates: Literal["negatives", "all"] = "negatives"
+    max_candidates: int = Field(20, ge=1, description="candidates judged per query, best-ranked first")
+    batch_candidates: int = Field(20, ge=1, description="candidates per listwise request")
+    grade_positives: bool = False
+    max_flagged: int | None = Field(None, ge=0)
+    positive_level: int = Field(2, ge=1, le=3)
+    max_positives_shown: int = Field(3, ge=0)
+    max_passage_chars: int = Field(2000, ge=100)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    logprobs: bool = True
+    concurrency: int = Field(64, ge=1)
+    timeout: float = Field(300.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
+    queries_per_shard: int = Field(1000, ge=1)
+    llm_cache: Path | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            k, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise ValueError("expected K/N, e.g. 0/4") from None
+        if not 0 <= k < n:
+            raise ValueError(f"K must be in 0..N-1, got {value}")
+        return value
+
+    @property
+    def job(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        k, n = (int(x) for x in self.shard.split("/"))
+        return k, n
+
+    @property
+    def prompt_name(self) -> str:
+        return self.prompt or ("graded" if self.mode == "graded" else "relabel")
+
+    def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
+        runtime = {"input", "out", "backend", "base_url", "api_key_env", "concurrency", "timeout", "max_attempts", "shard",
+                   "llm_cache", "dry_run", "overwrite", "progress", "model", "confirm_model", "prompt"}
+        return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
+
+
+@dataclass
+class Verdict:
+    flagged: bool | None = None
+    level: int | None = None
+    grade: float | None = None
+    rationale: str | None = None
+    error: str | None = None
+    judge: str | None = None
+
+
+@dataclass
+class Judge:
+    """Builds the requests of one prompt and reads its answers."""
+
+    prompt: Prompt
+    cfg: RelabelConfig
+    listwise: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.listwise = self.prompt.schema != "relevance_grade"
+        self.reasoning = "reasoning" in self.prompt.schema
+
+    def _clip(self, row: dict[str, Any]) -> tuple[str | None, str]:
+        return row["title"], row["text"][: self.cfg.max_passage_chars]
+
+    def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
+        """(request, indices into `candidates` it judges)."""
+        if self.listwise:
+            shown = known_relevant_block([self._clip(r) for r in positives[: self.cfg.max_positives_shown]]) or "(no known relevant passage)"
+            out = []
+            for start in range(0, len(candidates), self.cfg.batch_candidates):
+                chunk = list(range(start, min(start + self.cfg.batch_candidates, len(candidates))))
+                messages = self.prompt.render(query=escape(query), positives=shown, candidates=candidates_block([self._clip(candidates[i]) for i in chunk]))
+                out.append((self._request(messages, self._list_schema(len(chunk))), chunk))
+            return out
+        return [
+            (self._request(self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row))), self._grade_schema()), [i])
+            for i, row in enumerate(candidates)
+        ]
+
+    def _request(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatRequest:
+        default_tokens = 16 if not self.listwise else (1024 if self.reasoning else 128)
+        return ChatRequest(
+            messages=messages,
+            json_schema=schema,
+            schema_name=self.prompt.schema,
+            max_tokens=self.cfg.max_tokens or default_tokens,
+            temperature=self.cfg.temperature,
+            logprobs=not self.listwise and self.cfg.logprobs,
+            top_logprobs=5 if not self.listwise and self.cfg.logprobs else 0,
+        )
+
+    def _list_schema(self, n: int) -> dict[str, Any]:
+        props: dict[str, Any] = {}
+        if self.reasoning:
+            props["reasoning"] = {"type": "string"}
+        props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))}, "uniqueItems": True}
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+    @staticmethod
+    def _grade_schema() -> dict[str, Any]:
+        return {"type": "object", "properties": {"grade": {"type": "integer", "enum": list(GRADES)}}, "required": ["grade"], "additionalProperties": False}
+
+    def validator(self, n: int) -> Callable[[str], Any]:
+        """Parse an answer or raise, so the client asks again; an answer is never guessed."""
+
+        def check(content: str) -> Any:
+            value = parse_json(content)
+            if not isinstance(value, dict):
+                raise ValueError("the answer is not a JSON object")
+            if self.listwise:
+                numbers = value.get("relevant")
+                if not isinstance(numbers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers):
+                    raise ValueError("'relevant' must be a list of candidate numbers")
+                bad = [x for x in numbers if not 1 <= x <= n]
+                if bad:
+                    raise ValueError(f"candidate number(s) {bad} out of range 1..{n}")
+                return {"relevant": sorted(set(numbers)), "reasoning": value.get("reasoning")}
+            grade = value.get("grade")
+            if isinstance(grade, str) and grade.strip().isdigit():
+                grade = int(grade.strip())
+            if grade not in GRADES or isinstance(grade, bool):
+                raise ValueError(f"'grade' must be one of 0, 1, 2, 3, got {grade!r}")
+            return {"grade": grade}
+
+        return check
+
+    def verdicts(self, result: ChatResult, n: int, judge: str) -> list[Verdict]:
+        if not result.ok:
+            return [Verdict(error=result.error or "failed", judge=judge) for _ in range(n)]
+        if self.listwise:
+            flagged = set(result.parsed["relevant"])
+            rationale = result.parsed.get("reasoning")
+            return [Verdict(flagged=i + 1 in flagged, rationale=rationale, judge=judge) for i in range(n)]
+        level = result.parsed["grade"]
+        expected = expected_grade(result.logprobs, level)
+        return [Verdict(flagged=level >= self.cfg.positive_level, level=level, grade=expected / 3, judge=judge)]
+
+
+def expected_grade(logprobs: list[TokenLogprob] | None, sampled: int) -> float:
+    """The expectation of the grade over the grade tokens' probabilities at the position where the
+    grade was generated (renormalised over 0-3), or the sampled grade without logprobs."""
+    if not logprobs:
+        return float(sampled)
+    for token in reversed(logprobs):
+        if token.token.strip() == str(sampled):
+            probs: dict[int, float] = {}
+            for alt, lp in [(token.token, token.logprob), *token.top]:
+                text = alt.strip()
+                if text in {"0", "1", "2", "3"}:
+                    probs.setdefault(int(text), math.exp(lp))
+            total = sum(probs.values())
+            return sum(g * p for g, p in probs.items()) / total if total > 0 else float(sampled)
+    return float(sampled)
+
+
+def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
+    if cfg.candidates == "negatives":
+        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] == 0]
+    else:
+        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] != 1]
+    picked.sort(key=lambda i: (rows[i]["rank"] is None, rows[i]["rank"] or 0))
+    picked = picked[: cfg.max_candidates]
+    if cfg.mode == "graded" and cfg.grade_positives:
+        picked = [i for i, r in enumerate(rows) if r["source"] == "qrels" and r["label"] == 1] + picked
+    return picked
+
+
+@dataclass
+class Part:
+    index: int
+    groups: list[tuple[str, list[dict]]]
+
+
+def plan_parts(folder: Path, queries_per_shard: int) -> tuple[list[Path], list[tuple[int, int, int]]]:
+    """Output parts as (input file index, first query, end query); a part never spans two input files."""
+    files = shard_files(folder)
+    plan = []
+    for f, path in enumerate(files):
+        qids = pq.read_table(path, columns=["qid"]).column("qid").to_pylist()
+        n = sum(1 for i, q in enumerate(qids) if i == 0 or qids[i - 1] != q)
+        plan += [(f, s, min(s + queries_per_shard, n)) for s in range(0, n, queries_per_shard)]
+    return files, plan
+
+
+def _load_part(files: list[Path], plan: list[tuple[int, int, int]], index: int, cache: dict[int, list]) -> Part:
+    f, start, end = plan[index]
+    if f not in cache:
+        cache.clear()
+        cache[f] = [(qid, rows.to_pylist()) for qid, rows in iter_groups(pq.read_table(files[f]))]
+    return Part(index, cache[f][start:end])
+
+
+class Relabeler:
+    def __init__(self, cfg: RelabelConfig, backend: ChatBackend | None, confirm: ChatBackend | None, model: str, confirm_model: str | None):
+        self.cfg = cfg
+        self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
+        self.backend, self.confirm = backend, confirm
+        self.model, self.confirm_model = model, confirm_model
+
+    def _ask(self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str) -> list[list[Verdict]]:
+        """Judge each (query, positives, candidates); one verdict per candidate, in order."""
+        requests, where = [], []
+        for item, (query, positives, candidates) in enumerate(items):
+            for request, idx in self.judge.requests(query, positives, candidates):
+                requests.append(request)
+                where.append((item, idx))
+        n_of = [len(idx) for _, idx in where]
+        validators = {n: self.judge.validator(n) for n in set(n_of)}
+        results: list[ChatResult] = []
+        # one validator per candidate count: group requests by it so each run validates its own answers
+        for n, check in validators.items():
+            picked = [i for i, m in enumerate(n_of) if m == n]
+            got = backend.run_sync([requests[i] for i in picked], validate=check, progress=desc if self.cfg.progress else False)
+            results += list(zip(picked, got))
+        verdicts: list[list[Verdict | None]] = [[None] * len(c) for _, _, c in items]
+        for i, result in sorted(results, key=lambda x: x[0]):
+            item, idx = where[i]
+            for j, verdict in zip(idx, self.judge.verdicts(result, len(idx), judge_id)):
+                verdicts[item][j] = verdict
+        return verdicts  # type: ignore[return-value]
+
+    def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
+        cfg = self.cfg
+        picked = [_pick_candidates(rows, cfg) for _, rows in part.groups]
+        items = [
+            (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
+            for (_, rows), idx in zip(part.groups, picked)
+        ]
+        verdicts = self._ask(self.backend, items, self.model, desc)
+        stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
+                               "dropped_rows", "dropped_queries", "rows_out"), 0)
+        if self.confirm is not None:
+            again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
+            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)")
+            for vs, js, ws in zip(verdicts, again, second):
+                for j, w in zip(js, ws):
+                    stats["confirmed"] += bool(w.flagged)
+                    stats["overturned"] += w.flagged is False
+                    vs[j] = w if w.error is None else Verdict(error=f"confirm: {w.error}", judge=w.judge)
+        out_rows: list[dict] = []
+        for (_, rows), idx, vs in zip(part.groups, picked, verdicts):
+            stats["queries"] += 1
+            stats["rows_in"] += len(rows)
+            by_row = dict(zip(idx, vs))
+            flagged = sum(1 for v in vs if v.flagged)
+            stats["flagged"] += flagged
+            drop_query = (cfg.max_flagged is not None and flagged > cfg.max_flagged) or (cfg.mode == "drop-query" and flagged > 0)
+            if drop_query:
+                stats["dropped_queries"] += 1
+                stats["dropped_rows"] += len(rows)
+                continue
+            for i, row in enumerate(rows):
+                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None}
+                verdict = by_row.get(i)
+                if verdict is not None:
+                    row["prompt"] = self.judge.prompt.id
+                    if verdict.error is not None:
+                        stats["failed"] += 1
+                        row["error"] = verdict.error
+                    else:
+                        stats["judged"] += 1
+                        if cfg.mode == "drop" and verdict.flagged:
+                            stats["dropped_rows"] += 1
+                            continue
+                        row["llm_label"] = int(bool(verdict.flagged))
+                        row["rationale"] = verdict.rationale
+                        row["judge"] = verdict.judge
+                        if cfg.mode == "graded":
+                            row["grade"], row["level"] = verdict.grade, verdict.level
+                        if row["source"] != "qrels":
+                            row["label"] = int(bool(verdict.flagged))
+                            stats["relabeled"] += bool(verdict.flagged) and row["prior_label"] != 1
+                out_rows.append(row)
+        stats["rows_out"] = len(out_rows)
+        return out_rows, stats
+
+
+def _schema_for(folder: Path) -> pa.Schema:
+    base = pq.read_schema(shard_files(folder)[0])
+    return with_extra(*RELABEL_FIELDS, base=pa.schema([f for f in base if f.name not in {x.name for x in RELABEL_FIELDS}]))
+
+
+def dry_run(cfg: RelabelConfig, model: str) -> dict[str, Any]:
+    files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
+    judge = Judge(load_prompt(cfg.prompt_name), cfg)
+    counter = TokenCounter(model)
+    cache: dict[int, list] = {}
+    totals = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
+    for index in range(len(plan)):
+        for _, rows in _load_part(files, plan, index, cache).groups:
+            candidates = [rows[i] for i in _pick_candidates(rows, cfg)]
+            positives = [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"]
+            totals["queries"] += 1
+            totals["candidates"] += len(candidates)
+            for request, _ in judge.requests(rows[0]["query"], positives, candidates):
+                totals["requests"] += 1
+                totals["prompt_tokens"] += counter.count_messages(request.messages)
+                totals["max_completion_tokens"] += request.max_tokens or 0
+    totals["prompt_tokens_per_candidate"] = round(totals["prompt_tokens"] / max(totals["candidates"], 1), 1)
+    totals["token_counts"] = "exact" if counter.exact else "estimated (~4 characters per token)"
+    if cfg.confirm_model:
+        totals["note"] = f"plus the requests of {cfg.confirm_model} for what the first model flags"
+    return totals
+
+
+def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest | dict[str, Any]:
+    """Run (or resume) relabeling; returns the manifest, or the dry-run estimate with `dry_run`."""
+    started = time.perf_counter()
+    if not cfg.input.is_dir():
+        raise MprError(f"{cfg.input}: no such shard folder (--in)")
+    source = read_manifest(cfg.input)
+    if source is not None and not source.complete:
+        raise MprError(f"{cfg.input}: the input run is not complete; finish it first")
+    model = resolve_model(cfg.model)
+    confirm_model = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
+    if cfg.dry_run:
+        return dry_run(cfg, model)
+    prompt = load_prompt(cfg.prompt_name)
+    if (prompt.schema == "relevance_grade") != (cfg.mode == "graded"):
+        raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema == 'relevance_grade' else 'listwise'} prompt does not fit --mode {cfg.mode}")
+    files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
+    inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage if source else 'unknown'}", fingerprint=fingerprint_shards(cfg.input))]
+    identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
+    run = ShardRun(
+        cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
+        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {})},
+        prompts={prompt.name: prompt.version}, planned_shards=len(plan), overwrite=cfg.overwrite, job=cfg.job,
+    )
+    pending = [i for i in range(len(plan)) if run.owns(i) and not run.done(i)]
+    if run.complete or not pending:
+        log(f"{cfg.out}: already complete; nothing to do")
+        return run.finish(run.manifest.summary or run.totals())
+    if backends is None:
+        cache = cfg.llm_cache or default_cache_dir() / "llm.sqlite"
+        options = dict(cache=cache)
+        spec = resolve_backend(cfg.backend, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env)
+        if spec.kind == "openai":
+            options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
+        backend = spec.create(**options)
+        model = spec.model
+        confirm = spec.model_copy(update={"model": confirm_model}).create(**options) if confirm_model else None
+        log(f"relabel: {spec.kind} backend, model {model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    else:
+        backend, confirm = backends
+    relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
+    schema = _schema_for(cfg.input)
+    cache_parts: dict[int, list] = {}
+    try:
+        for n, index in enumerate(pending, start=1):
+            part = _load_part(files, plan, index, cache_parts)
+            rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
+            for b in (backend, confirm):
+                if b is not None:
+                    for key in ("sent", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens"):
+                        stats[f"llm_{key}"] = stats.get(f"llm_{key}", 0) + getattr(b.last_stats, key)
+            run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
+    finally:
+        for b in (backend, confirm):
+            if b is not None and backends is None:
+                b.close()
+    seconds = time.perf_counter() - started
+    totals = run.totals()
+    summary = {**totals, "seconds": round(seconds, 2), "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}
+    return run.finish(summary)
+
