@@ -212,3 +212,16 @@ def test_unknown_prompt_and_bad_shard_option(hidden, tmp_path):
     assert result.exit_code == 2 and "unknown prompt 'nope'" in result.output
     result = runner.invoke(app, ["relabel", "--in", str(mined), "--out", str(tmp_path / "o"), "--model", MODEL, "--shard", "4/4"])
     assert result.exit_code == 2 and "--shard" in result.output
+
+
+def test_shard_jobs_together_form_one_valid_folder(hidden, server, tmp_path):
+    mined, _, _ = hidden
+    run(mined, tmp_path / "single", server, tmp_path, queries_per_shard=3)
+    for k in range(3):
+        manifest = run(mined, tmp_path / "jobs", server, tmp_path, queries_per_shard=3, shard=f"{k}/3")
+        assert (tmp_path / "jobs" / "manifest.json").exists() == (k == 2)
+    assert validate_shards(tmp_path / "jobs") == []
+    assert read_shards(tmp_path / "jobs").equals(read_shards(tmp_path / "single"))
+    merged = read_manifest(tmp_path / "jobs")
+    assert merged.complete and len(merged.shards) == merged.planned_shards == 8  # input parts of 8, 8, 4 queries -> 3 + 3 + 2
+    assert merged.summary["rows_in"] == read_manifest(tmp_path / "single").summary["rows_in"] == manifest.summary["rows_in"]
