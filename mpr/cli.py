@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mpr import __version__
-from mpr.commands import ingest, mine, relabel, shards
+from mpr.commands import ingest, mine, relabel, shards, train
 
 app = typer.Typer(
     name="mpr",
@@ -39,5 +39,6 @@ SHARDS = "Shards"
 app.command(rich_help_panel=STAGES)(mine.mine)
 app.command(rich_help_panel=STAGES)(ingest.ingest)
 app.command(rich_help_panel=STAGES)(relabel.relabel)
+app.command(rich_help_panel=STAGES)(train.train)
 app.command(rich_help_panel=SHARDS)(shards.inspect)
 app.command(rich_help_panel=SHARDS)(shards.validate)

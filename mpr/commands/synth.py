@@ -1,0 +1,69 @@
+"""`mpr synth`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from mpr.commands._common import Overwrite, Quiet, log, one_line_errors, print_summary
+
+
+@one_line_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Output shard folder.")],
+    model: Annotated[str, typer.Option(help="Generator model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")],
+    data: Annotated[Path | None, typer.Option(help="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv).")] = None,
+    split: Annotated[str, typer.Option(help="qrels split whose queries get passages, or 'all' for every query of queries.jsonl.")] = "train",
+    queries: Annotated[Path | None, typer.Option(help="Queries file instead of --data: JSONL {\"_id\", \"text\"} or TSV id<TAB>text (.gz accepted).")] = None,
+    from_shards: Annotated[Path | None, typer.Option(help="Shard folder instead of --data: its queries (qid, query).")] = None,
+    levels: Annotated[int, typer.Option(help="Relevance levels per set, 2-6: passages for levels L-1 down to 0.")] = 4,
+    per_query: Annotated[int, typer.Option(help="Independent sets (one request each) per query.")] = 1,
+    styles: Annotated[str | None, typer.Option(help="Comma-separated writing styles drawn per set (default: encyclopedia article, forum answer, news report, ...).")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Comma-separated target lengths in words drawn per set (default: 40,80,120).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the style/length draws (a function of seed, query id and set only).")] = 42,
+    positive_level: Annotated[int | None, typer.Option(help="Lowest level labelled positive (default: the top two levels, at least level 1).")] = None,
+    with_qrels: Annotated[bool, typer.Option("--with-qrels", help="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.")] = False,
+    verify_model: Annotated[str | None, typer.Option(help="Judge model for --verify (default: --model).")] = None,
+    verify_tolerance: Annotated[float, typer.Option(help="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).")] = 1.0,
+    backend: Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")] = "auto",
+    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")] = "OPENAI_API_KEY",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the generator.")] = 0.7,
+    max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request (default: from the levels and the target length).")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="Only the first N queries.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 300.0,
+    max_invalid_retries: Annotated[int, typer.Option(help="Times an answer that fails validation is asked again before its set is recorded as failed.")] = 2,
+    shard: Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")] = None,
+    queries_per_shard: Annotated[int, typer.Option(help="Queries per output part (the unit of resumption and of --shard).")] = 1000,
+    llm_cache: Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write synthetic passages at graded relevance levels for each query (after SyCL).
+
+    Example: mpr synth --data ../shared/data/scifact --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
+    """
+    options = {k: v for k, v in locals().items() if k not in {"quiet", "styles", "lengths"} and v is not None}
+    from mpr.pipeline.synth import SynthConfig
+    from mpr.pipeline.synth import synth as run_synth
+
+    if styles is not None:
+        options["styles"] = styles
+    if lengths is not None:
+        options["lengths"] = lengths
+    cfg = SynthConfig(**{**options, "base_url": base_url or []}, progress=not quiet)
+    result = run_synth(cfg, log=log)
+    if isinstance(result, dict):
+        typer.echo("synth --dry-run: nothing was sent")
+        for key, value in result.items():
+            typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+        return
+    shown = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropped_by_verify", "passages", "qrels_rows",
+             "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",
+             "seconds", "requests_per_s", "failures_file", "failures", "verify")
+    print_summary("synth", cfg.out, {k: result.summary[k] for k in shown if k in result.summary})

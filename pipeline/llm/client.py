@@ -1,0 +1,391 @@
+"""Chat requests to OpenAI-compatible servers (vLLM, SGLang, OpenAI) through the official `openai` client.
+
+Calls go through `AsyncOpenAI.post("/chat/completions", cast_to=bytes, body=...)`, the SDK's documented way to
+send a raw request: it keeps the SDK's auth, headers, timeouts and error classes but skips the typed
+`chat.completions.create()` parameter transformation and response model building, which cost over 1 ms of
+CPU per request (see bench/bench_llm_client.py). The HTTP transport is aiohttp (`openai[aiohttp]`) when
+installed, else httpx.
+
+Retries are ours, not the SDK's (`max_retries=0`): the SDK retries the same URL at most twice with at most 8 s
+of backoff, while a long batch needs a retry that may move to another base URL, a 429's Retry-After that
+pauses that server for every in-flight request (not only the one that got it), and attempt counts in the
+results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies; Retry-After and
+Retry-After-Ms are honoured (capped at `max_retry_after_s`, 120 s like the SDK) by pausing that server,
+otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import MprError
+from .base import ChatBackend, RunContext, WorkItem
+from .cache import ResultCache
+from .types import ChatRequest, ChatResult, TokenLogprob
+
+log = logging.getLogger("mpr.llm")
+
+Transport = Literal["auto", "aiohttp", "httpx"]
+_KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-*]+")
+
+
+@dataclass
+class _Server:
+    url: str
+    response_format: bool = True
+    in_flight: int = 0
+    sent: int = 0
+    blocked_until: float = 0.0
+    fail_streak: int = 0
+
+
+@dataclass
+class _Outcome:
+    result: ChatResult | None = None
+    error: str = ""
+    retryable: bool = True
+    retry_after: float | None = None
+    schema_refused: bool = False
+
+
+class _Fatal(Exception):
+    """A failure that will hit every request the same way (bad key, unknown model)."""
+
+
+class OpenAIBackend(ChatBackend):
+    """Chat completions from one or more OpenAI-compatible base URLs sharing the load (least in flight).
+
+    `concurrency` requests in flight at most; `timeout_s` per request; `max_attempts` HTTP attempts per
+    request on retryable failures; `max_invalid_retries` extra asks after an answer that fails validation.
+    The API key is read from `$api_key_env` at each run and never stored on the backend; `extra_body` is
+    merged into every request body (e.g. `{"chat_template_kwargs": {"enable_thinking": False}}` for Qwen3
+    on vLLM/SGLang).
+    """
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_urls: str | Sequence[str],
+        *,
+        cache: ResultCache | str | Path | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 64,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 10.0,
+        max_attempts: int = 6,
+        max_invalid_retries: int = 2,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        max_retry_after_s: float = 120.0,
+        strict_schema: bool = True,
+        extra_body: Mapping[str, Any] | None = None,
+        transport: Transport = "auto",
+    ):
+        super().__init__(model, cache=cache, max_invalid_retries=max_invalid_retries)
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise MprError("no base URL given for the OpenAI-compatible backend")
+        self.servers = [_Server(u.rstrip("/")) for u in urls]
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.strict_schema = strict_schema
+        self.extra_body = dict(extra_body or {})
+        self.transport = transport
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.model!r}, base_urls={[s.url for s in self.servers]!r})"
+
+    # -- the run ---------------------------------------------------------------------------------------
+    async def _generate(self, todo: list[WorkItem], ctx: RunContext) -> None:
+        import openai
+
+        secret = os.environ.get(self.api_key_env) or ""
+        http_client = _http_client(self.transport, self.concurrency)
+        timeout = openai.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+        clients = {
+            s.url: openai.AsyncOpenAI(
+                base_url=s.url,
+                api_key=secret or "EMPTY",
+                max_retries=0,
+                timeout=timeout,
+                http_client=http_client,
+            )
+            for s in self.servers
+        }
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for item in pending:
+                await self._answer(item, ctx, clients, secret)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(todo)))]
+        try:
+            await asyncio.gather(*tasks)
+        except _Fatal as e:
+            raise MprError(str(e)) from None
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await http_client.aclose()
+
+    async def _answer(self, item: WorkItem, ctx: RunContext, clients: dict[str, Any], secret: str) -> None:
+        """Ask until the answer validates, a retry budget is spent, or the error is not worth retrying."""
+        stats = ctx.stats
+        messages = [{"role": m.role, "content": m.content} for m in item.request.messages]
+        attempts = failures = invalid = 0
+        last: _Server | None = None
+        schema_refused_by: _Server | None = None
+        while True:
+            server = schema_refused_by or await self._pick(last if failures else None)
+            with_schema = (
+                item.request.json_schema is not None and server.response_format and schema_refused_by is None
+            )
+            attempts += 1
+            if attempts > 1:
+                stats.retries += 1
+            stats.sent += 1
+            stats.per_server[server.url] = stats.per_server.get(server.url, 0) + 1
+            out = await self._attempt(server, clients[server.url], item, messages, with_schema, secret)
+            last = server
+            if out.schema_refused:
+                schema_refused_by = server
+                continue
+            if out.result is not None:
+                result = out.result
+                if schema_refused_by is not None and server.response_format:
+                    server.response_format = False
+                    log.warning(
+                        "%s rejects response_format; parsing JSON answers leniently instead", server.url
+                    )
+                schema_refused_by = None
+                result.attempts = attempts
+                problem = ctx.check(item, result)
+                if problem is None:
+                    await ctx.finish(item, result)
+                    return
+                invalid += 1
+                stats.invalid += 1
+                if invalid > self.max_invalid_retries:
+                    result.error = f"invalid answer after {attempts} attempts: {problem}"
+                    result.parsed = None
+                    await ctx.finish(item, result)
+                    return
+                continue
+            schema_refused_by = None
+            failures += 1
+            log.debug("request %s attempt %d on %s: %s", item.key[:12], attempts, server.url, out.error)
+            if not out.retryable or failures >= self.max_attempts:
+                error = out.error if not out.retryable else f"gave up after {attempts} attempts: {out.error}"
+                await ctx.finish(item, ChatResult(key=item.key, error=error, attempts=attempts))
+                return
+            if out.retry_after is not None and out.retry_after > 0:
+                pause = min(out.retry_after, self.max_retry_after_s)
+                server.blocked_until = max(server.blocked_until, time.monotonic() + pause)
+            else:
+                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _attempt(
+        self,
+        server: _Server,
+        client: Any,
+        item: WorkItem,
+        messages: list[dict[str, str]],
+        with_schema: bool,
+        secret: str,
+    ) -> _Outcome:
+        """One HTTP request, its failure classified."""
+        import openai
+
+        body = self._body(item.request, messages, with_schema)
+        server.sent += 1
+        server.in_flight += 1
+        try:
+            raw = await client.post("/chat/completions", cast_to=bytes, body=body)
+            result = _parse(item.key, raw)
+        except openai.APIStatusError as e:
+            status = e.status_code
+            message = _redact(_status_message(e), secret)
+            if status == 400 and with_schema:
+                log.debug("%s: HTTP 400 with response_format; retrying without it", server.url)
+                return _Outcome(schema_refused=True)
+            if status in (401, 403):
+                raise _Fatal(
+                    f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}"
+                ) from None
+            if status == 404:
+                raise _Fatal(
+                    f"{server.url}: HTTP 404 for model {item.request.model!r}: {message} "
+                    f"(GET {server.url}/models lists the models it serves)"
+                ) from None
+            retryable = status in (408, 409, 429) or status >= 500
+            return _Outcome(
+                error=f"HTTP {status}: {message}",
+                retryable=retryable,
+                retry_after=_retry_after(e.response.headers),
+            )
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            server.fail_streak += 1
+            if server.fail_streak >= 3 and len(self.servers) > 1:
+                # Steer traffic away from a server that keeps failing; a success resets the streak.
+                pause = min(5.0, 0.1 * 2 ** (server.fail_streak - 3))
+                server.blocked_until = max(server.blocked_until, time.monotonic() + pause)
+            cause = e.__cause__ or e.__context__
+            if isinstance(e, openai.APITimeoutError) and "Connect" not in type(cause).__name__:
+                return _Outcome(error=f"timed out after {self.timeout_s:g}s")
+            # (the aiohttp transport reports a refused connection as a ConnectTimeout)
+            return _Outcome(error=_redact(f"connection failed: {_cause(e)}", secret))
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            return _Outcome(error=f"malformed response: {type(e).__name__}: {e}"[:300])
+        finally:
+            server.in_flight -= 1
+        server.fail_streak = 0
+        return _Outcome(result=result)
+
+    async def _pick(self, avoid: _Server | None) -> _Server:
+        """The unblocked server with the fewest requests in flight (ties: the one sent the fewest)."""
+        servers = self.servers
+        while True:
+            now = time.monotonic()
+            if len(servers) == 1:
+                wait = servers[0].blocked_until - now
+                if wait <= 0:
+                    return servers[0]
+            else:
+                ready = [s for s in servers if s.blocked_until <= now]
+                if len(ready) > 1 and avoid in ready:
+                    ready.remove(avoid)  # type: ignore[arg-type]
+                if ready:
+                    return min(ready, key=lambda s: (s.in_flight, s.sent))
+                wait = min(s.blocked_until for s in servers) - now
+            await asyncio.sleep(wait)
+
+    def _body(self, req: ChatRequest, messages: list[dict[str, str]], with_schema: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": req.model,
+            "messages": messages,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.max_tokens is not None:
+            body["max_tokens"] = req.max_tokens
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.stop:
+            body["stop"] = req.stop
+        if req.logprobs:
+            body["logprobs"] = True
+            if req.top_logprobs:
+                body["top_logprobs"] = req.top_logprobs
+        if with_schema:
+            spec: dict[str, Any] = {"name": req.schema_name, "schema": req.json_schema}
+            if self.strict_schema:
+                spec["strict"] = True
+            body["response_format"] = {"type": "json_schema", "json_schema": spec}
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
+
+def _http_client(transport: Transport, concurrency: int) -> Any:
+    import openai
+
+    try:
+        import httpx2 as hx  # the transport of openai >= 3
+    except ImportError:
+        import httpx as hx
+
+    limits = hx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
+    if transport in ("auto", "aiohttp"):
+        try:
+            return openai.DefaultAioHttpClient(limits=limits)
+        except RuntimeError:
+            if transport == "aiohttp":
+                raise MprError('the aiohttp transport needs: pip install "openai[aiohttp]"') from None
+    return openai.DefaultAsyncHttpxClient(limits=limits)
+
+
+def _parse(key: str, raw: bytes) -> ChatResult:
+    data = json.loads(raw)
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    logprobs = None
+    lp = (choice.get("logprobs") or {}).get("content")
+    if lp:
+        logprobs = [
+            TokenLogprob(
+                token=t["token"],
+                logprob=t["logprob"],
+                top=[(a["token"], a["logprob"]) for a in t.get("top_logprobs") or ()],
+            )
+            for t in lp
+        ]
+    usage = data.get("usage") or {}
+    return ChatResult(
+        key=key,
+        content=message.get("content"),
+        finish_reason=choice.get("finish_reason"),
+        logprobs=logprobs,
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+    )
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from Retry-After-Ms / Retry-After (seconds or an HTTP date), as the openai SDK reads them."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+            return seconds if math.isfinite(seconds) else None
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is not None:
+            return email.utils.mktime_tz(parsed) - time.time()
+    return None
+
+
+def _status_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:300]
+    return str(getattr(e, "message", "") or e)[:300]
+
+
+def _cause(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    return f"{type(cause).__name__}: {cause}"[:200] if cause is not None else type(e).__name__
+
+
+def _redact(text: str, secret: str) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    return _KEY_LIKE.sub(r"\1***", text)

@@ -1,0 +1,155 @@
+"""Group building and `mpr train` on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpr.pipeline.errors import MprError
+from mpr.pipeline.schema import SCHEMA, to_table
+from mpr.pipeline.shards import ShardRun
+from mpr.train.groups import GroupConfig, build_groups
+
+from .conftest import SEQ, scifact_slice
+
+
+def shard_folder(path, rows):
+    cols = {name: [r.get(name) for r in rows] for name in SCHEMA.names}
+    run = ShardRun(path, stage="test", config={}, identity={"p": str(path)})
+    run.write(0, to_table(cols, SCHEMA))
+    run.finish({})
+    return path
+
+
+def row(qid, pid, source="mined", label=None, rank=None, grade=None, level=None, text=None):
+    return {"qid": qid, "query": f"query {qid}", "pid": pid, "title": None, "text": text or f"text of {pid}", "source": source,
+            "rank": rank, "label": label, "grade": grade, "level": level}
+
+
+@pytest.fixture
+def folders(tmp_path):
+    relabeled = shard_folder(tmp_path / "relabeled", [
+        row("a", "p1", "qrels", 1), row("a", "n2", label=0, rank=2), row("a", "n1", label=0, rank=1), row("a", "u1", rank=3),
+        row("a", "r1", label=1, rank=4),  # an LLM-relabeled false negative
+        row("b", "p2", "qrels", 1), row("b", "n3", label=0, rank=1),
+        row("c", "n4", label=0, rank=1),  # no positive
+    ])
+    synth = shard_folder(tmp_path / "synth", [
+        row("a", "s3", "synthetic", 1, grade=1.0, level=3), row("a", "s2", "synthetic", 1, grade=2 / 3, level=2),
+        row("a", "s1", "synthetic", 0, grade=1 / 3, level=1), row("a", "s0", "synthetic", 0, grade=0.0, level=0),
+        row("a", "p1", "synthetic", 1, grade=1.0, level=3),  # same pid as a qrels row: counted once
+    ])
+    return relabeled, synth
+
+
+def test_groups_positives_first_then_hard_then_random(folders):
+    relabeled, synth = folders
+    ds, stats = build_groups(GroupConfig(data=[relabeled], group_size=5, max_positives=4, seed=1))
+    assert stats.groups == 2 and stats.skipped_no_positive == 1
+    a = ds[0]
+    assert [a[f"passage_{j}"] for j in range(5)][:4] == ["text of p1", "text of r1", "text of n1", "text of n2"]
+    assert a["label"][1] == [1, 1, 0, 0, 0] and a["label"][0][:2] == [1.0, 1.0]
+    assert a["passage_4"] not in {"text of u1", "text of p1", "text of r1"}  # random fill: never unjudged or own
+    b = ds[1]
+    assert b["label"][1] == [1, 0, 0, 0, 0] and stats.random_negatives == 1 + 3
+    ds, stats = build_groups(GroupConfig(data=[relabeled], group_size=5, random_negatives=False))
+    assert ds[1]["label"][1] == [1, 0, -1, -1, -1] and ds[1]["passage_2"] == "" and stats.padding == 4
+
+
+def test_groups_merge_folders_and_keep_grades(folders):
+    relabeled, synth = folders
+    ds, _ = build_groups(GroupConfig(data=[relabeled, synth], group_size=8, max_positives=3, random_negatives=False))
+    a = ds[0]
+    texts = [a[f"passage_{j}"] for j in range(8)]
+    assert texts.count("text of p1") == 1
+    grades, kinds = a["label"]
+    assert kinds[:3] == [1, 1, 1] and grades[:3] == [1.0, 1.0, 1.0]  # best grade first, capped at 3
+    assert "text of s1" in texts and grades[texts.index("text of s1")] == pytest.approx(1 / 3)
+    ds, _ = build_groups(GroupConfig(data=[synth], group_size=4, positive_threshold=0.3, random_negatives=False))
+    assert ds[0]["label"][1] == [1, 1, 1, 0]  # s1 (grade 1/3) counts as positive from the threshold
+
+
+def test_groups_refuse_data_without_positives(tmp_path):
+    folder = shard_folder(tmp_path / "x", [row("c", "n4", label=0, rank=1)])
+    with pytest.raises(MprError, match="has a positive"):
+        build_groups(GroupConfig(data=[folder]))
+
+
+@pytest.fixture(scope="module")
+def mined_slice(tmp_path_factory, cache_dir):
+    from mpr.pipeline.mine import MineConfig, mine
+
+    data = scifact_slice(tmp_path_factory.mktemp("train-data") / "scifact", n_queries=48, n_docs=300)
+    out = tmp_path_factory.mktemp("train-mined") / "mined"
+    mine(MineConfig(data=data, out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=20, num_negatives=6, progress=False), log=lambda _: None)
+    return out
+
+
+def mean_loss(model, dataset, loss_name):
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from mpr.train.losses import build_loss
+
+    loss = build_loss(loss_name, model)
+    collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
+    columns = ["query"] + [c for c in dataset.column_names if c.startswith("passage_")]
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), 16):
+            batch = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))])
+            features = [{k[len(c) + 1 :]: v for k, v in batch.items() if k.startswith(c + "_")} for c in columns]
+            total += loss(features, batch["label"]).item()
+    return total
+
+
+def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from mpr.pipeline.encode import load_encoder
+    from mpr.train.trainer import TrainConfig, train
+
+    groups, _ = build_groups(GroupConfig(data=[mined_slice], group_size=4, seed=0))
+    before = mean_loss(load_encoder("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=64), groups, "lsepair")
+    out = tmp_path / "model"
+    summary = train(TrainConfig(data=[mined_slice], out=out, loss="lsepair", group_size=4, batch_size=8, epochs=2, learning_rate=1e-4,
+                                max_seq_length=64, logging_steps=2, progress=False, seed=0), log=lambda _: None)
+    assert summary["steps"] == 12 and summary["groups"] == 48
+    model = SentenceTransformer(str(out))
+    model.max_seq_length = 64
+    after = mean_loss(model, groups, "lsepair")
+    assert after < before * 0.9, (before, after)
+    record = json.loads((out / "mpr" / "train.json").read_text())
+    assert record["config"]["loss"] == "lsepair" and record["data"][0]["stage"] == "mine"
+    assert (out / "mpr" / "manifests" / "0-mined.json").exists()
+    card = (out / "README.md").read_text()
+    assert "Trained with mpr" in card and "lsepair" in card and str(mined_slice) in card
+
+
+def test_refuses_to_overwrite_a_model(mined_slice, tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("")
+    result = CliRunner().invoke(app, ["train", "--data", str(mined_slice), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_torchrun_two_gloo_processes(mined_slice, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "mpr", "train",
+           "--data", str(mined_slice), "--out", str(out), "--loss", "jointlh", "--group-size", "3", "--batch-size", "4",
+           "--max-steps", "2", "--max-seq-length", "32", "--device", "cpu", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "mpr" / "train.json").read_text())
+    assert record["summary"]["steps"] == 2
+    assert (out / "model.safetensors").exists()
