@@ -70,5 +70,5 @@ def known_relevant_block(passages: list[tuple[str | None, str]]) -> str:
     return "\n".join(f"<known_relevant>{passage_text(t, x)}</known_relevant>" for t, x in passages)
 
 
-def candidates_block(passages: list[tuple[str | None, str]]) -> str:
-    return "\n".join(f'<candidate number="{n}">{passage_text(t, x)}</candidate>' for n, (t, x) in enumerate(passages, start=1))
+def numbered_block(passages: list[tuple[str | None, str]], tag: str = "candidate") -> str:
+    return "\n".join(f'<{tag} number="{n}">{passage_text(t, x)}</{tag}>' for n, (t, x) in enumerate(passages, start=1))

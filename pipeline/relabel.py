@@ -36,10 +36,10 @@ from mpr.pipeline.llm.models import TokenCounter, resolve_backend, resolve_model
 from mpr.pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
 from mpr.pipeline.prompts import (
     Prompt,
-    candidates_block,
     escape,
     known_relevant_block,
     load_prompt,
+    numbered_block,
     passage_text,
 )
 from mpr.pipeline.schema import with_extra
@@ -54,6 +54,7 @@ from mpr.pipeline.shards import (
 )
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
+GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
 RELABEL_FIELDS = (
     pa.field("prior_label", pa.int8()),
     pa.field("llm_label", pa.int8()),
@@ -78,7 +79,7 @@ class RelabelConfig(BaseModel):
     prompt: str | None = Field(None, description="prompt file name (default: relabel, or graded in graded mode)")
     candidates: Literal["negatives", "all"] = "negatives"
     max_candidates: int = Field(20, ge=1, description="candidates judged per query, best-ranked first")
-    batch_candidates: int = Field(20, ge=1, description="candidates per listwise request")
+    batch_candidates: int | None = Field(None, ge=1, description="candidates per request (default 20 listwise, 1 graded)")
     grade_positives: bool = False
     max_flagged: int | None = Field(None, ge=0)
     positive_level: int = Field(2, ge=1, le=3)
@@ -118,8 +119,16 @@ class RelabelConfig(BaseModel):
         return k, n
 
     @property
+    def per_request(self) -> int:
+        return self.batch_candidates or (1 if self.mode == "graded" else 20)
+
+    @property
     def prompt_name(self) -> str:
-        return self.prompt or ("graded" if self.mode == "graded" else "relabel")
+        if self.prompt:
+            return self.prompt
+        if self.mode == "graded":
+            return "graded" if self.per_request == 1 else "graded_batch"
+        return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
         runtime = {"input", "out", "backend", "base_url", "api_key_env", "concurrency", "timeout", "max_attempts", "shard",
@@ -146,7 +155,9 @@ class Judge:
     listwise: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.listwise = self.prompt.schema != "relevance_grade"
+        self.graded = self.prompt.schema in GRADED_SCHEMAS
+        self.listwise = not self.graded
+        self.pointwise = self.prompt.schema == "relevance_grade"
         self.reasoning = "reasoning" in self.prompt.schema
 
     def _clip(self, row: dict[str, Any]) -> tuple[str | None, str]:
@@ -154,29 +165,35 @@ class Judge:
 
     def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
         """(request, indices into `candidates` it judges)."""
-        if self.listwise:
-            shown = known_relevant_block([self._clip(r) for r in positives[: self.cfg.max_positives_shown]]) or "(no known relevant passage)"
-            out = []
-            for start in range(0, len(candidates), self.cfg.batch_candidates):
-                chunk = list(range(start, min(start + self.cfg.batch_candidates, len(candidates))))
-                messages = self.prompt.render(query=escape(query), positives=shown, candidates=candidates_block([self._clip(candidates[i]) for i in chunk]))
-                out.append((self._request(messages, self._list_schema(len(chunk))), chunk))
-            return out
-        return [
-            (self._request(self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row))), self._grade_schema()), [i])
-            for i, row in enumerate(candidates)
-        ]
+        if self.pointwise:
+            return [
+                (self._request(self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row))), self._grade_schema(1), 1), [i])
+                for i, row in enumerate(candidates)
+            ]
+        shown = known_relevant_block([self._clip(r) for r in positives[: self.cfg.max_positives_shown]]) or "(no known relevant passage)"
+        out = []
+        step = self.cfg.per_request
+        for start in range(0, len(candidates), step):
+            chunk = list(range(start, min(start + step, len(candidates))))
+            clipped = [self._clip(candidates[i]) for i in chunk]
+            if self.graded:
+                messages = self.prompt.render(query=escape(query), passages=numbered_block(clipped, "passage"))
+                out.append((self._request(messages, self._grade_schema(len(chunk)), len(chunk)), chunk))
+            else:
+                messages = self.prompt.render(query=escape(query), positives=shown, candidates=numbered_block(clipped))
+                out.append((self._request(messages, self._list_schema(len(chunk)), len(chunk)), chunk))
+        return out
 
-    def _request(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatRequest:
-        default_tokens = 16 if not self.listwise else (1024 if self.reasoning else 128)
+    def _request(self, messages: list[dict[str, str]], schema: dict[str, Any], n: int) -> ChatRequest:
+        default_tokens = 16 + 4 * n if self.graded else (64 * n + 128 if self.reasoning else 8 + 4 * n)
         return ChatRequest(
             messages=messages,
             json_schema=schema,
             schema_name=self.prompt.schema,
             max_tokens=self.cfg.max_tokens or default_tokens,
             temperature=self.cfg.temperature,
-            logprobs=not self.listwise and self.cfg.logprobs,
-            top_logprobs=5 if not self.listwise and self.cfg.logprobs else 0,
+            logprobs=self.graded and self.cfg.logprobs,
+            top_logprobs=5 if self.graded and self.cfg.logprobs else 0,
         )
 
     def _list_schema(self, n: int) -> dict[str, Any]:
@@ -186,9 +203,12 @@ class Judge:
         props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))}, "uniqueItems": True}
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
-    @staticmethod
-    def _grade_schema() -> dict[str, Any]:
-        return {"type": "object", "properties": {"grade": {"type": "integer", "enum": list(GRADES)}}, "required": ["grade"], "additionalProperties": False}
+    def _grade_schema(self, n: int) -> dict[str, Any]:
+        grade = {"type": "integer", "enum": list(GRADES)}
+        if self.pointwise:
+            return {"type": "object", "properties": {"grade": grade}, "required": ["grade"], "additionalProperties": False}
+        grades = {"type": "array", "items": grade, "minItems": n, "maxItems": n}
+        return {"type": "object", "properties": {"grades": grades}, "required": ["grades"], "additionalProperties": False}
 
     def validator(self, n: int) -> Callable[[str], Any]:
         """Parse an answer or raise, so the client asks again; an answer is never guessed."""
@@ -205,12 +225,14 @@ class Judge:
                 if bad:
                     raise ValueError(f"candidate number(s) {bad} out of range 1..{n}")
                 return {"relevant": sorted(set(numbers)), "reasoning": value.get("reasoning")}
-            grade = value.get("grade")
-            if isinstance(grade, str) and grade.strip().isdigit():
-                grade = int(grade.strip())
-            if grade not in GRADES or isinstance(grade, bool):
-                raise ValueError(f"'grade' must be one of 0, 1, 2, 3, got {grade!r}")
-            return {"grade": grade}
+            grades = [value.get("grade")] if self.pointwise else value.get("grades")
+            if not isinstance(grades, list) or len(grades) != n:
+                raise ValueError(f"expected {n} grade(s), got {grades!r}")
+            grades = [int(g.strip()) if isinstance(g, str) and g.strip().isdigit() else g for g in grades]
+            bad = [g for g in grades if isinstance(g, bool) or g not in GRADES]
+            if bad:
+                raise ValueError(f"grades must be 0, 1, 2 or 3, got {bad!r}")
+            return {"grades": grades}
 
         return check
 
@@ -221,26 +243,32 @@ class Judge:
             flagged = set(result.parsed["relevant"])
             rationale = result.parsed.get("reasoning")
             return [Verdict(flagged=i + 1 in flagged, rationale=rationale, judge=judge) for i in range(n)]
-        level = result.parsed["grade"]
-        expected = expected_grade(result.logprobs, level)
-        return [Verdict(flagged=level >= self.cfg.positive_level, level=level, grade=expected / 3, judge=judge)]
+        levels = result.parsed["grades"]
+        expected = expected_grades(result.logprobs, levels)
+        return [Verdict(flagged=lv >= self.cfg.positive_level, level=lv, grade=e / 3, judge=judge) for lv, e in zip(levels, expected)]
 
 
-def expected_grade(logprobs: list[TokenLogprob] | None, sampled: int) -> float:
-    """The expectation of the grade over the grade tokens' probabilities at the position where the
-    grade was generated (renormalised over 0-3), or the sampled grade without logprobs."""
-    if not logprobs:
-        return float(sampled)
-    for token in reversed(logprobs):
-        if token.token.strip() == str(sampled):
-            probs: dict[int, float] = {}
-            for alt, lp in [(token.token, token.logprob), *token.top]:
-                text = alt.strip()
-                if text in {"0", "1", "2", "3"}:
-                    probs.setdefault(int(text), math.exp(lp))
-            total = sum(probs.values())
-            return sum(g * p for g, p in probs.items()) / total if total > 0 else float(sampled)
-    return float(sampled)
+def _expectation(token: TokenLogprob) -> float | None:
+    probs: dict[int, float] = {}
+    for alt, lp in [(token.token, token.logprob), *token.top]:
+        text = alt.strip()
+        if text in {"0", "1", "2", "3"}:
+            probs.setdefault(int(text), math.exp(lp))
+    total = sum(probs.values())
+    return sum(g * p for g, p in probs.items()) / total if total > 0 else None
+
+
+def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[float]:
+    """Per grade, the expectation over the grade tokens' probabilities at the position where it was
+    generated (renormalised over 0-3). The grade tokens are the generated single-digit tokens, in order;
+    when they cannot be lined up with the answer (no logprobs, or a tokenizer that merges a digit with
+    other characters), the sampled grades are used."""
+    if logprobs:
+        digits = [t for t in logprobs if t.token.strip() in {"0", "1", "2", "3"}]
+        if [int(t.token.strip()) for t in digits] == list(sampled):
+            expected = [_expectation(t) for t in digits]
+            return [e if e is not None else float(g) for e, g in zip(expected, sampled)]
+    return [float(g) for g in sampled]
 
 
 def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
@@ -406,8 +434,8 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     if cfg.dry_run:
         return dry_run(cfg, model)
     prompt = load_prompt(cfg.prompt_name)
-    if (prompt.schema == "relevance_grade") != (cfg.mode == "graded"):
-        raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema == 'relevance_grade' else 'listwise'} prompt does not fit --mode {cfg.mode}")
+    if (prompt.schema in GRADED_SCHEMAS) != (cfg.mode == "graded"):
+        raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}")
     files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
     inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage if source else 'unknown'}", fingerprint=fingerprint_shards(cfg.input))]
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}

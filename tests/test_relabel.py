@@ -17,7 +17,7 @@ from mpr.pipeline.llm.testserver import start_server
 from mpr.pipeline.mine import MineConfig, mine
 from mpr.pipeline.oracle import Oracle
 from mpr.pipeline.readers import load_beir
-from mpr.pipeline.relabel import RelabelConfig, expected_grade, relabel
+from mpr.pipeline.relabel import RelabelConfig, expected_grades, relabel
 from mpr.pipeline.shards import read_manifest, read_shards
 
 from .conftest import EXAMPLE, SEQ, read_jsonl, write_beir
@@ -51,8 +51,10 @@ def server():
 
 def run(hidden_mined, out, server, tmp_path, **kw):
     kw.setdefault("llm_cache", tmp_path / "llm.sqlite")
+    if kw.get("mode") != "graded":
+        kw.setdefault("batch_candidates", 10)
     cfg = RelabelConfig(input=hidden_mined, out=out, model=kw.pop("model", MODEL), base_url=[server.url], candidates="all",
-                        max_candidates=100, batch_candidates=10, progress=False, **kw)
+                        max_candidates=100, progress=False, **kw)
     return relabel(cfg, log=lambda _: None)
 
 
@@ -196,14 +198,21 @@ def test_passages_are_data(tmp_path, server):
     assert out[out.pid == "evil"].label.tolist() == [0] and out[out.pid == "other"].label.tolist() == [0]
 
 
-def test_expected_grade_from_logprobs():
+def test_expected_grades_from_logprobs():
     import math
 
     from mpr.pipeline.llm.types import TokenLogprob
 
-    tokens = [TokenLogprob(token='{"grade": ', logprob=-0.01), TokenLogprob(token="2", logprob=math.log(0.6), top=[("2", math.log(0.6)), ("3", math.log(0.3)), ("1", math.log(0.1)), ("x", math.log(0.2))])]
-    assert expected_grade(tokens, 2) == pytest.approx((2 * 0.6 + 3 * 0.3 + 1 * 0.1) / 1.0)
-    assert expected_grade(None, 3) == 3.0
+    def tok(t, p, top=()):
+        return TokenLogprob(token=t, logprob=math.log(p), top=[(a, math.log(q)) for a, q in top])
+
+    # the grade position's alternatives 0-3 are renormalised; other tokens ("x") are ignored
+    one = [tok('{"grade": ', 0.99), tok("2", 0.6, [("2", 0.6), ("3", 0.3), ("1", 0.05), ("x", 0.05)]), tok("}", 0.99)]
+    assert expected_grades(one, [2]) == pytest.approx([(2 * 0.6 + 3 * 0.3 + 1 * 0.05) / 0.95])
+    many = [tok('{"grades": [', 0.9), tok("3", 0.5, [("3", 0.5), ("2", 0.5)]), tok(", ", 0.9), tok("0", 1.0, [("0", 1.0)]), tok("]}", 0.9)]
+    assert expected_grades(many, [3, 0]) == pytest.approx([2.5, 0.0])
+    assert expected_grades(many, [3, 1]) == [3.0, 1.0]  # digits do not line up with the answer: sampled grades
+    assert expected_grades(None, [3]) == [3.0]
 
 
 def test_unknown_prompt_and_bad_shard_option(hidden, tmp_path):
