@@ -1,0 +1,211 @@
+"""`mpr run`: one TOML file names the data, the stages and their options, from data to evaluated model.
+
+Each stage table takes the options of the stage's own command (the same pydantic models, so the file
+and the flags never disagree); paths between stages are filled in: `mine` writes RUN/mined, `relabel`
+reads it and writes RUN/relabeled, `synth` writes RUN/synth, `train` reads what the earlier stages
+wrote and writes RUN/model-LOSS, `eval` evaluates that model against the starting model. Stages skip
+what is complete and resume what is not. Relative paths are relative to the working directory, as on
+the command line. See experiments/example.toml.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mpr.pipeline.errors import MprError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Stage = Literal["mine", "relabel", "synth", "train", "eval"]
+STAGES: tuple[Stage, ...] = ("mine", "relabel", "synth", "train", "eval")
+TEST_SERVER_MODEL = "mpr-test-oracle"
+TEST_SERVER_NOTICE = (
+    "NOTE: no LLM endpoint is configured, so this run starts mpr's local test server: an oracle that answers "
+    "from the data's own qrels. Its labels and passages are NOT a language model's judgments."
+)
+
+
+class LLMSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    backend: Literal["auto", "openai", "vllm"] = "auto"
+    base_url: list[str] = Field(default_factory=list)
+    test_server: bool = Field(False, description="use mpr's local qrels oracle server when no endpoint is configured")
+    test_server_error_rate: float = Field(0.0, ge=0, le=1)
+
+
+class RunFile(BaseModel):
+    """The experiment file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    data: Path
+    split: str = "train"
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    mine: dict[str, Any] = Field(default_factory=dict)
+    relabel: dict[str, Any] = Field(default_factory=dict)
+    synth: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as TOML (numbers, booleans, lists, quoted strings), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_run_file(path: Path, overrides: list[str] = ()) -> RunFile:
+    if not path.is_file():
+        raise MprError(f"{path}: no such experiment file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise MprError(f"{path}: {exc}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MprError(f"--set {item}: expected KEY=VALUE, e.g. train.loss=jointlh")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MprError(f"--set {item}: '{part}' is not a table")
+        node[leaf] = parse_value(value.strip())
+    try:
+        return RunFile.model_validate(raw)
+    except ValueError as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise MprError(f"{path}: {where}: {first['msg']}") from None
+
+
+class Experiment:
+    """The stage configs of one run file, with the paths between stages filled in."""
+
+    def __init__(self, spec: RunFile, *, progress: bool = True):
+        self.spec = spec
+        self.progress = progress
+        self.out = spec.out
+
+    def _llm(self, table: dict[str, Any], test_server: str | None) -> dict[str, Any]:
+        llm = self.spec.llm
+        merged = {"backend": llm.backend, "base_url": list(llm.base_url), "llm_cache": self.out / "llm.sqlite", **table}
+        merged.setdefault("model", llm.model)
+        if test_server:
+            merged.update(base_url=[test_server], model=TEST_SERVER_MODEL, backend="openai")
+        if not merged.get("model"):
+            raise MprError("the run file names no LLM: set llm.model (or the stage's model), or llm.test_server = true")
+        return merged
+
+    def config(self, stage: Stage, base_url: str | None = None) -> BaseModel:
+        spec = self.spec
+        if stage == "mine":
+            from mpr.pipeline.mine import MineConfig
+
+            return MineConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "mined", "progress": self.progress, **spec.mine})
+        if stage == "relabel":
+            from mpr.pipeline.relabel import RelabelConfig
+
+            table = self._llm(spec.relabel, base_url)
+            return RelabelConfig(**{"input": self.out / "mined", "out": self.out / "relabeled", "progress": self.progress, **table})
+        if stage == "synth":
+            from mpr.pipeline.synth import SynthConfig
+
+            table = self._llm(spec.synth, base_url)
+            return SynthConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "synth", "progress": self.progress, **table})
+        if stage == "train":
+            from mpr.train.trainer import TrainConfig
+
+            table = dict(spec.train)
+            sources = table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
+            folders = {"mine": "mined", "relabel": "relabeled", "synth": "synth"}
+            data = [self.out / folders[s] for s in sources]
+            loss = table.get("loss", "lsepair")
+            return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
+        from mpr.train.evaluate import EvalConfig
+
+        trained = self.config("train")
+        table = {"data": spec.data, "split": "test", **spec.eval}
+        return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": self.out / f"eval-{trained.loss}.json",
+                             "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
+
+
+def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list[str] = (), progress: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Run the file's stages (or `only` those), then write RUN/report.md; returns the report's path."""
+    spec = load_run_file(path, list(overrides))
+    unknown = [s for s in (only or []) if s not in STAGES]
+    if unknown:
+        raise MprError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    stages = [s for s in STAGES if s in spec.stages and (not only or s in only)]
+    experiment = Experiment(spec, progress=progress)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    (spec.out / "experiment.toml").write_text(path.read_text(encoding="utf-8") + "".join(f"\n# --set {o}" for o in overrides) + "\n")
+    with ExitStack() as stack:
+        base_url = None
+        needs_llm = any(s in stages for s in ("relabel", "synth"))
+        if needs_llm and spec.llm.test_server and not spec.llm.base_url:
+            from mpr.pipeline.llm.testserver import start_server
+            from mpr.pipeline.oracle import Oracle
+
+            log(TEST_SERVER_NOTICE)
+            server = stack.enter_context(start_server(responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),
+                                                      models=(TEST_SERVER_MODEL,)))
+            base_url = server.url
+            (spec.out / "TEST_SERVER_LABELS").write_text(TEST_SERVER_NOTICE + "\n")
+        for stage in stages:
+            log(f"== {stage}")
+            cfg = experiment.config(stage, base_url)
+            _run_stage(stage, cfg, log)
+    from mpr.pipeline.report import write_report
+
+    return write_report(experiment, log=log)
+
+
+def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None:
+    if stage == "mine":
+        from mpr.pipeline.mine import mine
+
+        mine(cfg, log=log)
+    elif stage == "relabel":
+        from mpr.pipeline.relabel import relabel
+
+        relabel(cfg, log=log)
+    elif stage == "synth":
+        from mpr.pipeline.synth import synth
+
+        synth(cfg, log=log)
+    elif stage == "train":
+        import json
+
+        from mpr.train.trainer import train
+
+        record = cfg.out / "mpr" / "train.json"
+        if record.exists() and not cfg.overwrite:
+            volatile = {"progress", "resume", "overwrite"}
+            done = {k: v for k, v in json.loads(record.read_text())["config"].items() if k not in volatile}
+            if done != cfg.model_dump(mode="json", exclude=volatile):
+                raise MprError(f"{cfg.out}: trained with other options; add --set train.overwrite=true to train it again")
+            log(f"{cfg.out}: already trained with these options; nothing to do")
+            return
+        train(cfg, log=log)
+    else:
+        from mpr.train.evaluate import evaluate, format_table
+
+        log(format_table(evaluate(cfg, log=log)))
