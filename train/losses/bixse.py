@@ -1,0 +1,156 @@
+"""BiXSE: binary cross-entropy of every (query, passage) pair against its grade, SigLIP-style."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import GroupLoss
+
+
+def bixse_objective(
+    scores: Tensor,
+    targets: Tensor,
+    positives: Tensor,
+    valid: Tensor,
+    *,
+    scale: Tensor | float,
+    bias: Tensor | float,
+) -> Tensor:
+    """(1/R) Σ_i Σ_{c valid} BCE(σ(scale·s_ic + bias), y_ic): summed over each row's valid columns, mean over rows."""
+    logits = scores * scale + bias
+    bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return bce.masked_fill(~valid, 0.0).sum(dim=1).mean()
+
+
+class BiXSELoss(GroupLoss):
+    r"""BiXSE: pointwise binary cross-entropy against graded relevance, with in-batch negatives.
+
+    Every (query i, passage c) pair of the batch is a binary classification with logit
+    :math:`z_{ic} = t\cdot\cos(q_i, d_c) + b` and soft target :math:`y_{ic}`: the grade of c for i's own
+    slots (1 for a binary positive, 0 for a plain negative, in between for graded passages) and 0 for the
+    passages of the other queries. Masked pairs (padding, duplicates of i's own passages, optionally the
+    other queries' positives) are ignored.
+
+    .. math::
+
+        \mathcal{L} = -\frac{1}{B}\sum_i\sum_{c \in V_i} \big[y_{ic}\log\sigma(z_{ic}) + (1-y_{ic})\log(1-\sigma(z_{ic}))\big]
+
+    Averaging follows SigLIP: summed over each query's valid pairs, averaged over the queries (so it
+    decomposes over queries and DDP ranks exactly; its scale grows with the number of in-batch passages).
+    The scale :math:`t` (stored as ``log_scale``) and bias :math:`b` are learnable, initialised as in
+    SigLIP at :math:`t = 10`, :math:`b = -10`, which starts every pair near the in-batch prior of being
+    irrelevant. Because the scale plays the role of 1/τ, this loss has no separate temperature: the
+    similarity fed to it is the raw cosine.
+
+    Args:
+        model: the SentenceTransformer to train.
+        scale: initial t.
+        bias: initial b.
+        learn_scale: learn t (as a log-parameter).
+        learn_bias: learn b.
+        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
+        mask_other_positives: mask every other query's positives.
+        mini_batch_size: use GradCache with mini-batches of this size.
+        gather_across_devices: under DDP, score against the passages of every rank.
+
+    Inputs:
+        +---------------------------------------------------+--------------------------------------------+
+        | Texts                                             | Labels                                     |
+        +===================================================+============================================+
+        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
+        +---------------------------------------------------+--------------------------------------------+
+
+    References:
+        - Tsirigotis et al., BiXSE: Improving Dense Retrieval via Probabilistic Graded Relevance Distillation,
+          2025. https://arxiv.org/abs/2508.06781
+        - Zhai et al., Sigmoid Loss for Language Image Pre-Training (SigLIP), 2023. https://arxiv.org/abs/2303.15343
+
+    Example:
+        ::
+
+            from datasets import Dataset
+            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+            from mpr.train.losses import BiXSELoss
+
+            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            train_dataset = Dataset.from_dict({
+                "query": ["capital of France?", "who wrote Hamlet?"],
+                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
+                "passage_1": ["Paris is in France.", "Macbeth is a tragedy."],
+                "label": [[[1.0, 0.6], [1, 0]], [[1.0, 0.0], [1, 0]]],
+            })
+            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=BiXSELoss(model))
+            trainer.train()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        scale: float = 10.0,
+        bias: float = -10.0,
+        learn_scale: bool = True,
+        learn_bias: bool = True,
+        mask_duplicates: bool = True,
+        mask_other_positives: bool = False,
+        mini_batch_size: int | None = None,
+        gather_across_devices: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            temperature=1.0,
+            learn_temperature=False,
+            mask_duplicates=mask_duplicates,
+            mask_other_positives=mask_other_positives,
+            mini_batch_size=mini_batch_size,
+            gather_across_devices=gather_across_devices,
+        )
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.learn_scale = learn_scale
+        self.learn_bias = learn_bias
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
+        self.bias = nn.Parameter(torch.tensor(float(bias)), requires_grad=learn_bias)
+
+    @property
+    def scale(self) -> float:
+        return float(self.log_scale.detach().exp())
+
+    def objective(self, scores: Tensor, targets: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
+        return bixse_objective(
+            scores,
+            targets,
+            positives,
+            valid,
+            scale=torch.exp(self._synced(self.log_scale)),
+            bias=self._synced(self.bias),
+        )
+
+    def get_config_dict(self) -> dict[str, Any]:
+        config = super().get_config_dict()
+        del config["temperature"], config["learn_temperature"]
+        return {
+            **config,
+            "scale": self.scale,
+            "bias": float(self.bias.detach()),
+            "learn_scale": self.learn_scale,
+            "learn_bias": self.learn_bias,
+        }
+
+    @property
+    def citation(self) -> str:
+        return """
+@misc{tsirigotis2025bixse,
+    title={BiXSE: Improving Dense Retrieval via Probabilistic Graded Relevance Distillation},
+    author={Christos Tsirigotis and Vaibhav Adlakha and Joao Monteiro and Aaron Courville and Perouz Taslakian},
+    year={2025},
+    eprint={2508.06781},
+    archivePrefix={arXiv},
+    primaryClass={cs.IR}
+}
+"""
