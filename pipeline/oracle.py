@@ -13,7 +13,9 @@ import hashlib
 import html
 import json
 import math
+import random
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,36 @@ from mpr.pipeline.llm.responders import ResponderAnswer
 from mpr.pipeline.readers import find_file, read_corpus, read_qrels, read_queries, split_names
 
 TAG = r"<{0}(?:\s+number=\"(\d+)\")?>(.*?)</{0}>"
+
+# Synthetic passages (`mpr synth`): one lead sentence per 0-3 grade, recognisable again when the graded
+# judge (`--verify`) is asked about the passage, plus filler words drawn per request and level.
+SYNTH_LEADS = {
+    3: "In short, {topic}: this is answered here directly and completely.",
+    2: "Part of what is asked about {topic} is covered here, among other things.",
+    1: "This concerns {topic} in general but leaves the question itself open.",
+    0: "Apart from the word {word}, nothing here relates to that subject.",
+}
+SYNTH_MARKERS = {
+    3: "answered here directly and completely",
+    2: "covered here, among other things",
+    1: "leaves the question itself open",
+    0: "nothing here relates to that subject",
+}
+SYNTH_OPENERS = ("Plainly,", "Broadly,", "Notably,", "Clearly,", "Frankly,", "Simply,")
+SYNTH_TOPIC_SHARE = {3: 0.3, 2: 0.2, 1: 0.1, 0: 0.0}
+SYNTH_FILLER = """harbor lantern meadow quarry violin orchard canyon ledger pigeon marble compass saddle
+glacier tapestry lagoon furnace parcel ribbon cellar summit thicket kettle banner ferry pottery rafter
+spindle wagon beacon cobble drizzle emblem falcon gadget hammock ivory jigsaw kiosk locket mosaic nectarine
+oyster paddle quiver riddle scarecrow trellis umbrella velvet walnut yarn zephyr anchor bramble candle
+dune easel fiddle goblet hollow inkwell jasmine kayak lattice mitten nugget olive pebble quilt rustle
+satchel tundra urchin vessel willow almanac buckle chimney dagger ember fable garnet hinge icicle juniper
+keel lichen mallet nozzle oriole pennant quartz reed shingle thimble utensil vellum wicker apron bellows
+carousel dormer eyelet flannel gable hearth ingot jetty kilt lodestone mortar nook ottoman parapet
+quay rampart sconce turret upholstery valise wharf attic bobbin cistern""".split()  # noqa: SIM905
+SYNTH_STOP = frozenset("""a an the and or but of to in on at for with by from as is are was were be been being do
+does did how what why when where which who whom whose can could should would will shall may might must my your
+our their its it this that these those i you we they he she me us them than then there here about into over
+under not no yes if so""".split())  # noqa: SIM905
 
 
 def _norm(text: str) -> str:
@@ -43,7 +75,15 @@ class Oracle:
         error_rate: float = 0.0,
         seed: int = 0,
         model_error_rates: dict[str, float] | None = None,
+        synth_invalid_rate: float = 0.0,
+        synth_invalid_attempts: int = 1,
+        synth_fail_rate: float = 0.0,
+        synth_mislabel_rate: float = 0.0,
     ):
+        """`synth_invalid_rate`: this share of synth requests gets an invalid answer (a missing level,
+        duplicate passages, a passage too short, the query copied) on its first `synth_invalid_attempts`
+        asks; `synth_fail_rate`: this share always does; `synth_mislabel_rate`: this share gets a valid
+        answer with the top and bottom passages swapped (what `--verify` should catch)."""
         root = Path(data)
         corpus = read_corpus(find_file(root, "corpus.jsonl"))
         self.pid_by_text: dict[str, str] = {}
@@ -61,6 +101,12 @@ class Oracle:
         self.error_rate = float(error_rate)
         self.model_error_rates = {k: float(v) for k, v in (model_error_rates or {}).items()}
         self.seed = int(seed)
+        self.synth_invalid_rate = float(synth_invalid_rate)
+        self.synth_invalid_attempts = int(synth_invalid_attempts)
+        self.synth_fail_rate = float(synth_fail_rate)
+        self.synth_mislabel_rate = float(synth_mislabel_rate)
+        self._synth_asks: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def judge(self, query: str, passage: str, error_rate: float | None = None) -> bool:
         """The qrels' verdict for the pair, flipped for a fixed `error_rate` share of pairs."""
@@ -79,6 +125,8 @@ class Oracle:
         if query is None:
             return ResponderAnswer(json.dumps({"error": "no query"}))
         query_text = query.group(2)
+        if "<target_words>" in prompt:
+            return self._synth(request, html.unescape(query_text), prompt)
         candidates = re.findall(TAG.format("candidate"), prompt, re.S)
         if candidates:
             relevant = [int(n) for n, text in candidates if self.judge(query_text, text, rate)]
@@ -92,12 +140,91 @@ class Oracle:
         return ResponderAnswer(json.dumps({"error": "unknown task"}))
 
     def _grade(self, query: str, passage: str, rate: float) -> ResponderAnswer:
-        grade = 3 if self.judge(query, passage, rate) else 0
+        grade = synthetic_grade(passage)
+        if grade is None:
+            grade = 3 if self.judge(query, passage, rate) else 0
         alternatives = [(str(g), math.log(0.85 if g == grade else 0.05)) for g in range(4)]
         tokens = [('{"', -0.01), ("grade", -0.01), ('":', -0.01), (" ", -0.01), (str(grade), math.log(0.85), alternatives), ("}", -0.01)]
         return ResponderAnswer(f'{{"grade": {grade}}}', token_logprobs=tokens)
 
 
-def oracle(data: str, splits: str = "", error_rate: float = 0.0, seed: int = 0, model_error_rates: dict[str, float] | None = None) -> Oracle:
+    def _synth(self, request: dict[str, Any], query: str, prompt: str) -> ResponderAnswer:
+        """Passages for levels L-1 ... 0 of a synth prompt: distinct, of the target length, built from the
+        query's content words (more of them the higher the level; level 0 shares one word only)."""
+        levels = 1 + max((int(k) for k in re.findall(r'"level_(\d+)"', prompt)), default=3)
+        words_match = re.search(r"<target_words>(\d+)</target_words>", prompt)
+        target = int(words_match.group(1)) if words_match else 50
+        key = hashlib.sha256(json.dumps([request.get("model"), request["messages"]], sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            attempt = self._synth_asks.get(key, 0)
+            self._synth_asks[key] = attempt + 1
+        topic = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if w not in SYNTH_STOP] or ["things"]
+        topic = list(dict.fromkeys(reversed(topic)))  # reversed: never the query's own word order
+        passages = {k: _synth_passage(key, k, levels, target, topic) for k in range(levels - 1, -1, -1)}
+        invalid = (self.synth_fail_rate and _flip(self.seed, "synth-fail", key) < self.synth_fail_rate) or (
+            self.synth_invalid_rate and attempt < self.synth_invalid_attempts
+            and _flip(self.seed, "synth-invalid", key) < self.synth_invalid_rate
+        )
+        if invalid:
+            kinds = ["missing", "duplicate", "short"] + (["verbatim"] if len(query.split()) >= 4 else [])
+            kind = kinds[int(_flip(self.seed, "synth-kind", key, str(attempt)) * len(kinds))]
+            if kind == "missing":
+                del passages[0]
+            elif kind == "duplicate":
+                passages[0] = passages[1]
+            elif kind == "short":
+                passages[0] = " ".join(passages[0].split()[:2])
+            else:
+                passages[levels - 1] = f"{query} {passages[levels - 1]}"
+        elif self.synth_mislabel_rate and _flip(self.seed, "synth-mislabel", key) < self.synth_mislabel_rate:
+            passages[0], passages[levels - 1] = passages[levels - 1], passages[0]
+        return ResponderAnswer(json.dumps({f"level_{k}": v for k, v in passages.items()}))
+
+
+def _synth_grade_of(level: int, levels: int) -> int:
+    return round(3 * level / (levels - 1))
+
+
+def _synth_passage(key: str, level: int, levels: int, target: int, topic: list[str]) -> str:
+    grade = _synth_grade_of(level, levels)
+    rng = random.Random(f"{key}|{level}")
+    lead = SYNTH_LEADS[grade].format(topic=", ".join(topic[:4]), word=rng.choice(topic))
+    words = [SYNTH_OPENERS[level % len(SYNTH_OPENERS)], lead[0].lower() + lead[1:]]
+    lead_words = " ".join(words).split()
+    filler = []
+    for _ in range(max(0, target - len(lead_words))):
+        share = SYNTH_TOPIC_SHARE[grade]
+        filler.append(rng.choice(topic) if share and rng.random() < share else rng.choice(SYNTH_FILLER))
+    sentences = []
+    while filler:
+        size = rng.randint(6, 11)
+        chunk, filler = filler[:size], filler[size:]
+        sentences.append(chunk[0].capitalize() + " " + " ".join(chunk[1:]) + "." if len(chunk) > 1 else chunk[0].capitalize() + ".")
+    return " ".join(lead_words + sentences)
+
+
+def synthetic_grade(passage: str) -> int | None:
+    """The 0-3 grade of a passage the oracle wrote for a synth prompt, None for any other passage."""
+    text = _norm(passage)
+    for grade, marker in SYNTH_MARKERS.items():
+        if marker in text:
+            return grade
+    return None
+
+
+def oracle(
+    data: str,
+    splits: str = "",
+    error_rate: float = 0.0,
+    seed: int = 0,
+    model_error_rates: dict[str, float] | None = None,
+    synth_invalid_rate: float = 0.0,
+    synth_invalid_attempts: int = 1,
+    synth_fail_rate: float = 0.0,
+    synth_mislabel_rate: float = 0.0,
+) -> Oracle:
     """Responder factory for the test server; `splits` is a comma-separated list (default: all)."""
-    return Oracle(data, [s for s in str(splits).split(",") if s] or None, float(error_rate), int(seed), model_error_rates)
+    return Oracle(
+        data, [s for s in str(splits).split(",") if s] or None, float(error_rate), int(seed), model_error_rates,
+        float(synth_invalid_rate), int(synth_invalid_attempts), float(synth_fail_rate), float(synth_mislabel_rate),
+    )

@@ -48,7 +48,7 @@ def folders(tmp_path):
 
 
 def test_groups_positives_first_then_hard_then_random(folders):
-    relabeled, synth = folders
+    relabeled, _ = folders
     ds, stats = build_groups(GroupConfig(data=[relabeled], group_size=5, max_positives=4, seed=1))
     assert stats.groups == 2 and stats.skipped_no_positive == 1
     a = ds[0]
