@@ -93,6 +93,25 @@ class Encoder:
         batch_size: int = 64,
     ) -> Encoder:
         model = load_encoder(name, device=device, max_seq_length=max_seq_length)
+        return cls.from_model(
+            name, model, query_prompt=query_prompt, query_prompt_name=query_prompt_name,
+            passage_prompt=passage_prompt, passage_prompt_name=passage_prompt_name, batch_size=batch_size,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        name: str,
+        model: object,
+        *,
+        query_prompt: str | None = None,
+        query_prompt_name: str | None = None,
+        passage_prompt: str | None = None,
+        passage_prompt_name: str | None = None,
+        batch_size: int = 64,
+    ) -> Encoder:
+        """Wrap a loaded SentenceTransformer. Prompts: the explicit text, else the named prompt of the
+        model's config, else its "query" / "document" ("passage") prompts."""
         prompts = getattr(model, "prompts", {}) or {}
         for prompt_name in (query_prompt_name, passage_prompt_name):
             if prompt_name and prompt_name not in prompts:
@@ -103,7 +122,7 @@ class Encoder:
         )
         fn = str(getattr(model, "similarity_fn_name", None) or "cosine")
         if fn not in ("cosine", "dot"):
-            raise MprError(f"model '{name}' uses '{fn}' similarity; mpr mine supports cosine and dot")
+            raise MprError(f"model '{name}' uses '{fn}' similarity; mpr supports cosine and dot")
         return cls(name, model, fn, query_prompt or None, passage_prompt or None, batch_size)
 
     def identity(self, role: Literal["query", "passage"]) -> str:

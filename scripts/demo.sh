@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The pipeline on the built-in example collection (data/example): mine, inspect, validate.
+# The whole pipeline on the built-in example collection (data/example): mine -> relabel -> synth ->
+# train -> eval, driven by experiments/example.toml, then a look at the shards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 MPR="${MPR:-.venv/bin/mpr}"
-OUT="${OUT:-runs/demo}"
 
-echo "== mpr mine: retrieve candidates for the 20 training queries and keep hard negatives"
-"$MPR" mine --data data/example --split train --out "$OUT/mined" --depth 20 --num-negatives 5 --overwrite
+"$MPR" run experiments/example.toml --set train.overwrite=true
 echo
-echo "== mpr inspect"
-"$MPR" inspect "$OUT/mined"
+echo "== mpr inspect runs/demo/relabeled"
+"$MPR" inspect runs/demo/relabeled
 echo
-echo "== mpr validate"
-"$MPR" validate "$OUT/mined"
+echo "== mpr validate runs/demo/relabeled"
+"$MPR" validate runs/demo/relabeled
 echo
-echo "== read the shards with duckdb, no mpr code involved"
-.venv/bin/python -c "import duckdb; print(duckdb.sql(\"select source, label, count(*) as rows from '$OUT/mined/*.parquet' group by all order by all\"))"
+echo "== the shards read with duckdb, no mpr code involved"
+.venv/bin/python -c "import duckdb; print(duckdb.sql(\"select source, prior_label, label, count(*) as rows from 'runs/demo/relabeled/*.parquet' group by all order by all\"))"
+echo "The run report: runs/demo/report.md"

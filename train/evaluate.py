@@ -430,26 +430,10 @@ class IREvaluator(SentenceEvaluator):
         self.primary_metric = PRIMARY
 
     def _encoder(self, model: Any) -> Encoder:
-        prompts = getattr(model, "prompts", {}) or {}
-        for prompt_name in (self.query_prompt_name, self.passage_prompt_name):
-            if prompt_name and prompt_name not in prompts:
-                raise MprError(
-                    f"the model has no prompt named '{prompt_name}' (it has: {', '.join(prompts) or 'none'})"
-                )
-        query = (
-            self.query_prompt
-            if self.query_prompt is not None
-            else prompts.get(self.query_prompt_name or "query")
+        return Encoder.from_model(
+            "<training>", model, query_prompt=self.query_prompt, query_prompt_name=self.query_prompt_name,
+            passage_prompt=self.passage_prompt, passage_prompt_name=self.passage_prompt_name, batch_size=self.batch_size,
         )
-        passage = (
-            self.passage_prompt
-            if self.passage_prompt is not None
-            else prompts.get(self.passage_prompt_name or "document", prompts.get("passage"))
-        )
-        similarity = str(getattr(model, "similarity_fn_name", None) or "cosine")
-        if similarity not in ("cosine", "dot"):
-            raise MprError(f"the model uses '{similarity}' similarity; IREvaluator supports cosine and dot")
-        return Encoder("<training>", model, similarity, query or None, passage or None, self.batch_size)  # type: ignore[arg-type]
 
     def __call__(
         self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
