@@ -65,6 +65,10 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
         report["levels"] = {str(k): v for k, v in sorted(Counter(levels).items())}
     if "filter" in table.column_names:
         report["filters"] = dict(sorted(Counter(table.column("filter").drop_null().to_pylist()).items()))
+    if "prior_label" in table.column_names:
+        pairs = Counter(zip(table.column("prior_label").to_pylist(), table.column("label").to_pylist()))
+        report["label_changes"] = {f"{'null' if a is None else a} -> {'null' if b is None else b}": n for (a, b), n in sorted(pairs.items(), key=str)}
+        report["failed"] = table.column("error").drop_null().length() if "error" in table.column_names else 0
     if manifest and manifest.summary:
         report["summary"] = manifest.summary
     step = max(1, table.num_rows // max(samples, 1))
@@ -162,6 +166,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("levels                 " + "  ".join(f"{k}: {v:,}" for k, v in report["levels"].items()))
     if report.get("filters"):
         lines.append("filtered candidates    " + "  ".join(f"{k}: {v:,}" for k, v in report["filters"].items()))
+    if "label_changes" in report:
+        lines.append("label before -> after  " + "  ".join(f"{k}: {v:,}" for k, v in report["label_changes"].items()))
+        lines.append(f"failed judgments       {report['failed']:,}")
     lines += ["", "sample rows"]
     for row in report["samples"]:
         lines.append("  " + " | ".join(f"{k}={v}" for k, v in row.items()))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.pipeline.inspect import validate_shards
+from mpr.pipeline.inspect import inspect_shards, validate_shards
 from mpr.pipeline.llm.testserver import start_server
 from mpr.pipeline.mine import MineConfig, mine
 from mpr.pipeline.oracle import Oracle
@@ -77,6 +77,8 @@ def test_every_mode_recovers_exactly_the_hidden_positives(hidden, server, tmp_pa
         assert set(mined_rows.prompt) == {"graded@1" if mode == "graded" else "relabel@1"}
     if mode == "relabel":
         assert s["relabeled"] == len(truth)
+        changes = inspect_shards(tmp_path / mode)["label_changes"]
+        assert changes.get("0 -> 1", 0) + changes.get("null -> 1", 0) == len(truth) and inspect_shards(tmp_path / mode)["failed"] == 0
     if mode == "graded":
         # the oracle puts 0.85 on its grade and 0.05 on each other one
         assert set(mined_rows.level) == {0, 3}
