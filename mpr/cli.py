@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mpr import __version__
-from mpr.commands import eval, ingest, mine, relabel, run, shards, train
+from mpr.commands import eval, ingest, mine, relabel, run, shards, synth, train
 
 app = typer.Typer(
     name="mpr",
@@ -39,6 +39,7 @@ SHARDS = "Shards"
 app.command(rich_help_panel=STAGES)(mine.mine)
 app.command(rich_help_panel=STAGES)(ingest.ingest)
 app.command(rich_help_panel=STAGES)(relabel.relabel)
+app.command(rich_help_panel=STAGES)(synth.synth)
 app.command(rich_help_panel=STAGES)(train.train)
 app.command(name="eval", rich_help_panel=STAGES)(eval.eval)
 app.command(rich_help_panel="Experiments")(run.run)

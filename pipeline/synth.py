@@ -1,0 +1,876 @@
+"""`mpr synth`: an LLM writes passages at graded relevance levels for each query, after SyCL.
+
+SyCL trains retrievers on LLM-written passages at graded relevance levels: one request per query asks for
+passages at levels L-1 ... 0 of a rubric (for 4 levels: 3 answers the query fully and directly; 2 partly or
+with extraneous text; 1 is on the topic but does not answer; 0 shares surface words only), and graded
+losses learn from the levels. Here:
+
+- Queries come from a BEIR split (`--split all`: every query), a queries JSONL (`{"_id", "text"}`) or TSV
+  (`id<TAB>text`), or a shard folder (its qid/query).
+- Per query, `per_query` sets are drawn; a set's writing style and target length (words) are drawn from
+  `styles` and `lengths` by a generator seeded with (seed, qid, set index) only, so a draw never depends
+  on run order. Two sets of one query that draw the same style and length get a "variant" line in the
+  prompt, so their requests differ (identical requests are answered once).
+- The draws are reproducible from the seed; the texts through the request cache (every answer is stored
+  under a key of model, messages and sampling parameters, so a resumed or repeated run sends nothing it
+  has an answer for). With a fresh cache and `temperature` > 0 (default 0.7) a real model writes new texts.
+- One request per set asks for all levels at once, highest first, as a JSON object `{"level_3": ...,
+  ..., "level_0": ...}` (the request's json_schema). The answer is validated before anything is written;
+  an invalid answer makes the client ask again (up to `max_invalid_retries` times), then the set is
+  recorded as failed. Valid means: every level present exactly once and a non-empty string; each passage
+  between ceil(0.5 x target) and 2 x target words (whitespace-separated); no two passages of the set with
+  a token-set Jaccard similarity above 0.9 (lower-cased word tokens; identical passages score 1); no
+  passage containing a query of its request batch verbatim (the whole lower-cased word sequence of a
+  query of 4 or more words). A set repeating a passage of an earlier set of the same query fails too.
+- `verify`: the graded judge of `mpr relabel` (prompt `graded`, 0-3) scores every passage of the valid
+  sets; a judged grade g in [0, 1] is read as level g x (L-1). A set is dropped when the mean absolute
+  difference between judged and intended levels exceeds `verify_tolerance`, or when the Spearman
+  correlation between them is negative (its order is inverted; a constant judgment has no correlation
+  and is left to the first rule), or when the judge could not grade one of its passages.
+- Failed and dropped sets are not written to the shards. Each one is a line of `failures.jsonl` in the
+  output folder (`failures.K-of-N.jsonl` per `--shard` job, merged into `failures.jsonl` by the last job)
+  with qid, query, set, style, target_words, kind (`invalid`: the answers kept failing validation;
+  `request`: no answer, e.g. HTTP errors; `duplicate`: repeats an earlier set; `verify`: dropped by the
+  judge), error and part; the manifest summary counts them.
+
+Rows: `source=synthetic`, `pid` = `syn-` + sha256(text)[:16], `title` null, `level`, `grade` =
+level/(L-1), `label` = level >= `positive_level` (default max(1, L-2): the top two levels, as in SyCL's
+binary baseline), `judge` = the model id. Added columns: `style`, `target_words`, `set`, `prompt`
+(`synth@version`), `judged_grade` (the verifier's grade in [0, 1], null without `verify`). With
+`with_qrels` (BEIR input) the query's judged positives (qrels score >= 1) come first in its group as
+`source=qrels`, `label=1`, `grade=1.0`, `level=L-1`, `judge=qrels`; then the synthetic rows, highest level
+first, then by set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from mpr.pipeline.encode import default_cache_dir
+from mpr.pipeline.errors import InputError, MprError
+from mpr.pipeline.llm.base import ChatBackend
+from mpr.pipeline.llm.jsonparse import parse_json
+from mpr.pipeline.llm.models import TokenCounter, resolve_backend, resolve_model
+from mpr.pipeline.llm.types import ChatRequest, ChatResult, RunStats
+from mpr.pipeline.prompts import Prompt, escape, load_prompt
+from mpr.pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
+from mpr.pipeline.relabel import Judge, RelabelConfig
+from mpr.pipeline.schema import with_extra
+from mpr.pipeline.shards import (
+    InputInfo,
+    Manifest,
+    ShardRun,
+    fingerprint_shards,
+    read_manifest,
+    sha256_file,
+    shard_files,
+    shard_name,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_STYLES: tuple[str, ...] = (
+    "encyclopedia article",
+    "forum answer",
+    "news report",
+    "scientific abstract",
+    "textbook section",
+    "blog post",
+    "FAQ entry",
+    "technical documentation",
+)
+DEFAULT_LENGTHS: tuple[int, ...] = (40, 80, 120)
+MIN_LEVELS, MAX_LEVELS = 2, 6
+MAX_JACCARD = 0.9
+VERBATIM_MIN_WORDS = 4
+TOKENS_PER_WORD = 1.5
+FAILURES = "failures.jsonl"
+SYNTH_FIELDS = (
+    pa.field("style", pa.string()),
+    pa.field("target_words", pa.int32()),
+    pa.field("set", pa.int32()),
+    pa.field("prompt", pa.string()),
+    pa.field("judged_grade", pa.float32()),
+)
+SCHEMA = with_extra(*SYNTH_FIELDS)
+FailureKind = Literal["invalid", "request", "duplicate", "verify"]
+_WORD = re.compile(r"\w+")
+_LEVEL_KEY = re.compile(r'"level_(\d+)"\s*:')
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
+        return _split_list(value[0])
+    return value
+
+
+class SynthConfig(BaseModel):
+    """Every option of `mpr synth` (see the module docstring for what they mean)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    model: str
+    data: Path | None = Field(None, description="BEIR folder")
+    split: str = Field("train", description="qrels split whose queries are used, or 'all' for every query")
+    queries: Path | None = Field(None, description="queries file: JSONL {_id, text} or TSV id<TAB>text")
+    from_shards: Path | None = Field(None, description="shard folder whose qid/query are used")
+    levels: int = Field(4, ge=MIN_LEVELS, le=MAX_LEVELS)
+    per_query: int = Field(1, ge=1, le=100)
+    styles: list[str] = Field(default_factory=lambda: list(DEFAULT_STYLES), min_length=1)
+    lengths: list[int] = Field(default_factory=lambda: list(DEFAULT_LENGTHS), min_length=1)
+    seed: int = 42
+    positive_level: int | None = None
+    with_qrels: bool = False
+    verify: bool = False
+    verify_model: str | None = None
+    verify_tolerance: float = Field(1.0, ge=0)
+    backend: Literal["auto", "openai", "vllm"] = "auto"
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int | None = Field(None, ge=16)
+    max_queries: int | None = Field(None, ge=1)
+    concurrency: int = Field(64, ge=1)
+    timeout: float = Field(300.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    max_invalid_retries: int = Field(2, ge=0)
+    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
+    queries_per_shard: int = Field(1000, ge=1)
+    llm_cache: Path | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _styles(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _lengths(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list) and not all(isinstance(x, int) or str(x).strip().isdigit() for x in value):
+            raise ValueError("expected comma-separated word counts, e.g. 40,80,120")
+        return value
+
+    @field_validator("lengths")
+    @classmethod
+    def _length_range(cls, value: list[int]) -> list[int]:
+        bad = [x for x in value if not 10 <= x <= 2000]
+        if bad:
+            raise ValueError(f"target lengths must be 10-2000 words, got {bad}")
+        return value
+
+    @field_validator("positive_level")
+    @classmethod
+    def _positive_level(cls, value: int | None, info: ValidationInfo) -> int | None:
+        levels = info.data.get("levels", 4)
+        if value is not None and not 1 <= value <= levels - 1:
+            raise ValueError(f"must be in 1..{levels - 1} for --levels {levels}")
+        return value
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            k, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise ValueError("expected K/N, e.g. 0/4") from None
+        if not 0 <= k < n:
+            raise ValueError(f"K must be in 0..N-1, got {value}")
+        return value
+
+    @property
+    def job(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        k, n = (int(x) for x in self.shard.split("/"))
+        return k, n
+
+    @property
+    def positive(self) -> int:
+        """The lowest level labelled positive: the option, else the top two levels (at least level 1)."""
+        return self.positive_level if self.positive_level is not None else max(1, self.levels - 2)
+
+    def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
+        """The options that determine the shards (not where or how fast they are computed)."""
+        runtime = {"out", "data", "queries", "from_shards", "backend", "base_url", "api_key_env", "concurrency",
+                   "timeout", "max_attempts", "max_invalid_retries", "shard", "llm_cache", "dry_run", "overwrite",
+                   "progress", "model", "verify_model"}
+        return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
+                "prompt": prompt.id, "positive": self.positive}
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Queries:
+    """The queries to write passages for, in order, with their judged positives (for `with_qrels`)."""
+
+    items: list[tuple[str, str]]
+    inputs: list[InputInfo]
+    positives: dict[str, list[tuple[str, str | None, str]]] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
+
+
+def _input(path: Path, kind: str) -> InputInfo:
+    return InputInfo(path=str(path.resolve()), kind=kind, fingerprint="sha256:" + sha256_file(path))
+
+
+def read_queries_tsv(path: Path) -> dict[str, str]:
+    """`id<TAB>text` per line; a header line (`id`/`_id`/`qid`/`query-id` then `text`/`query`) is skipped."""
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    with open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise InputError(path, f"expected 2 tab-separated fields (id, text), got {len(fields)}", lineno)
+            qid, text = fields[0].strip(), fields[1].strip()
+            if lineno == 1 and qid.lower() in {"id", "_id", "qid", "query-id", "query_id"} and text.lower() in {"text", "query"}:
+                continue
+            if not qid:
+                raise InputError(path, "empty query id", lineno)
+            if not text:
+                raise InputError(path, f"query '{qid}' has an empty text", lineno)
+            if qid in first_line:
+                raise InputError(path, f"duplicate id '{qid}' (first seen on line {first_line[qid]})", lineno)
+            first_line[qid] = lineno
+            queries[qid] = text
+    return queries
+
+
+def read_queries_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise InputError(path, "no such file (--queries)")
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in (".jsonl", ".json"):
+        queries = read_queries(path)
+    elif kind in (".tsv", ".txt"):
+        queries = read_queries_tsv(path)
+    else:
+        raise InputError(path, "unknown queries format: use .jsonl ({\"_id\", \"text\"} per line) or .tsv (id<TAB>text)")
+    if not queries:
+        raise InputError(path, "no queries")
+    return queries
+
+
+def load_queries(cfg: SynthConfig) -> Queries:
+    given = [name for name, value in (("--data", cfg.data), ("--queries", cfg.queries), ("--from-shards", cfg.from_shards)) if value is not None]
+    if len(given) != 1:
+        raise MprError(f"give exactly one of --data, --queries, --from-shards (got {', '.join(given) or 'none'})")
+    if cfg.with_qrels and cfg.data is None:
+        raise MprError("--with-qrels needs a BEIR folder (--data): the positives come from its qrels")
+    if cfg.queries is not None:
+        out = Queries(list(read_queries_file(cfg.queries).items()), [_input(cfg.queries, "queries")])
+    elif cfg.from_shards is not None:
+        out = _from_shards(cfg.from_shards)
+    else:
+        assert cfg.data is not None
+        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels)
+    if cfg.max_queries:
+        out.items = out.items[: cfg.max_queries]
+    if not out.items:
+        raise MprError(f"{out.inputs[0].path}: no queries")
+    return out
+
+
+def _from_shards(folder: Path) -> Queries:
+    if not folder.is_dir():
+        raise MprError(f"{folder}: no such shard folder (--from-shards)")
+    manifest = read_manifest(folder)
+    if manifest is not None and not manifest.complete:
+        raise MprError(f"{folder}: the input run is not complete; finish it first")
+    seen: dict[str, str] = {}
+    for path in shard_files(folder):
+        table = pq.read_table(path, columns=["qid", "query"])
+        for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
+            seen.setdefault(qid, query)
+    kind = f"shards:{manifest.stage if manifest else 'unknown'}"
+    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder))])
+
+
+def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
+    if not root.is_dir():
+        raise MprError(f"{root}: no such data folder")
+    qpath = find_file(root, "queries.jsonl")
+    if qpath is None:
+        raise InputError(root / "queries.jsonl", "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
+    queries = read_queries(qpath)
+    inputs = [_input(qpath, "beir:queries.jsonl")]
+    splits = split_names(root) if split == "all" else [split]
+    qrels: dict[str, dict[str, int]] = {}
+    if split != "all" or with_qrels:
+        for name in splits:
+            path = find_file(root / "qrels", f"{name}.tsv")
+            if path is None:
+                available = ", ".join(split_names(root)) or "none"
+                raise InputError(root / "qrels" / f"{name}.tsv", f"split '{name}' does not exist (available: {available}, or all)")
+            inputs.append(_input(path, f"beir:qrels/{name}"))
+            for qid, judged in read_qrels(path)[0].items():
+                qrels.setdefault(qid, {}).update(judged)
+    notes: dict[str, int] = {}
+    if split == "all":
+        items = list(queries.items())
+    else:
+        unknown = [q for q in qrels if q not in queries]
+        if unknown:
+            notes["qrels_unknown_queries"] = len(unknown)
+        items = [(q, queries[q]) for q in qrels if q in queries]
+        if not items:
+            raise InputError(inputs[-1].path, "no judged query is in queries.jsonl")
+    positives: dict[str, list[tuple[str, str | None, str]]] = {}
+    if with_qrels:
+        cpath = find_file(root, "corpus.jsonl")
+        if cpath is None:
+            raise InputError(root / "corpus.jsonl", "missing file (--with-qrels reads the positives' texts)")
+        corpus = read_corpus(cpath)
+        inputs.append(_input(cpath, "beir:corpus.jsonl"))
+        missing = 0
+        for qid, judged in qrels.items():
+            for pid, score in judged.items():
+                if score < 1:
+                    continue
+                i = corpus.index.get(pid)
+                if i is None:
+                    missing += 1
+                    continue
+                positives.setdefault(qid, []).append((pid, corpus.titles[i], corpus.texts[i]))
+        if missing:
+            notes["qrels_unknown_documents"] = missing
+    return Queries(items, inputs, positives, notes)
+
+
+# -- the prompt, the draws and the validation ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """One set of passages to write: which query, which set, and what was drawn for it."""
+
+    qid: str
+    query: str
+    index: int
+    style: str
+    words: int
+    variant: int = 1
+
+
+def draw(seed: int, qid: str, set_index: int, styles: list[str], lengths: list[int]) -> tuple[str, int]:
+    """The style and target length of a set: a function of (seed, qid, set index) only."""
+    rng = random.Random(hashlib.sha256(f"mpr-synth|{seed}|{qid}|{set_index}".encode()).digest())
+    return rng.choice(styles), rng.choice(lengths)
+
+
+def plan_sets(cfg: SynthConfig, qid: str, query: str) -> list[SetSpec]:
+    out: list[SetSpec] = []
+    for s in range(cfg.per_query):
+        style, words = draw(cfg.seed, qid, s, cfg.styles, cfg.lengths)
+        variant = 1 + sum(1 for o in out if (o.style, o.words) == (style, words))
+        out.append(SetSpec(qid, query, s, style, words, variant))
+    return out
+
+
+def word_bounds(words: int) -> tuple[int, int]:
+    """The accepted passage length for a target: from half to twice the target, in words."""
+    return math.ceil(words / 2), 2 * words
+
+
+def passage_id(text: str) -> str:
+    return "syn-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _tokens(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+
+@cache
+def rubric_lines(levels: int) -> tuple[str, ...]:
+    """`k = description` for k = L-1 ... 0, from the [rubric] table of prompts/synth.toml."""
+    path = resources.files("mpr.prompts") / "synth.toml"
+    table = tomllib.loads(path.read_text(encoding="utf-8")).get("rubric", {})
+    lines = table.get(str(levels))
+    if not isinstance(lines, list) or len(lines) != levels or not all(isinstance(x, str) for x in lines):
+        raise MprError(f"prompt file {path}: [rubric] needs {levels} lines for --levels {levels}")
+    return tuple(f"{levels - 1 - i} = {line}" for i, line in enumerate(lines))
+
+
+class SynthPrompt:
+    """The synth prompt for L levels: a system message shared by every request (instruction and rubric),
+    then the query, the drawn style and length, and the JSON shape of the answer."""
+
+    def __init__(self, levels: int, prompt: Prompt | None = None):
+        self.prompt = prompt or load_prompt("synth")
+        self.levels = levels
+        top = levels - 1
+        self.keys = [f"level_{k}" for k in range(top, -1, -1)]
+        self.system = Template(self.prompt.system).substitute(n=levels, top=top, rubric="\n".join(rubric_lines(levels)))
+        self.shape = "{" + ", ".join(f'"{k}": "..."' for k in self.keys) + "}"
+        self.schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {k: {"type": "string"} for k in self.keys},
+            "required": list(self.keys),
+            "additionalProperties": False,
+        }
+
+    def messages(self, spec: SetSpec) -> list[dict[str, str]]:
+        lo, hi = word_bounds(spec.words)
+        variant = "" if spec.variant == 1 else (
+            f" This is variant {spec.variant} of this request: write passages that differ from those of the other variants."
+        )
+        user = Template(self.prompt.user).substitute(
+            query=escape(spec.query), style=escape(spec.style), words=spec.words, min_words=lo, max_words=hi,
+            levels=", ".join(str(k) for k in range(self.levels - 1, -1, -1)), variant=variant, shape=self.shape,
+        )
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+    def request(self, spec: SetSpec, cfg: SynthConfig) -> ChatRequest:
+        budget = math.ceil(self.levels * 2 * spec.words * TOKENS_PER_WORD) + 16 * self.levels + 16
+        return ChatRequest(
+            messages=self.messages(spec),
+            json_schema=self.schema,
+            schema_name=self.prompt.schema,
+            max_tokens=cfg.max_tokens or budget,
+            temperature=cfg.temperature,
+        )
+
+
+class VerbatimIndex:
+    """Finds, in a passage, the whole word sequence of any of a set of queries (of 4 or more words)."""
+
+    def __init__(self, queries: set[str] | list[str]):
+        self.by_head: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for query in queries:
+            words = tuple(_tokens(query))
+            if len(words) >= VERBATIM_MIN_WORDS:
+                self.by_head.setdefault(words[:VERBATIM_MIN_WORDS], []).append(words)
+
+    def found_in(self, text: str | list[str]) -> bool:
+        words = _tokens(text) if isinstance(text, str) else text
+        n = VERBATIM_MIN_WORDS
+        for i in range(len(words) - n + 1):
+            for query in self.by_head.get(tuple(words[i : i + n]), ()):
+                if tuple(words[i : i + len(query)]) == query:
+                    return True
+        return False
+
+
+def check_answer(content: str, levels: int, words: int, verbatim: VerbatimIndex) -> dict[int, str]:
+    """The passages of a valid answer by level, or a ValueError naming the first problem."""
+    counts = Counter(_LEVEL_KEY.findall(content))
+    twice = sorted((k for k, n in counts.items() if n > 1), key=int, reverse=True)
+    if twice:
+        raise ValueError(f"level {twice[0]} appears {counts[twice[0]]} times")
+    value = parse_json(content)
+    if not isinstance(value, dict):
+        raise ValueError("the answer is not a JSON object")
+    unknown = sorted(k for k in value if re.fullmatch(r"level_\d+", k) and int(k[6:]) >= levels)
+    if unknown:
+        raise ValueError(f"unexpected key(s) {unknown}; expected level_{levels - 1} ... level_0")
+    missing = [k for k in range(levels - 1, -1, -1) if f"level_{k}" not in value]
+    if missing:
+        raise ValueError(f"missing level(s) {missing}")
+    lo, hi = word_bounds(words)
+    passages: dict[int, str] = {}
+    vocab: dict[int, set[str]] = {}
+    for k in range(levels - 1, -1, -1):
+        text = value[f"level_{k}"]
+        if not isinstance(text, str):
+            raise ValueError(f"level {k} is a {type(text).__name__}, not a passage")
+        text = text.strip()
+        if not text:
+            raise ValueError(f"level {k} is empty")
+        n = len(text.split())
+        if not lo <= n <= hi:
+            raise ValueError(f"level {k} has {n} words; expected {lo}-{hi} (target {words})")
+        tokens = _tokens(text)
+        if verbatim.found_in(tokens):
+            raise ValueError(f"level {k} repeats the query verbatim")
+        passages[k] = text
+        vocab[k] = set(tokens)
+    ks = list(passages)
+    for i, a in enumerate(ks):
+        for b in ks[i + 1 :]:
+            union = vocab[a] | vocab[b]
+            similarity = len(vocab[a] & vocab[b]) / len(union) if union else 1.0
+            if similarity > MAX_JACCARD:
+                raise ValueError(f"levels {a} and {b} are near-identical (token Jaccard {similarity:.2f} > {MAX_JACCARD})")
+    return passages
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / math.sqrt(vx * vy)
+
+
+# -- one part ---------------------------------------------------------------------------------------------
+
+LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
+STAT_KEYS = ("queries", "queries_without_sets", "sets_requested", "sets_written", "sets_failed", "failed_invalid",
+             "failed_request", "failed_duplicate", "sets_verified", "sets_dropped_by_verify", "passages_generated",
+             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli")
+
+
+@dataclass
+class KeptSet:
+    spec: SetSpec
+    passages: dict[int, str]
+    judged: dict[int, float] = field(default_factory=dict)
+
+
+class Synthesizer:
+    """Writes, validates and (optionally) verifies the sets of one part's queries."""
+
+    def __init__(self, cfg: SynthConfig, backend: ChatBackend, verifier: ChatBackend | None, model: str, verify_model: str | None):
+        self.cfg = cfg
+        self.prompt = SynthPrompt(cfg.levels)
+        self.backend, self.verifier = backend, verifier
+        self.model, self.verify_model = model, verify_model
+        self.judge: Judge | None = None
+        if cfg.verify:
+            judge_cfg = RelabelConfig(input=cfg.out, out=cfg.out, model=verify_model or model, mode="graded", max_passage_chars=50_000)
+            self.judge = Judge(load_prompt("graded"), judge_cfg)
+
+    def _run(self, backend: ChatBackend, requests: list[ChatRequest], check: Callable[[str], Any], desc: str,
+             stats: dict[str, int], prefix: str) -> list[ChatResult]:
+        results = backend.run_sync(requests, validate=check, progress=desc if self.cfg.progress else False)
+        add_llm_stats(stats, prefix, backend.last_stats)
+        return results
+
+    def process(self, queries: list[tuple[str, str]], positives: dict[str, list[tuple[str, str | None, str]]],
+                desc: str) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
+        cfg, levels = self.cfg, self.cfg.levels
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        specs = [spec for qid, query in queries for spec in plan_sets(cfg, qid, query)]
+        stats["queries"], stats["sets_requested"] = len(queries), len(specs)
+        results: list[ChatResult | None] = [None] * len(specs)
+        by_words: dict[int, list[int]] = {}
+        for i, spec in enumerate(specs):
+            by_words.setdefault(spec.words, []).append(i)
+        # the validator cannot see which request it checks: one run per target length, and the verbatim
+        # rule checks the queries of that run
+        for words, idx in sorted(by_words.items()):
+            verbatim = VerbatimIndex({specs[i].query for i in idx})
+
+            def check(content: str, words: int = words, verbatim: VerbatimIndex = verbatim) -> dict[int, str]:
+                return check_answer(content, levels, words, verbatim)
+
+            label = desc if len(by_words) == 1 else f"{desc} ({words} words)"
+            got = self._run(self.backend, [self.prompt.request(specs[i], cfg) for i in idx], check, label, stats, "llm")
+            for i, result in zip(idx, got):
+                results[i] = result
+
+        failures: list[dict[str, Any]] = []
+
+        def fail(spec: SetSpec, kind: FailureKind, error: str) -> None:
+            failures.append({"qid": spec.qid, "query": spec.query, "set": spec.index, "style": spec.style,
+                             "target_words": spec.words, "kind": kind, "error": error})
+
+        kept: list[KeptSet] = []
+        seen: dict[str, dict[str, int]] = {}
+        for spec, result in zip(specs, results):
+            assert result is not None
+            if not result.ok:
+                kind: FailureKind = "invalid" if (result.error or "").startswith("invalid answer") else "request"
+                stats[f"failed_{kind}"] += 1
+                fail(spec, kind, result.error or "failed")
+                continue
+            passages: dict[int, str] = result.parsed
+            stats["passages_generated"] += len(passages)
+            pids = seen.setdefault(spec.qid, {})
+            earlier = next((pids[p] for p in map(passage_id, passages.values()) if p in pids), None)
+            if earlier is not None:
+                stats["failed_duplicate"] += 1
+                fail(spec, "duplicate", f"repeats a passage of set {earlier}")
+                continue
+            pids.update((passage_id(t), spec.index) for t in passages.values())
+            kept.append(KeptSet(spec, passages))
+        stats["sets_failed"] = stats["failed_invalid"] + stats["failed_request"] + stats["failed_duplicate"]
+
+        if self.judge is not None and kept:
+            kept = self._verify(kept, desc, stats, fail)
+
+        rows: list[dict[str, Any]] = []
+        by_qid: dict[str, list[KeptSet]] = {}
+        for item in kept:
+            by_qid.setdefault(item.spec.qid, []).append(item)
+        top = levels - 1
+        for qid, query in queries:
+            group: list[dict[str, Any]] = []
+            if cfg.with_qrels:
+                for pid, title, text in positives.get(qid, []):
+                    group.append({"qid": qid, "query": query, "pid": pid, "title": title, "text": text, "source": "qrels",
+                                  "label": 1, "grade": 1.0, "level": top, "judge": "qrels"})
+                stats["qrels_rows"] += len(group)
+            synthetic = [(level, item, text) for item in by_qid.get(qid, []) for level, text in item.passages.items()]
+            synthetic.sort(key=lambda x: (-x[0], x[1].spec.index))
+            for level, item, text in synthetic:
+                group.append({
+                    "qid": qid, "query": query, "pid": passage_id(text), "title": None, "text": text, "source": "synthetic",
+                    "label": int(level >= cfg.positive), "grade": level / top, "level": level, "judge": self.model,
+                    "style": item.spec.style, "target_words": item.spec.words, "set": item.spec.index,
+                    "prompt": self.prompt.prompt.id, "judged_grade": item.judged.get(level),
+                })
+            stats["passages"] += len(synthetic)
+            stats["queries_without_sets"] += not synthetic
+            rows += group
+        stats["sets_written"] = len(kept)
+        stats["rows"] = len(rows)
+        return rows, stats, failures
+
+    def _verify(self, kept: list[KeptSet], desc: str, stats: dict[str, int],
+                fail: Callable[[SetSpec, FailureKind, str], None]) -> list[KeptSet]:
+        assert self.judge is not None and self.verifier is not None
+        judge, levels = self.judge, self.cfg.levels
+        requests: list[ChatRequest] = []
+        where: list[tuple[int, int]] = []
+        for j, item in enumerate(kept):
+            for level, text in item.passages.items():
+                for request, _ in judge.requests(item.spec.query, [], [{"title": None, "text": text}]):
+                    requests.append(request)
+                    where.append((j, level))
+        results = self._run(self.verifier, requests, judge.validator(1), f"{desc} (verify)", stats, "verify")
+        errors: dict[int, str] = {}
+        judge_id = self.verify_model or self.model
+        for (j, level), result in zip(where, results):
+            verdict = judge.verdicts(result, 1, judge_id)[0]
+            if verdict.error is not None or verdict.grade is None:
+                errors.setdefault(j, f"the judge could not grade level {level}: {verdict.error}")
+            else:
+                kept[j].judged[level] = float(verdict.grade)
+        out: list[KeptSet] = []
+        for j, item in enumerate(kept):
+            stats["sets_verified"] += 1
+            if j in errors:
+                stats["sets_dropped_by_verify"] += 1
+                fail(item.spec, "verify", errors[j])
+                continue
+            intended = sorted(item.passages, reverse=True)
+            judged = [item.judged[k] * (levels - 1) for k in intended]
+            diffs = [abs(a - b) for a, b in zip(judged, intended)]
+            mad = sum(diffs) / len(diffs)
+            rho = spearman([float(k) for k in intended], judged)
+            stats["verify_passages"] += len(diffs)
+            stats["verify_abs_diff_milli"] += round(sum(diffs) * 1000)
+            if mad > self.cfg.verify_tolerance or (rho is not None and rho < 0):
+                stats["sets_dropped_by_verify"] += 1
+                shown = ", ".join(f"{k}:{g:.2f}" for k, g in zip(intended, judged))
+                why = f"mean |judged - intended| {mad:.2f} > {self.cfg.verify_tolerance:g}" if mad > self.cfg.verify_tolerance else f"Spearman {rho:.2f} < 0"
+                fail(item.spec, "verify", f"judged levels (intended:judged) {shown}; {why}")
+                continue
+            out.append(item)
+        return out
+
+
+def add_llm_stats(stats: dict[str, int], prefix: str, run: RunStats) -> None:
+    for key in LLM_KEYS:
+        stats[f"{prefix}_{key}"] = stats.get(f"{prefix}_{key}", 0) + int(getattr(run, key))
+
+
+# -- failure records -------------------------------------------------------------------------------------
+
+
+class FailureLog:
+    """`failures.jsonl`: one line per set that was not written, tagged with its part. A line is appended
+    before its part is written; on start, lines of parts the manifest does not list are removed, so a
+    killed run that redoes a part records its failures once."""
+
+    def __init__(self, run: ShardRun, job: tuple[int, int] | None):
+        self.out = run.out
+        self.job = job
+        self.path = run.out / (FAILURES if job is None else f"failures.{job[0]}-of-{job[1]}.jsonl")
+        if self.path.exists():
+            done = {s.name for s in run.manifest.shards}
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            keep = [line for line in lines if line.strip() and json.loads(line).get("part") in done]
+            if len(keep) != len(lines):
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+                tmp.replace(self.path)
+
+    def add(self, part: str, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records))
+
+    def merge_jobs(self) -> None:
+        """The last of N parallel jobs writes the folder's `failures.jsonl` from every job's file."""
+        if self.job is None:
+            return
+        files = [self.out / f"failures.{k}-of-{self.job[1]}.jsonl" for k in range(self.job[1])]
+        lines = [line for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines.sort(key=lambda line: json.loads(line)["part"])
+        tmp = self.out / (FAILURES + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.replace(self.out / FAILURES)
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def dry_run(cfg: SynthConfig, queries: Queries, model: str) -> dict[str, Any]:
+    prompt = SynthPrompt(cfg.levels)
+    counter = TokenCounter(model)
+    totals: dict[str, Any] = {"queries": len(queries.items), "sets": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
+    for qid, query in queries.items:
+        for spec in plan_sets(cfg, qid, query):
+            request = prompt.request(spec, cfg)
+            totals["sets"] += 1
+            totals["requests"] += 1
+            totals["prompt_tokens"] += counter.count_messages(request.messages)
+            totals["max_completion_tokens"] += request.max_tokens or 0
+    totals["passages"] = totals["sets"] * cfg.levels
+    if cfg.verify:
+        totals["verify_requests_max"] = totals["passages"]
+    totals["token_counts"] = "exact" if counter.exact else "estimated (~4 characters per token)"
+    return totals
+
+
+def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now: int) -> dict[str, Any]:
+    """The manifest summary: the summed part statistics plus the figures a user reads first."""
+    generated = totals.get("passages_generated", 0)
+    summary: dict[str, Any] = {
+        **totals,
+        "requests": totals.get("llm_sent", 0) + totals.get("verify_sent", 0),
+        "tokens_in": totals.get("llm_prompt_tokens", 0) + totals.get("verify_prompt_tokens", 0),
+        "tokens_out": totals.get("llm_completion_tokens", 0) + totals.get("verify_completion_tokens", 0),
+        "tokens_out_per_passage": round(totals.get("llm_completion_tokens", 0) / generated, 1) if generated else 0.0,
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0,
+    }
+    reasons = {k: totals.get(f"failed_{k}", 0) for k in ("invalid", "request", "duplicate")}
+    reasons["verify"] = totals.get("sets_dropped_by_verify", 0)
+    summary["failures"] = {k: v for k, v in reasons.items() if v}
+    if summary["failures"]:
+        summary["failures_file"] = FAILURES
+    if cfg.verify:
+        judged = totals.get("verify_passages", 0)
+        verified = totals.get("sets_verified", 0)
+        summary["verify"] = {
+            "mean_abs_level_diff": round(totals.get("verify_abs_diff_milli", 0) / 1000 / judged, 3) if judged else None,
+            "kept_share": round((verified - totals.get("sets_dropped_by_verify", 0)) / verified, 3) if verified else None,
+            "tolerance": cfg.verify_tolerance,
+        }
+    return summary
+
+
+def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
+          backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest | dict[str, Any]:
+    """Run (or resume) `mpr synth`; returns the manifest, or the dry-run estimate with `dry_run`."""
+    started = time.perf_counter()
+    model = resolve_model(cfg.model)
+    verify_model = (resolve_model(cfg.verify_model) if cfg.verify_model else model) if cfg.verify else None
+    prompt = SynthPrompt(cfg.levels)  # a broken rubric fails here, before anything is read or sent
+    queries = load_queries(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, queries, model)
+    n = cfg.queries_per_shard
+    parts = [queries.items[s : s + n] for s in range(0, len(queries.items), n)]
+    identity = {**cfg.identity(model, verify_model, prompt.prompt), "inputs": [i.fingerprint for i in queries.inputs]}
+    prompts = {prompt.prompt.name: prompt.prompt.version}
+    if cfg.verify:
+        graded = load_prompt("graded")
+        prompts[graded.name] = graded.version
+    run = ShardRun(
+        cfg.out, stage="synth", config=cfg.model_dump(mode="json"), identity=identity, inputs=queries.inputs,
+        models={"generator": model, **({"verifier": verify_model} if verify_model else {})},
+        prompts=prompts, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
+    )
+    failures = FailureLog(run, run.job)
+    pending = [i for i in range(len(parts)) if run.owns(i) and not run.done(i)]
+    if run.complete or not pending:
+        log(f"{cfg.out}: already complete; nothing to do")
+        return _finish(run, failures, run.manifest.summary or summarize(run.totals(), cfg, 0.0, 0))
+    for key, value in queries.notes.items():
+        log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
+    owned = backends is None
+    if backends is None:
+        options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
+        spec = resolve_backend(cfg.backend, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env)
+        if spec.kind == "openai":
+            options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
+        backend = spec.create(**options)
+        model = spec.model
+        verifier: ChatBackend | None = None
+        if verify_model is not None:
+            verifier = backend if verify_model == resolve_model(cfg.model) else spec.model_copy(update={"model": verify_model}).create(**options)
+            verify_model = verifier.model
+        log(f"synth: {spec.kind} backend, model {model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    else:
+        backend, verifier = backends
+        verifier = verifier or (backend if cfg.verify else None)
+    synthesizer = Synthesizer(cfg, backend, verifier, model, verify_model)
+    sent_now = 0
+    try:
+        for count, index in enumerate(pending, start=1):
+            rows, stats, failed = synthesizer.process(parts[index], queries.positives, f"synth part {count}/{len(pending)}")
+            sent_now += stats.get("llm_sent", 0) + stats.get("verify_sent", 0)
+            failures.add(shard_name(index), failed)
+            run.write(index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
+    finally:
+        if owned:
+            backend.close()
+            if verifier is not None and verifier is not backend:
+                verifier.close()
+    return _finish(run, failures, summarize(run.totals(), cfg, time.perf_counter() - started, sent_now))
+
+
+def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
+    manifest = run.finish(summary)
+    if run.job is not None and manifest is not run.manifest:  # the last of the N jobs
+        failures.merge_jobs()
+    return manifest
