@@ -134,18 +134,27 @@ class Oracle:
             if "reasoning" in json.dumps(request.get("response_format") or {}) or '"reasoning"' in prompt:
                 answer = {"reasoning": " ".join(f"Candidate {n} {'answers' if int(n) in relevant else 'does not answer'} the query." for n, _ in candidates), **answer}
             return ResponderAnswer(json.dumps(answer))
-        passage = re.search(TAG.format("passage"), prompt, re.S)
-        if passage is not None:
-            return self._grade(query_text, passage.group(2), rate)
+        passages = re.findall(TAG.format("passage"), prompt, re.S)
+        if len(passages) == 1 and not passages[0][0]:
+            return self._grade(query_text, [passages[0][1]], rate, key="grade")
+        if passages:
+            return self._grade(query_text, [text for _, text in passages], rate, key="grades")
         return ResponderAnswer(json.dumps({"error": "unknown task"}))
 
-    def _grade(self, query: str, passage: str, rate: float) -> ResponderAnswer:
-        grade = synthetic_grade(passage)
-        if grade is None:
-            grade = 3 if self.judge(query, passage, rate) else 0
-        alternatives = [(str(g), math.log(0.85 if g == grade else 0.05)) for g in range(4)]
-        tokens = [('{"', -0.01), ("grade", -0.01), ('":', -0.01), (" ", -0.01), (str(grade), math.log(0.85), alternatives), ("}", -0.01)]
-        return ResponderAnswer(f'{{"grade": {grade}}}', token_logprobs=tokens)
+    def _grade(self, query: str, passages: list[str], rate: float, key: str) -> ResponderAnswer:
+        """{"grade": g} for one passage or {"grades": [...]} for several, with 0.85 of each grade token's
+        probability on the answer and 0.05 on each other grade."""
+        grades = []
+        for passage in passages:
+            grade = synthetic_grade(passage)
+            grades.append(grade if grade is not None else 3 if self.judge(query, passage, rate) else 0)
+        tokens: list[Any] = [('{"', -0.01), (key, -0.01), ('":', -0.01), (" [" if key == "grades" else " ", -0.01)]
+        for n, grade in enumerate(grades):
+            if n:
+                tokens.append((", ", -0.01))
+            tokens.append((str(grade), math.log(0.85), [(str(g), math.log(0.85 if g == grade else 0.05)) for g in range(4)]))
+        tokens.append(("]}" if key == "grades" else "}", -0.01))
+        return ResponderAnswer("".join(t[0] for t in tokens), token_logprobs=tokens)
 
 
     def _synth(self, request: dict[str, Any], query: str, prompt: str) -> ResponderAnswer:

@@ -236,3 +236,14 @@ def test_shard_jobs_together_form_one_valid_folder(hidden, server, tmp_path):
     merged = read_manifest(tmp_path / "jobs")
     assert merged.complete and len(merged.shards) == merged.planned_shards == 8  # input parts of 8, 8, 4 queries -> 3 + 3 + 2
     assert merged.summary["rows_in"] == read_manifest(tmp_path / "single").summary["rows_in"] == manifest.summary["rows_in"]
+
+
+def test_graded_batch_equals_pointwise(hidden, server, tmp_path):
+    mined, _, _ = hidden
+    pointwise = run(mined, tmp_path / "pointwise", server, tmp_path, mode="graded")
+    batched = run(mined, tmp_path / "batched", server, tmp_path, mode="graded", batch_candidates=8)
+    a, b = (read_shards(tmp_path / x).to_pandas() for x in ("pointwise", "batched"))
+    cols = ["qid", "pid", "label", "level", "grade"]
+    assert a[cols].equals(b[cols])
+    assert set(b.prompt.dropna()) == {"graded_batch@1"}
+    assert batched.summary["llm_sent"] < pointwise.summary["llm_sent"] / 6
