@@ -1,0 +1,66 @@
+"""`mpr run`: the example experiment end to end, overrides, partial runs and config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mpr.cli import app
+from mpr.pipeline.experiment import load_run_file, parse_value
+from mpr.pipeline.shards import read_manifest, read_shards
+
+from .conftest import REPO
+
+runner = CliRunner()
+EXAMPLE_TOML = REPO / "experiments" / "example.toml"
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("true") is True and parse_value("1e-4") == 1e-4
+    assert parse_value("jointlh") == "jointlh" and parse_value('["mine", "train"]') == ["mine", "train"]
+
+
+def test_overrides_and_errors(tmp_path):
+    spec = load_run_file(EXAMPLE_TOML, ["train.loss=jointlh", "mine.depth=7", "out=elsewhere"])
+    assert spec.train["loss"] == "jointlh" and spec.mine["depth"] == 7 and str(spec.out) == "elsewhere"
+    from mpr.pipeline.errors import MprError
+
+    with pytest.raises(MprError, match="expected KEY=VALUE"):
+        load_run_file(EXAMPLE_TOML, ["train.loss"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('out = "x"\ndata = "y"\nstages = ["mine", "fly"]\n')
+    with pytest.raises(MprError, match="stages"):
+        load_run_file(bad)
+    bad.write_text('out = "x"\ndata = "y"\n[mine]\ndepht = 3\n')
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "depht" in result.output  # a misspelt option is named, not ignored
+
+
+def test_example_experiment_end_to_end(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    args = ["run", str(EXAMPLE_TOML), "-q", "--set", f"out={json.dumps(str(out))}", "--set", f"mine.cache_dir={json.dumps(str(cache_dir))}",
+            "--set", "train.max_steps=2", "--set", "train.group_size=4", "--set", "eval.depth=20"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "NOTE: no LLM endpoint is configured" in result.output
+    for folder in ("mined", "relabeled", "synth"):
+        assert read_manifest(out / folder).complete
+    relabeled = read_shards(out / "relabeled").to_pandas()
+    assert ((relabeled.prior_label == 0) & (relabeled.label == 1)).sum() > 0  # the hidden positives came back
+    assert (out / "model-lsepair" / "model.safetensors").exists()
+    report = (out / "report.md").read_text()
+    for part in ("NOT a language model", "### mine", "### relabel", "0 -> 1", "### synth", "model-lsepair", "ndcg@10"):
+        assert part in report, part
+    assert (out / "model-lsepair-training.png").exists() and (out / "eval-lsepair.json").exists()
+
+    again = runner.invoke(app, [*args, "--only", "mine,relabel,train"])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    other = runner.invoke(app, [*args, "--only", "train", "--set", "train.loss=jointlh"])
+    assert other.exit_code == 0, other.output
+    assert (out / "model-jointlh" / "model.safetensors").exists()
+    changed = runner.invoke(app, [*args, "--only", "train", "--set", "train.learning_rate=0.1"])
+    assert changed.exit_code == 2 and "trained with other options" in changed.output
+    unknown = runner.invoke(app, [*args, "--only", "fly"])
+    assert unknown.exit_code == 2 and "unknown stage" in unknown.output
