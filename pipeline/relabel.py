@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from mpr.pipeline.encode import default_cache_dir
 from mpr.pipeline.errors import MprError
 from mpr.pipeline.llm.base import ChatBackend
 from mpr.pipeline.llm.jsonparse import parse_json
-from mpr.pipeline.llm.models import TokenCounter, resolve_backend, resolve_model
+from mpr.pipeline.llm.models import TokenCounter, resolve_model
+from mpr.pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from mpr.pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
 from mpr.pipeline.prompts import (
     Prompt,
@@ -65,16 +65,11 @@ RELABEL_FIELDS = (
 GRADES = (0, 1, 2, 3)
 
 
-class RelabelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RelabelConfig(LLMStageConfig):
     input: Path
     out: Path
     model: str
     mode: Mode = "relabel"
-    backend: Literal["auto", "openai", "vllm"] = "auto"
-    base_url: list[str] = Field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
     confirm_model: str | None = None
     prompt: str | None = Field(None, description="prompt file name (default: relabel, or graded in graded mode)")
     candidates: Literal["negatives", "all"] = "negatives"
@@ -88,35 +83,6 @@ class RelabelConfig(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0)
     logprobs: bool = True
-    concurrency: int = Field(64, ge=1)
-    timeout: float = Field(300.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
-    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
-    queries_per_shard: int = Field(1000, ge=1)
-    llm_cache: Path | None = None
-    dry_run: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            k, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise ValueError("expected K/N, e.g. 0/4") from None
-        if not 0 <= k < n:
-            raise ValueError(f"K must be in 0..N-1, got {value}")
-        return value
-
-    @property
-    def job(self) -> tuple[int, int] | None:
-        if self.shard is None:
-            return None
-        k, n = (int(x) for x in self.shard.split("/"))
-        return k, n
 
     @property
     def per_request(self) -> int:
@@ -131,8 +97,7 @@ class RelabelConfig(BaseModel):
         return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
-        runtime = {"input", "out", "backend", "base_url", "api_key_env", "concurrency", "timeout", "max_attempts", "shard",
-                   "llm_cache", "dry_run", "overwrite", "progress", "model", "confirm_model", "prompt"}
+        runtime = {*self.RUNTIME, "input", "out", "model", "confirm_model", "prompt"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
 
 
@@ -329,6 +294,7 @@ class Relabeler:
         for n, check in validators.items():
             picked = [i for i, m in enumerate(n_of) if m == n]
             got = backend.run_sync([requests[i] for i in picked], validate=check, progress=desc if self.cfg.progress else False)
+            add_llm_stats(self.stats, "llm", backend.last_stats)
             results += list(zip(picked, got))
         verdicts: list[list[Verdict | None]] = [[None] * len(c) for _, _, c in items]
         for i, result in sorted(results, key=lambda x: x[0]):
@@ -344,9 +310,10 @@ class Relabeler:
             (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
             for (_, rows), idx in zip(part.groups, picked)
         ]
-        verdicts = self._ask(self.backend, items, self.model, desc)
         stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
                                "dropped_rows", "dropped_queries", "rows_out"), 0)
+        self.stats = stats
+        verdicts = self._ask(self.backend, items, self.model, desc)
         if self.confirm is not None:
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
             second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)")
@@ -449,15 +416,8 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
         log(f"{cfg.out}: already complete; nothing to do")
         return run.finish(run.manifest.summary or run.totals())
     if backends is None:
-        cache = cfg.llm_cache or default_cache_dir() / "llm.sqlite"
-        options = dict(cache=cache)
-        spec = resolve_backend(cfg.backend, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env)
-        if spec.kind == "openai":
-            options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
-        backend = spec.create(**options)
-        model = spec.model
-        confirm = spec.model_copy(update={"model": confirm_model}).create(**options) if confirm_model else None
-        log(f"relabel: {spec.kind} backend, model {model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+        backend, (confirm,) = open_backends(cfg, cfg.model, [confirm_model], stage="relabel", log=log)
+        model = backend.model
     else:
         backend, confirm = backends
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
@@ -467,15 +427,10 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
         for n, index in enumerate(pending, start=1):
             part = _load_part(files, plan, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
-            for b in (backend, confirm):
-                if b is not None:
-                    for key in ("sent", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens"):
-                        stats[f"llm_{key}"] = stats.get(f"llm_{key}", 0) + getattr(b.last_stats, key)
             run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
-        for b in (backend, confirm):
-            if b is not None and backends is None:
-                b.close()
+        if backends is None:
+            close_backends(backend, confirm)
     seconds = time.perf_counter() - started
     totals = run.totals()
     summary = {**totals, "seconds": round(seconds, 2), "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}

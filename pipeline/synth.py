@@ -62,14 +62,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from mpr.pipeline.encode import default_cache_dir
 from mpr.pipeline.errors import InputError, MprError
 from mpr.pipeline.llm.base import ChatBackend
 from mpr.pipeline.llm.jsonparse import parse_json
-from mpr.pipeline.llm.models import TokenCounter, resolve_backend, resolve_model
-from mpr.pipeline.llm.types import ChatRequest, ChatResult, RunStats
+from mpr.pipeline.llm.models import TokenCounter, resolve_model
+from mpr.pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
+from mpr.pipeline.llm.types import ChatRequest, ChatResult
 from mpr.pipeline.prompts import Prompt, escape, load_prompt
 from mpr.pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
 from mpr.pipeline.relabel import Judge, RelabelConfig
@@ -127,10 +127,8 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-class SynthConfig(BaseModel):
+class SynthConfig(LLMStageConfig):
     """Every option of `mpr synth` (see the module docstring for what they mean)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     out: Path
     model: str
@@ -148,22 +146,9 @@ class SynthConfig(BaseModel):
     verify: bool = False
     verify_model: str | None = None
     verify_tolerance: float = Field(1.0, ge=0)
-    backend: Literal["auto", "openai", "vllm"] = "auto"
-    base_url: list[str] = Field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
     temperature: float = Field(0.7, ge=0)
     max_tokens: int | None = Field(None, ge=16)
     max_queries: int | None = Field(None, ge=1)
-    concurrency: int = Field(64, ge=1)
-    timeout: float = Field(300.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
-    max_invalid_retries: int = Field(2, ge=0)
-    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
-    queries_per_shard: int = Field(1000, ge=1)
-    llm_cache: Path | None = None
-    dry_run: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     @field_validator("styles", mode="before")
     @classmethod
@@ -194,26 +179,6 @@ class SynthConfig(BaseModel):
             raise ValueError(f"must be in 1..{levels - 1} for --levels {levels}")
         return value
 
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            k, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise ValueError("expected K/N, e.g. 0/4") from None
-        if not 0 <= k < n:
-            raise ValueError(f"K must be in 0..N-1, got {value}")
-        return value
-
-    @property
-    def job(self) -> tuple[int, int] | None:
-        if self.shard is None:
-            return None
-        k, n = (int(x) for x in self.shard.split("/"))
-        return k, n
-
     @property
     def positive(self) -> int:
         """The lowest level labelled positive: the option, else the top two levels (at least level 1)."""
@@ -221,9 +186,7 @@ class SynthConfig(BaseModel):
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {"out", "data", "queries", "from_shards", "backend", "base_url", "api_key_env", "concurrency",
-                   "timeout", "max_attempts", "max_invalid_retries", "shard", "llm_cache", "dry_run", "overwrite",
-                   "progress", "model", "verify_model"}
+        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
                 "prompt": prompt.id, "positive": self.positive}
 
@@ -558,7 +521,6 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 # -- one part ---------------------------------------------------------------------------------------------
 
-LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 STAT_KEYS = ("queries", "queries_without_sets", "sets_requested", "sets_written", "sets_failed", "failed_invalid",
              "failed_request", "failed_duplicate", "sets_verified", "sets_dropped_by_verify", "passages_generated",
              "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli")
@@ -715,11 +677,6 @@ class Synthesizer:
         return out
 
 
-def add_llm_stats(stats: dict[str, int], prefix: str, run: RunStats) -> None:
-    for key in LLM_KEYS:
-        stats[f"{prefix}_{key}"] = stats.get(f"{prefix}_{key}", 0) + int(getattr(run, key))
-
-
 # -- failure records -------------------------------------------------------------------------------------
 
 
@@ -839,17 +796,10 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
         log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
     owned = backends is None
     if backends is None:
-        options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
-        spec = resolve_backend(cfg.backend, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env)
-        if spec.kind == "openai":
-            options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
-        backend = spec.create(**options)
-        model = spec.model
-        verifier: ChatBackend | None = None
-        if verify_model is not None:
-            verifier = backend if verify_model == resolve_model(cfg.model) else spec.model_copy(update={"model": verify_model}).create(**options)
+        backend, (verifier,) = open_backends(cfg, cfg.model, [verify_model], stage="synth", log=log)
+        model = backend.model
+        if verifier is not None:
             verify_model = verifier.model
-        log(f"synth: {spec.kind} backend, model {model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
     else:
         backend, verifier = backends
         verifier = verifier or (backend if cfg.verify else None)
@@ -863,9 +813,7 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
             run.write(index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
     finally:
         if owned:
-            backend.close()
-            if verifier is not None and verifier is not backend:
-                verifier.close()
+            close_backends(backend, verifier)
     return _finish(run, failures, summarize(run.totals(), cfg, time.perf_counter() - started, sent_now))
 
 

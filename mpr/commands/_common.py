@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -15,6 +15,18 @@ from mpr.pipeline.errors import MprError
 F = TypeVar("F", bound=Callable[..., Any])
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+# The options every LLM stage takes (mpr.pipeline.llm.stage.LLMStageConfig).
+Backend = Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")]
+BaseUrl = Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")]
+ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight.")]
+Timeout = Annotated[float, typer.Option(help="Seconds per request before it is retried.")]
+MaxInvalidRetries = Annotated[int, typer.Option(help="Times an answer that does not parse or validate is asked again before it is recorded as failed.")]
+Shard = Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")]
+QueriesPerShard = Annotated[int, typer.Option(help="Queries per output part (the unit of resumption and of --shard).")]
+LLMCache = Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
 
 
@@ -55,3 +67,9 @@ def print_summary(stage: str, out: Path, summary: dict[str, Any]) -> None:
     for key, value in summary.items():
         if isinstance(value, dict) and value:
             typer.echo(f"  {key:<{width}}  " + ", ".join(f"{k}={v}" for k, v in value.items()))
+
+
+def print_dry_run(stage: str, estimate: dict[str, Any]) -> None:
+    typer.echo(f"{stage} --dry-run: nothing was sent")
+    for key, value in estimate.items():
+        typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")

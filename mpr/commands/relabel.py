@@ -7,7 +7,24 @@ from typing import Annotated, Literal
 
 import typer
 
-from mpr.commands._common import Overwrite, Quiet, log, one_line_errors, print_summary
+from mpr.commands._common import (
+    ApiKeyEnv,
+    Backend,
+    BaseUrl,
+    Concurrency,
+    DryRun,
+    LLMCache,
+    MaxInvalidRetries,
+    Overwrite,
+    QueriesPerShard,
+    Quiet,
+    Shard,
+    Timeout,
+    log,
+    one_line_errors,
+    print_dry_run,
+    print_summary,
+)
 
 
 @one_line_errors
@@ -16,9 +33,9 @@ def relabel(
     out: Annotated[Path, typer.Option(help="Output shard folder.")],
     model: Annotated[str, typer.Option(help="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")],
     mode: Annotated[Literal["relabel", "drop", "drop-query", "graded"], typer.Option(help="What to do with flagged false negatives, or grade every pair 0-3.")] = "relabel",
-    backend: Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")] = "auto",
-    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")] = "OPENAI_API_KEY",
+    backend: Backend = "auto",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     confirm_model: Annotated[str | None, typer.Option(help="Cascade: a stronger model re-judges what --model flagged.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch).")] = None,
     candidates: Annotated[Literal["negatives", "all"], typer.Option(help="Judge the kept hard negatives, or every mined candidate.")] = "negatives",
@@ -29,12 +46,13 @@ def relabel(
     positive_level: Annotated[int, typer.Option(help="Graded mode: grade from which a pair is labelled positive.")] = 2,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request.")] = None,
     logprobs: Annotated[bool, typer.Option(help="Graded mode: expected grade from the grade tokens' log-probabilities.")] = True,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 64,
-    timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 300.0,
-    shard: Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")] = None,
-    queries_per_shard: Annotated[int, typer.Option(help="Queries per output part (the unit of resumption and of --shard).")] = 1000,
-    llm_cache: Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")] = False,
+    concurrency: Concurrency = 64,
+    timeout: Timeout = 300.0,
+    max_invalid_retries: MaxInvalidRetries = 2,
+    shard: Shard = None,
+    queries_per_shard: QueriesPerShard = 1000,
+    llm_cache: LLMCache = None,
+    dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -49,8 +67,6 @@ def relabel(
     cfg = RelabelConfig(**{**options, "base_url": base_url or []}, progress=not quiet)
     result = run_relabel(cfg, log=log)
     if isinstance(result, dict):
-        typer.echo("relabel --dry-run: nothing was sent")
-        for key, value in result.items():
-            typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+        print_dry_run("relabel", result)
         return
     print_summary("relabel", cfg.out, result.summary)

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from mpr.commands._common import Overwrite, Quiet, log, one_line_errors, print_summary
+from mpr.commands._common import (
+    ApiKeyEnv,
+    Backend,
+    BaseUrl,
+    Concurrency,
+    DryRun,
+    LLMCache,
+    MaxInvalidRetries,
+    Overwrite,
+    QueriesPerShard,
+    Quiet,
+    Shard,
+    Timeout,
+    log,
+    one_line_errors,
+    print_dry_run,
+    print_summary,
+)
 
 
 @one_line_errors
@@ -28,19 +45,19 @@ def synth(
     verify: Annotated[bool, typer.Option("--verify", help="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.")] = False,
     verify_model: Annotated[str | None, typer.Option(help="Judge model for --verify (default: --model).")] = None,
     verify_tolerance: Annotated[float, typer.Option(help="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).")] = 1.0,
-    backend: Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")] = "auto",
-    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")] = "OPENAI_API_KEY",
+    backend: Backend = "auto",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the generator.")] = 0.7,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request (default: from the levels and the target length).")] = None,
     max_queries: Annotated[int | None, typer.Option(help="Only the first N queries.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 64,
-    timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 300.0,
-    max_invalid_retries: Annotated[int, typer.Option(help="Times an answer that fails validation is asked again before its set is recorded as failed.")] = 2,
-    shard: Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")] = None,
-    queries_per_shard: Annotated[int, typer.Option(help="Queries per output part (the unit of resumption and of --shard).")] = 1000,
-    llm_cache: Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")] = False,
+    concurrency: Concurrency = 64,
+    timeout: Timeout = 300.0,
+    max_invalid_retries: MaxInvalidRetries = 2,
+    shard: Shard = None,
+    queries_per_shard: QueriesPerShard = 1000,
+    llm_cache: LLMCache = None,
+    dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -59,9 +76,7 @@ def synth(
     cfg = SynthConfig(**{**options, "base_url": base_url or []}, progress=not quiet)
     result = run_synth(cfg, log=log)
     if isinstance(result, dict):
-        typer.echo("synth --dry-run: nothing was sent")
-        for key, value in result.items():
-            typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+        print_dry_run("synth", result)
         return
     shown = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropped_by_verify", "passages", "qrels_rows",
              "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",

@@ -1,0 +1,90 @@
+"""What the LLM stages (`mpr relabel`, `mpr synth`) share: backend and run options, `--shard K/N`,
+opening the backends, and counting the requests and tokens of each run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mpr.pipeline.llm.base import ChatBackend
+from mpr.pipeline.llm.models import resolve_backend
+from mpr.pipeline.llm.types import RunStats
+
+LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
+
+
+class LLMStageConfig(BaseModel):
+    """Options every LLM stage takes; `RUNTIME` names those that do not change what the stage writes."""
+
+    model_config = ConfigDict(extra="forbid")
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({
+        "backend", "base_url", "api_key_env", "concurrency", "timeout", "max_attempts", "max_invalid_retries",
+        "shard", "llm_cache", "dry_run", "overwrite", "progress",
+    })
+
+    backend: Literal["auto", "openai", "vllm"] = "auto"
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(64, ge=1)
+    timeout: float = Field(300.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    max_invalid_retries: int = Field(2, ge=0)
+    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
+    queries_per_shard: int = Field(1000, ge=1)
+    llm_cache: Path | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            k, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise ValueError("expected K/N, e.g. 0/4") from None
+        if not 0 <= k < n:
+            raise ValueError(f"K must be in 0..N-1, got {value}")
+        return value
+
+    @property
+    def job(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        k, n = (int(x) for x in self.shard.split("/"))
+        return k, n
+
+
+def open_backends(
+    cfg: LLMStageConfig, model: str, others: list[str | None], *, stage: str, log: Callable[[str], None]
+) -> tuple[ChatBackend, list[ChatBackend | None]]:
+    """The backend for `model` and one for each of `others` (None stays None; the same model shares it)."""
+    from mpr.pipeline.encode import default_cache_dir
+
+    options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
+    spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
+    if spec.kind == "openai":
+        options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
+    backend = spec.create(**options)
+    extra = [
+        None if m is None else backend if m == spec.model else spec.model_copy(update={"model": m}).create(**options)
+        for m in others
+    ]
+    log(f"{stage}: {spec.kind} backend, model {spec.model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    return backend, extra
+
+
+def close_backends(*backends: ChatBackend | None) -> None:
+    for backend in {id(b): b for b in backends if b is not None}.values():
+        backend.close()
+
+
+def add_llm_stats(stats: dict[str, int], prefix: str, run: RunStats) -> None:
+    """Add one `run`'s request and token counts to a part's statistics, as `{prefix}_{key}`."""
+    for key in LLM_KEYS:
+        stats[f"{prefix}_{key}"] = stats.get(f"{prefix}_{key}", 0) + int(getattr(run, key))
