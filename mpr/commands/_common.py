@@ -40,6 +40,8 @@ def one_line_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("quiet"):
+            quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except MprError as exc:
@@ -52,6 +54,19 @@ def one_line_errors(fn: F) -> F:
             raise fail("interrupted; rerun the same command to resume") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """`--quiet` also silences the progress bars of the libraries mpr drives."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def log(message: str) -> None:
