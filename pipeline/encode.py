@@ -158,9 +158,12 @@ class Encoder:
         prompt = self.query_prompt if role == "query" else self.passage_prompt
         parts: list[np.ndarray] = []
         counts = {"encoded": 0, "cached": 0}
+        # Longest first over the whole input, as SentenceTransformer.encode sorts one call: chunks of
+        # similar lengths pad little. The chunk cache keys on the texts, so the order is part of the key.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(texts), CHUNK):
-                chunk = texts[start : start + CHUNK]
+                chunk = [texts[i] for i in order[start : start + CHUNK]]
                 path = folder / f"{_chunk_key(chunk)}.npy" if folder else None
                 if path is not None and path.exists():
                     emb = np.load(path)
@@ -181,9 +184,13 @@ class Encoder:
                         os.replace(tmp, path)
                 parts.append(emb)
                 bar.update(len(chunk))
-        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        dim = dim_fn() or 0
-        return (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), counts
+        if not parts:
+            dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            return np.zeros((0, dim_fn() or 0), np.float32), counts
+        stacked = np.concatenate(parts)
+        embeddings = np.empty_like(stacked)
+        embeddings[order] = stacked
+        return embeddings, counts
 
 
 def _chunk_key(texts: list[str]) -> str:
