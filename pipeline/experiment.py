@@ -155,6 +155,9 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
         raise MprError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
     stages = [s for s in STAGES if s in spec.stages and (not only or s in only)]
     experiment = Experiment(spec, progress=progress)
+    placeholder = "http://127.0.0.1:9/v1" if spec.llm.test_server and not spec.llm.base_url else None
+    for stage in stages:  # every option is checked before anything is written
+        experiment.config(stage, placeholder)
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "experiment.toml").write_text(path.read_text(encoding="utf-8") + "".join(f"\n# --set {o}" for o in overrides) + "\n")
     with ExitStack() as stack:

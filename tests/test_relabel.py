@@ -247,3 +247,11 @@ def test_graded_batch_equals_pointwise(hidden, server, tmp_path):
     assert a[cols].equals(b[cols])
     assert set(b.prompt.dropna()) == {"graded_batch@1"}
     assert batched.summary["llm_sent"] < pointwise.summary["llm_sent"] / 6
+
+
+def test_clipped_passages_are_still_judged(hidden, server, tmp_path):
+    mined, truth, _ = hidden
+    run(mined, tmp_path / "clipped", server, tmp_path, max_passage_chars=100)
+    out = read_shards(tmp_path / "clipped").to_pandas()
+    flagged = out[(out.source == "mined") & (out.label == 1)]
+    assert set(zip(flagged.qid, flagged.pid)) == truth

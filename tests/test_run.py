@@ -22,7 +22,8 @@ def test_parse_value():
     assert parse_value("jointlh") == "jointlh" and parse_value('["mine", "train"]') == ["mine", "train"]
 
 
-def test_overrides_and_errors(tmp_path):
+def test_overrides_and_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     spec = load_run_file(EXAMPLE_TOML, ["train.loss=jointlh", "mine.depth=7", "out=elsewhere"])
     assert spec.train["loss"] == "jointlh" and spec.mine["depth"] == 7 and str(spec.out) == "elsewhere"
     from mpr.pipeline.errors import MprError
@@ -36,6 +37,7 @@ def test_overrides_and_errors(tmp_path):
     bad.write_text('out = "x"\ndata = "y"\n[mine]\ndepht = 3\n')
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "depht" in result.output  # a misspelt option is named, not ignored
+    assert not (tmp_path / "x").exists()  # and nothing was written
 
 
 def test_example_experiment_end_to_end(tmp_path, cache_dir):

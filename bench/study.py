@@ -1,0 +1,805 @@
+"""The loss study: which objective of `mpr train` makes best use of LLM-densified labels, and how robust each is
+to a judge that errs.
+
+    python bench/study.py --config full     # vaswani + cisi (5-fold CV) + scifact, errors 0/0.2/0.4, every loss
+    python bench/study.py --config small    # cisi, fold 0 of 5, errors 0 and 0.4, 3 losses, 5 steps, length 64
+    python bench/study.py --config small --losses lsepair,bixse --steps 3 --out /tmp/study
+
+Protocol (one cell = dataset x fold x error rate x loss):
+
+1. Folds. vaswani and cisi have one judged split (`test`) with many positives per query. Its queries with a
+   positive are sorted by id, shuffled with `fold_seed` and dealt round-robin into k folds. Fold f is written
+   as a BEIR folder (corpus and queries are symlinks to the shared files, never copies) whose
+   `qrels/test.tsv` holds fold f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other
+   query, drawn with `random.Random(f"{fold_seed}:{qid}")` from its sorted positive ids: the same
+   annotator's pick in every fold, as single-positive human annotation would give. SciFact has a train split
+   of its own (1.14 positives per query): it is trained on `train` as it is and tested on `test` (a single
+   "fold" 0, whatever `--folds` says).
+2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
+   negatives) once per (dataset, fold). `mpr relabel` once per (dataset, fold, error rate): the judge is the
+   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.pipeline.oracle`, which
+   flips the verdict of a deterministic share `error` of the (query, passage) pairs (false positives and
+   false negatives alike; the pairs flipped at 0.2 are a subset of those flipped at 0.4). It judges the
+   `candidates` hard negatives of every query (`--candidates negatives`, mode `relabel`).
+   Graded losses (ws2, bixse) are trained on a second relabel run in mode `graded` (pointwise 0-3 grades,
+   expected grade from the logprobs) when `graded` is on (default): graded targets are what they are built
+   for. The oracle grades from the same flipped verdict (3 or 0, answered with probability 0.85), so the
+   graded data carry the same verdicts as the listwise data, only as soft grades (0.9 / 0.1; the kept
+   annotated positive stays at 1.0). `--no-graded` trains them on the binary relabel data instead.
+3. Every loss is trained from all-MiniLM-L6-v2 with the same budget (steps, batch, group size, learning
+   rate, seed, max_seq_length); the baseline is single-positive InfoNCE on the mined data WITHOUT
+   relabeling (its hard negatives include the unannotated positives). The zero-shot model is evaluated too.
+   Every model is evaluated (`mpr eval`) on the held-out fold's full qrels and then deleted
+   (`--keep-models` keeps it).
+4. The report (`OUT/study.md`, `OUT/study.json`, `OUT/study.png`): mean and sample std over folds per
+   (dataset, loss, error rate), a pivot of nDCG@10 against the error rate, the numbers behind the paper's
+   claims, and the hardware each cell ran on.
+
+Resuming: a cell's result is `OUT/cells/DATASET/foldF/NAME.json`; a rerun computes only missing cells and
+reuses each stage's finished output folder under WORK (default `runs/study/CONFIG`, or `OUT/work` when
+`--out` is given). Relabel requests are cached in `WORK/llm.sqlite`; base-model embeddings in
+`WORK/cache`. An OUT or WORK written with other result-determining settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mpr.pipeline.encode import DEFAULT_MODEL
+from mpr.pipeline.errors import MprError
+from mpr.pipeline.readers import find_file, read_qrels
+from mpr.pipeline.shards import write_json_atomic as _write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_LOSSES = ("infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
+GRADED_LOSSES = frozenset({"ws2", "bixse"})
+MULTI_POSITIVE = ("rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
+FOLDED = frozenset({"vaswani", "cisi"})
+OWN_SPLITS = {"scifact": ("train", "test")}
+METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
+LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "recall@1000": "R@1000"}
+ZERO_SHOT, BASELINE = "zero-shot", "baseline"
+ROW_NAMES = {ZERO_SHOT: "zero-shot (no training)", BASELINE: "baseline: InfoNCE, 1 positive, not relabeled"}
+PLOT_NAMES = {ZERO_SHOT: "zero-shot", BASELINE: "baseline: InfoNCE,\n1 positive, not relabeled"}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    datasets: tuple[str, ...]
+    folds: int = 5
+    fold_ids: tuple[int, ...] | None = None
+    error_rates: tuple[float, ...] = (0.0, 0.2, 0.4)
+    losses: tuple[str, ...] = ALL_LOSSES
+    baseline: bool = True
+    graded: bool = True
+    steps: int = 100
+    batch_size: int = 16
+    group_size: int = 8
+    max_positives: int = 4
+    learning_rate: float = 2e-5
+    seed: int = 42
+    fold_seed: int = 0
+    oracle_seed: int = 0
+    max_seq_length: int = 256
+    depth: int = 100
+    candidates: int = 20
+    judge_chars: int = 20_000
+    max_queries: int | None = None
+    model: str = DEFAULT_MODEL
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine a cell's result (not which cells are run)."""
+        chosen = {"name", "datasets", "fold_ids", "error_rates", "losses", "baseline"}
+        return {k: v for k, v in asdict(self).items() if k not in chosen}
+
+    def folds_of(self, dataset: str) -> list[int]:
+        if dataset not in FOLDED:
+            return [0]
+        return sorted(self.fold_ids) if self.fold_ids is not None else list(range(self.folds))
+
+
+CONFIGS = {
+    "full": StudyConfig(name="full", datasets=("vaswani", "cisi", "scifact")),
+    "small": StudyConfig(
+        name="small", datasets=("cisi",), fold_ids=(0,), error_rates=(0.0, 0.4),
+        losses=("rand1", "jointlh", "lsepair"), steps=5, max_seq_length=64,
+    ),
+}
+
+
+@dataclass
+class Cell:
+    dataset: str
+    fold: int
+    loss: str
+    error_rate: float | None = None
+
+    @property
+    def file_name(self) -> str:
+        return self.loss if self.error_rate is None else f"{self.loss}@e{self.error_rate:.2f}"
+
+    @property
+    def label(self) -> str:
+        err = "" if self.error_rate is None else f" e={self.error_rate:.2f}"
+        return f"[{self.dataset} fold {self.fold}{err} {self.loss}]"
+
+
+@dataclass
+class Paths:
+    out: Path
+    work: Path
+
+    def cell(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.dataset / f"fold{cell.fold}" / f"{cell.file_name}.json"
+
+    def fold(self, dataset: str, fold: int) -> Path:
+        return self.work / dataset / f"fold{fold}"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.work / "cache" / "embeddings"
+
+    @property
+    def llm_cache(self) -> Path:
+        return self.work / "llm.sqlite"
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, payload)
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    text = f"{cpu}, {os.cpu_count()} CPUs, " + (f"GPU {gpu}" if gpu else "no GPU")
+    return {"summary": f"{text} (torch {torch.__version__}, python {platform.python_version()})",
+            "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+
+def _qid_key(qid: str) -> tuple[int, int, str]:
+    return (0, int(qid), qid) if qid.isdigit() else (1, 0, qid)
+
+
+def fold_assignment(qids: list[str], k: int, seed: int) -> dict[str, int]:
+    order = sorted(qids, key=_qid_key)
+    random.Random(seed).shuffle(order)
+    return {qid: i % k for i, qid in enumerate(order)}
+
+
+def kept_positive(qid: str, judged: dict[str, int], seed: int) -> str:
+    return random.Random(f"{seed}:{qid}").choice(sorted(p for p, s in judged.items() if s >= 1))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _link(target: Path, link: Path) -> None:
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def _qrels_tsv(rows: list[tuple[str, str, int]]) -> str:
+    return "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t{s}\n" for q, p, s in rows)
+
+
+def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, int]:
+    """The BEIR folder of one fold: train = one kept positive per training query, test = the fold's full qrels."""
+    path = find_file(src / "qrels", "test.tsv")
+    if path is None:
+        raise MprError(f"{src}: no qrels/test.tsv to fold")
+    qrels, _ = read_qrels(path)
+    judged = {q: j for q, j in qrels.items() if any(s >= 1 for s in j.values())}
+    assign = fold_assignment(list(judged), cfg.folds, cfg.fold_seed)
+    train: list[tuple[str, str, int]] = []
+    test: list[tuple[str, str, int]] = []
+    for qid in sorted(judged, key=_qid_key):
+        if assign[qid] == fold:
+            test += [(qid, p, s) for p, s in judged[qid].items()]
+        else:
+            keep = kept_positive(qid, judged[qid], cfg.fold_seed)
+            train.append((qid, keep, judged[qid][keep]))
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        found = find_file(src, name)
+        if found is None:
+            raise MprError(f"{src}: no {name}")
+        dst.mkdir(parents=True, exist_ok=True)
+        _link(found, dst / found.name)
+    _write_if_changed(dst / "qrels" / "train.tsv", _qrels_tsv(train))
+    _write_if_changed(dst / "qrels" / "test.tsv", _qrels_tsv(test))
+    return {"train_queries": len(train), "test_queries": len({q for q, _, _ in test}),
+            "dropped_positives": sum(sum(1 for s in judged[q].values() if s >= 1) - 1 for q, _, _ in train)}
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+
+
+class Oracles:
+    """One test server per dataset, started on first use, answering as `oracle-DATASET-eRATE` models."""
+
+    def __init__(self, data_dir: Path, cfg: StudyConfig, stack: ExitStack):
+        self.data_dir, self.cfg, self.stack = data_dir, cfg, stack
+        self.urls: dict[str, str] = {}
+
+    @staticmethod
+    def model(dataset: str, error_rate: float) -> str:
+        return f"oracle-{dataset}-e{error_rate:.2f}"
+
+    def url(self, dataset: str) -> str:
+        if dataset not in self.urls:
+            from mpr.pipeline.llm.testserver import start_server
+            from mpr.pipeline.oracle import Oracle
+
+            rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
+            oracle = Oracle(self.data_dir / dataset, None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
+            server = self.stack.enter_context(start_server(responder=oracle, models=tuple(rates)))
+            self.urls[dataset] = server.url
+        return self.urls[dataset]
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, data_dir: Path, paths: Paths, keep_models: bool, stack: ExitStack):
+        self.cfg, self.data_dir, self.paths, self.keep_models = cfg, data_dir, paths, keep_models
+        self.oracles = Oracles(data_dir, cfg, stack)
+        self.hw = hardware()
+        self.timer = Timer()
+        self.computed = 0
+        self.done: dict[tuple[Any, ...], Path] = {}
+
+    def cells(self) -> Iterator[Cell]:
+        for dataset in self.cfg.datasets:
+            for fold in self.cfg.folds_of(dataset):
+                yield Cell(dataset, fold, ZERO_SHOT)
+                if self.cfg.baseline:
+                    yield Cell(dataset, fold, BASELINE)
+                for error_rate in self.cfg.error_rates:
+                    for loss in self.cfg.losses:
+                        yield Cell(dataset, fold, loss, error_rate)
+
+    def fold_data(self, dataset: str, fold: int) -> tuple[Path, str, str]:
+        """(BEIR folder, train split, test split) of a fold."""
+        src = self.data_dir / dataset
+        if dataset not in FOLDED:
+            train, test = OWN_SPLITS.get(dataset, ("train", "test"))
+            return src, train, test
+        started = time.perf_counter()
+        dst = self.paths.fold(dataset, fold) / "data"
+        write_fold(src, dst, self.cfg, fold)
+        self.timer.add("folds", started)
+        return dst, "train", "test"
+
+    def mined(self, dataset: str, fold: int) -> Path:
+        from mpr.pipeline.mine import MineConfig, mine
+
+        out = self.paths.fold(dataset, fold) / "mined"
+        if self.done.get(("mine", dataset, fold)) == out:
+            return out
+        data, train_split, _ = self.fold_data(dataset, fold)
+        started = time.perf_counter()
+        mine(MineConfig(
+            data=data, split=train_split, out=out, model=self.cfg.model, depth=self.cfg.depth,
+            num_negatives=self.cfg.candidates, max_seq_length=self.cfg.max_seq_length,
+            max_queries=self.cfg.max_queries, cache_dir=self.paths.embeddings, retriever="dense", progress=False,
+        ), log=lambda m: log(f"[{dataset} fold {fold}] {m}"))
+        self.timer.add("mine", started)
+        self.done[("mine", dataset, fold)] = out
+        return out
+
+    def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
+        from mpr.pipeline.relabel import RelabelConfig, relabel
+
+        mode = "graded" if graded else "relabel"
+        out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
+        key = ("relabel", dataset, fold, error_rate, mode)
+        if self.done.get(key) == out:
+            return out
+        mined = self.mined(dataset, fold)
+        started = time.perf_counter()
+        relabel(RelabelConfig(
+            input=mined, out=out, model=Oracles.model(dataset, error_rate), mode=mode,
+            base_url=[self.oracles.url(dataset)], candidates="negatives", max_candidates=self.cfg.candidates,
+            max_passage_chars=self.cfg.judge_chars, llm_cache=self.paths.llm_cache, progress=False,
+        ), log=lambda m: log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"))
+        self.timer.add("relabel", started)
+        self.done[key] = out
+        return out
+
+    def training_data(self, cell: Cell) -> Path | None:
+        if cell.loss == ZERO_SHOT:
+            return None
+        if cell.loss == BASELINE or cell.error_rate is None:
+            return self.mined(cell.dataset, cell.fold)
+        graded = self.cfg.graded and cell.loss in GRADED_LOSSES
+        return self.relabeled(cell.dataset, cell.fold, cell.error_rate, graded)
+
+    def train(self, cell: Cell, data: Path) -> tuple[Path, dict[str, Any]]:
+        from mpr.train.trainer import TrainConfig, train
+
+        out = self.paths.fold(cell.dataset, cell.fold) / "models" / cell.file_name
+        record = out / "mpr" / "train.json"
+        if record.exists():
+            return out, json.loads(record.read_text())["summary"]
+        started = time.perf_counter()
+        summary = train(TrainConfig(
+            data=[data], out=out, model=self.cfg.model, loss="infonce" if cell.loss == BASELINE else cell.loss,  # type: ignore[arg-type]
+            group_size=self.cfg.group_size, max_positives=self.cfg.max_positives, batch_size=self.cfg.batch_size,
+            max_steps=self.cfg.steps, learning_rate=self.cfg.learning_rate, max_seq_length=self.cfg.max_seq_length,
+            seed=self.cfg.seed, logging_steps=max(1, self.cfg.steps // 10), save_steps=max(500, self.cfg.steps + 1),
+            overwrite=True, progress=False,
+        ), log=lambda m: log(f"{cell.label} {m}"))
+        self.timer.add("train", started)
+        return out, summary
+
+    def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
+        from mpr.train.evaluate import EvalConfig, evaluate
+
+        data, _, test_split = self.fold_data(cell.dataset, cell.fold)
+        started = time.perf_counter()
+        report = evaluate(EvalConfig(
+            model=model, data=data, split=test_split, max_seq_length=self.cfg.max_seq_length,
+            cache_dir=self.paths.embeddings, no_cache=not cached, progress=False,
+        ), log=lambda m: log(f"{cell.label} {m}"))
+        self.timer.add("eval", started)
+        return {
+            "metrics": report.result.metrics,
+            "queries": report.queries,
+            "corpus_size": report.corpus_size,
+            "per_query_ndcg@10": {q: round(m["ndcg@10"], 6) for q, m in report.result.per_query.items()},
+            "seconds": report.seconds,
+        }
+
+    def run_cell(self, cell: Cell) -> None:
+        path = self.paths.cell(cell)
+        if path.exists():
+            return
+        started = time.perf_counter()
+        data = self.training_data(cell)
+        record: dict[str, Any] = {**asdict(cell), "identity": self.cfg.identity(), "train_data": None, "train": None}
+        if data is None:
+            record["eval"] = self.evaluate(cell, self.cfg.model, cached=True)
+        else:
+            model, summary = self.train(cell, data)
+            record["train_data"], record["train"] = str(data), summary
+            record["judge"] = judge_stats(data)
+            record["eval"] = self.evaluate(cell, str(model), cached=False)
+            if not self.keep_models:
+                shutil.rmtree(model)
+        record["hardware"] = self.hw["summary"]
+        record["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_json_atomic(path, record)
+        self.computed += 1
+        log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
+
+
+def judge_stats(folder: Path) -> dict[str, Any] | None:
+    """What the judge said about the mined candidates of a relabel run (None for unrelabeled data)."""
+    from mpr.pipeline.shards import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.stage != "relabel":
+        return None
+    summary = manifest.summary
+    return {k: summary.get(k, 0) for k in ("queries", "judged", "flagged", "failed")} | {"mode": manifest.config.get("mode")}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _secs(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    return f"{statistics.fmean(got):.0f}" if got else "–"
+
+
+def _judge_line(rows: list[dict[str, Any]], error_rates: tuple[float, ...]) -> str:
+    parts = []
+    for e in error_rates:
+        by_fold: dict[tuple[str, int], dict[str, Any]] = {}
+        for row in rows:
+            if row["error_rate"] == e:
+                for fold, stats in row["judge"].items():
+                    by_fold[(stats["mode"], fold)] = stats
+        listwise = [v for (mode, _), v in by_fold.items() if mode == "relabel"] or list(by_fold.values())
+        judged, flagged = sum(v["judged"] for v in listwise), sum(v["flagged"] for v in listwise)
+        failed = sum(v["failed"] for v in by_fold.values())
+        if judged:
+            parts.append(f"e={_err(e)}: {flagged:,} of {judged:,} hard negatives flagged relevant ({flagged / judged:.1%})"
+                         + (f", {failed:,} judgments failed" if failed else ""))
+    return "; ".join(parts)
+
+
+def _err(error_rate: float | None) -> str:
+    return "–" if error_rate is None else f"{error_rate:.1f}" if round(error_rate, 1) == error_rate else f"{error_rate:.2f}"
+
+
+def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One row per (dataset, loss, error rate) with per-fold values of each metric."""
+    rows: dict[tuple[str, str, float | None], dict[str, Any]] = {}
+    for cell in cells:
+        path = paths.cell(cell)
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        key = (cell.dataset, cell.loss, cell.error_rate)
+        row = rows.setdefault(key, {"dataset": cell.dataset, "loss": cell.loss, "error_rate": cell.error_rate,
+                                    "folds": [], "metrics": {m: [] for m in METRICS}, "hardware": [],
+                                    "train_seconds": [], "eval_seconds": [], "cell_seconds": [], "judge": {}})
+        row["folds"].append(cell.fold)
+        for m in METRICS:
+            row["metrics"][m].append(record["eval"]["metrics"][m])
+        if record["hardware"] not in row["hardware"]:
+            row["hardware"].append(record["hardware"])
+        if record.get("train"):
+            row["train_seconds"].append(record["train"].get("seconds"))
+        row["eval_seconds"].append(record["eval"]["seconds"])
+        row["cell_seconds"].append(record["seconds"])
+        if record.get("judge"):
+            row["judge"][cell.fold] = record["judge"]
+    out = []
+    for row in rows.values():
+        row["summary"] = {m: dict(zip(("mean", "std"), _mean_std(v))) for m, v in row["metrics"].items()}
+        out.append(row)
+    return out
+
+
+def _value(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[int, float]:
+    for row in rows:
+        if (row["dataset"], row["loss"], row["error_rate"]) == (dataset, loss, error_rate):
+            return dict(zip(row["folds"], row["metrics"]["ndcg@10"]))
+    return {}
+
+
+def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers behind the paper's claims, paired by fold (nDCG@10)."""
+    errors = sorted(cfg.error_rates)
+    losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]
+    out: dict[str, Any] = {"vs_baseline": {}, "drop": {}, "mean_rank": {}}
+    for loss in losses:
+        for e in errors:
+            deltas = []
+            for dataset in cfg.datasets:
+                base, got = _value(rows, dataset, BASELINE, None), _value(rows, dataset, loss, e)
+                deltas += [got[f] - base[f] for f in got if f in base]
+            if deltas:
+                out["vs_baseline"].setdefault(loss, {})[f"{e:.2f}"] = {
+                    "mean_delta": statistics.fmean(deltas), "wins": sum(d > 0 for d in deltas), "n": len(deltas)}
+        if len(errors) > 1:
+            drops = []
+            for dataset in cfg.datasets:
+                lo, hi = _value(rows, dataset, loss, errors[0]), _value(rows, dataset, loss, errors[-1])
+                drops += [hi[f] - lo[f] for f in hi if f in lo]
+            if drops:
+                out["drop"][loss] = {"mean": statistics.fmean(drops), "n": len(drops), "from": errors[0], "to": errors[-1]}
+    ranks: dict[str, list[int]] = {loss: [] for loss in losses}
+    for dataset in cfg.datasets:
+        for e in errors:
+            folds = set.intersection(*(set(_value(rows, dataset, loss, e)) for loss in losses)) if losses else set()
+            for f in folds:
+                ordered = sorted(losses, key=lambda loss: -_value(rows, dataset, loss, e)[f])
+                for rank, loss in enumerate(ordered, start=1):
+                    ranks[loss].append(rank)
+    out["mean_rank"] = {loss: statistics.fmean(r) for loss, r in ranks.items() if r}
+    return out
+
+
+def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
+    errors = sorted(cfg.error_rates)
+    lines = ["## The paper's claims, as this data answers them", "",
+             "nDCG@10, paired by fold and pooled over the datasets above: Δ is the loss minus the single-positive "
+             "baseline (wins: cells where the loss is better); the change is from the lowest to the highest error "
+             "rate; the rank is among the losses run, per (dataset, fold, error rate). Read them with the number of "
+             "folds and the spread in the tables: a few steps on a few folds decide nothing.", ""]
+    head = [f"Δ vs baseline, e={_err(e)} (wins/n)" for e in errors]
+    if len(errors) > 1:
+        head.append(f"change e={_err(errors[0])}→{_err(errors[-1])}")
+    lines += ["| loss | " + " | ".join([*head, "mean rank"]) + " |", "|---|" + "---|" * (len(head) + 1)]
+    for loss in [loss for loss in ALL_LOSSES if loss in cfg.losses]:
+        cells = []
+        for e in errors:
+            got = found["vs_baseline"].get(loss, {}).get(f"{e:.2f}")
+            cells.append(f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']})" if got else "–")
+        if len(errors) > 1:
+            drop = found["drop"].get(loss)
+            cells.append(f"{drop['mean']:+.4f}" if drop else "–")
+        rank = found["mean_rank"].get(loss)
+        cells.append(f"{rank:.2f}" if rank is not None else "–")
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    lines.append("")
+    multi = [loss for loss in MULTI_POSITIVE if loss in found["vs_baseline"]]
+    for e in errors:
+        got = [found["vs_baseline"][loss][f"{e:.2f}"] for loss in multi if f"{e:.2f}" in found["vs_baseline"][loss]]
+        if got:
+            wins, n = sum(g["wins"] for g in got), sum(g["n"] for g in got)
+            mean = statistics.fmean(g["mean_delta"] for g in got)
+            lines.append(f"- Multi-positive objectives ({', '.join(multi)}) vs the single-positive baseline at error "
+                         f"{_err(e)}: better in {wins} of {n} cells, mean Δ nDCG@10 {mean:+.4f}.")
+    if found["drop"]:
+        order = sorted(found["drop"].items(), key=lambda kv: -kv[1]["mean"])
+        lines.append(f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}.")
+    return [*lines, ""]
+
+
+def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` describes this invocation; the header describes the last one that computed cells."""
+    previous = paths.out / "study.json"
+    run = meta
+    if not meta["computed"] and previous.exists():
+        old = json.loads(previous.read_text()).get("meta", {})
+        last = old.get("last_compute") or old
+        if last.get("computed"):
+            run = last
+    rows = collect(cfg, paths, cells)
+    found = findings(cfg, rows)
+    hardware_ids: dict[str, str] = {}
+    for row in rows:
+        row["hardware_ids"] = [hardware_ids.setdefault(h, f"hw{len(hardware_ids) + 1}") for h in row["hardware"]]
+    lines = [f"# mpr loss study (`{cfg.name}`)", "", f"Command: `{run['command']}`", "",
+             f"Finished {run['finished']}; {run['computed']} cells computed in that run in {run['seconds']:.0f}s "
+             f"(stages: {', '.join(f'{k} {v:.0f}s' for k, v in run['stage_seconds'].items()) or 'none'}). "
+             f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
+             "to compute (each cell's wall time, including the mining and relabeling it triggered)."
+             + (f" Report rebuilt {meta['finished']}." if run is not meta else ""), "",
+             "Settings (the same for every trained row): " + ", ".join(
+                 f"{k} {v}" for k, v in cfg.identity().items() if k not in ("fold_seed", "oracle_seed")), "",
+             "Hardware each figure was measured on:", ""]
+    lines += [f"- {hid}: {h}" for h, hid in hardware_ids.items()] + [""]
+    for dataset in cfg.datasets:
+        drows = [r for r in rows if r["dataset"] == dataset]
+        if not drows:
+            continue
+        folds = cfg.folds_of(dataset)
+        how = (f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); train qrels keep "
+               "one positive per query" if dataset in FOLDED else "train on `train`, test on `test` (one split)")
+        lines += [f"## {dataset}", "", f"{how}. Mean ± sample std over folds.", "",
+                  "| model | error rate | folds | " + " | ".join(LABELS[m] for m in METRICS) + " | train s | eval s | hardware |",
+                  "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
+        order = [(ZERO_SHOT, None), (BASELINE, None)] + [(loss, e) for loss in cfg.losses for e in cfg.error_rates]
+        for loss, e in order:
+            row = next((r for r in drows if (r["loss"], r["error_rate"]) == (loss, e)), None)
+            if row is None:
+                continue
+            lines.append(f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(row['folds'])} | "
+                         + " | ".join(_fmt(row["metrics"][m]) for m in METRICS)
+                         + f" | {_secs(row['train_seconds'])} | {_secs(row['eval_seconds'])} | {', '.join(row['hardware_ids'])} |")
+        judged = _judge_line(drows, cfg.error_rates)
+        if judged:
+            lines += ["", f"Judge (oracle over the full qrels), pooled over folds: {judged}."]
+        lines += ["", f"nDCG@10 against the judge's error rate ({dataset}):", "",
+                  "| loss | " + " | ".join(f"e={_err(e)}" for e in cfg.error_rates) + " |",
+                  "|---|" + "---|" * len(cfg.error_rates)]
+        for loss in [ZERO_SHOT, BASELINE]:
+            vals = _value(rows, dataset, loss, None)
+            if vals:
+                lines.append(f"| {loss} | " + " | ".join(f"{statistics.fmean(vals.values()):.4f}" for _ in cfg.error_rates) + " |")
+        for loss in cfg.losses:
+            cells_ = [_value(rows, dataset, loss, e) for e in cfg.error_rates]
+            lines.append(f"| {loss} | " + " | ".join(f"{statistics.fmean(v.values()):.4f}" if v else "–" for v in cells_) + " |")
+        lines.append("")
+    lines += _findings_md(cfg, found)
+    lines += ["Protocol: see the docstring of `bench/study.py`. Zero-shot and baseline do not depend on the error rate."]
+    markdown = "\n".join(lines) + "\n"
+    paths.out.mkdir(parents=True, exist_ok=True)
+    (paths.out / "study.md").write_text(markdown, encoding="utf-8")
+    payload = {"config": asdict(cfg), "meta": {**meta, "last_compute": None if run is meta else run}, "hardware": {v: k for k, v in hardware_ids.items()},
+               "rows": [{k: v for k, v in r.items() if k != "hardware"} for r in rows], "findings": found}
+    write_json_atomic(paths.out / "study.json", payload)
+    plot(cfg, rows, paths.out / "study.png")
+    return {"markdown": markdown, "rows": rows}
+
+
+def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in cfg.datasets if any(r["dataset"] == d for r in rows)] or list(cfg.datasets)
+    width = 4.6 * len(datasets) + 2.8
+    fig, axes = plt.subplots(1, len(datasets), figsize=(width, 4.4), squeeze=False)
+    errors = sorted(cfg.error_rates)
+    for ax, dataset in zip(axes[0], datasets):
+        for loss in cfg.losses:
+            xs, ys, es = [], [], []
+            for e in errors:
+                vals = list(_value(rows, dataset, loss, e).values())
+                if vals:
+                    mean, std = _mean_std(vals)
+                    xs.append(e)
+                    ys.append(mean)
+                    es.append(std or 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=loss)
+        for loss, style in ((ZERO_SHOT, ":"), (BASELINE, "--")):
+            vals = list(_value(rows, dataset, loss, None).values())
+            if vals:
+                ax.axhline(statistics.fmean(vals), color="grey" if loss == ZERO_SHOT else "black", linestyle=style,
+                           label=PLOT_NAMES[loss])
+        folds = max((len(r["folds"]) for r in rows if r["dataset"] == dataset), default=0)
+        ax.set_title(f"{dataset} ({folds} fold{'s' if folds != 1 else ''})")
+        ax.set_xlabel("judge error rate")
+        ax.set_ylabel("nDCG@10 (mean ± std over folds)")
+        ax.set_xticks(errors)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(f"mpr loss study ({cfg.name}): all-MiniLM-L6-v2,\n{cfg.steps} steps x batch {cfg.batch_size}, "
+                 f"max_seq_length {cfg.max_seq_length}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / width, 1))
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    head, _, rest = (__doc__ or "").partition("\n\n")
+    ap = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="small", choices=sorted(CONFIGS), help="the preset (default: small)")
+    ap.add_argument("--datasets", type=_csv, help="comma-separated: vaswani, cisi, scifact")
+    ap.add_argument("--folds", type=int, help="k of the k-fold split of vaswani and cisi")
+    ap.add_argument("--fold-ids", type=lambda v: [int(x) for x in _csv(v)], help="run only these folds (0-based)")
+    ap.add_argument("--losses", type=_csv, help=f"comma-separated, of: {', '.join(ALL_LOSSES)}")
+    ap.add_argument("--error-rates", type=lambda v: [float(x) for x in _csv(v)], help="e.g. 0,0.2,0.4")
+    ap.add_argument("--steps", type=int, help="training steps of every model")
+    ap.add_argument("--max-seq-length", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--max-queries", type=int, help="mine (train on) only the first N training queries per fold")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                    help="train the single-positive baseline (default: on)")
+    ap.add_argument("--graded", action=argparse.BooleanOptionalAction, default=None,
+                    help="train ws2/bixse on graded relabel data (default: on)")
+    ap.add_argument("--out", type=Path, help="report and cell results (default: bench/results/CONFIG)")
+    ap.add_argument("--work", type=Path, help="shards, models, caches (default: runs/study/CONFIG, or OUT/work with --out)")
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MPR_SHARED_DATA", REPO.parent / "shared" / "data")),
+                    help="the BEIR collections (default: $MPR_SHARED_DATA or ../shared/data)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
+    ap.add_argument("--keep-models", action="store_true", help="keep every trained model under WORK")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from the stored cells")
+    return ap.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> StudyConfig:
+    cfg = CONFIGS[args.config]
+    overrides: dict[str, Any] = {}
+    for name in ("datasets", "folds", "fold_ids", "losses", "error_rates", "steps", "max_seq_length",
+                 "batch_size", "max_queries", "baseline", "graded"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    cfg = replace(cfg, **overrides)
+    bad = [loss for loss in cfg.losses if loss not in ALL_LOSSES]
+    if bad:
+        raise MprError(f"--losses: unknown {', '.join(bad)} (choose from {', '.join(ALL_LOSSES)})")
+    if any(not 0 <= e <= 1 for e in cfg.error_rates):
+        raise MprError("--error-rates: every rate must be in [0, 1]")
+    if cfg.fold_ids is not None and any(not 0 <= f < cfg.folds for f in cfg.fold_ids):
+        raise MprError(f"--fold-ids: folds are 0..{cfg.folds - 1}")
+    return cfg
+
+
+def check_identity(folder: Path, cfg: StudyConfig) -> None:
+    """Refuse a folder that holds results of other result-determining settings."""
+    path = folder / "study-identity.json"
+    identity = cfg.identity()
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if changed:
+            raise MprError(f"{folder}: holds a study with other settings ({', '.join(f'{k}: {old.get(k)} -> {identity.get(k)}' for k in changed)}); "
+                           "choose another --out/--work")
+    else:
+        write_json_atomic(path, identity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        cfg = build_config(args)
+        out = args.out or REPO / "bench" / "results" / cfg.name
+        work = args.work or (out / "work" if args.out else REPO / "runs" / "study" / cfg.name)
+        paths = Paths(out.resolve(), work.resolve())
+        for dataset in cfg.datasets:
+            if not (args.data_dir / dataset).is_dir():
+                raise MprError(f"{args.data_dir / dataset}: no such dataset folder (--data-dir)")
+        check_identity(paths.out, cfg)
+        check_identity(paths.work, cfg)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with ExitStack() as stack:
+            study = Study(cfg, args.data_dir.resolve(), paths, args.keep_models, stack)
+            cells = list(study.cells())
+            log(f"study {cfg.name}: {len(cells)} cells, {sum(paths.cell(c).exists() for c in cells)} already done; "
+                f"out {paths.out}, work {paths.work}; {study.hw['summary']}")
+            if not args.report_only:
+                for cell in cells:
+                    study.run_cell(cell)
+        meta = {
+            "command": " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "computed": study.computed,
+            "seconds": round(time.perf_counter() - started, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in study.timer.seconds.items()},
+            "hardware": study.hw["summary"],
+        }
+        report = write_report(cfg, paths, cells, meta)
+    except MprError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report["markdown"])
+    log(f"wrote {paths.out / 'study.md'}, study.json, study.png in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
