@@ -22,7 +22,7 @@ from typing import Any
 from mpr.pipeline.llm.responders import ResponderAnswer
 from mpr.pipeline.readers import find_file, read_corpus, read_qrels, read_queries, split_names
 
-PREFIX = 100  # passages are recognised by their first characters: a prompt may clip them (to 100 at least)
+PREFIX = 80  # passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
 TAG = r"<{0}(?:\s+number=\"(\d+)\")?>(.*?)</{0}>"
 
 # Synthetic passages (`mpr synth`): one lead sentence per 0-3 grade, recognisable again when the graded
@@ -60,6 +60,10 @@ def _norm(text: str) -> str:
     return " ".join(html.unescape(text).split()).lower()
 
 
+def _key(text: str) -> str:
+    return _norm(text)[:PREFIX].rstrip()
+
+
 def _flip(seed: int, *parts: str) -> float:
     digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -89,9 +93,9 @@ class Oracle:
         corpus = read_corpus(find_file(root, "corpus.jsonl"))
         self.pid_by_text: dict[str, str] = {}
         for i, pid in enumerate(corpus.ids):
-            self.pid_by_text[_norm(corpus.texts[i])[:PREFIX]] = pid
+            self.pid_by_text[_key(corpus.texts[i])] = pid
             if corpus.titles[i]:
-                self.pid_by_text[_norm(f"{corpus.titles[i]}\n{corpus.texts[i]}")[:PREFIX]] = pid
+                self.pid_by_text[_key(f"{corpus.titles[i]}\n{corpus.texts[i]}")] = pid
         self.qids_by_text: dict[str, list[str]] = {}
         for qid, text in read_queries(find_file(root, "queries.jsonl")).items():
             self.qids_by_text.setdefault(_norm(text), []).append(qid)
@@ -112,7 +116,7 @@ class Oracle:
     def judge(self, query: str, passage: str, error_rate: float | None = None) -> bool:
         """The qrels' verdict for the pair, flipped for a fixed `error_rate` share of pairs."""
         qids = self.qids_by_text.get(_norm(query), [])
-        pid = self.pid_by_text.get(_norm(passage)[:PREFIX])
+        pid = self.pid_by_text.get(_key(passage))
         truth = pid is not None and any((q, pid) in self.relevant for q in qids)
         rate = self.error_rate if error_rate is None else error_rate
         if rate and _flip(self.seed, query, passage) < rate:

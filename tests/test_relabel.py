@@ -20,31 +20,48 @@ from mpr.pipeline.readers import load_beir
 from mpr.pipeline.relabel import RelabelConfig, expected_grades, relabel
 from mpr.pipeline.shards import read_manifest, read_shards
 
-from .conftest import EXAMPLE, SEQ, read_jsonl, write_beir
+from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 
 runner = CliRunner()
 MODEL = "judge-model"
 
 
 @pytest.fixture(scope="module")
-def hidden(tmp_path_factory, cache_dir):
-    """The example collection with all but one positive per training query hidden, mined."""
-    full = load_beir(EXAMPLE, "train")
+def truth_data(tmp_path_factory):
+    """A slice of vaswani (many positives per query): 10 queries, all their positives, filler documents."""
+    src = SHARED_DATA / "vaswani"
+    if not src.is_dir():
+        pytest.skip(f"{src} not present")
+    rows = [line.split("\t") for line in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    qids = list(dict.fromkeys(q for q, _, _ in rows))[:10]
+    rows = [(q, d, int(s)) for q, d, s in rows if q in qids]
+    needed = {d for _, d, _ in rows}
+    corpus = read_jsonl(src / "corpus.jsonl")
+    docs = [d for d in corpus if d["_id"] in needed] + [d for d in corpus if d["_id"] not in needed][:150]
+    queries = [q for q in read_jsonl(src / "queries.jsonl") if q["_id"] in set(qids)]
+    return write_beir(tmp_path_factory.mktemp("truth") / "vaswani", docs, queries, {"train": rows})
+
+
+@pytest.fixture(scope="module")
+def hidden(truth_data, tmp_path_factory, cache_dir):
+    """The slice with all but one positive per query hidden, mined: (mined folder, hidden positives among
+    the candidates, the mined table)."""
+    full = load_beir(truth_data, "train")
     root = tmp_path_factory.mktemp("hidden")
     kept = [(q, next(iter(judged)), 1) for q, judged in full.qrels.items()]
-    data = write_beir(root / "data", read_jsonl(EXAMPLE / "corpus.jsonl"), read_jsonl(EXAMPLE / "queries.jsonl"), {"train": kept})
+    data = write_beir(root / "data", read_jsonl(truth_data / "corpus.jsonl"), read_jsonl(truth_data / "queries.jsonl"), {"train": kept})
     mined = root / "mined"
     mine(MineConfig(data=data, out=mined, cache_dir=cache_dir, max_seq_length=SEQ, depth=30, num_negatives=10, queries_per_shard=8, progress=False), log=lambda _: None)
     table = read_shards(mined).to_pandas()
     hidden_pairs = {(q, p) for q, judged in full.qrels.items() for p in list(judged)[1:]}
     candidates = {(q, p) for q, p in zip(table.qid, table.pid) if (q, p) in hidden_pairs}
-    assert candidates, "the example must leave hidden positives among the mined candidates"
+    assert len(candidates) > 20, "hidden positives must sit among the mined candidates"
     return mined, candidates, table
 
 
 @pytest.fixture(scope="module")
-def server():
-    oracle = Oracle(EXAMPLE, model_error_rates={"cheap-model": 0.4})
+def server(truth_data):
+    oracle = Oracle(truth_data, model_error_rates={"cheap-model": 0.4})
     with start_server(responder=oracle, models=(MODEL, "cheap-model")) as handle:
         yield handle
 
@@ -119,9 +136,9 @@ def test_cascade_keeps_only_what_the_confirm_model_confirms(hidden, server, tmp_
     assert manifest.models == {"judge": "cheap-model", "confirm": MODEL}
 
 
-def test_unreliable_server_every_row_accounted_for(hidden, tmp_path):
+def test_unreliable_server_every_row_accounted_for(hidden, truth_data, tmp_path):
     mined, truth, before = hidden
-    oracle = Oracle(EXAMPLE)
+    oracle = Oracle(truth_data)
     faults = {"p_500": 0.10, "p_malformed": 0.05, "delay_s": 3.0, "p_delay": 0.05, "seed": 7}
     with start_server(responder=oracle, models=(MODEL,), faults=faults) as handle:
         manifest = run(mined, tmp_path / "out", handle, tmp_path, mode="graded", timeout=1.0, max_attempts=2, concurrency=16)
@@ -136,9 +153,9 @@ def test_unreliable_server_every_row_accounted_for(hidden, tmp_path):
     assert set(zip(judged[judged.label == 1].qid, judged[judged.label == 1].pid)) == truth & set(zip(judged.qid, judged.pid))
 
 
-def test_sigkill_then_resume_repeats_no_answered_request(hidden, tmp_path):
+def test_sigkill_then_resume_repeats_no_answered_request(hidden, truth_data, tmp_path):
     mined, _, _ = hidden
-    oracle = Oracle(EXAMPLE)
+    oracle = Oracle(truth_data)
     reference = tmp_path / "reference"
     with start_server(responder=oracle, models=(MODEL,)) as fast:
         run(mined, reference, fast, tmp_path, mode="graded", llm_cache=tmp_path / "ref.sqlite")
@@ -234,7 +251,8 @@ def test_shard_jobs_together_form_one_valid_folder(hidden, server, tmp_path):
     assert validate_shards(tmp_path / "jobs") == []
     assert read_shards(tmp_path / "jobs").equals(read_shards(tmp_path / "single"))
     merged = read_manifest(tmp_path / "jobs")
-    assert merged.complete and len(merged.shards) == merged.planned_shards == 8  # input parts of 8, 8, 4 queries -> 3 + 3 + 2
+    per_input_part = [part.queries for part in read_manifest(mined).shards]  # output parts never span input parts
+    assert merged.complete and len(merged.shards) == merged.planned_shards == sum(-(-q // 3) for q in per_input_part)
     assert merged.summary["rows_in"] == read_manifest(tmp_path / "single").summary["rows_in"] == manifest.summary["rows_in"]
 
 
