@@ -7,10 +7,11 @@ its own tag nor open a fake candidate or instruction block.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from string import Template
+from typing import Any
 
 from mpr.pipeline.errors import MprError
 
@@ -27,6 +28,7 @@ class Prompt:
     schema: str
     system: str
     user: str
+    tables: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def id(self) -> str:
@@ -52,10 +54,12 @@ def load_prompt(name: str) -> Prompt:
     if not path.is_file():
         raise MprError(f"unknown prompt '{name}' (available: {', '.join(available())})")
     data = tomllib.loads(path.read_text(encoding="utf-8"))
+    keys = ("name", "version", "schema", "system", "user")
     try:
-        return Prompt(**{k: str(data[k]) for k in ("name", "version", "schema", "system", "user")})
+        fields = {k: str(data[k]) for k in keys}
     except KeyError as exc:
         raise MprError(f"prompt file {path}: missing key {exc}") from None
+    return Prompt(**fields, tables={k: v for k, v in data.items() if k not in keys})
 
 
 def escape(text: str) -> str:

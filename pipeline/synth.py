@@ -55,7 +55,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any, Literal
@@ -86,9 +85,9 @@ from mpr.pipeline.shards import (
 )
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 DEFAULT_STYLES: tuple[str, ...] = (
     "encyclopedia article",
@@ -383,11 +382,9 @@ def _tokens(text: str) -> list[str]:
 @cache
 def rubric_lines(levels: int) -> tuple[str, ...]:
     """`k = description` for k = L-1 ... 0, from the [rubric] table of prompts/synth.toml."""
-    path = resources.files("mpr.prompts") / "synth.toml"
-    table = tomllib.loads(path.read_text(encoding="utf-8")).get("rubric", {})
-    lines = table.get(str(levels))
+    lines = load_prompt("synth").tables.get("rubric", {}).get(str(levels))
     if not isinstance(lines, list) or len(lines) != levels or not all(isinstance(x, str) for x in lines):
-        raise MprError(f"prompt file {path}: [rubric] needs {levels} lines for --levels {levels}")
+        raise MprError(f"prompts/synth.toml: [rubric] needs {levels} lines for --levels {levels}")
     return tuple(f"{levels - 1 - i} = {line}" for i, line in enumerate(lines))
 
 
