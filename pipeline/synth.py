@@ -49,7 +49,6 @@ import json
 import math
 import random
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -83,11 +82,6 @@ from mpr.pipeline.shards import (
     shard_files,
     shard_name,
 )
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 DEFAULT_STYLES: tuple[str, ...] = (
     "encyclopedia article",
