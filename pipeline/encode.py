@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -66,6 +66,13 @@ def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | 
 
 
 Similarity = Literal["cosine", "dot"]
+# The fields of a stage config (MineConfig, EvalConfig) that say how to load and run the encoder.
+ENCODER_OPTIONS = ("device", "max_seq_length", "query_prompt", "query_prompt_name", "passage_prompt", "passage_prompt_name", "batch_size")
+
+
+def embedding_cache_dir(cfg: Any) -> Path | None:
+    """Where a stage config's corpus embeddings are cached: `cache_dir`, else the default; None with `no_cache`."""
+    return None if cfg.no_cache else (cfg.cache_dir or default_cache_dir() / "embeddings")
 
 
 @dataclass
@@ -97,6 +104,11 @@ class Encoder:
             name, model, query_prompt=query_prompt, query_prompt_name=query_prompt_name,
             passage_prompt=passage_prompt, passage_prompt_name=passage_prompt_name, batch_size=batch_size,
         )
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str | None = None) -> Encoder:
+        """The encoder a stage config describes (`name` overrides `cfg.model`)."""
+        return cls.load(name or cfg.model, **{k: getattr(cfg, k) for k in ENCODER_OPTIONS})
 
     @classmethod
     def from_model(

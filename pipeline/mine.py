@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.encode import DEFAULT_MODEL, Encoder, default_cache_dir
+from mpr.pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
 from mpr.pipeline.errors import MprError
 from mpr.pipeline.readers import BeirDataset, load_beir
 from mpr.pipeline.schema import to_table, with_extra
@@ -138,22 +138,12 @@ class _Retriever:
         self.encoder: Encoder | None = None
         self.bm25: BM25Index | None = None
         self.faiss: FaissIndex | None = None
-        cache = None if cfg.no_cache else (cfg.cache_dir or default_cache_dir() / "embeddings")
-        self.cache = cache
+        cache = self.cache = embedding_cache_dir(cfg)
         self.timings = timings
         passages = [ds.corpus.full_text(i) for i in range(len(ds.corpus))]
         if cfg.retriever in ("dense", "union"):
             start = time.perf_counter()
-            self.encoder = Encoder.load(
-                cfg.model,
-                device=cfg.device,
-                max_seq_length=cfg.max_seq_length,
-                query_prompt=cfg.query_prompt,
-                query_prompt_name=cfg.query_prompt_name,
-                passage_prompt=cfg.passage_prompt,
-                passage_prompt_name=cfg.passage_prompt_name,
-                batch_size=cfg.batch_size,
-            )
+            self.encoder = Encoder.from_config(cfg)
             timings["load_model"] = time.perf_counter() - start
             start = time.perf_counter()
             self.corpus_emb, got = self.encoder.encode(passages, "passage", cache_dir=cache, desc="encode corpus", progress=cfg.progress)

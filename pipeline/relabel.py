@@ -248,6 +248,16 @@ def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
     return picked
 
 
+def _judge_items(groups: list[tuple[str, list[dict]]], cfg: RelabelConfig) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]]]:
+    """Per query: the indices of its rows to judge, and (query, known positives, those rows) for the judge."""
+    picked = [_pick_candidates(rows, cfg) for _, rows in groups]
+    items = [
+        (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
+        for (_, rows), idx in zip(groups, picked)
+    ]
+    return picked, items
+
+
 @dataclass
 class Part:
     index: int
@@ -305,11 +315,7 @@ class Relabeler:
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
-        picked = [_pick_candidates(rows, cfg) for _, rows in part.groups]
-        items = [
-            (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
-            for (_, rows), idx in zip(part.groups, picked)
-        ]
+        picked, items = _judge_items(part.groups, cfg)
         stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
                                "dropped_rows", "dropped_queries", "rows_out"), 0)
         self.stats = stats
@@ -372,12 +378,10 @@ def dry_run(cfg: RelabelConfig, model: str) -> dict[str, Any]:
     cache: dict[int, list] = {}
     totals = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
     for index in range(len(plan)):
-        for _, rows in _load_part(files, plan, index, cache).groups:
-            candidates = [rows[i] for i in _pick_candidates(rows, cfg)]
-            positives = [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"]
+        for query, positives, candidates in _judge_items(_load_part(files, plan, index, cache).groups, cfg)[1]:
             totals["queries"] += 1
             totals["candidates"] += len(candidates)
-            for request, _ in judge.requests(rows[0]["query"], positives, candidates):
+            for request, _ in judge.requests(query, positives, candidates):
                 totals["requests"] += 1
                 totals["prompt_tokens"] += counter.count_messages(request.messages)
                 totals["max_completion_tokens"] += request.max_tokens or 0

@@ -28,7 +28,7 @@ import ir_measures
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.encode import DEFAULT_MODEL, Encoder, default_cache_dir
+from mpr.pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
 from mpr.pipeline.errors import MprError
 from mpr.pipeline.readers import BeirDataset, load_beir
 from mpr.pipeline.search import exact_topk
@@ -224,20 +224,10 @@ def _evaluate_model(
 ) -> tuple[ModelResult, dict[str, list[tuple[str, float]]]]:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    encoder = Encoder.load(
-        name,
-        device=cfg.device,
-        max_seq_length=cfg.max_seq_length,
-        query_prompt=cfg.query_prompt,
-        query_prompt_name=cfg.query_prompt_name,
-        passage_prompt=cfg.passage_prompt,
-        passage_prompt_name=cfg.passage_prompt_name,
-        batch_size=cfg.batch_size,
-    )
+    encoder = Encoder.from_config(cfg, name)
     seconds["load_model"] = time.perf_counter() - start
-    cache = None if cfg.no_cache else (cfg.cache_dir or default_cache_dir() / "embeddings")
     ranked, counts = _retrieve(
-        encoder, ds, qids, cfg.depth, cache_dir=cache, progress=cfg.progress, seconds=seconds
+        encoder, ds, qids, cfg.depth, cache_dir=embedding_cache_dir(cfg), progress=cfg.progress, seconds=seconds
     )
     start = time.perf_counter()
     metrics, per_query = compute_metrics({q: dict(r) for q, r in ranked.items()}, ds.qrels)
