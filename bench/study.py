@@ -116,6 +116,10 @@ class StudyConfig:
 
 CONFIGS = {
     "full": StudyConfig(name="full", datasets=("vaswani", "cisi", "scifact")),
+    "cpu": StudyConfig(
+        name="cpu", datasets=("cisi",), fold_ids=(0, 1, 2), steps=30, batch_size=8, group_size=6, max_positives=3,
+        learning_rate=5e-5, max_seq_length=96,
+    ),
     "small": StudyConfig(
         name="small", datasets=("cisi",), fold_ids=(0,), error_rates=(0.0, 0.4),
         losses=("rand1", "jointlh", "lsepair"), steps=5, max_seq_length=64,
@@ -711,6 +715,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="training steps of every model")
     ap.add_argument("--max-seq-length", type=int)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--group-size", type=int, help="passages per training group")
+    ap.add_argument("--max-positives", type=int, help="positives per training group, at most")
+    ap.add_argument("--learning-rate", type=float)
     ap.add_argument("--max-queries", type=int, help="mine (train on) only the first N training queries per fold")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="train the single-positive baseline (default: on)")
@@ -730,7 +737,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
     cfg = CONFIGS[args.config]
     overrides: dict[str, Any] = {}
     for name in ("datasets", "folds", "fold_ids", "losses", "error_rates", "steps", "max_seq_length",
-                 "batch_size", "max_queries", "baseline", "graded"):
+                 "batch_size", "group_size", "max_positives", "learning_rate", "max_queries", "baseline", "graded"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value

@@ -18,6 +18,7 @@ ERRORS = (0.0, 0.4)
 ARGS = [
     "--config", "small", "--losses", ",".join(LOSSES), "--error-rates", ",".join(map(str, ERRORS)),
     "--steps", "2", "--batch-size", "8", "--max-queries", "16", "--max-seq-length", "32", "--threads", "1",
+    "--group-size", "4", "--max-positives", "2", "--learning-rate", "1e-4",
 ]  # fmt: skip
 
 
@@ -44,6 +45,7 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
         assert all(0.0 <= v <= 1.0 for v in row["metrics"]["ndcg@10"])
         assert row["hardware_ids"] == ["hw1"]
     assert len(report["hardware"]) == 1
+    assert (report["config"]["group_size"], report["config"]["max_positives"], report["config"]["learning_rate"]) == (4, 2, 1e-4)
 
     # the fold: the held-out queries' full qrels for testing, one positive per other query for training
     fold = tmp_path / "work" / "cisi" / "fold0" / "data" / "qrels"
