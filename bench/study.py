@@ -488,8 +488,10 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
         key = (cell.dataset, cell.loss, cell.error_rate)
         row = rows.setdefault(key, {"dataset": cell.dataset, "loss": cell.loss, "error_rate": cell.error_rate,
                                     "folds": [], "metrics": {m: [] for m in METRICS}, "hardware": [],
-                                    "train_seconds": [], "eval_seconds": [], "cell_seconds": [], "judge": {}})
+                                    "train_seconds": [], "eval_seconds": [], "cell_seconds": [], "judge": {},
+                                    "per_query": {}})
         row["folds"].append(cell.fold)
+        row["per_query"][cell.fold] = record["eval"]["per_query_ndcg@10"]
         for m in METRICS:
             row["metrics"][m].append(record["eval"]["metrics"][m])
         if record["hardware"] not in row["hardware"]:
@@ -507,27 +509,49 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
     return out
 
 
+def _row(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[str, Any] | None:
+    return next((r for r in rows if (r["dataset"], r["loss"], r["error_rate"]) == (dataset, loss, error_rate)), None)
+
+
 def _value(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[int, float]:
-    for row in rows:
-        if (row["dataset"], row["loss"], row["error_rate"]) == (dataset, loss, error_rate):
-            return dict(zip(row["folds"], row["metrics"]["ndcg@10"]))
-    return {}
+    row = _row(rows, dataset, loss, error_rate)
+    return dict(zip(row["folds"], row["metrics"]["ndcg@10"])) if row else {}
+
+
+def _per_query(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[tuple[str, Any, str], float]:
+    row = _row(rows, dataset, loss, error_rate)
+    if row is None:
+        return {}
+    return {(dataset, fold, qid): v for fold, per_query in row["per_query"].items() for qid, v in per_query.items()}
+
+
+REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
 
 
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers behind the paper's claims, paired by fold (nDCG@10)."""
+    """The numbers behind the paper's claims (nDCG@10): deltas paired by fold, and a paired test over the held-out
+    queries pooled over folds and datasets (every query is held out in exactly one fold)."""
+    from mpr.train.evaluate import paired_tests
+
     errors = sorted(cfg.error_rates)
     losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]
-    out: dict[str, Any] = {"vs_baseline": {}, "drop": {}, "mean_rank": {}}
+    out: dict[str, Any] = {**{name: {} for name in REFERENCES}, "drop": {}, "mean_rank": {}}
     for loss in losses:
         for e in errors:
-            deltas = []
-            for dataset in cfg.datasets:
-                base, got = _value(rows, dataset, BASELINE, None), _value(rows, dataset, loss, e)
-                deltas += [got[f] - base[f] for f in got if f in base]
-            if deltas:
-                out["vs_baseline"].setdefault(loss, {})[f"{e:.2f}"] = {
-                    "mean_delta": statistics.fmean(deltas), "wins": sum(d > 0 for d in deltas), "n": len(deltas)}
+            for name, reference in REFERENCES.items():
+                deltas, a, b = [], [], []
+                for dataset in cfg.datasets:
+                    base, got = _value(rows, dataset, reference, None), _value(rows, dataset, loss, e)
+                    deltas += [got[f] - base[f] for f in got if f in base]
+                    qbase, qgot = _per_query(rows, dataset, reference, None), _per_query(rows, dataset, loss, e)
+                    common = sorted(set(qgot) & set(qbase), key=str)
+                    a += [qgot[k] for k in common]
+                    b += [qbase[k] for k in common]
+                if deltas:
+                    p_t, p_r = paired_tests(a, b)
+                    out[name].setdefault(loss, {})[f"{e:.2f}"] = {
+                        "mean_delta": statistics.fmean(deltas), "wins": sum(d > 0 for d in deltas), "n": len(deltas),
+                        "queries": len(a), "p_ttest": p_t, "p_randomization": p_r}
         if len(errors) > 1:
             drops = []
             for dataset in cfg.datasets:
@@ -547,29 +571,37 @@ def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _delta_cell(got: dict[str, Any] | None) -> str:
+    if not got:
+        return "–"
+    p = got["p_randomization"]
+    return f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']}" + (f", p {p:.3f})" if p is not None else ")")
+
+
 def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
     errors = sorted(cfg.error_rates)
+    losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]
     lines = ["## The paper's claims, as this data answers them", "",
-             "nDCG@10, paired by fold and pooled over the datasets above: Δ is the loss minus the single-positive "
-             "baseline (wins: cells where the loss is better); the change is from the lowest to the highest error "
-             "rate; the rank is among the losses run, per (dataset, fold, error rate). Read them with the number of "
-             "folds and the spread in the tables: a few steps on a few folds decide nothing.", ""]
-    head = [f"Δ vs baseline, e={_err(e)} (wins/n)" for e in errors]
-    if len(errors) > 1:
-        head.append(f"change e={_err(errors[0])}→{_err(errors[-1])}")
-    lines += ["| loss | " + " | ".join([*head, "mean rank"]) + " |", "|---|" + "---|" * (len(head) + 1)]
-    for loss in [loss for loss in ALL_LOSSES if loss in cfg.losses]:
-        cells = []
-        for e in errors:
-            got = found["vs_baseline"].get(loss, {}).get(f"{e:.2f}")
-            cells.append(f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']})" if got else "–")
-        if len(errors) > 1:
-            drop = found["drop"].get(loss)
-            cells.append(f"{drop['mean']:+.4f}" if drop else "–")
-        rank = found["mean_rank"].get(loss)
-        cells.append(f"{rank:.2f}" if rank is not None else "–")
-        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
-    lines.append("")
+             "nDCG@10. Δ is the loss minus the reference, paired by fold and pooled over the datasets above (wins: "
+             "folds where the loss is better, of n); p is a two-sided paired randomization test over the held-out "
+             "queries of those folds (each query is held out once; the t-test's p is in study.json). The change is "
+             "from the lowest to the highest error rate; the rank is among the losses run, per (dataset, fold, error "
+             "rate). Read them with the number of folds and the spread in the tables.", ""]
+    for name, title in (("vs_baseline", "the single-positive baseline"), ("vs_zero_shot", "the zero-shot model")):
+        head = [f"e={_err(e)}" for e in errors]
+        if name == "vs_baseline":
+            head += ([f"change e={_err(errors[0])}→{_err(errors[-1])}"] if len(errors) > 1 else []) + ["mean rank"]
+        lines += [f"Against {title}:", "", "| loss | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for loss in losses:
+            cells = [_delta_cell(found[name].get(loss, {}).get(f"{e:.2f}")) for e in errors]
+            if name == "vs_baseline":
+                if len(errors) > 1:
+                    drop = found["drop"].get(loss)
+                    cells.append(f"{drop['mean']:+.4f}" if drop else "–")
+                rank = found["mean_rank"].get(loss)
+                cells.append(f"{rank:.2f}" if rank is not None else "–")
+            lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+        lines.append("")
     multi = [loss for loss in MULTI_POSITIVE if loss in found["vs_baseline"]]
     for e in errors:
         got = [found["vs_baseline"][loss][f"{e:.2f}"] for loss in multi if f"{e:.2f}" in found["vs_baseline"][loss]]

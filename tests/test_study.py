@@ -55,6 +55,17 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
     assert not {q for q, _, _ in train} & {q for q, _, _ in test}
     assert len({q for q, _, _ in train}) + len({q for q, _, _ in test}) == 76
 
+    # the findings: fold deltas from the rows, a paired test over exactly the held-out queries
+    zero_shot = rows[("cisi", "zero-shot", None)]
+    lsepair = rows[("cisi", "lsepair", 0.0)]
+    got = report["findings"]["vs_zero_shot"]["lsepair"]["0.00"]
+    assert got["mean_delta"] == pytest.approx(lsepair["metrics"]["ndcg@10"][0] - zero_shot["metrics"]["ndcg@10"][0])
+    assert got["queries"] == len({q for q, _, _ in test}) == len(lsepair["per_query"]["0"])
+    per_query = [lsepair["per_query"]["0"][q] - zero_shot["per_query"]["0"][q] for q in lsepair["per_query"]["0"]]
+    assert sum(per_query) / len(per_query) == pytest.approx(got["mean_delta"], abs=1e-5)
+    assert 0 < got["p_randomization"] <= 1
+    assert set(report["findings"]["vs_baseline"]) == set(LOSSES)
+
     # the judge's errors show: more hard negatives flagged at 0.4 than at 0
     cells = out / "cells" / "cisi" / "fold0"
     flagged = {e: json.loads((cells / f"lsepair@e{e:.2f}.json").read_text())["judge"] for e in ERRORS}
