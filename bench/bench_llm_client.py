@@ -1,8 +1,10 @@
 """The LLM client's own ceiling: requests/s and client CPU per request against a test server answering at once.
 
-    python bench/bench_llm_client.py [--n 3000] [--concurrency 1,8,32,128] [--transport auto]
+    python bench/bench_llm_client.py [--n 2000] [--concurrency 1,8,32,128] [--transports aiohttp,openai]
 
-The server runs in a subprocess (its own core), so the client process's CPU time is the client's cost.
+The server runs in a subprocess (its own core), so the client process's CPU time is the client's cost. Both HTTP
+paths of the client run in the same invocation: `aiohttp` (the default) and `openai` (the official SDK's raw
+request call), and the ratio of their requests/s is printed.
 Modes: `no cache`; `cold cache` (every answer committed to SQLite as it arrives); `warm cache` (the same
 requests again: all hits, nothing sent); `batch 8` (8 candidates judged per request: schema with an array of
 8 labels, cold cache) to show candidates/s when a stage batches. Reference rows show the cost of the SDK's
@@ -120,38 +122,45 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int, default=3, help="runs per row; the best is kept (shared machines are noisy)"
     )
-    ap.add_argument("--transport", default="auto", choices=["auto", "aiohttp", "httpx"])
+    ap.add_argument("--transports", default="aiohttp,openai", help="the client's HTTP paths to measure")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    transports: list[Transport] = [t for t in ("aiohttp", "openai") if t in args.transports.split(",")]
 
     print(
-        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, transport={args.transport}, server in a subprocess, "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, transports {'+'.join(transports)}, server in a subprocess, "
         f"best of {args.repeat}; load average at start {os.getloadavg()[0]:.1f}"
     )
     rows = []
     with start_server(mode="subprocess") as srv, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for c in levels:
-            n = args.n if c > 1 else max(args.n // 3, 100)
-            measure(
-                make_backend(srv.url, None, c, args.transport), make_requests(min(n, 200), f"warmup{c}", 1)
-            )
-            best: dict[str, tuple[float, float, int]] = {}
-            for rep in range(args.repeat):
-                for mode, got in run_modes(srv.url, folder, c, n, f"{c}-{rep}", args.transport):
-                    if mode not in best or got[1] < best[mode][1]:
-                        best[mode] = got
-            for mode, (rps, cpu, sent) in best.items():
-                rows.append((c, mode, 8 if mode.startswith("batch") else 1, rps, cpu, sent))
+        for transport in transports:
+            for c in levels:
+                n = args.n if c > 1 else max(args.n // 3, 100)
+                measure(make_backend(srv.url, None, c, transport), make_requests(min(n, 200), f"warmup{c}{transport}", 1))
+                best: dict[str, tuple[float, float, int]] = {}
+                for rep in range(args.repeat):
+                    for mode, got in run_modes(srv.url, folder, c, n, f"{c}-{rep}-{transport}", transport):
+                        if mode not in best or got[1] < best[mode][1]:
+                            best[mode] = got
+                for mode, (rps, cpu, sent) in best.items():
+                    rows.append((transport, c, mode, 8 if mode.startswith("batch") else 1, rps, cpu, sent))
         ref_c = 32 if 32 in levels else levels[-1]
         sdk_rps, sdk_cpu = max(sdk_create(srv.url, max(args.n // 3, 100), ref_c) for _ in range(args.repeat))
         commit_us = min(commit_cost(folder / str(i)) for i in range(args.repeat))
 
     print()
-    print("| concurrency | mode | requests/s | candidates/s | client CPU µs/request | sent |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for c, mode, k, rps, cpu, sent in rows:
-        print(f"| {c} | {mode} | {rps:,.0f} | {rps * k:,.0f} | {cpu:,.0f} | {sent} |")
+    print("| path | concurrency | mode | requests/s | candidates/s | client CPU µs/request | sent |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for transport, c, mode, k, rps, cpu, sent in rows:
+        print(f"| {transport} | {c} | {mode} | {rps:,.0f} | {rps * k:,.0f} | {cpu:,.0f} | {sent} |")
+    rps_of = {(t, c, mode): rps for t, c, mode, _, rps, _, _ in rows}
+    ratios = [(c, mode, rps / rps_of[("openai", c, mode)]) for t, c, mode, _, rps, _, _ in rows
+              if t == "aiohttp" and ("openai", c, mode) in rps_of]
+    if ratios:
+        print()
+        print("requests/s, aiohttp path / openai SDK path: "
+              + ", ".join(f"c={c} {mode} {ratio:.2f}x" for c, mode, ratio in ratios))
     print()
     print(
         f"reference, SDK typed chat.completions.create() at concurrency {ref_c} (ChatCompletion models): "

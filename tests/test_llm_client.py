@@ -54,6 +54,12 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
+@pytest.fixture(params=["aiohttp", "openai"])
+def transport(request) -> str:
+    """The client's two HTTP paths; the fault tests run on both."""
+    return request.param
+
+
 @pytest.fixture
 def server():
     with start_server() as h:
@@ -162,9 +168,9 @@ def test_killed_client_restarted_sends_no_answered_request(server, tmp_path):
         assert len(cache) == n
 
 
-def test_retries_on_500_and_dropped_connections_then_success(server):
+def test_retries_on_500_and_dropped_connections_then_success(server, transport):
     server.control(p_500=1.0, faulty_attempts=1)
-    b = backend(server.url)
+    b = backend(server.url, transport=transport)
     results = b.run_sync(requests(20))
     assert all(r.ok and r.attempts == 2 for r in results)
     server.control(p_500=0.0, p_drop=1.0, reset_stats=True)
@@ -173,11 +179,11 @@ def test_retries_on_500_and_dropped_connections_then_success(server):
     assert server.stats()["dropped"] == 20 and b.last_stats.retries == 20
 
 
-def test_mixed_faults_end_answered_or_failed_with_error(server):
+def test_mixed_faults_end_answered_or_failed_with_error(server, transport):
     server.control(
         p_500=0.3, p_429=0.1, retry_after_s=0.05, p_drop=0.2, p_malformed=0.1, p_truncate=0.1, seed=7
     )
-    b = backend(server.url, max_attempts=3, max_invalid_retries=1)
+    b = backend(server.url, transport=transport, max_attempts=3, max_invalid_retries=1)
     results = b.run_sync(requests(200, json_schema=SCHEMA))
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
@@ -188,18 +194,18 @@ def test_mixed_faults_end_answered_or_failed_with_error(server):
     assert b.last_stats.failures == len(failed)
 
 
-def test_persistent_500_is_recorded_failed(server):
+def test_persistent_500_is_recorded_failed(server, transport):
     server.control(p_500=1.0)
-    results = backend(server.url, max_attempts=3).run_sync(requests(5))
+    results = backend(server.url, transport=transport, max_attempts=3).run_sync(requests(5))
     assert all(
         not r.ok and r.attempts == 3 and r.error.startswith("gave up after 3 attempts: HTTP 500")
         for r in results
     )
 
 
-def test_429_retry_after_is_honoured(server):
+def test_429_retry_after_is_honoured(server, transport):
     server.control(p_429=1.0, retry_after_s=0.6, faulty_attempts=1)
-    b = backend(server.url, backoff_base_s=0.0)
+    b = backend(server.url, transport=transport, backoff_base_s=0.0)
     t0 = time.perf_counter()
     results = b.run_sync(requests(10))
     elapsed = time.perf_counter() - t0
@@ -207,20 +213,20 @@ def test_429_retry_after_is_honoured(server):
     assert 0.6 <= elapsed < 3.0
 
 
-def test_timeouts_are_retried_then_recorded(server):
+def test_timeouts_are_retried_then_recorded(server, transport):
     server.control(delay_s=1.0, faulty_attempts=1)
     t0 = time.perf_counter()
-    results = backend(server.url, timeout_s=0.2).run_sync(requests(8))
+    results = backend(server.url, transport=transport, timeout_s=0.2).run_sync(requests(8))
     assert all(r.ok and r.attempts == 2 for r in results)
     assert time.perf_counter() - t0 < 1.5
     server.control(faulty_attempts=0)
-    results = backend(server.url, timeout_s=0.1, max_attempts=2).run_sync(requests(3, seed=2))
+    results = backend(server.url, transport=transport, timeout_s=0.1, max_attempts=2).run_sync(requests(3, seed=2))
     assert all(not r.ok and "timed out" in r.error for r in results)
 
 
-def test_malformed_answers_are_retried_then_recorded_failed(server):
+def test_malformed_answers_are_retried_then_recorded_failed(server, transport):
     server.control(p_malformed=1.0, faulty_attempts=2)
-    b = backend(server.url, max_invalid_retries=2)
+    b = backend(server.url, transport=transport, max_invalid_retries=2)
     results = b.run_sync(requests(10, json_schema=SCHEMA))
     assert all(r.ok and r.attempts == 3 for r in results)
     server.control(faulty_attempts=0, p_malformed=0.0, p_truncate=1.0)
@@ -230,12 +236,12 @@ def test_malformed_answers_are_retried_then_recorded_failed(server):
     assert b.last_stats.invalid == 30
 
 
-def test_response_format_rejected_falls_back_and_is_remembered():
+def test_response_format_rejected_falls_back_and_is_remembered(transport):
     def fenced(request):
         return ResponderAnswer('Here you go:\n```json\n{"label": 2, "why": "matches"}\n```')
 
     with start_server(responder=fenced, faults={"reject_response_format": True}) as h:
-        b = backend(h.url, concurrency=4)
+        b = backend(h.url, transport=transport, concurrency=4)
         results = b.run_sync(requests(40, json_schema=SCHEMA))
         assert all(r.ok and r.parsed == {"label": 2, "why": "matches"} for r in results)
         assert h.stats()["status"]["400"] <= 4 and not b.servers[0].response_format
@@ -243,28 +249,28 @@ def test_response_format_rejected_falls_back_and_is_remembered():
         assert h.stats()["status"]["400"] <= 4
 
 
-def test_several_base_urls_share_load_and_survive_a_dead_one():
+def test_several_base_urls_share_load_and_survive_a_dead_one(transport):
     with start_server() as a, start_server() as b_srv:
-        b = backend([a.url, b_srv.url], concurrency=8)
+        b = backend([a.url, b_srv.url], transport=transport, concurrency=8)
         results = b.run_sync(requests(200))
         assert all(r.ok for r in results)
         got_a, got_b = a.stats()["received"], b_srv.stats()["received"]
         assert got_a + got_b == 200 and min(got_a, got_b) >= 50
         assert set(b.last_stats.per_server.values()) == {got_a, got_b}
         dead = closed_port_url()
-        b = backend([dead, a.url], concurrency=8)
+        b = backend([dead, a.url], transport=transport, concurrency=8)
         results = b.run_sync(requests(100, seed=5))
         assert all(r.ok for r in results)
         assert b.last_stats.per_server.get(dead, 0) < 30
 
 
-def test_api_key_never_leaks(server, tmp_path, monkeypatch, caplog):
+def test_api_key_never_leaks(server, transport, tmp_path, monkeypatch, caplog):
     secret = "sk-test-DO-NOT-LEAK-4f9a8b7c6d5e"
     monkeypatch.setenv("MPR_TEST_KEY", secret)
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "llm.sqlite"
     server.control(require_api_key="sk-some-other-key-123456")
-    b = backend(server.url, cache=db, api_key_env="MPR_TEST_KEY")
+    b = backend(server.url, transport=transport, cache=db, api_key_env="MPR_TEST_KEY")
     with pytest.raises(MprError) as refused:
         b.run_sync(requests(3))
     assert "401" in str(refused.value) and "$MPR_TEST_KEY" in str(refused.value)
@@ -498,3 +504,17 @@ def test_vllm_backend_against_the_documented_offline_api(monkeypatch, tmp_path):
     assert (results[0].prompt_tokens, results[0].completion_tokens) == (11, 2)
     assert b.last_stats.retries == 6 and b.last_stats.invalid == 6
     assert b.run_sync(reqs)[0].cached and len(calls) == 4
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "openai"])
+def test_stage_option_chooses_the_http_path(server, tmp_path, http_client):
+    from mpr.pipeline.llm.stage import LLMStageConfig, close_backends, open_backends
+
+    cfg = LLMStageConfig(backend="openai", base_url=[server.url], http_client=http_client, llm_cache=tmp_path / "c.sqlite")
+    backend_, _ = open_backends(cfg, "test-model", [], stage="test", log=lambda _: None)
+    try:
+        assert isinstance(backend_, OpenAIBackend) and backend_.transport == http_client
+        assert all(r.ok for r in backend_.run_sync(requests(3, json_schema=SCHEMA)))
+        assert server.stats()["received"] == 3
+    finally:
+        close_backends(backend_)

@@ -1,12 +1,17 @@
-"""Chat requests to OpenAI-compatible servers (vLLM, SGLang, OpenAI) through the official `openai` client.
+"""Chat requests to OpenAI-compatible servers (vLLM, SGLang, OpenAI).
 
-Calls go through `AsyncOpenAI.post("/chat/completions", cast_to=bytes, body=...)`, the SDK's documented way to
-send a raw request: it keeps the SDK's auth, headers, timeouts and error classes but skips the typed
-`chat.completions.create()` parameter transformation and response model building, which cost over 1 ms of
-CPU per request (see bench/bench_llm_client.py). The HTTP transport is aiohttp (`openai[aiohttp]`) when
-installed, else httpx.
+Two HTTP paths, the same requests and the same error handling:
 
-Retries are ours, not the SDK's (`max_retries=0`): the SDK retries the same URL at most twice with at most 8 s
+- `aiohttp` (the default): one `aiohttp.ClientSession` POSTs the JSON body to `{base_url}/chat/completions`
+  with the headers an OpenAI client sends (bearer key, JSON content type). vLLM's own serving benchmark
+  talks to the server the same way.
+- `openai`: the official `openai` client, through `AsyncOpenAI.post("/chat/completions", cast_to=bytes)`,
+  its documented raw-request call (it skips the typed `chat.completions.create()` transformation, which
+  costs 1.8-3.8 ms of CPU per request here). Its request machinery still costs about 5x the CPU of the
+  aiohttp path per request (bench/bench_llm_client.py), which caps pointwise judging on a small client
+  machine; it is there for servers or proxies that only the SDK's defaults get along with.
+
+Retries are ours on both paths (the SDK's own are off, `max_retries=0`): the SDK retries the same URL at most twice with at most 8 s
 of backoff, while a long batch needs a retry that may move to another base URL, a 429's Retry-After that
 pauses that server for every in-flight request (not only the one that got it), and attempt counts in the
 results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies; Retry-After and
@@ -28,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from ..errors import MprError
 from .base import ChatBackend, RunContext, WorkItem
@@ -37,7 +42,8 @@ from .types import ChatRequest, ChatResult, TokenLogprob
 
 log = logging.getLogger("mpr.llm")
 
-Transport = Literal["auto", "aiohttp", "httpx"]
+Transport = Literal["aiohttp", "openai"]
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "ws_proxy", "wss_proxy"})
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-*]+")
 
 
@@ -49,6 +55,21 @@ class _Server:
     sent: int = 0
     blocked_until: float = 0.0
     fail_streak: int = 0
+
+
+@dataclass
+class _Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class _NoReply(Exception):
+    """No HTTP answer: the connection failed, or no answer came within the timeout."""
+
+    def __init__(self, message: str, *, timed_out: bool = False):
+        super().__init__(message)
+        self.message, self.timed_out = message, timed_out
 
 
 @dataclass
@@ -93,7 +114,7 @@ class OpenAIBackend(ChatBackend):
         max_retry_after_s: float = 120.0,
         strict_schema: bool = True,
         extra_body: Mapping[str, Any] | None = None,
-        transport: Transport = "auto",
+        transport: Transport = "aiohttp",
     ):
         super().__init__(model, cache=cache, max_invalid_retries=max_invalid_retries)
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -117,26 +138,14 @@ class OpenAIBackend(ChatBackend):
 
     # -- the run ---------------------------------------------------------------------------------------
     async def _generate(self, todo: list[WorkItem], ctx: RunContext) -> None:
-        import openai
-
         secret = os.environ.get(self.api_key_env) or ""
-        http_client = _http_client(self.transport, self.concurrency)
-        timeout = openai.Timeout(self.timeout_s, connect=self.connect_timeout_s)
-        clients = {
-            s.url: openai.AsyncOpenAI(
-                base_url=s.url,
-                api_key=secret or "EMPTY",
-                max_retries=0,
-                timeout=timeout,
-                http_client=http_client,
-            )
-            for s in self.servers
-        }
+        make = _OpenAIPoster if self.transport == "openai" else _AiohttpPoster
+        poster = make([s.url for s in self.servers], self.concurrency, self.timeout_s, self.connect_timeout_s, secret)
         pending = iter(todo)
 
         async def worker() -> None:
             for item in pending:
-                await self._answer(item, ctx, clients, secret)
+                await self._answer(item, ctx, poster, secret)
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(todo)))]
         try:
@@ -147,9 +156,9 @@ class OpenAIBackend(ChatBackend):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await http_client.aclose()
+            await poster.aclose()
 
-    async def _answer(self, item: WorkItem, ctx: RunContext, clients: dict[str, Any], secret: str) -> None:
+    async def _answer(self, item: WorkItem, ctx: RunContext, poster: _Poster, secret: str) -> None:
         """Ask until the answer validates, a retry budget is spent, or the error is not worth retrying."""
         stats = ctx.stats
         messages = [{"role": m.role, "content": m.content} for m in item.request.messages]
@@ -166,7 +175,7 @@ class OpenAIBackend(ChatBackend):
                 stats.retries += 1
             stats.sent += 1
             stats.per_server[server.url] = stats.per_server.get(server.url, 0) + 1
-            out = await self._attempt(server, clients[server.url], item, messages, with_schema, secret)
+            out = await self._attempt(server, poster, item, messages, with_schema, secret)
             last = server
             if out.schema_refused:
                 schema_refused_by = server
@@ -209,57 +218,48 @@ class OpenAIBackend(ChatBackend):
     async def _attempt(
         self,
         server: _Server,
-        client: Any,
+        poster: _Poster,
         item: WorkItem,
         messages: list[dict[str, str]],
         with_schema: bool,
         secret: str,
     ) -> _Outcome:
         """One HTTP request, its failure classified."""
-        import openai
-
         body = self._body(item.request, messages, with_schema)
         server.sent += 1
         server.in_flight += 1
         try:
-            raw = await client.post("/chat/completions", cast_to=bytes, body=body)
-            result = _parse(item.key, raw)
-        except openai.APIStatusError as e:
-            status = e.status_code
-            message = _redact(_status_message(e), secret)
-            if status == 400 and with_schema:
-                log.debug("%s: HTTP 400 with response_format; retrying without it", server.url)
-                return _Outcome(schema_refused=True)
-            if status in (401, 403):
-                raise _Fatal(
-                    f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}"
-                ) from None
-            if status == 404:
-                raise _Fatal(
-                    f"{server.url}: HTTP 404 for model {item.request.model!r}: {message} "
-                    f"(GET {server.url}/models lists the models it serves)"
-                ) from None
-            retryable = status in (408, 409, 429) or status >= 500
-            return _Outcome(
-                error=f"HTTP {status}: {message}",
-                retryable=retryable,
-                retry_after=_retry_after(e.response.headers),
-            )
-        except openai.APIConnectionError as e:  # APITimeoutError included
+            reply = await poster.post(server.url, body)
+        except _NoReply as e:
             server.fail_streak += 1
             if server.fail_streak >= 3 and len(self.servers) > 1:
                 # Steer traffic away from a server that keeps failing; a success resets the streak.
                 pause = min(5.0, 0.1 * 2 ** (server.fail_streak - 3))
                 server.blocked_until = max(server.blocked_until, time.monotonic() + pause)
-            cause = e.__cause__ or e.__context__
-            if isinstance(e, openai.APITimeoutError) and "Connect" not in type(cause).__name__:
+            if e.timed_out:
                 return _Outcome(error=f"timed out after {self.timeout_s:g}s")
-            # (the aiohttp transport reports a refused connection as a ConnectTimeout)
-            return _Outcome(error=_redact(f"connection failed: {_cause(e)}", secret))
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            return _Outcome(error=f"malformed response: {type(e).__name__}: {e}"[:300])
+            return _Outcome(error=_redact(e.message, secret))
         finally:
             server.in_flight -= 1
+        status = reply.status
+        if status >= 400:
+            message = _redact(_status_message(reply.body), secret)
+            if status == 400 and with_schema:
+                log.debug("%s: HTTP 400 with response_format; retrying without it", server.url)
+                return _Outcome(schema_refused=True)
+            if status in (401, 403):
+                raise _Fatal(f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}")
+            if status == 404:
+                raise _Fatal(
+                    f"{server.url}: HTTP 404 for model {item.request.model!r}: {message} "
+                    f"(GET {server.url}/models lists the models it serves)"
+                )
+            retryable = status in (408, 409, 429) or status >= 500
+            return _Outcome(error=f"HTTP {status}: {message}", retryable=retryable, retry_after=_retry_after(reply.headers))
+        try:
+            result = _parse(item.key, reply.body)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            return _Outcome(error=f"malformed response: {type(e).__name__}: {e}"[:300])
         server.fail_streak = 0
         return _Outcome(result=result)
 
@@ -308,22 +308,85 @@ class OpenAIBackend(ChatBackend):
         return body
 
 
-def _http_client(transport: Transport, concurrency: int) -> Any:
-    import openai
+class _Poster(Protocol):
+    async def post(self, url: str, body: dict[str, Any]) -> _Reply: ...
 
-    try:
-        import httpx2 as hx  # the transport of openai >= 3
-    except ImportError:
-        import httpx as hx
+    async def aclose(self) -> None: ...
 
-    limits = hx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
-    if transport in ("auto", "aiohttp"):
+
+class _AiohttpPoster:
+    """POST /chat/completions with aiohttp: one session, at most `concurrency` connections."""
+
+    def __init__(self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str):
+        import aiohttp
+
+        from mpr import __version__
+
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": f"mpr/{__version__}"}
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(concurrency, 1)),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s),
+            # HTTP(S)_PROXY and NO_PROXY as the openai client honours them; the look-up runs in a thread per
+            # request, so only when a proxy is set.
+            trust_env=any(name.lower() in _PROXY_VARIABLES for name in os.environ),
+        )
+
+    async def post(self, url: str, body: dict[str, Any]) -> _Reply:
+        import aiohttp
+
         try:
-            return openai.DefaultAioHttpClient(limits=limits)
-        except RuntimeError:
-            if transport == "aiohttp":
-                raise MprError('the aiohttp transport needs: pip install "openai[aiohttp]"') from None
-    return openai.DefaultAsyncHttpxClient(limits=limits)
+            async with self.session.post(f"{url}/chat/completions", data=json.dumps(body).encode()) as resp:
+                return _Reply(resp.status, resp.headers, await resp.read())
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise _NoReply(f"connection failed: {type(e).__name__}: {e}"[:200]) from None
+        except asyncio.TimeoutError:
+            raise _NoReply("timed out", timed_out=True) from None
+        except aiohttp.ClientError as e:  # the server dropped the connection or sent a broken response
+            raise _NoReply(f"connection failed: {type(e).__name__}: {e}"[:200]) from None
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class _OpenAIPoster:
+    """POST /chat/completions through the official openai client (its raw-request call)."""
+
+    def __init__(self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str):
+        import openai
+
+        try:
+            import httpx2 as hx  # the transport of openai >= 3
+        except ImportError:
+            import httpx as hx
+
+        limits = hx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
+        self.http_client = openai.DefaultAsyncHttpxClient(limits=limits)
+        timeout = openai.Timeout(timeout_s, connect=connect_timeout_s)
+        self.clients = {
+            url: openai.AsyncOpenAI(
+                base_url=url, api_key=secret or "EMPTY", max_retries=0, timeout=timeout, http_client=self.http_client
+            )
+            for url in urls
+        }
+
+    async def post(self, url: str, body: dict[str, Any]) -> _Reply:
+        import openai
+
+        try:
+            return _Reply(200, {}, await self.clients[url].post("/chat/completions", cast_to=bytes, body=body))
+        except openai.APIStatusError as e:
+            detail = e.body if e.body is not None else e.message
+            return _Reply(e.status_code, e.response.headers, json.dumps(detail).encode())
+        except openai.APITimeoutError:
+            raise _NoReply("timed out", timed_out=True) from None
+        except openai.APIConnectionError as e:
+            raise _NoReply(f"connection failed: {_cause(e)}") from None
+
+    async def aclose(self) -> None:
+        await self.http_client.aclose()
 
 
 def _parse(key: str, raw: bytes) -> ChatResult:
@@ -371,13 +434,16 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def _status_message(e: Any) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"][:300]
-    return str(getattr(e, "message", "") or e)[:300]
+def _status_message(body: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else the body's text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")[:300]
+    inner = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+        return inner["message"][:300]
+    return (inner if isinstance(inner, str) else body.decode("utf-8", "replace"))[:300]
 
 
 def _cause(e: BaseException) -> str:

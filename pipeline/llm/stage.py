@@ -21,7 +21,7 @@ class LLMStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
-        "backend", "base_url", "api_key_env", "concurrency", "timeout", "max_attempts", "max_invalid_retries",
+        "backend", "base_url", "api_key_env", "concurrency", "http_client", "timeout", "max_attempts", "max_invalid_retries",
         "shard", "llm_cache", "dry_run", "overwrite", "progress",
     })
 
@@ -29,6 +29,7 @@ class LLMStageConfig(BaseModel):
     base_url: list[str] = Field(default_factory=list)
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(64, ge=1)
+    http_client: Literal["aiohttp", "openai"] = "aiohttp"
     timeout: float = Field(300.0, gt=0)
     max_attempts: int = Field(6, ge=1)
     max_invalid_retries: int = Field(2, ge=0)
@@ -69,7 +70,8 @@ def open_backends(
     options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
     spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
     if spec.kind == "openai":
-        options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts)
+        options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts,
+                       transport=cfg.http_client)
     backend = spec.create(**options)
     extra = [
         None if m is None else backend if m == spec.model else spec.model_copy(update={"model": m}).create(**options)
