@@ -21,7 +21,7 @@ Backend = Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai
 BaseUrl = Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")]
 ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")]
 Concurrency = Annotated[int, typer.Option(help="Requests in flight.")]
-HttpClient = Annotated[Literal["aiohttp", "openai"], typer.Option(help="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client (about 5x the CPU per request).")]
+HttpClient = Annotated[Literal["aiohttp", "openai"], typer.Option(help="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client (4-8x the client CPU per request).")]
 Timeout = Annotated[float, typer.Option(help="Seconds per request before it is retried.")]
 MaxInvalidRetries = Annotated[int, typer.Option(help="Times an answer that does not parse or validate is asked again before it is recorded as failed.")]
 Shard = Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")]

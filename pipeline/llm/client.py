@@ -7,7 +7,7 @@ Two HTTP paths, the same requests and the same error handling:
   talks to the server the same way.
 - `openai`: the official `openai` client, through `AsyncOpenAI.post("/chat/completions", cast_to=bytes)`,
   its documented raw-request call (it skips the typed `chat.completions.create()` transformation, which
-  costs 1.8-3.8 ms of CPU per request here). Its request machinery still costs about 5x the CPU of the
+  costs 1.8-3.8 ms of CPU per request here). Its request machinery still costs 4-8x the CPU of the
   aiohttp path per request (bench/bench_llm_client.py), which caps pointwise judging on a small client
   machine; it is there for servers or proxies that only the SDK's defaults get along with.
 
