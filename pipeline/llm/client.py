@@ -380,9 +380,9 @@ class _OpenAIPoster:
         except openai.APIStatusError as e:
             detail = e.body if e.body is not None else e.message
             return _Reply(e.status_code, e.response.headers, json.dumps(detail).encode())
-        except openai.APITimeoutError:
-            raise _NoReply("timed out", timed_out=True) from None
-        except openai.APIConnectionError as e:
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            if isinstance(e, openai.APITimeoutError) and "Connect" not in type(e.__cause__ or e.__context__).__name__:
+                raise _NoReply("timed out", timed_out=True) from None
             raise _NoReply(f"connection failed: {_cause(e)}") from None
 
     async def aclose(self) -> None:
