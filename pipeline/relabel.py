@@ -290,7 +290,9 @@ class Relabeler:
         self.backend, self.confirm = backend, confirm
         self.model, self.confirm_model = model, confirm_model
 
-    def _ask(self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str) -> list[list[Verdict]]:
+    def _ask(
+        self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str, stats: dict[str, int]
+    ) -> list[list[Verdict]]:
         """Judge each (query, positives, candidates); one verdict per candidate, in order."""
         requests, where = [], []
         for item, (query, positives, candidates) in enumerate(items):
@@ -304,7 +306,7 @@ class Relabeler:
         for n, check in validators.items():
             picked = [i for i, m in enumerate(n_of) if m == n]
             got = backend.run_sync([requests[i] for i in picked], validate=check, progress=desc if self.cfg.progress else False)
-            add_llm_stats(self.stats, "llm", backend.last_stats)
+            add_llm_stats(stats, "llm", backend.last_stats)
             results += list(zip(picked, got))
         verdicts: list[list[Verdict | None]] = [[None] * len(c) for _, _, c in items]
         for i, result in sorted(results, key=lambda x: x[0]):
@@ -318,11 +320,10 @@ class Relabeler:
         picked, items = _judge_items(part.groups, cfg)
         stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
                                "dropped_rows", "dropped_queries", "rows_out"), 0)
-        self.stats = stats
-        verdicts = self._ask(self.backend, items, self.model, desc)
+        verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
-            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)")
+            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)", stats)
             for vs, js, ws in zip(verdicts, again, second):
                 for j, w in zip(js, ws):
                     stats["confirmed"] += bool(w.flagged)
