@@ -126,6 +126,8 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     transports: list[Transport] = [t for t in ("aiohttp", "openai") if t in args.transports.split(",")]
+    if len(transports) != len(set(args.transports.split(","))):
+        ap.error(f"--transports: choose from aiohttp, openai (got {args.transports})")
 
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, transports {'+'.join(transports)}, server in a subprocess, "
