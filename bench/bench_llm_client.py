@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mpr.pipeline.llm.cache import ResultCache
-from mpr.pipeline.llm.client import OpenAIBackend, Transport
-from mpr.pipeline.llm.testserver import start_server
-from mpr.pipeline.llm.types import ChatRequest, ChatResult
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.client import OpenAIBackend, Transport
+from pipeline.llm.testserver import start_server
+from pipeline.llm.types import ChatRequest, ChatResult
 
 PASSAGE = "Dense retrievers learn from graded relevance labels produced by a judge model. " * 4
 ONE = {

@@ -59,7 +59,7 @@ def load_model(config: dict[str, Any]) -> Any:
 def make_loss(name: str, model: Any, mini_batch_size: int | None = None) -> Any:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from mpr.train.losses import build_loss
+    from train.losses import build_loss
 
     if name == "mnrl":
         return MultipleNegativesRankingLoss(model, scale=20.0)

@@ -18,7 +18,7 @@ Protocol (one cell = dataset x fold x error rate x loss):
    "fold" 0, whatever `--folds` says).
 2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
    negatives) once per (dataset, fold). `mpr relabel` once per (dataset, fold, error rate): the judge is the
-   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.pipeline.oracle`, which
+   test server answering from the dataset's ORIGINAL qrels (every split) through `pipeline.oracle`, which
    flips the verdict of a deterministic share `error` of the (query, passage) pairs (false positives and
    false negatives alike; the pairs flipped at 0.2 are a subset of those flipped at 0.4). It judges the
    `candidates` hard negatives of every query (`--candidates negatives`, mode `relabel`).
@@ -61,10 +61,10 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mpr.pipeline.encode import DEFAULT_MODEL
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.readers import find_file, read_qrels
-from mpr.pipeline.shards import write_json_atomic as _write_json_atomic
+from pipeline.encode import DEFAULT_MODEL
+from pipeline.errors import MprError
+from pipeline.readers import find_file, read_qrels
+from pipeline.shards import write_json_atomic as _write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_LOSSES = ("infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
@@ -281,8 +281,8 @@ class Oracles:
 
     def url(self, dataset: str) -> str:
         if dataset not in self.urls:
-            from mpr.pipeline.llm.testserver import start_server
-            from mpr.pipeline.oracle import Oracle
+            from pipeline.llm.testserver import start_server
+            from pipeline.oracle import Oracle
 
             rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
             oracle = Oracle(self.data_dir / dataset, None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
@@ -323,7 +323,7 @@ class Study:
         return dst, "train", "test"
 
     def mined(self, dataset: str, fold: int) -> Path:
-        from mpr.pipeline.mine import MineConfig, mine
+        from pipeline.mine import MineConfig, mine
 
         out = self.paths.fold(dataset, fold) / "mined"
         if self.done.get(("mine", dataset, fold)) == out:
@@ -340,7 +340,7 @@ class Study:
         return out
 
     def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
-        from mpr.pipeline.relabel import RelabelConfig, relabel
+        from pipeline.relabel import RelabelConfig, relabel
 
         mode = "graded" if graded else "relabel"
         out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
@@ -367,7 +367,7 @@ class Study:
         return self.relabeled(cell.dataset, cell.fold, cell.error_rate, graded)
 
     def train(self, cell: Cell, data: Path) -> tuple[Path, dict[str, Any]]:
-        from mpr.train.trainer import TrainConfig, train
+        from train.trainer import TrainConfig, train
 
         out = self.paths.fold(cell.dataset, cell.fold) / "models" / cell.file_name
         record = out / "mpr" / "train.json"
@@ -385,7 +385,7 @@ class Study:
         return out, summary
 
     def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
-        from mpr.train.evaluate import EvalConfig, evaluate
+        from train.evaluate import EvalConfig, evaluate
 
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
@@ -429,7 +429,7 @@ class Study:
 
 def judge_stats(folder: Path) -> dict[str, Any] | None:
     """What the judge said about the mined candidates of a relabel run (None for unrelabeled data)."""
-    from mpr.pipeline.shards import read_manifest
+    from pipeline.shards import read_manifest
 
     manifest = read_manifest(folder)
     if manifest is None or manifest.stage != "relabel":
@@ -532,7 +532,7 @@ REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The numbers behind the paper's claims (nDCG@10): deltas paired by fold, and a paired test over the held-out
     queries pooled over folds and datasets (every query is held out in exactly one fold)."""
-    from mpr.train.evaluate import paired_tests
+    from train.evaluate import paired_tests
 
     errors = sorted(cfg.error_rates)
     losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]

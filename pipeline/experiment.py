@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.errors import MprError
+from pipeline.errors import MprError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,21 +116,21 @@ class Experiment:
     def config(self, stage: Stage, base_url: str | None = None) -> BaseModel:
         spec = self.spec
         if stage == "mine":
-            from mpr.pipeline.mine import MineConfig
+            from pipeline.mine import MineConfig
 
             return MineConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "mined", "progress": self.progress, **spec.mine})
         if stage == "relabel":
-            from mpr.pipeline.relabel import RelabelConfig
+            from pipeline.relabel import RelabelConfig
 
             table = self._llm(spec.relabel, base_url)
             return RelabelConfig(**{"input": self.out / "mined", "out": self.out / "relabeled", "progress": self.progress, **table})
         if stage == "synth":
-            from mpr.pipeline.synth import SynthConfig
+            from pipeline.synth import SynthConfig
 
             table = self._llm(spec.synth, base_url)
             return SynthConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "synth", "progress": self.progress, **table})
         if stage == "train":
-            from mpr.train.trainer import TrainConfig
+            from train.trainer import TrainConfig
 
             table = dict(spec.train)
             sources = table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
@@ -138,7 +138,7 @@ class Experiment:
             data = [self.out / folders[s] for s in sources]
             loss = table.get("loss", "lsepair")
             return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
-        from mpr.train.evaluate import EvalConfig
+        from train.evaluate import EvalConfig
 
         trained = self.config("train")
         table = {"data": spec.data, "split": "test", **spec.eval}
@@ -164,8 +164,8 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))
         if needs_llm and spec.llm.test_server and not spec.llm.base_url:
-            from mpr.pipeline.llm.testserver import start_server
-            from mpr.pipeline.oracle import Oracle
+            from pipeline.llm.testserver import start_server
+            from pipeline.oracle import Oracle
 
             log(TEST_SERVER_NOTICE)
             server = stack.enter_context(start_server(responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),
@@ -176,28 +176,28 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
             log(f"== {stage}")
             cfg = experiment.config(stage, base_url)
             _run_stage(stage, cfg, log)
-    from mpr.pipeline.report import write_report
+    from pipeline.report import write_report
 
     return write_report(experiment, log=log)
 
 
 def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None:
     if stage == "mine":
-        from mpr.pipeline.mine import mine
+        from pipeline.mine import mine
 
         mine(cfg, log=log)
     elif stage == "relabel":
-        from mpr.pipeline.relabel import relabel
+        from pipeline.relabel import relabel
 
         relabel(cfg, log=log)
     elif stage == "synth":
-        from mpr.pipeline.synth import synth
+        from pipeline.synth import synth
 
         synth(cfg, log=log)
     elif stage == "train":
         import json
 
-        from mpr.train.trainer import train
+        from train.trainer import train
 
         record = cfg.out / "mpr" / "train.json"
         if record.exists() and not cfg.overwrite:
@@ -209,6 +209,6 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
             return
         train(cfg, log=log)
     else:
-        from mpr.train.evaluate import evaluate, format_table
+        from train.evaluate import evaluate, format_table
 
         log(format_table(evaluate(cfg, log=log)))

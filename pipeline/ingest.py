@@ -12,10 +12,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.mine import MINE_SCHEMA
-from mpr.pipeline.readers import TevatronRow, iter_tevatron
-from mpr.pipeline.schema import to_table
-from mpr.pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
+from pipeline.mine import MINE_SCHEMA
+from pipeline.readers import TevatronRow, iter_tevatron
+from pipeline.schema import to_table
+from pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
 
 
 class IngestConfig(BaseModel):
@@ -34,7 +34,7 @@ def _blocks(files: list[Path], size: int) -> Iterator[list[TevatronRow]]:
     for path in files:
         for row in iter_tevatron(path):
             if row.qid in seen:  # across files; a repeat inside one file is caught by the reader
-                from mpr.pipeline.errors import InputError
+                from pipeline.errors import InputError
 
                 raise InputError(path, f"query_id '{row.qid}' also appears in an earlier file")
             seen.add(row.qid)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpr.pipeline.errors import InputError, MprError
+from pipeline.errors import InputError, MprError
 
 
 def find_file(folder: Path, name: str) -> Path | None:

@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.llm.base import ChatBackend
-from mpr.pipeline.llm.jsonparse import parse_json
-from mpr.pipeline.llm.models import TokenCounter, resolve_model
-from mpr.pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
-from mpr.pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
-from mpr.pipeline.prompts import (
+from pipeline.errors import MprError
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
+from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.prompt_files import (
     Prompt,
     escape,
     known_relevant_block,
@@ -42,8 +42,8 @@ from mpr.pipeline.prompts import (
     numbered_block,
     passage_text,
 )
-from mpr.pipeline.schema import with_extra
-from mpr.pipeline.shards import (
+from pipeline.schema import with_extra
+from pipeline.shards import (
     InputInfo,
     Manifest,
     ShardRun,

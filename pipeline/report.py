@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from mpr import __version__
-from mpr.pipeline.shards import read_manifest, shard_files
+from pipeline.shards import read_manifest, shard_files
 
 if TYPE_CHECKING:
-    from mpr.pipeline.experiment import Experiment
+    from pipeline.experiment import Experiment
 
 
 def _hardware() -> str:

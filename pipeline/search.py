@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mpr.pipeline.errors import MprError
+from pipeline.errors import MprError
 
 CORPUS_CHUNK = 32768
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from mpr import __version__
-from mpr.pipeline.errors import MprError
+from pipeline.errors import MprError
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"

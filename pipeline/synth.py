@@ -62,17 +62,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator
 
-from mpr.pipeline.errors import InputError, MprError
-from mpr.pipeline.llm.base import ChatBackend
-from mpr.pipeline.llm.jsonparse import parse_json
-from mpr.pipeline.llm.models import TokenCounter, resolve_model
-from mpr.pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
-from mpr.pipeline.llm.types import ChatRequest, ChatResult
-from mpr.pipeline.prompts import Prompt, escape, load_prompt
-from mpr.pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
-from mpr.pipeline.relabel import Judge, RelabelConfig
-from mpr.pipeline.schema import with_extra
-from mpr.pipeline.shards import (
+from pipeline.errors import InputError, MprError
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
+from pipeline.llm.types import ChatRequest, ChatResult
+from pipeline.prompt_files import Prompt, escape, load_prompt
+from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
+from pipeline.relabel import Judge, RelabelConfig
+from pipeline.schema import with_extra
+from pipeline.shards import (
     InputInfo,
     Manifest,
     ShardRun,

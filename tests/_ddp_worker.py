@@ -91,7 +91,7 @@ def run_all(model: Any, module: Any, rank: int, world_size: int) -> list[dict[st
 
     ``model`` is what the loss calls (possibly DDP-wrapped), ``module`` the SentenceTransformer inside it.
     """
-    from mpr.train.losses import build_loss
+    from train.losses import build_loss
 
     per_rank = len(QUERIES) // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)

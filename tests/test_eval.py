@@ -9,8 +9,8 @@ import ir_measures
 import pytest
 from scipy import stats
 
-from mpr.pipeline.errors import MprError
-from mpr.train.evaluate import (
+from pipeline.errors import MprError
+from train.evaluate import (
     EvalConfig,
     EvalReport,
     IREvaluator,

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.llm.base import schema_shape_error
-from mpr.pipeline.llm.cache import ResultCache
-from mpr.pipeline.llm.client import OpenAIBackend
-from mpr.pipeline.llm.jsonparse import parse_json
-from mpr.pipeline.llm.models import TokenCounter, load_aliases, resolve_backend, resolve_model
-from mpr.pipeline.llm.responders import ResponderAnswer
-from mpr.pipeline.llm.testserver import start_server
-from mpr.pipeline.llm.types import ChatRequest, ChatResult
+from pipeline.errors import MprError
+from pipeline.llm.base import schema_shape_error
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.client import OpenAIBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter, load_aliases, resolve_backend, resolve_model
+from pipeline.llm.responders import ResponderAnswer
+from pipeline.llm.testserver import start_server
+from pipeline.llm.types import ChatRequest, ChatResult
 
 SCHEMA = {
     "type": "object",
@@ -113,7 +113,7 @@ def test_failed_answers_are_not_cached_and_cached_invalid_is_asked_again(server,
 CLIENT_SCRIPT = textwrap.dedent(
     """
     import sys
-    from mpr.pipeline.llm.client import OpenAIBackend
+    from pipeline.llm.client import OpenAIBackend
     url, db, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     b = OpenAIBackend("test-model", url, cache=db, concurrency=8)
     reqs = [{"messages": [{"role": "user", "content": f"item {i}"}]} for i in range(n)]
@@ -318,7 +318,7 @@ def test_vllm_backend_without_vllm_says_how_to_install():
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
-    from mpr.pipeline.llm.vllm_backend import VLLMBackend
+    from pipeline.llm.vllm_backend import VLLMBackend
 
     with pytest.raises(MprError, match=r'pip install "mpr\[vllm\]"'):
         VLLMBackend("Qwen/Qwen2.5-7B-Instruct")
@@ -480,7 +480,7 @@ def fake_vllm(monkeypatch) -> list[dict]:
 
 def test_vllm_backend_against_the_documented_offline_api(monkeypatch, tmp_path):
     calls = fake_vllm(monkeypatch)
-    from mpr.pipeline.llm.vllm_backend import VLLMBackend
+    from pipeline.llm.vllm_backend import VLLMBackend
 
     b = VLLMBackend(
         "Qwen/Qwen3-8B",
@@ -508,7 +508,7 @@ def test_vllm_backend_against_the_documented_offline_api(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("http_client", ["aiohttp", "openai"])
 def test_stage_option_chooses_the_http_path(server, tmp_path, http_client):
-    from mpr.pipeline.llm.stage import LLMStageConfig, close_backends, open_backends
+    from pipeline.llm.stage import LLMStageConfig, close_backends, open_backends
 
     cfg = LLMStageConfig(backend="openai", base_url=[server.url], http_client=http_client, llm_cache=tmp_path / "c.sqlite")
     backend_, _ = open_backends(cfg, "test-model", [], stage="test", log=lambda _: None)

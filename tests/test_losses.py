@@ -15,7 +15,7 @@ from torch import Tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mpr.train.losses import (
+from train.losses import (
     LOSSES,
     BiXSELoss,
     GroupLoss,
@@ -32,7 +32,7 @@ from mpr.train.losses import (
     summarglh_objective,
     ws2_objective,
 )
-from mpr.train.losses.core import _select_rows, prepare_batch
+from train.losses.core import _select_rows, prepare_batch
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from mpr.pipeline.mine import MINE_SCHEMA, MineConfig, mine
-from mpr.pipeline.readers import load_beir
-from mpr.pipeline.shards import read_manifest, read_shards
+from pipeline.mine import MINE_SCHEMA, MineConfig, mine
+from pipeline.readers import load_beir
+from pipeline.shards import read_manifest, read_shards
 
 from .conftest import SEQ
 

@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.pipeline.inspect import inspect_shards, validate_shards
-from mpr.pipeline.llm.testserver import start_server
-from mpr.pipeline.mine import MineConfig, mine
-from mpr.pipeline.oracle import Oracle
-from mpr.pipeline.readers import load_beir
-from mpr.pipeline.relabel import RelabelConfig, expected_grades, relabel
-from mpr.pipeline.shards import read_manifest, read_shards
+from pipeline.inspection import inspect_shards, validate_shards
+from pipeline.llm.testserver import start_server
+from pipeline.mine import MineConfig, mine
+from pipeline.oracle import Oracle
+from pipeline.readers import load_beir
+from pipeline.relabel import RelabelConfig, expected_grades, relabel
+from pipeline.shards import read_manifest, read_shards
 
 from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 
@@ -220,7 +220,7 @@ def test_passages_are_data(tmp_path, server):
 def test_expected_grades_from_logprobs():
     import math
 
-    from mpr.pipeline.llm.types import TokenLogprob
+    from pipeline.llm.types import TokenLogprob
 
     def tok(t, p, top=()):
         return TokenLogprob(token=t, logprob=math.log(p), top=[(a, math.log(q)) for a, q in top])

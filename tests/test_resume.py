@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from mpr.pipeline.mine import MineConfig, mine
-from mpr.pipeline.shards import read_manifest, read_shards
+from pipeline.mine import MineConfig, mine
+from pipeline.shards import read_manifest, read_shards
 
 from .conftest import SEQ
 

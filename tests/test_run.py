@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.pipeline.experiment import load_run_file, parse_value
-from mpr.pipeline.shards import read_manifest, read_shards
+from pipeline.experiment import load_run_file, parse_value
+from pipeline.shards import read_manifest, read_shards
 
 from .conftest import REPO
 
@@ -26,7 +26,7 @@ def test_overrides_and_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_run_file(EXAMPLE_TOML, ["train.loss=jointlh", "mine.depth=7", "out=elsewhere"])
     assert spec.train["loss"] == "jointlh" and spec.mine["depth"] == 7 and str(spec.out) == "elsewhere"
-    from mpr.pipeline.errors import MprError
+    from pipeline.errors import MprError
 
     with pytest.raises(MprError, match="expected KEY=VALUE"):
         load_run_file(EXAMPLE_TOML, ["train.loss"])

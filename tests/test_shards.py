@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.pipeline.inspect import inspect_shards, validate_shards
-from mpr.pipeline.schema import SCHEMA, to_table
-from mpr.pipeline.shards import ShardRun, read_manifest, read_shards, sha256_file
+from pipeline.inspection import inspect_shards, validate_shards
+from pipeline.schema import SCHEMA, to_table
+from pipeline.shards import ShardRun, read_manifest, read_shards, sha256_file
 
 runner = CliRunner()
 
@@ -133,7 +133,7 @@ def test_inspect_report(tmp_path):
 
 def test_other_run_is_refused_without_overwrite(tmp_path):
     folder = write_folder(tmp_path / "s")
-    from mpr.pipeline.errors import MprError
+    from pipeline.errors import MprError
 
     with pytest.raises(MprError, match="other options"):
         ShardRun(folder, stage="test", config={"x": 2}, identity={"x": 2})

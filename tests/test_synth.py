@@ -18,12 +18,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mpr.pipeline.inspect import inspect_shards, validate_shards
-from mpr.pipeline.llm.testserver import start_server
-from mpr.pipeline.oracle import SYNTH_MARKERS, Oracle
-from mpr.pipeline.readers import load_beir
-from mpr.pipeline.shards import read_manifest, read_shards
-from mpr.pipeline.synth import (
+from pipeline.inspection import inspect_shards, validate_shards
+from pipeline.llm.testserver import start_server
+from pipeline.oracle import SYNTH_MARKERS, Oracle
+from pipeline.readers import load_beir
+from pipeline.shards import read_manifest, read_shards
+from pipeline.synth import (
     DEFAULT_LENGTHS,
     DEFAULT_STYLES,
     SynthConfig,

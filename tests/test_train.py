@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.schema import SCHEMA, to_table
-from mpr.pipeline.shards import ShardRun
-from mpr.train.groups import GroupConfig, build_groups
+from pipeline.errors import MprError
+from pipeline.schema import SCHEMA, to_table
+from pipeline.shards import ShardRun
+from train.groups import GroupConfig, build_groups
 
 from .conftest import SEQ, scifact_slice
 
@@ -82,7 +82,7 @@ def test_groups_refuse_data_without_positives(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_slice(tmp_path_factory, cache_dir):
-    from mpr.pipeline.mine import MineConfig, mine
+    from pipeline.mine import MineConfig, mine
 
     data = scifact_slice(tmp_path_factory.mktemp("train-data") / "scifact", n_queries=48, n_docs=300)
     out = tmp_path_factory.mktemp("train-mined") / "mined"
@@ -93,7 +93,7 @@ def mined_slice(tmp_path_factory, cache_dir):
 def mean_loss(model, dataset, loss_name):
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from mpr.train.losses import build_loss
+    from train.losses import build_loss
 
     loss = build_loss(loss_name, model)
     collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
@@ -111,8 +111,8 @@ def mean_loss(model, dataset, loss_name):
 def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from mpr.pipeline.encode import load_encoder
-    from mpr.train.trainer import TrainConfig, train
+    from pipeline.encode import load_encoder
+    from train.trainer import TrainConfig, train
 
     groups, _ = build_groups(GroupConfig(data=[mined_slice], group_size=4, seed=0))
     before = mean_loss(load_encoder("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=64), groups, "lsepair")

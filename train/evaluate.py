@@ -28,10 +28,10 @@ import ir_measures
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.readers import BeirDataset, load_beir
-from mpr.pipeline.search import exact_topk
+from pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.errors import MprError
+from pipeline.readers import BeirDataset, load_beir
+from pipeline.search import exact_topk
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.evaluation import SentenceEvaluator

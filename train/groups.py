@@ -1,4 +1,4 @@
-"""Group building: judgment shards -> fixed-size training groups for the losses of `mpr.train.losses`.
+"""Group building: judgment shards -> fixed-size training groups for the losses of `train.losses`.
 
 Each group holds one query and k passage slots: its positives first (`label == 1`, or
 `grade >= positive_threshold` when a threshold is given; at most `max_positives`, best grade first),
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.shards import read_shards
+from pipeline.errors import MprError
+from pipeline.shards import read_shards
 
 POSITIVE, NEGATIVE, PADDING = 1, 0, -1
 SOURCE_ORDER = {"qrels": 0, "mined": 1, "synthetic": 2}

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.pipeline.encode import DEFAULT_MODEL, load_encoder
-from mpr.pipeline.errors import MprError
-from mpr.pipeline.shards import fingerprint_shards, read_manifest, write_json_atomic
-from mpr.train.groups import GroupConfig, build_groups
+from pipeline.encode import DEFAULT_MODEL, load_encoder
+from pipeline.errors import MprError
+from pipeline.shards import fingerprint_shards, read_manifest, write_json_atomic
+from train.groups import GroupConfig, build_groups
 
 LossName = Literal["infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse"]
 
@@ -90,7 +90,7 @@ def _model_card_note(cfg: TrainConfig, data: list[dict[str, Any]], stats: dict[s
         "",
         "## Trained with mpr",
         "",
-        f"- loss: `{cfg.loss}` (mpr.train.losses), temperature {cfg.temperature}"
+        f"- loss: `{cfg.loss}` (train.losses), temperature {cfg.temperature}"
         + (" (learned)" if cfg.learn_temperature else "")
         + (f", GradCache mini-batches of {cfg.mini_batch_size}" if cfg.mini_batch_size else ""),
         f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, {stats['positives_per_group']} positives per group",
@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     """Build groups, train, save the model and the run record; returns the run summary."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from mpr.train.losses import build_loss
+    from train.losses import build_loss
 
     started = time.perf_counter()
     _check_out(cfg)
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
                       mini_batch_size=cfg.mini_batch_size)
     evaluator = None
     if cfg.eval_data is not None:
-        from mpr.train.evaluate import IREvaluator
+        from train.evaluate import IREvaluator
 
         evaluator = IREvaluator(cfg.eval_data, cfg.eval_split, name=cfg.eval_split, max_queries=cfg.eval_max_queries,
                                 query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt)

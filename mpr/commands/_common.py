@@ -10,13 +10,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from pydantic import ValidationError
 
-from mpr.pipeline.errors import MprError
+from pipeline.errors import MprError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
-# The options every LLM stage takes (mpr.pipeline.llm.stage.LLMStageConfig).
+# The options every LLM stage takes (pipeline.llm.stage.LLMStageConfig).
 Backend = Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")]
 BaseUrl = Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")]
 ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")]

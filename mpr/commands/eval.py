@@ -35,7 +35,7 @@ def eval(
     Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2 --data ../shared/data/scifact
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
-    from mpr.train.evaluate import EvalConfig, evaluate, format_table
+    from train.evaluate import EvalConfig, evaluate, format_table
 
     report = evaluate(EvalConfig(**options, progress=not quiet), log=log)
     typer.echo(format_table(report))

@@ -19,8 +19,8 @@ def ingest(
     overwrite: Overwrite = False,
 ) -> None:
     """Turn Tevatron/RLHN-style training rows into judgment shards, so published data can be relabeled without re-mining."""
-    from mpr.pipeline.ingest import IngestConfig
-    from mpr.pipeline.ingest import ingest as run_ingest
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run_ingest
 
     cfg = IngestConfig(files=files, out=out, max_negatives=max_negatives, queries_per_shard=queries_per_shard, overwrite=overwrite)
     manifest = run_ingest(cfg, log=log)

@@ -49,8 +49,8 @@ def mine(
     Example: mpr mine --data ../shared/data/scifact --split train --out runs/scifact/mined
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
-    from mpr.pipeline.mine import MineConfig
-    from mpr.pipeline.mine import mine as run_mine
+    from pipeline.mine import MineConfig
+    from pipeline.mine import mine as run_mine
 
     cfg = MineConfig(**options, progress=not quiet)
     manifest = run_mine(cfg, log=log)

@@ -63,8 +63,8 @@ def relabel(
     Example: mpr relabel --in runs/x/mined --out runs/x/relabeled --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
-    from mpr.pipeline.relabel import RelabelConfig
-    from mpr.pipeline.relabel import relabel as run_relabel
+    from pipeline.relabel import RelabelConfig
+    from pipeline.relabel import relabel as run_relabel
 
     cfg = RelabelConfig(**{**options, "base_url": base_url or []}, progress=not quiet)
     result = run_relabel(cfg, log=log)

@@ -68,8 +68,8 @@ def synth(
     Example: mpr synth --data ../shared/data/scifact --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
     options = {k: v for k, v in locals().items() if k not in {"quiet", "styles", "lengths"} and v is not None}
-    from mpr.pipeline.synth import SynthConfig
-    from mpr.pipeline.synth import synth as run_synth
+    from pipeline.synth import SynthConfig
+    from pipeline.synth import synth as run_synth
 
     if styles is not None:
         options["styles"] = styles

@@ -51,8 +51,8 @@ def train(
     Example: mpr train --data runs/x/relabeled --loss lsepair --out models/x-lsepair
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
-    from mpr.train.trainer import TrainConfig
-    from mpr.train.trainer import train as run_train
+    from train.trainer import TrainConfig
+    from train.trainer import train as run_train
 
     cfg = TrainConfig(**options, progress=not quiet)
     summary = run_train(cfg, log=log)

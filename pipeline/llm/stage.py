@@ -9,9 +9,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mpr.pipeline.llm.base import ChatBackend
-from mpr.pipeline.llm.models import resolve_backend
-from mpr.pipeline.llm.types import RunStats
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.models import resolve_backend
+from pipeline.llm.types import RunStats
 
 LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 
@@ -65,7 +65,7 @@ def open_backends(
     cfg: LLMStageConfig, model: str, others: list[str | None], *, stage: str, log: Callable[[str], None]
 ) -> tuple[ChatBackend, list[ChatBackend | None]]:
     """The backend for `model` and one for each of `others` (None stays None; the same model shares it)."""
-    from mpr.pipeline.encode import default_cache_dir
+    from pipeline.encode import default_cache_dir
 
     options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
     spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)

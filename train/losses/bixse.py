@@ -75,7 +75,7 @@ class BiXSELoss(GroupLoss):
 
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from mpr.train.losses import BiXSELoss
+            from train.losses import BiXSELoss
 
             model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             train_dataset = Dataset.from_dict({

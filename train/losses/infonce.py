@@ -41,7 +41,7 @@ class InfoNCELoss(GroupLoss):
     pushed; they are simply not used. Grades are ignored (only the slot kinds matter). A query without
     any positive contributes 0 (and still counts in the mean).
 
-    Masking (see :class:`~mpr.train.losses.core.GroupLoss`): padding slots are ignored; with
+    Masking (see :class:`~train.losses.core.GroupLoss`): padding slots are ignored; with
     ``mask_duplicates`` a copy of one of i's passages elsewhere in the batch is not a negative of i; with
     ``mask_other_positives`` the other queries' positives are not negatives of i.
 
@@ -73,7 +73,7 @@ class InfoNCELoss(GroupLoss):
 
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from mpr.train.losses import InfoNCELoss
+            from train.losses import InfoNCELoss
 
             model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             train_dataset = Dataset.from_dict({

@@ -57,7 +57,7 @@ class LSEPairLoss(GroupLoss):
 
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from mpr.train.losses import LSEPairLoss
+            from train.losses import LSEPairLoss
 
             model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             train_dataset = Dataset.from_dict({

@@ -54,7 +54,7 @@ class SumMargLHLoss(GroupLoss):
 
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from mpr.train.losses import SumMargLHLoss
+            from train.losses import SumMargLHLoss
 
             model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             train_dataset = Dataset.from_dict({

@@ -97,7 +97,7 @@ class WS2Loss(GroupLoss):
 
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from mpr.train.losses import WS2Loss
+            from train.losses import WS2Loss
 
             model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             train_dataset = Dataset.from_dict({

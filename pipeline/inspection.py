@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mpr.pipeline.schema import SCHEMA, SOURCES
-from mpr.pipeline.shards import iter_groups, read_manifest, read_shards, sha256_file, shard_files
+from pipeline.schema import SCHEMA, SOURCES
+from pipeline.shards import iter_groups, read_manifest, read_shards, sha256_file, shard_files
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:

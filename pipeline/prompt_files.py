@@ -13,7 +13,7 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from mpr.pipeline.errors import MprError
+from pipeline.errors import MprError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,12 +45,12 @@ class Prompt:
 
 
 def available() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("mpr.prompts").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("prompts").iterdir() if p.name.endswith(".toml"))
 
 
 @cache
 def load_prompt(name: str) -> Prompt:
-    path = resources.files("mpr.prompts") / f"{name}.toml"
+    path = resources.files("prompts") / f"{name}.toml"
     if not path.is_file():
         raise MprError(f"unknown prompt '{name}' (available: {', '.join(available())})")
     data = tomllib.loads(path.read_text(encoding="utf-8"))
