@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from train.losses import (
     summarglh_objective,
     ws2_objective,
 )
-from train.losses.core import _select_rows, prepare_batch
+from train.losses.core import ChunkPlan, _select_rows, prepare_batch
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -428,7 +429,12 @@ def test_padding_is_not_embedded_and_changes_nothing(eval_model: Any) -> None:
     model = eval_model
     batch = prepare_batch(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
     assert batch.real.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
-    assert batch.passages["input_ids"].shape[0] == 8
+    slots = [column[i] for i in range(3) for column in PASSAGE_COLUMNS]
+    real_texts = [slots[position] for position in batch.real.tolist()]
+    assert batch.passages["input_ids"].shape[0] == len(set(real_texts)) == 6  # each distinct passage once
+    assert batch.passage_index is not None
+    distinct = list(dict.fromkeys(real_texts))
+    assert [distinct[i] for i in batch.passage_index.tolist()] == real_texts
     junk = [column.copy() for column in PASSAGE_COLUMNS]
     junk[2][1] = "paris is the capital of france and some junk text"
     with torch.no_grad():
@@ -529,6 +535,57 @@ def test_cached_equals_uncached(float64_model: Any, name: str, mini_batch_size: 
         torch.testing.assert_close(cached_grads[n], g, rtol=1e-9, atol=1e-12, msg=n)
 
 
+def plain_reference(loss: GroupLoss, model: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss and gradients of the plain computation: every slot embedded (copies included) in one pass
+    per column, in the collator's order, no chunks, no sorting, no de-duplication."""
+    model.zero_grad(set_to_none=True)
+    for parameter in loss.loss_parameters():
+        parameter.grad = None
+    features = features_of(model, CACHE_QUERIES, CACHE_COLUMNS)
+    batch = prepare_batch(features_of(model, CACHE_QUERIES, CACHE_COLUMNS), CACHE_LABELS)
+    queries = model(features[0])["sentence_embedding"]
+    columns = torch.stack([model(f)["sentence_embedding"] for f in features[1:]], dim=1)  # [B, k, d]
+    slots = columns.reshape(-1, columns.shape[-1])[batch.real]
+    value = loss.loss_from_embeddings(queries, slots, dataclasses.replace(batch, passage_index=None))
+    (value * 0.25).backward()
+    return value.detach(), {n: p.grad.clone() for n, p in loss.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_planned_chunks_equal_plain_computation(float64_model: Any, name: str, similarity: str) -> None:
+    """Length-sorted chunks of varying size (planned from a byte budget) and passages embedded once per
+    batch give the loss and gradients of the plain computation (float64, 1e-6)."""
+    model = float64_model
+    batch = prepare_batch(features_of(model, CACHE_QUERIES, CACHE_COLUMNS), CACHE_LABELS)
+    assert batch.passage_index is not None and batch.passages["input_ids"].shape[0] < len(batch.real)
+    plan = ChunkPlan(max_bytes=14.0, bytes_per_token=1.0)
+    lengths = batch.passages["attention_mask"].sum(dim=1)
+    assert len({len(c) for c in plan.split(lengths)}) > 1  # chunks of different sizes
+    options = {**loss_options(name), "similarity": similarity}
+    if similarity == "dot" and name != "bixse":
+        options["temperature"] = 1.0
+    value, grads = plain_reference(build_loss(name, model, **options).double(), model)
+    planned = build_loss(name, model, chunk_plan=plan, **options).double()
+    planned_value, planned_grads = grads_of(planned, model)
+    torch.testing.assert_close(planned_value, value, rtol=1e-6, atol=1e-6)
+    assert set(planned_grads) == set(grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(planned_grads[n], g, rtol=1e-6, atol=1e-6, msg=n)
+
+
+def test_chunk_plan_splits_by_length_and_budget() -> None:
+    lengths = torch.tensor([3, 10, 5, 10, 2, 7])
+    plan = ChunkPlan(max_bytes=20.0, bytes_per_token=1.0)
+    chunks = plan.split(lengths)
+    assert [lengths[c].tolist() for c in chunks] == [[10, 10], [7, 5], [3, 2]]  # 2 x 10, 2 x 7, 6 x 3 fit 20
+    assert sorted(torch.cat(chunks).tolist()) == list(range(6))
+    assert [c.tolist() for c in ChunkPlan(max_texts=10).split(lengths)] == [list(range(6))]  # one chunk: unsorted
+    assert ChunkPlan(max_bytes=5.0, bytes_per_token=1.0).texts_at(50) == 1  # never below one text
+    quadratic = ChunkPlan(max_bytes=100.0, bytes_per_token=1.0, bytes_per_token_squared=1.0)
+    assert quadratic.texts_at(4) == 5 and quadratic.texts_at(9) == 1
+
+
 def test_cached_without_grad_returns_the_loss(float64_model: Any) -> None:
     features = features_of(float64_model, CACHE_QUERIES, CACHE_COLUMNS)
     with torch.no_grad():
@@ -564,7 +621,8 @@ def test_cached_replays_dropout_one_minibatch(dropout_model: Any) -> None:
 
 def test_cached_replays_dropout_small_minibatches(dropout_model: Any) -> None:
     """Small mini-batches under dropout: gradients equal an ordinary backward through the same mini-batch
-    forwards (same seed, same order), i.e. the gradient-enabled replay reproduced the first pass's masks."""
+    forwards (same seed, same chunks in the same order), i.e. the gradient-enabled replay reproduced the
+    first pass's masks."""
     model = dropout_model
     loss = BiXSELoss(model, mini_batch_size=4).double()
     torch.manual_seed(3)
@@ -576,11 +634,11 @@ def test_cached_replays_dropout_small_minibatches(dropout_model: Any) -> None:
     batch = prepare_batch(features_of(model, CACHE_QUERIES, CACHE_COLUMNS), CACHE_LABELS)
     embeddings = []
     for features in (batch.queries, batch.passages):
-        rows = features["input_ids"].shape[0]
-        chunks = [
-            reference._embed(_select_rows(features, slice(b, min(b + 4, rows)))) for b in range(0, rows, 4)
-        ]
-        embeddings.append(torch.cat(chunks))
+        lengths = features["attention_mask"].sum(dim=1)
+        rows = ChunkPlan(max_texts=4).split(lengths)
+        assert len(rows) > 1 and torch.equal(lengths[rows[0]], lengths[rows[0]].sort(descending=True).values)
+        chunks = [reference._embed(_select_rows(features, r)) for r in rows]
+        embeddings.append(torch.cat(chunks)[torch.argsort(torch.cat(rows))])
     value = reference.loss_from_embeddings(embeddings[0], embeddings[1], batch)
     value.backward()
     torch.testing.assert_close(cached_value, value.detach(), rtol=1e-12, atol=1e-12)

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .bixse import BiXSELoss, bixse_objective
-from .core import GroupLoss, build_targets
+from .core import ChunkPlan, GroupLoss, build_targets
 from .infonce import InfoNCELoss, infonce_objective
 from .jointlh import JointLHLoss, jointlh_objective
 from .lsepair import LSEPairLoss, lsepair_objective
@@ -37,7 +37,7 @@ def build_loss(
     name: str,
     model: nn.Module,
     *,
-    temperature: float = 0.05,
+    temperature: float | None = None,
     learn_temperature: bool = False,
     mask_duplicates: bool = True,
     mask_other_positives: bool = False,
@@ -46,10 +46,12 @@ def build_loss(
 ) -> GroupLoss:
     """The loss ``name`` (a key of :data:`LOSSES`) for ``model``.
 
-    ``mini_batch_size`` turns on GradCache. Extra keyword arguments go to the loss class (``seed`` for
-    rand1, ``target_temperature``/``eps`` for ws2, ``scale``/``bias``/``learn_scale``/``learn_bias`` for
-    bixse, ``gather_across_devices`` for all). BiXSE has no temperature (its learnable scale plays that
-    role): ``temperature`` and ``learn_temperature`` are ignored for it, with a warning if set.
+    ``mini_batch_size`` (or ``chunk_plan``) turns on GradCache; ``temperature`` None keeps the loss's own
+    default. Extra keyword arguments go to the loss class (``seed`` for rand1, ``target_temperature``/``eps``
+    for ws2, ``scale``/``bias``/``learn_scale``/``learn_bias`` for bixse, ``chunk_plan``, ``similarity``,
+    ``temperature_range``, ``gather_across_devices`` for all). BiXSE has no temperature (its learnable
+    scale plays that role): ``temperature``, ``learn_temperature`` and ``temperature_range`` are ignored
+    for it, with a warning if set.
     """
     try:
         cls = LOSSES[name]
@@ -62,17 +64,20 @@ def build_loss(
         **kwargs,
     }
     if cls is BiXSELoss:
-        if temperature != 0.05 or learn_temperature:
+        if temperature is not None or learn_temperature or options.pop("temperature_range", None):
             logger.warning(
                 "bixse scores with its own learnable scale and bias; temperature options are ignored."
             )
         return cls(model, **options)
-    return cls(model, temperature=temperature, learn_temperature=learn_temperature, **options)
+    if temperature is not None:
+        options["temperature"] = temperature
+    return cls(model, learn_temperature=learn_temperature, **options)
 
 
 __all__ = [
     "LOSSES",
     "BiXSELoss",
+    "ChunkPlan",
     "GroupLoss",
     "InfoNCELoss",
     "JointLHLoss",

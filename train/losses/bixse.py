@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import GroupLoss
+from .core import ChunkPlan, GroupLoss
 
 
 def bixse_objective(
@@ -56,7 +56,9 @@ class BiXSELoss(GroupLoss):
         mask_duplicates: mask token-identical copies of the query's own passages outside its group.
         mask_other_positives: mask every other query's positives.
         mini_batch_size: use GradCache with mini-batches of this size.
+        chunk_plan: GradCache with chunks planned from a memory budget.
         gather_across_devices: under DDP, score against the passages of every rank.
+        similarity: ``"cos"`` (the paper's) or ``"dot"``, the raw dot product.
 
     Inputs:
         +---------------------------------------------------+--------------------------------------------+
@@ -99,7 +101,9 @@ class BiXSELoss(GroupLoss):
         mask_duplicates: bool = True,
         mask_other_positives: bool = False,
         mini_batch_size: int | None = None,
+        chunk_plan: ChunkPlan | None = None,
         gather_across_devices: bool = True,
+        similarity: Literal["cos", "dot"] = "cos",
     ) -> None:
         super().__init__(
             model,
@@ -108,7 +112,9 @@ class BiXSELoss(GroupLoss):
             mask_duplicates=mask_duplicates,
             mask_other_positives=mask_other_positives,
             mini_batch_size=mini_batch_size,
+            chunk_plan=chunk_plan,
             gather_across_devices=gather_across_devices,
+            similarity=similarity,
         )
         if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -198,9 +198,11 @@ class GroupBatch:
 
     queries: dict[str, Any]
     passages: dict[str, Any]
-    """Features of the non-padding passages, in query-major order."""
+    """Features of the distinct non-padding passages, in query-major order of first occurrence."""
     real: Tensor
-    """[n] the flat query-major position (i*k + j) of each row of ``passages``."""
+    """[n] the flat query-major position (i*k + j) of each non-padding slot."""
+    passage_index: Tensor | None
+    """[n] the row of ``passages`` each non-padding slot holds (None: one row per slot)."""
     grades: Tensor
     """[B, k] float grades (0 on padding slots)."""
     kinds: Tensor
@@ -232,21 +234,42 @@ def prepare_batch(sentence_features: Iterable[dict[str, Any]], labels: Tensor | 
     slots = torch.arange(k, device=device) * batch_size
     order = (torch.arange(batch_size, device=device).unsqueeze(1) + slots.unsqueeze(0)).reshape(-1)
     real = (kinds.reshape(-1) != PADDING).nonzero().squeeze(1).to(device)
-    passages = _select_rows(merged, order[real])
     token_ids = None
     input_ids, attention_mask = merged.get("input_ids"), merged.get("attention_mask")
     if isinstance(input_ids, Tensor) and input_ids.ndim == 2:
         token_ids = input_ids[order].long()
         if isinstance(attention_mask, Tensor) and attention_mask.shape == input_ids.shape:
             token_ids = token_ids.masked_fill(attention_mask[order] == 0, -1)
+    rows, passage_index = order[real], None
+    if token_ids is not None and len(real):
+        first, passage_index = _first_occurrences(token_ids[real])
+        if len(first) < len(real):
+            rows = rows[first]
+        else:
+            passage_index = None
     return GroupBatch(
         queries=features[0],
-        passages=passages,
+        passages=_select_rows(merged, rows),
         real=real,
+        passage_index=passage_index,
         grades=grades.to(device),
         kinds=kinds.to(device),
         token_ids=token_ids,
     )
+
+
+def _first_occurrences(token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows of token ids: the index of the first row of each distinct sequence (ascending), and for
+    every row the position of its sequence in that list. A passage that occurs several times in a batch is
+    embedded once; autograd sums the gradients of its copies."""
+    _, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
+    positions = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device, dtype=positions.dtype)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    first, ranked = first.sort()
+    rank = torch.empty_like(ranked)
+    rank[ranked] = torch.arange(len(ranked), device=ranked.device)
+    return first, rank[inverse]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,10 +345,59 @@ def _replay_context(model: nn.Module, synchronize: bool) -> AbstractContextManag
     return nullcontext()
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How GradCache splits the texts of one column (queries, or passages) into chunks.
+
+    Texts are sorted by length, longest first, and a chunk takes texts while it has at most ``max_texts``
+    of them and ``n * cost(L)`` stays within ``max_bytes``, where L is the chunk's longest text (every text
+    of a chunk is padded to it) and ``cost(L) = bytes_per_token * L + bytes_per_token_squared * L**2`` is
+    the activation memory one text of L tokens keeps for the backward pass. A column that fits in one
+    chunk is embedded as it comes, unsorted.
+    """
+
+    max_texts: int | None = None
+    max_bytes: float | None = None
+    bytes_per_token: float = 0.0
+    bytes_per_token_squared: float = 0.0
+
+    def cost(self, length: int) -> float:
+        return self.bytes_per_token * length + self.bytes_per_token_squared * length * length
+
+    def texts_at(self, length: int) -> int:
+        """How many texts of ``length`` tokens one chunk holds."""
+        fit = int(self.max_bytes // self.cost(length)) if self.max_bytes and self.cost(length) > 0 else 1 << 30
+        return max(1, min(fit, self.max_texts or fit))
+
+    def split(self, lengths: Tensor) -> list[Tensor]:
+        """Chunks of row indices for texts of the given token ``lengths``."""
+        rows = len(lengths)
+        if rows == 0:
+            return []
+        if rows <= self.texts_at(int(lengths.max())):
+            return [torch.arange(rows, device=lengths.device)]
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        chunks, begin = [], 0
+        while begin < rows:
+            size = self.texts_at(int(lengths[order[begin]]))
+            chunks.append(order[begin : begin + size])
+            begin += size
+        return chunks
+
+
+def _lengths(features: dict[str, Any]) -> Tensor:
+    mask = features.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2:
+        return mask.sum(dim=1)
+    rows = _num_rows(features)
+    width = next((v.shape[1] for v in features.values() if isinstance(v, Tensor) and v.ndim >= 2), 1)
+    return torch.full((rows,), width)
+
+
 @dataclass
 class _Cache:
     columns: list[dict[str, Any]]
-    ranges: list[list[tuple[int, int]]]
+    chunks: list[list[Tensor]]
     states: list[list[RandContext]]
     grads: list[list[Tensor]]
     parameters: list[nn.Parameter]
@@ -350,7 +422,13 @@ class GroupLoss(nn.Module):
         mini_batch_size: if set, use GradCache: embed in mini-batches of this many texts without gradient,
             compute the loss and its gradient w.r.t. the embeddings, then re-embed each mini-batch with
             gradient (same RNG state, so the same dropout) and backpropagate. Same loss and gradients as
-            the uncached loss, with activation memory bounded by the mini-batch.
+            the uncached loss, with activation memory bounded by the mini-batch. Texts are sorted by length
+            so that a mini-batch is padded to its own longest text.
+        chunk_plan: GradCache with chunks planned from a memory budget (:class:`ChunkPlan`, as made by
+            ``train.memory.plan_embedding``) instead of a fixed ``mini_batch_size``.
+        similarity: ``"cos"`` scores with the cosine of the embeddings, ``"dot"`` with their raw dot product
+            (as the multi-positive paper and SyCL do); either is divided by τ.
+        temperature_range: (min, max) bounds of a learned τ.
         gather_across_devices: under DDP (torch.distributed initialised, world size > 1), gather the
             passages (and for batch-level objectives the queries) of all ranks, with gradient, so every
             query is scored against the global batch. False: each rank scores its own batch only.
@@ -369,19 +447,34 @@ class GroupLoss(nn.Module):
         mask_duplicates: bool = True,
         mask_other_positives: bool = False,
         mini_batch_size: int | None = None,
+        chunk_plan: ChunkPlan | None = None,
         gather_across_devices: bool = True,
+        similarity: Literal["cos", "dot"] = "cos",
+        temperature_range: tuple[float, float] = (0.01, 1.0),
     ) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer or None, got {mini_batch_size}")
+        if similarity not in ("cos", "dot"):
+            raise ValueError(f"similarity must be 'cos' or 'dot', got {similarity!r}")
+        low, high = temperature_range
+        if not 0 < low <= high:
+            raise ValueError(f"temperature_range must be 0 < min <= max, got {temperature_range}")
+        if learn_temperature and not low <= temperature <= high:
+            raise ValueError(f"temperature {temperature} lies outside temperature_range {temperature_range}")
         self.model = model
         self.learn_temperature = learn_temperature
         self.mask_duplicates = mask_duplicates
         self.mask_other_positives = mask_other_positives
         self.mini_batch_size = mini_batch_size
+        if chunk_plan is None and mini_batch_size is not None:
+            chunk_plan = ChunkPlan(max_texts=mini_batch_size)
+        self.chunk_plan = chunk_plan
         self.gather_across_devices = gather_across_devices
+        self.similarity = similarity
+        self.temperature_range = (float(low), float(high))
         if learn_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         else:
@@ -398,8 +491,12 @@ class GroupLoss(nn.Module):
     @property
     def temperature(self) -> float:
         if self.learn_temperature:
-            return float(self.log_temperature.detach().exp())
+            return float(self._log_temperature().detach().exp())
         return self._temperature
+
+    def _log_temperature(self) -> Tensor:
+        low, high = self.temperature_range
+        return self.log_temperature.clamp(math.log(low), math.log(high))
 
     @property
     def distributed(self) -> bool:
@@ -412,7 +509,10 @@ class GroupLoss(nn.Module):
             "mask_duplicates": self.mask_duplicates,
             "mask_other_positives": self.mask_other_positives,
             "mini_batch_size": self.mini_batch_size,
+            "chunk_plan": None if self.chunk_plan is None else self.chunk_plan.__dict__,
             "gather_across_devices": self.gather_across_devices,
+            "similarity": self.similarity,
+            **({"temperature_range": list(self.temperature_range)} if self.learn_temperature else {}),
         }
 
     @property
@@ -429,14 +529,15 @@ class GroupLoss(nn.Module):
 
     def _inverse_temperature(self) -> Tensor | float:
         if self.learn_temperature:
-            return torch.exp(-self._synced(self.log_temperature))
+            low, high = self.temperature_range
+            return torch.exp(-self._synced(self.log_temperature).clamp(math.log(low), math.log(high)))
         return 1.0 / self._temperature
 
     # -- forward -------------------------------------------------------------------------------------------------
 
     def forward(self, sentence_features: Iterable[dict[str, Any]], labels: Tensor) -> Tensor:
         batch = prepare_batch(sentence_features, labels)
-        if self.mini_batch_size is not None:
+        if self.chunk_plan is not None:
             return self._forward_cached(batch)
         queries = self._embed(batch.queries)
         passages = self._embed(batch.passages) if len(batch.real) else queries.new_zeros(0, queries.shape[-1])
@@ -446,7 +547,9 @@ class GroupLoss(nn.Module):
         return self.model(features)["sentence_embedding"]
 
     def loss_from_embeddings(self, queries: Tensor, passages: Tensor, batch: GroupBatch) -> Tensor:
-        """The loss from this rank's query embeddings [B, d] and non-padding passage embeddings [n, d]."""
+        """The loss from this rank's query embeddings [B, d] and the embeddings of ``batch.passages``."""
+        if batch.passage_index is not None:
+            passages = passages[batch.passage_index]
         batch_size, k = batch.kinds.shape
         queries = queries.to(torch.promote_types(queries.dtype, torch.float32))
         columns = queries.new_zeros(batch_size * k, queries.shape[-1]).index_copy(
@@ -477,7 +580,9 @@ class GroupLoss(nn.Module):
             mask_duplicates=self.mask_duplicates,
             mask_other_positives=self.mask_other_positives,
         )
-        scores = F.normalize(queries, dim=-1) @ F.normalize(columns, dim=-1).T * self._inverse_temperature()
+        if self.similarity == "cos":
+            queries, columns = F.normalize(queries, dim=-1), F.normalize(columns, dim=-1)
+        scores = queries @ columns.T * self._inverse_temperature()
         return self.row_objective(scores, targets, positives, valid, row_groups, num_groups)
 
     def row_objective(
@@ -495,20 +600,18 @@ class GroupLoss(nn.Module):
     # -- GradCache -----------------------------------------------------------------------------------------------
 
     def _forward_cached(self, batch: GroupBatch) -> Tensor:
-        assert self.mini_batch_size is not None
+        assert self.chunk_plan is not None
         grad_enabled = torch.is_grad_enabled()
         columns = [batch.queries, batch.passages] if len(batch.real) else [batch.queries]
-        ranges: list[list[tuple[int, int]]] = []
+        chunks: list[list[Tensor]] = []
         states: list[list[RandContext]] = []
         reps: list[list[Tensor]] = []
+        embedded: list[Tensor] = []
         for features in columns:
-            rows = _num_rows(features)
-            column_ranges = [
-                (b, min(b + self.mini_batch_size, rows)) for b in range(0, rows, self.mini_batch_size)
-            ]
+            column_chunks = self.chunk_plan.split(_lengths(features))
             column_states, column_reps = [], []
-            for begin, end in column_ranges:
-                minibatch = _select_rows(features, slice(begin, end))
+            for rows in column_chunks:
+                minibatch = _select_rows(features, rows)
                 if grad_enabled:
                     column_states.append(
                         RandContext(*(v for v in minibatch.values() if isinstance(v, Tensor)))
@@ -516,15 +619,19 @@ class GroupLoss(nn.Module):
                 with torch.no_grad():
                     embedding = self._embed(minibatch)
                 column_reps.append(embedding.detach().requires_grad_(grad_enabled))
-            ranges.append(column_ranges)
+            chunks.append(column_chunks)
             states.append(column_states)
             reps.append(column_reps)
-        queries = torch.cat(reps[0])
-        passages = torch.cat(reps[1]) if len(reps) > 1 else queries.new_zeros(0, queries.shape[-1])
-        if not grad_enabled:
-            return self.loss_from_embeddings(queries, passages, batch)
-
+            stacked = torch.cat(column_reps)
+            if len(column_chunks) > 1:  # back from length order to the column's own order
+                stacked = stacked[torch.argsort(torch.cat(column_chunks))]
+            embedded.append(stacked)
+        queries = embedded[0]
+        passages = embedded[1] if len(embedded) > 1 else queries.new_zeros(0, queries.shape[-1])
         loss = self.loss_from_embeddings(queries, passages, batch)
+        if not grad_enabled:
+            return loss
+
         leaves = [rep for column in reps for rep in column]
         parameters = self.loss_parameters()
         grads = torch.autograd.grad(loss, leaves + parameters, allow_unused=True)
@@ -533,7 +640,7 @@ class GroupLoss(nn.Module):
         for column in reps:
             cache_grads.append(rep_grads[position : position + len(column)])
             position += len(column)
-        cache = _Cache(columns, ranges, states, cache_grads, parameters, list(grads[len(leaves) :]))
+        cache = _Cache(columns, chunks, states, cache_grads, parameters, list(grads[len(leaves) :]))
         result = loss.detach().requires_grad_()
         result.register_hook(partial(self._replay, cache=cache))
         return result
@@ -546,15 +653,15 @@ class GroupLoss(nn.Module):
             for parameter, grad in zip(cache.parameters, cache.parameter_grads):
                 if grad is not None:
                     (parameter * (grad * grad_output)).sum().backward()
-            remaining = sum(len(r) for r in cache.ranges)
-            for features, column_ranges, column_states, column_grads in zip(
-                cache.columns, cache.ranges, cache.states, cache.grads
+            remaining = sum(len(c) for c in cache.chunks)
+            for features, column_chunks, column_states, column_grads in zip(
+                cache.columns, cache.chunks, cache.states, cache.grads
             ):
-                for (begin, end), state, grad in zip(column_ranges, column_states, column_grads):
+                for rows, state, grad in zip(column_chunks, column_states, column_grads):
                     remaining -= 1
                     with _replay_context(self.model, synchronize=remaining == 0):
                         with state:
-                            embedding = self._embed(_select_rows(features, slice(begin, end)))
+                            embedding = self._embed(_select_rows(features, rows))
                         if not embedding.requires_grad:  # a frozen model
                             continue
                         dtype = torch.promote_types(
