@@ -140,6 +140,7 @@ def test_refuses_to_overwrite_a_model(mined_slice, tmp_path):
     (tmp_path / "m" / "x").write_text("")
     result = CliRunner().invoke(app, ["train", "--data", str(mined_slice), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "--resume" in result.output
+    assert (tmp_path / "m" / "x").exists()  # untouched
 
 
 def test_torchrun_two_gloo_processes(mined_slice, tmp_path):
@@ -153,3 +154,110 @@ def test_torchrun_two_gloo_processes(mined_slice, tmp_path):
     record = json.loads((out / "mpr" / "train.json").read_text())
     assert record["summary"]["steps"] == 2
     assert (out / "model.safetensors").exists()
+
+
+class StopAt:
+    """A TrainerCallback that kills the run (an exception out of the training loop) after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing
+        return lambda *args, **kwargs: None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after step {self.step}")
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["rand1", "bixse"])
+def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(mined_slice, tmp_path, loss):
+    """rand1 draws a positive per query and step, bixse learns its scale and bias: both states travel with
+    the checkpoint, so the resumed run ends where the uninterrupted one does."""
+    from train.trainer import TrainConfig, train
+
+    def config(out, **kw):
+        return TrainConfig(data=[mined_slice], out=out, loss=loss, group_size=4, batch_size=8, max_steps=5, save_steps=2,
+                           learning_rate=1e-4, max_seq_length=32, progress=False, seed=3, attention_dropout=0.1,
+                           mini_batch_size=16, **kw)
+
+    straight = tmp_path / "straight"
+    train(config(straight), log=lambda _: None)
+    assert not straight.with_name("straight.checkpoints").exists()  # removed after success
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(out), log=lambda _: None, callbacks=[StopAt(3)])
+    assert not out.exists()  # nothing a reader could mistake for a model
+    assert (tmp_path / "killed.checkpoints" / "checkpoint-2" / "mpr_loss_state.pt").exists()
+    with pytest.raises(MprError, match="--resume"):
+        train(config(out), log=lambda _: None)
+    lines = []
+    summary = train(config(out, resume=True, keep_checkpoints=True), log=lines.append)
+    assert any("resuming from" in line and "checkpoint-2" in line for line in lines)
+    assert summary["steps"] == 5 and (tmp_path / "killed.checkpoints").exists()
+    expected, got = weights(straight), weights(out)
+    assert set(expected) == set(got)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    again = train(config(out, resume=True), log=lines.append)  # finished: nothing to do
+    assert again["already_trained"] is True
+
+
+def test_memory_plan_is_logged_and_recorded(mined_slice, tmp_path):
+    from train.trainer import TrainConfig, train
+
+    lines = []
+    out = tmp_path / "planned"
+    train(TrainConfig(data=[mined_slice], out=out, loss="infonce", group_size=4, batch_size=8, max_steps=1,
+                      max_seq_length=32, progress=False, memory_budget="20GB"), log=lines.append)
+    plan_line = next(line for line in lines if line.startswith("train: memory:"))
+    record = json.loads((out / "mpr" / "train.json").read_text())
+    plan = record["memory_plan"]
+    assert plan["budget_bytes"] == 20 * 2**30 and plan["texts_per_batch"] == 8 * 5 and plan["text_bytes"] > 0
+    assert "20.00 GB" in plan_line and "whole batch of 40 texts in one pass" in plan_line
+    assert all(isinstance(v, (int, float)) for e in record["log_history"] for k, v in e.items() if k != "epoch")
+
+
+@pytest.mark.parametrize("texts", [3, 12])
+def test_planner_fits_the_budget_it_is_given(encoder_path, texts):
+    """The planner's chunk is what the budget holds, from the activation bytes it measured on the model."""
+    from sentence_transformers import SentenceTransformer
+
+    from train.memory import (
+        BACKWARD_FACTOR,
+        RESERVE_BYTES,
+        _optimizer_bytes,
+        current_rss_bytes,
+        per_text_bytes,
+        plan_embedding,
+    )
+
+    model = SentenceTransformer(encoder_path, device="cpu")
+    model.max_seq_length = 64
+    per_text = per_text_bytes(model, 64)
+    budget = current_rss_bytes() + _optimizer_bytes(model) + RESERVE_BYTES + BACKWARD_FACTOR * per_text * (texts + 0.5)
+    plan = plan_embedding(model, texts_per_batch=40, budget=int(budget))
+    assert plan.chunk_plan is not None and not plan.gradient_checkpointing
+    assert abs(plan.texts_per_chunk - texts) <= 1
+    assert plan.chunk_plan.texts_at(64) == plan.texts_per_chunk and plan.chunk_plan.texts_at(16) > plan.texts_per_chunk
+    whole = plan_embedding(model, texts_per_batch=40, budget=64 * 2**30)
+    assert whole.chunk_plan is None and "one pass" in whole.describe()
+
+
+def test_a_budget_too_small_for_one_text_is_one_line(mined_slice, tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data", str(mined_slice), "--out", str(tmp_path / "m"), "--memory-budget", "10MB",
+                                      "--max-steps", "1", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "--memory-budget" in result.output and "too small" in result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()

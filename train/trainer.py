@@ -1,68 +1,31 @@
 """`mpr train`: a sentence-transformers bi-encoder trained on judgment shards with a group loss.
 
 Training runs on `SentenceTransformerTrainer`, so DDP (torchrun / accelerate), checkpoints, resuming,
-logging and the model card come from the library. The output folder is an ordinary
-sentence-transformers model (`SentenceTransformer("models/x")`) plus `mpr/`: the run config, the group
-statistics, the training log and the manifests of the data it was trained on.
+logging and the model card come from the library. Before the first step, `train.memory` plans how each
+batch is embedded within the memory budget, and says what it chose in one line.
+
+Outputs: the model folder OUT is an ordinary sentence-transformers model (`SentenceTransformer("models/x")`)
+plus `mpr/` (the run config, the memory plan, the group statistics, the training log, the manifests of the
+data). It is written under a temporary name and renamed into place when complete, so a killed run never
+leaves a half model where `mpr eval` would read it. Checkpoints go to the sibling folder OUT.checkpoints/,
+which `--resume` continues from and a successful run removes (unless `--keep-checkpoints`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipeline.encode import DEFAULT_MODEL, load_encoder
 from pipeline.errors import MprError
-from pipeline.shards import fingerprint_shards, read_manifest, write_json_atomic
-from train.groups import GroupConfig, build_groups
+from pipeline.shards import fingerprint_shards, read_manifest, shard_files, write_json_atomic
+from train.config import TrainConfig
 
-LossName = Literal["infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse"]
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: list[Path] = Field(min_length=1)
-    out: Path
-    model: str = DEFAULT_MODEL
-    loss: LossName = "lsepair"
-    group_size: int = Field(8, ge=2)
-    max_positives: int = Field(4, ge=1)
-    positive_threshold: float | None = Field(None, ge=0, le=1)
-    random_negatives: bool = True
-    batch_size: int = Field(32, ge=1)
-    mini_batch_size: int | None = Field(None, ge=1, description="GradCache: embed in chunks of this size (constant memory)")
-    learning_rate: float = Field(2e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    temperature: float = Field(0.05, gt=0)
-    learn_temperature: bool = False
-    mask_duplicates: bool = True
-    mask_other_positives: bool = False
-    max_seq_length: int | None = Field(None, ge=8)
-    query_prompt: str | None = None
-    passage_prompt: str | None = None
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    eval_data: Path | None = None
-    eval_split: str = "test"
-    eval_steps: int | None = Field(None, ge=1)
-    eval_max_queries: int | None = Field(None, ge=1)
-    resume: bool = False
-    device: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+__all__ = ["TrainConfig", "check_inputs", "train"]
 
 
 def _precision(choice: str) -> dict[str, bool]:
@@ -76,23 +39,63 @@ def _precision(choice: str) -> dict[str, bool]:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
-def _check_out(cfg: TrainConfig) -> None:
-    if not cfg.out.exists() or not any(cfg.out.iterdir()):
-        return
-    if cfg.overwrite:
-        shutil.rmtree(cfg.out)
-    elif not cfg.resume:
-        raise MprError(f"{cfg.out}: exists; use --resume to continue its training, --overwrite to replace it, or another --out")
+def _is_model(folder: Path) -> bool:
+    return (folder / "modules.json").is_file() or (folder / "config.json").is_file()
 
 
-def _model_card_note(cfg: TrainConfig, data: list[dict[str, Any]], stats: dict[str, Any]) -> str:
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can be checked before torch is imported: the data folders, the model path, the output."""
+    for folder in cfg.data:
+        if not folder.is_dir():
+            raise MprError(f"--data {folder}: no such folder")
+        if not shard_files(folder):
+            raise MprError(f"--data {folder}: no Parquet parts (part-*.parquet); is it a shard folder from mpr mine/relabel/synth?")
+    if cfg.eval_data is not None and not cfg.eval_data.is_dir():
+        raise MprError(f"--eval-data {cfg.eval_data}: no such folder")
+    local = Path(cfg.model).expanduser()
+    if local.exists() or cfg.model.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise MprError(f"--model {cfg.model}: no such folder")
+        if not _is_model(local):
+            raise MprError(f"--model {cfg.model}: not a model folder (no modules.json or config.json)")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise MprError(f"--out {cfg.out}: exists and is not a folder")
+    finished = cfg.out.is_dir() and any(cfg.out.iterdir())
+    if finished and not (cfg.overwrite or cfg.resume):
+        raise MprError(f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, or choose another --out")
+    if cfg.checkpoints.is_dir() and _checkpoints(cfg) and not (cfg.resume or cfg.overwrite):
+        raise MprError(f"{cfg.checkpoints}: a stopped run left checkpoints; --resume continues it, --overwrite starts over")
+
+
+def _checkpoints(cfg: TrainConfig) -> list[Path]:
+    found = [p for p in cfg.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _staging(cfg: TrainConfig) -> Path:
+    return cfg.out.with_name(f".{cfg.out.name}.partial")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished model folder into place; an old one is replaced only now."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _model_card_note(cfg: TrainConfig, memory: str, data: list[dict[str, Any]], stats: dict[str, Any]) -> str:
     lines = [
         "",
         "## Trained with mpr",
         "",
-        f"- loss: `{cfg.loss}` (train.losses), temperature {cfg.temperature}"
-        + (" (learned)" if cfg.learn_temperature else "")
-        + (f", GradCache mini-batches of {cfg.mini_batch_size}" if cfg.mini_batch_size else ""),
+        f"- loss: `{cfg.loss}` (train.losses), {cfg.similarity} similarity"
+        + ("" if cfg.loss == "bixse" else f", temperature {cfg.temperature}" + (" (learned)" if cfg.learn_temperature else "")),
+        f"- {memory}",
         f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, {stats['positives_per_group']} positives per group",
         f"- batch size {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
         "- data (judgment shards; manifests copied to `mpr/manifests/`):",
@@ -101,24 +104,67 @@ def _model_card_note(cfg: TrainConfig, data: list[dict[str, Any]], stats: dict[s
     return "\n".join(lines) + "\n"
 
 
-def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build groups, train, save the model and the run record; returns the run summary."""
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+def _finished_summary(cfg: TrainConfig) -> dict[str, Any] | None:
+    record = cfg.out / "mpr" / "train.json"
+    if cfg.resume and not cfg.overwrite and record.is_file() and not _checkpoints(cfg):
+        return dict(json.loads(record.read_text())["summary"], already_trained=True)
+    return None
 
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Build groups, plan memory, train, then publish the model and its run record; the run summary.
+
+    ``callbacks`` are extra `transformers.TrainerCallback`s.
+    """
+    check_inputs(cfg)
+    finished = _finished_summary(cfg)
+    if finished is not None:
+        log(f"train: {cfg.out} is already trained (--overwrite retrains it)")
+        return finished
+    import torch
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    from pipeline.encode import load_encoder
+    from train.callbacks import LossStateCallback, MemoryProgressCallback, restore_loss_state
+    from train.groups import GroupConfig, build_groups
     from train.losses import build_loss
+    from train.memory import peak_rss_bytes, plan_embedding, set_attention_dropout
 
     started = time.perf_counter()
-    _check_out(cfg)
+    if cfg.overwrite and cfg.checkpoints.exists():
+        shutil.rmtree(cfg.checkpoints)
     dataset, stats = build_groups(
         GroupConfig(data=cfg.data, group_size=cfg.group_size, max_positives=cfg.max_positives,
                     positive_threshold=cfg.positive_threshold, random_negatives=cfg.random_negatives, seed=cfg.seed)
     )
     log(f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
         f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group")
+    if len(dataset) < cfg.batch_size:
+        raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     model = load_encoder(cfg.model, device=cfg.device, max_seq_length=cfg.max_seq_length)
-    loss = build_loss(cfg.loss, model, temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
-                      mask_duplicates=cfg.mask_duplicates, mask_other_positives=cfg.mask_other_positives,
-                      mini_batch_size=cfg.mini_batch_size)
+    if cfg.attention_dropout is not None:
+        set_attention_dropout(model, cfg.attention_dropout)
+    precision = _precision(cfg.precision)
+    plan = plan_embedding(
+        model, texts_per_batch=cfg.batch_size * (1 + cfg.group_size), budget=cfg.memory_budget_bytes,
+        mini_batch_size=cfg.mini_batch_size, autocast=torch.bfloat16 if precision["bf16"] else None,
+    )
+    log(f"train: {plan.describe()}")
+    extra: dict[str, Any] = {"similarity": cfg.similarity, "chunk_plan": plan.chunk_plan}
+    if cfg.loss == "rand1":
+        extra["seed"] = cfg.seed
+    elif cfg.loss == "ws2":
+        extra["target_temperature"] = cfg.ws2_target_temperature
+    elif cfg.loss == "bixse":
+        extra.update(scale=cfg.bixse_scale, bias=cfg.bixse_bias)
+    if cfg.loss != "bixse":
+        extra.update(temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
+                     temperature_range=(cfg.min_temperature, cfg.max_temperature))
+    elif {"temperature", "learn_temperature"} & cfg.model_fields_set:
+        log("train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); --temperature is not used")
+    loss = build_loss(cfg.loss, model, mask_duplicates=cfg.mask_duplicates,
+                      mask_other_positives=cfg.mask_other_positives, **extra)
     evaluator = None
     if cfg.eval_data is not None:
         from train.evaluate import IREvaluator
@@ -130,10 +176,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         prompts["query"] = cfg.query_prompt
     if cfg.passage_prompt:
         prompts.update({f"passage_{j}": cfg.passage_prompt for j in range(cfg.group_size)})
-    import torch
-
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(cfg.out / "checkpoints"),
+        output_dir=str(cfg.checkpoints),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -154,37 +198,51 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         disable_tqdm=not cfg.progress,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         use_cpu=cfg.device == "cpu",
-        **_precision(cfg.precision),
+        **precision,
     )
-    if len(dataset) < cfg.batch_size:
-        raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator)
-    checkpoints = sorted((cfg.out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if cfg.resume and checkpoints else None)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
+                                         callbacks=[LossStateCallback(loss), *callbacks])
+    if cfg.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(MemoryProgressCallback())
+    checkpoints = _checkpoints(cfg) if cfg.resume else []
+    if checkpoints:
+        restore_loss_state(loss, checkpoints[-1])
+        log(f"train: resuming from {checkpoints[-1]}")
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     seconds = time.perf_counter() - started
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
     summary = {
         **stats.as_dict(),
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss": round(result.training_loss, 5),
+        "train_loss": round(float(result.training_loss), 5),
+        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 2),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "peak_memory_mb": round(peak / 2**20),
         "seconds": round(seconds, 1),
     }
     if trainer.is_world_process_zero():
-        model.save(str(cfg.out))
+        staging = _staging(cfg)
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save(str(staging))
         data = []
-        (cfg.out / "mpr" / "manifests").mkdir(parents=True, exist_ok=True)
+        (staging / "mpr" / "manifests").mkdir(parents=True, exist_ok=True)
         for n, folder in enumerate(cfg.data):
             manifest = read_manifest(folder)
             if manifest is not None:
-                (cfg.out / "mpr" / "manifests" / f"{n}-{folder.name}.json").write_text(manifest.model_dump_json(indent=2))
+                (staging / "mpr" / "manifests" / f"{n}-{folder.name}.json").write_text(manifest.model_dump_json(indent=2))
             data.append({"path": str(folder), "stage": manifest.stage if manifest else "unknown", "fingerprint": fingerprint_shards(folder)})
-        write_json_atomic(cfg.out / "mpr" / "train.json", {
-            "config": cfg.model_dump(mode="json"), "data": data, "summary": summary, "log_history": trainer.state.log_history,
+        write_json_atomic(staging / "mpr" / "train.json", {
+            "config": cfg.model_dump(mode="json"), "memory_plan": plan.as_dict(), "data": data, "summary": summary,
+            "log_history": trainer.state.log_history,
         })
-        readme = cfg.out / "README.md"
+        readme = staging / "README.md"
         if readme.exists():
-            readme.write_text(readme.read_text() + _model_card_note(cfg, data, stats.as_dict()))
+            readme.write_text(readme.read_text() + _model_card_note(cfg, plan.describe(), data, stats.as_dict()))
+        _publish(staging, cfg.out)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(cfg.checkpoints, ignore_errors=True)
     return summary

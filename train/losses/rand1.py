@@ -95,6 +95,17 @@ class Rand1Loss(GroupLoss):
             self._generator = torch.Generator().manual_seed(seed)
         return torch.rand(num_groups, generator=self._generator, dtype=torch.float64)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The generator's state, so that a resumed run draws what an uninterrupted one would."""
+        return {"seed": self.seed, "generator": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self._generator = None
+        if state["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
+
     def row_objective(
         self,
         scores: Tensor,

@@ -1,0 +1,54 @@
+"""Trainer callbacks of `mpr train`: the loss's state in every checkpoint, and a progress bar with memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from train.memory import format_size, peak_rss_bytes
+
+#: The loss's own state saved with every checkpoint: its learned parameters and rand1's generator.
+LOSS_STATE = "mpr_loss_state.pt"
+
+
+def loss_state(loss: nn.Module) -> dict[str, Any]:
+    """The loss's state without the model's weights (which the checkpoint holds already)."""
+    return {k: v for k, v in loss.state_dict().items() if not k.startswith("model.")}
+
+
+class LossStateCallback(TrainerCallback):
+    """Saves the loss's own state (a learned temperature, BiXSE's scale and bias, Rand1LH's random
+    generator) into every checkpoint, so that `--resume` continues with the same values and draws."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(loss_state(self.loss), folder / LOSS_STATE)
+
+
+def restore_loss_state(loss: nn.Module, checkpoint: Path) -> bool:
+    path = checkpoint / LOSS_STATE
+    if not path.is_file():
+        return False
+    loss.load_state_dict(torch.load(path, weights_only=False), strict=False)
+    return True
+
+
+class MemoryProgressCallback(ProgressCallback):
+    """The library's progress bar (steps, steps/s, ETA) with the peak memory beside it."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_step_end(args, state, control, **kwargs)
+        bar = getattr(self, "training_bar", None)
+        if bar is not None and state.is_world_process_zero:
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
+            bar.set_postfix_str(f"peak {format_size(peak)}", refresh=False)
