@@ -246,8 +246,28 @@ def shard_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet part; a truncated, corrupt or foreign file is an MprError naming the part."""
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns or () if c not in schema.names]
+        if missing:
+            raise MprError(f"{path}: no column {', '.join(repr(c) for c in missing)} (not an mpr shard part?)")
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MprError(f"{path}: unreadable Parquet part ({detail})") from None
+
+
+def read_part_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise MprError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def read_shards(*folders: str | Path, columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(f, columns=columns) for folder in folders for f in shard_files(folder)]
+    tables = [read_part(f, columns=columns) for folder in folders for f in shard_files(folder)]
     return pa.concat_tables(tables, promote_options="default")
 
 

@@ -59,7 +59,6 @@ from string import Template
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.errors import InputError, MprError
@@ -78,6 +77,7 @@ from pipeline.shards import (
     ShardRun,
     fingerprint_shards,
     read_manifest,
+    read_part,
     sha256_file,
     shard_files,
     shard_name,
@@ -271,7 +271,7 @@ def _from_shards(folder: Path) -> Queries:
         raise MprError(f"{folder}: the input run is not complete; finish it first")
     seen: dict[str, str] = {}
     for path in shard_files(folder):
-        table = pq.read_table(path, columns=["qid", "query"])
+        table = read_part(path, columns=["qid", "query"])
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
     kind = f"shards:{manifest.stage if manifest else 'unknown'}"
