@@ -65,6 +65,22 @@ def shard_folder(path: Path, option: str) -> None:
         raise MprError(f"{option} {path}: no part-*.parquet files (is this an mpr shard folder?)")
 
 
+def distinct(source: Path, out: Path, option: str = "--in") -> None:
+    if source.resolve() == out.resolve():
+        raise MprError(f"--out {out}: is the input folder ({option}); choose another --out")
+
+
+def train_inputs(data: list[Path], out: Path, model_name: str, eval_data: Path | None, eval_split: str) -> None:
+    """What `mpr train` reads and writes, checked before torch is imported."""
+    for folder in data:
+        shard_folder(folder, "--data")
+        distinct(folder, out, "--data")
+    out_folder(out)
+    model(model_name)
+    if eval_data is not None:
+        beir_folder(eval_data, eval_split, "--eval-data")
+
+
 def beir_folder(root: Path, split: str | None, option: str = "--data") -> None:
     """The files of a BEIR folder are there, are files and are not empty; `split` (unless None) exists."""
     from pipeline.readers import find_path, split_names

@@ -52,10 +52,12 @@ def _option(loc: tuple[Any, ...]) -> str:
     return "--" + "-".join(str(p) for p in loc).replace("_", "-")
 
 
-def one_line_errors(fn: F) -> F:
-    """User errors end the command with one line on stderr and exit code 2; no traceback. What the
-    command set out to create (`--out`, `--json`, `--run`) and had not existed is removed again, so a
-    failed run leaves nothing a later run or reader mistakes for output; Ctrl-C keeps it for resuming."""
+def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
+    """User errors end the command with one line on stderr and exit code 2; no traceback. With `cleanup`,
+    what the command set out to create (`--out`, `--json`, `--run`) and had not existed is removed again,
+    so a failed run leaves nothing a later run or reader mistakes for output; Ctrl-C keeps it for resuming."""
+    if fn is None:
+        return functools.partial(one_line_errors, cleanup=cleanup)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -74,7 +76,7 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (MprError, ValidationError, OSError, UnicodeError, EOFError) as exc:
-            if not kwargs.get("shard"):  # parallel --shard jobs share the folder
+            if cleanup and not kwargs.get("shard"):  # parallel --shard jobs share the folder
                 _remove(fresh)
             raise fail(_message(exc)) from None
         except KeyboardInterrupt:

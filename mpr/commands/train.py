@@ -10,7 +10,7 @@ import typer
 from mpr.commands._common import Overwrite, Quiet, log, one_line_errors, print_summary
 
 
-@one_line_errors
+@one_line_errors(cleanup=False)  # keep checkpoints for --resume
 def train(
     data: Annotated[list[Path], typer.Option(help="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix (rows of one query are merged).")],
     out: Annotated[Path, typer.Option(help="Output model folder (loads with SentenceTransformer(out)).")],
@@ -51,6 +51,9 @@ def train(
     Example: mpr train --data runs/x/relabeled --loss lsepair --out models/x-lsepair
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
+    from pipeline.checks import train_inputs
+
+    train_inputs(data, out, model, eval_data, eval_split)
     from train.trainer import TrainConfig
     from train.trainer import train as run_train
 
