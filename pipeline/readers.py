@@ -87,12 +87,12 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                     yield lineno, line.rstrip("\r\n")
                 return
             for lineno, raw in enumerate(fh, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError as exc:
                     raise _decode_problem(path, exc, lineno, raw) from None
-                if lineno == 1 and line.startswith("\ufeff"):
-                    line = line[1:]
                 yield lineno, line.rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise _decode_problem(path, exc, None) from None
