@@ -253,8 +253,10 @@ def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
         missing = [c for c in columns or () if c not in schema.names]
         if missing:
             raise MprError(f"{path}: no column {', '.join(repr(c) for c in missing)} (not an mpr shard part?)")
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
+        table = pq.read_table(path, columns=columns)
+        table.validate(full=True)  # corrupt pages decode to invalid UTF-8 or offsets, caught here and not in a reader
+        return table
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: undecodable metadata
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MprError(f"{path}: unreadable Parquet part ({detail})") from None
 
@@ -262,7 +264,7 @@ def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
 def read_part_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise MprError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 

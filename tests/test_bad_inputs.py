@@ -6,10 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -199,14 +199,14 @@ CASES: dict[str, Case] = {
     "mine_model_missing": c_cmd(lambda t: (beir(t), _mine(t, "--retriever", "dense", "--model", str(t / "nope")))[1], "--model", "nope", "no such folder"),
     "mine_data_is_file": c_cmd(lambda t: ((t / "f").write_text("x"), ["mine", "--data", str(t / "f"), "--out", str(t / "out")])[1], "--data", "is a file"),
     "mine_data_absent": c_cmd(lambda t: ["mine", "--data", str(t / "nothing"), "--out", str(t / "out")], "--data", "no such data folder"),
-    "mine_out_under_file": c_cmd(lambda t: (beir(t), (t / "f").write_text("x"), _mine(t)[:4] + [str(t / "f" / "out")])[2], "--out", "is a file"),
+    "mine_out_under_file": c_cmd(lambda t: (beir(t), (t / "f").write_text("x"), [*_mine(t)[:4], str(t / "f" / "out")])[2], "--out", "is a file"),
     # ingest
     "ingest_missing": c_ingest(lambda t: t / "nope.jsonl", "nope.jsonl", "no such file"),
     "ingest_folder": c_ingest(lambda t: (t / "dir.jsonl").mkdir() or t / "dir.jsonl", "dir.jsonl", "is a folder"),
     "ingest_zero_bytes": c_ingest(lambda t: (t / "e.jsonl").write_bytes(b"") or t / "e.jsonl", "e.jsonl", "empty file"),
     "ingest_gz_truncated": c_ingest(lambda t: (p := gz(tevatron(t)), truncate(p))[0], "rows.jsonl.gz", "truncated gzip"),
     "ingest_latin1": c_ingest(lambda t: (p := tevatron(t), p.write_bytes(p.read_text().replace("query 2", "requête 2").encode("latin-1")))[0], "rows.jsonl:3:", "not valid utf-8"),
-    "ingest_parquet_text": c_ingest(lambda t: (t / "x.parquet").write_text("hello\n") or t / "x.parquet", "x.parquet", "unreadable Parquet"),
+    "ingest_parquet_text": c_ingest(lambda t: ((t / "x.parquet").write_text("hello\n"), t / "x.parquet")[1], "x.parquet", "unreadable Parquet"),
     "ingest_parquet_truncated": c_ingest(lambda t: (p := parquet_rows(t, TEVATRON), truncate(p, 0.7))[0], "rows.parquet", "unreadable Parquet"),
     "ingest_parquet_foreign": c_ingest(lambda t: parquet_rows(t, [{"a": 1}]), "rows.parquet", "missing column"),
     "ingest_bad_row": c_ingest(lambda t: (p := tevatron(t), p.write_text(p.read_text() + '{"query_id": "9", "query": "x"}\n'))[0], "rows.jsonl:5:", "no positive_passages", extra=("--queries-per-shard", "1")),
@@ -284,15 +284,13 @@ def test_out_is_a_file(tmp_path, option):
     target = tmp_path / "taken"
     target.write_text("mine, not yours\n")
     argv = {
-        "mine": _mine(tmp_path)[:4],
+        "mine": ["mine", "--data", str(tmp_path / "data"), "--out"],
         "relabel": ["relabel", "--in", str(shards(tmp_path)), "--model", "m", "--out"],
         "synth": ["synth", "--data", str(tmp_path / "data"), "--model", "m", "--out"],
         "train": ["train", "--data", str(shards(tmp_path)), "--out"],
         "ingest": ["ingest", str(tevatron(tmp_path)), "--out"],
     }[option]
-    if option == "mine":
-        argv = argv[:-1]
-    result = runner.invoke(app, [*argv, str(target)] if option != "mine" else ["mine", "--data", str(tmp_path / "data"), "--out", str(target)])
+    result = runner.invoke(app, [*argv, str(target)])
     error_line(result, "--out", "taken", "is a file")
     assert target.read_text() == "mine, not yours\n"
 
@@ -461,8 +459,9 @@ def test_key_echoed_by_the_server_is_never_stored_or_printed(tmp_path, monkeypat
     else:
         argv = ["synth", "--data", str(beir(tmp_path)), "--max-queries", "2", *common]
     result = runner.invoke(app, argv)
-    if status == 401:
-        error_line(result, "401", MARKER)
+    if status == 401:  # after the line naming the backend, one error line
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "401" in result.stderr and MARKER in result.stderr
     else:
         assert result.exit_code == 0, result.output
         stored = _files_text(tmp_path / "out")
@@ -491,10 +490,12 @@ def test_redact():
 
 
 def _timed(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
+    """The command's CPU seconds (user + system): what it costs, whatever else the machine is running."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "mpr", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return time.perf_counter() - started, proc
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
 
 
 @pytest.mark.parametrize("argv", [
@@ -511,8 +512,6 @@ def test_answers_within_two_seconds(tmp_path, argv):
     latin1(data / "corpus.jsonl")
     (tmp_path / "models").mkdir()
     seconds, proc = _timed(argv, tmp_path)
-    if seconds >= 2.0:  # a busy machine gets a second chance
-        seconds, proc = _timed(argv, tmp_path)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert seconds < 2.0, (seconds, argv)
     if "--help" not in argv and "--dry-run" not in argv:
