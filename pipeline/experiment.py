@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import MprError
+from pipeline.redact import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -211,7 +212,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
             first = exc.errors()[0]
             raise key_error(path, [stage, *(str(p) for p in first["loc"])], first["msg"]) from None
     spec.out.mkdir(parents=True, exist_ok=True)
-    (spec.out / "experiment.toml").write_text(path.read_text(encoding="utf-8") + "".join(f"\n# --set {o}" for o in overrides) + "\n")
+    (spec.out / "experiment.toml").write_text(redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n")
     with ExitStack() as stack:
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))

@@ -6,7 +6,9 @@ registered key, anything shaped like an OpenAI key, and the userinfo of a URL by
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -41,6 +43,26 @@ def redact(text: str) -> str:
 def redact_json(payload: Any) -> Any:
     """`payload` (JSON-like) with every string redacted."""
     return json.loads(redact(json.dumps(payload, default=str)))
+
+
+_logging_redacted = False
+
+
+def redact_logging() -> None:
+    """Every log record's message passes through `redact` (installed once per process)."""
+    global _logging_redacted
+    if _logging_redacted:
+        return
+    _logging_redacted = True
+    make = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        with contextlib.suppress(Exception):  # a record that cannot be formatted is left to logging's own report
+            record.msg, record.args = redact(record.getMessage()), ()
+        return record
+
+    logging.setLogRecordFactory(factory)
 
 
 def has_userinfo(url: str) -> bool:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from mpr import __version__
 from pipeline.errors import MprError
+from pipeline.redact import redact
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
@@ -80,7 +81,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(redact(json.dumps(payload, indent=2, default=str)) + "\n")
     os.replace(tmp, path)
 
 

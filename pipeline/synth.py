@@ -69,6 +69,7 @@ from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, op
 from pipeline.llm.types import ChatRequest, ChatResult
 from pipeline.prompt_files import Prompt, escape, load_prompt
 from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
+from pipeline.redact import redact
 from pipeline.relabel import Judge, RelabelConfig
 from pipeline.schema import with_extra
 from pipeline.shards import (
@@ -693,7 +694,7 @@ class FailureLog:
         if not records:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records))
+            fh.write(redact("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records)))
 
     def merge_jobs(self) -> None:
         """The last of N parallel jobs writes the folder's `failures.jsonl` from every job's file."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -24,8 +25,8 @@ from typer.testing import CliRunner
 from mpr.cli import app
 from pipeline.errors import MprError
 from pipeline.readers import iter_tevatron, read_corpus, read_qrels, read_queries
-from pipeline.redact import MARKER, redact, register
-from pipeline.shards import read_part
+from pipeline.redact import MARKER, redact, redact_logging, register
+from pipeline.shards import read_part, write_json_atomic
 
 from .conftest import REPO, write_beir
 
@@ -478,12 +479,17 @@ def test_userinfo_in_openai_base_url_env_is_refused(tmp_path, monkeypatch):
     assert KEY not in result.output and not (tmp_path / "out").exists()
 
 
-def test_redact():
+def test_redact(tmp_path, caplog):
     register("s3cr3t-value")
     assert redact("x s3cr3t-value y") == f"x {MARKER} y"
     assert redact("sk-abcdefghijklmnop") == MARKER
     assert redact("https://user:pw@host/v1") == f"https://{MARKER}@host/v1"
     assert redact("nothing here") == "nothing here"
+    write_json_atomic(tmp_path / "m.json", {"config": {"note": "s3cr3t-value"}})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"config": {"note": MARKER}}
+    redact_logging()
+    logging.getLogger("mpr.test").warning("server said %s", "s3cr3t-value")
+    assert "s3cr3t-value" not in caplog.text and MARKER in caplog.text
 
 
 # -- speed: help, dry runs and input errors answer within 2 seconds ----------------------------------------

@@ -12,7 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.errors import MprError
-from pipeline.redact import read_key, redact
+from pipeline.redact import read_key, redact, redact_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,6 +61,7 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        redact_logging()
         read_key("OPENAI_API_KEY")
         read_key(kwargs.get("api_key_env") or "OPENAI_API_KEY")
         if kwargs.get("quiet"):
