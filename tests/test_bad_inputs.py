@@ -220,6 +220,8 @@ CASES: dict[str, Case] = {
     "relabel_part_truncated": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
     "relabel_part_foreign": c_cmd(lambda t: ["relabel", "--in", str(broken_part("foreign")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "qid"),
     "relabel_part_text": c_cmd(lambda t: ["relabel", "--in", str(broken_part("text")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
+    "relabel_part_truncated_run": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"], "part-00001.parquet"),
+    "train_part_truncated": c_cmd(lambda t: ["train", "--data", str(broken_part("truncated")(t)), "--out", str(t / "out")], "part-00001.parquet"),
     "relabel_out_is_in": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(shards(t)), "--model", "m"], "--out", "input folder"),
     "relabel_bad_shard": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--shard", "5/2"], "--shard"),
     "relabel_bad_concurrency": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--concurrency", "0"], "--concurrency"),
@@ -247,7 +249,8 @@ CASES: dict[str, Case] = {
     "eval_baseline_missing": c_cmd(lambda t: (beir(t), ["eval", "--data", str(t / "data"), "--baseline", str(t / "nope")])[1], "--baseline", "no such folder"),
     "eval_split_missing": c_cmd(lambda t: (beir(t), ["eval", "--data", str(t / "data"), "--split", "dev"])[1], "split 'dev'"),
     "eval_json_is_folder": c_cmd(lambda t: (beir(t), (t / "j").mkdir(), ["eval", "--data", str(t / "data"), "--json", str(t / "j")])[2], "--json", "is a folder"),
-    "eval_corpus_latin1": c_cmd(lambda t: (latin1(beir(t) / "corpus.jsonl"), ["eval", "--data", str(t / "data"), "--model", str(REPO / "no-model-here"), "--split", "test"])[1], "--model"),
+    "eval_corpus_latin1": c_cmd(lambda t: (latin1(beir(t) / "corpus.jsonl"), ["eval", "--data", str(t / "data"), "--split", "test", "--json", str(t / "r.json")])[1], "corpus.jsonl:3:", "--encoding"),
+    "eval_qrels_bom_bad_row": c_cmd(lambda t: (beir(t), (t / "data" / "qrels" / "test.tsv").write_bytes(b"\xef\xbb\xbfquery-id\tcorpus-id\tscore\nq0\td0\n"), ["eval", "--data", str(t / "data")])[2], "test.tsv:2:", "3 tab-separated"),
     # run
     "run_missing": c_cmd(lambda t: ["run", str(t / "nope.toml")], "nope.toml", "no such experiment file"),
     "run_toml_syntax": c_cmd(lambda t: ["run", run_file(t, 'out = "OUT"\ndata = "DATA"\n[mine\ndepth = 3\n')], "exp.toml:3:", "invalid TOML"),
