@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 MARKER = "[REDACTED]"
-_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}")  # OpenAI-style keys; shorter "sk-..." words are text
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
 _MIN_SECRET = 4  # shorter values would redact ordinary words
 _secrets: set[str] = set()

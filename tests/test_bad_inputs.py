@@ -350,7 +350,7 @@ def _reads_or_names(path: Path, read: Callable[[Path], object]) -> None:
         assert str(path) in message and "\n" not in message, message
 
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _valid_corpus = "".join(json.dumps(d) + "\n" for d in CORPUS).encode()
 _valid_qrels = ("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS)).encode()
 
@@ -485,7 +485,7 @@ def test_userinfo_in_openai_base_url_env_is_refused(tmp_path, monkeypatch):
 def test_redact(tmp_path, caplog):
     register("s3cr3t-value")
     assert redact("x s3cr3t-value y") == f"x {MARKER} y"
-    assert redact("sk-abcdefghijklmnop") == MARKER
+    assert redact("key sk-abcdefghijklmnopqrstuvwx") == f"key {MARKER}" and redact("sk-learn-style") == "sk-learn-style"
     assert redact("https://user:pw@host/v1") == f"https://{MARKER}@host/v1"
     assert redact("nothing here") == "nothing here"
     write_json_atomic(tmp_path / "m.json", {"config": {"note": "s3cr3t-value"}})
@@ -515,11 +515,18 @@ def _timed(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProce
     ["eval", "--data", "data", "--model", "models/nope"],
     ["mine", "--data", "data", "--out", "out", "--retriever", "bm25", "--encoding", "ascii"],
     ["synth", "--data", "data", "--out", "out", "--model", "m", "--dry-run", "--max-queries", "1"],
+    ["relabel", "--in", "shards", "--out", "out", "--model", "m", "--dry-run"],
+    ["ingest", "rows.jsonl", "--out", "out", "--max-negatives", "-1"],
+    ["run", "exp.toml"],
 ])
 def test_answers_within_two_seconds(tmp_path, argv):
     data = beir(tmp_path)
+    if argv[0] == "relabel":
+        shards(tmp_path)
+    tevatron(tmp_path)
     latin1(data / "corpus.jsonl")
     (tmp_path / "models").mkdir()
+    (tmp_path / "exp.toml").write_text('out = "out"\ndata = "data"\n[train]\nloss = "nope"\n')
     seconds, proc = _timed(argv, tmp_path)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert seconds < 2.0, (seconds, argv)
