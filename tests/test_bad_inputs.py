@@ -222,6 +222,8 @@ CASES: dict[str, Case] = {
     "relabel_part_text": c_cmd(lambda t: ["relabel", "--in", str(broken_part("text")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
     "relabel_part_truncated_run": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"], "part-00001.parquet"),
     "train_part_truncated": c_cmd(lambda t: ["train", "--data", str(broken_part("truncated")(t)), "--out", str(t / "out")], "part-00001.parquet"),
+    "relabel_cache_is_folder": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--llm-cache", str(shards(t))], "--llm-cache", "is a folder"),
+    "synth_cache_under_file": c_cmd(lambda t: (beir(t), ["synth", "--data", str(t / "data"), "--out", str(t / "out"), "--model", "m", "--llm-cache", str(t / "data" / "corpus.jsonl" / "c.sqlite")])[1], "--llm-cache", "is a file"),
     "relabel_out_is_in": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(shards(t)), "--model", "m"], "--out", "input folder"),
     "relabel_bad_shard": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--shard", "5/2"], "--shard"),
     "relabel_bad_concurrency": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--concurrency", "0"], "--concurrency"),

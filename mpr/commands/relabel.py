@@ -68,6 +68,7 @@ def relabel(
     checks.shard_folder(input, "--in")
     checks.out_folder(out)
     checks.distinct(input, out)
+    checks.out_file(llm_cache, "--llm-cache")
     from pipeline.relabel import RelabelConfig
     from pipeline.relabel import relabel as run_relabel
 

@@ -80,6 +80,7 @@ def synth(
         checks.shard_folder(from_shards, "--from-shards")
         checks.distinct(from_shards, out, "--from-shards")
     checks.out_folder(out)
+    checks.out_file(llm_cache, "--llm-cache")
     from pipeline.synth import SynthConfig
     from pipeline.synth import synth as run_synth
 
