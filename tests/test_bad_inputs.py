@@ -434,9 +434,14 @@ class EchoHandler(BaseHTTPRequestHandler):
             self._send(status, {"error": {"message": f"HTTP {status} for key KEY"}})
 
 
+class EchoServer(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 refuses connections on a busy machine
+    daemon_threads = True
+
+
 @pytest.fixture(scope="module")
 def echo_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    server = EchoServer(("127.0.0.1", 0), EchoHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -459,7 +464,7 @@ def test_key_echoed_by_the_server_is_never_stored_or_printed(tmp_path, monkeypat
     monkeypatch.setenv("MPR_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     common = ["--out", str(tmp_path / "out"), "--model", "m", "--backend", "openai", "--base-url", f"{echo_server}/{status}/v1",
-              "--max-invalid-retries", "0", "--llm-cache", str(tmp_path / "cache" / "llm.sqlite"), "-q"]
+              "--max-invalid-retries", "0", "--concurrency", "4", "--llm-cache", str(tmp_path / "cache" / "llm.sqlite"), "-q"]
     if stage == "relabel":
         argv = ["relabel", "--in", str(shards(tmp_path)), *common]
     else:
