@@ -16,7 +16,7 @@ from typing import Any
 MARKER = "[REDACTED]"
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}")  # OpenAI-style keys; shorter "sk-..." words are text
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
-_MIN_SECRET = 4  # shorter values would redact ordinary words
+_MIN_SECRET = 8  # shorter values ("EMPTY", "none": placeholders local servers accept) would redact ordinary words
 _secrets: set[str] = set()
 
 
