@@ -54,6 +54,9 @@ def resolve_model(name: str) -> str:
 def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | None = None):
     from sentence_transformers import SentenceTransformer
 
+    from pipeline.checks import model as check_model
+
+    check_model(name, "model")  # a missing or half-written local folder is named, never looked up on a hub
     resolved = resolve_model(name)
     try:
         model = SentenceTransformer(resolved, device=device)

@@ -10,15 +10,17 @@ the command line. See experiments/example.toml.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import MprError
+from pipeline.redact import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +44,15 @@ class LLMSettings(BaseModel):
     base_url: list[str] = Field(default_factory=list)
     test_server: bool = Field(False, description="use mpr's local qrels oracle server when no endpoint is configured")
     test_server_error_rate: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_userinfo(cls, value: list[str]) -> list[str]:
+        from pipeline.redact import USERINFO_HINT, has_userinfo
+
+        if any(has_userinfo(u) for u in value):
+            raise ValueError(USERINFO_HINT)
+        return value
 
 
 class RunFile(BaseModel):
@@ -71,11 +82,21 @@ def parse_value(text: str) -> Any:
 
 def load_run_file(path: Path, overrides: list[str] = ()) -> RunFile:
     if not path.is_file():
-        raise MprError(f"{path}: no such experiment file")
+        raise MprError(f"{path}: {'is a folder, not an experiment file' if path.is_dir() else 'no such experiment file'}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MprError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise MprError(f"{path}: {exc}") from None
+        message = str(exc)
+        at = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+        if at:
+            message = f"{path}:{at.group(1)}: invalid TOML: {message[: at.start()]} at column {at.group(2)}"
+        else:
+            message = f"{path}: invalid TOML: {message}"
+        raise MprError(message) from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -91,8 +112,36 @@ def load_run_file(path: Path, overrides: list[str] = ()) -> RunFile:
         return RunFile.model_validate(raw)
     except ValueError as exc:
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"])
-        raise MprError(f"{path}: {where}: {first['msg']}") from None
+        raise key_error(path, [str(p) for p in first["loc"]], first["msg"]) from None
+
+
+def key_error(path: Path, keys: list[str], message: str) -> MprError:
+    """`FILE:LINE: table.key: message`, the line found by looking for the key inside its table."""
+    line = _key_line(path, keys)
+    where = f"{path}:{line}" if line else str(path)
+    name = ".".join(keys) or "(top level)"
+    return MprError(f"{where}: {name}: {message.removeprefix('Value error, ')}")
+
+
+def _key_line(path: Path, keys: list[str]) -> int | None:
+    if not keys:
+        return None
+    table, key = ".".join(keys[:-1]), keys[-1]
+    current = ""
+    found_table = None
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if current == ".".join(keys):
+                found_table = lineno
+            continue
+        if current == table and re.match(rf"^[\"']?{re.escape(key)}[\"']?\s*=", stripped):
+            return lineno
+        if not current and table and re.match(rf"^{re.escape(table)}\.{re.escape(key)}\s*=", stripped):
+            return lineno
+    return found_table
 
 
 class Experiment:
@@ -157,9 +206,13 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
     experiment = Experiment(spec, progress=progress)
     placeholder = "http://127.0.0.1:9/v1" if spec.llm.test_server and not spec.llm.base_url else None
     for stage in stages:  # every option is checked before anything is written
-        experiment.config(stage, placeholder)
+        try:
+            experiment.config(stage, placeholder)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise key_error(path, [stage, *(str(p) for p in first["loc"])], first["msg"]) from None
     spec.out.mkdir(parents=True, exist_ok=True)
-    (spec.out / "experiment.toml").write_text(path.read_text(encoding="utf-8") + "".join(f"\n# --set {o}" for o in overrides) + "\n")
+    (spec.out / "experiment.toml").write_text(redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n")
     with ExitStack() as stack:
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))

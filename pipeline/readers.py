@@ -5,16 +5,40 @@ Every problem is reported as one line naming the file, the line and what is wron
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.errors import InputError, MprError
+
+ENCODING = "utf-8"  # of every text input unless --encoding says otherwise; a UTF-8 byte-order mark is skipped
+_encoding = ENCODING
+
+
+def use_encoding(encoding: str | None) -> None:
+    """Read text inputs in `encoding` (None: UTF-8) for the rest of this process (`--encoding`)."""
+    global _encoding
+    name = encoding or ENCODING
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise MprError(f"--encoding {name}: unknown encoding") from None
+    _encoding = name
+
+
+def find_path(folder: Path, name: str) -> Path | None:
+    """`name` or `name.gz` inside `folder`, whatever it is (a folder of that name is reported by the reader)."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def find_file(folder: Path, name: str) -> Path | None:
@@ -25,25 +49,86 @@ def find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+
+
+def _binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _decode_problem(path: Path, exc: UnicodeDecodeError, lineno: int | None, raw: bytes = b"") -> InputError:
+    if lineno == 1 and raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        hint = "the file is UTF-16; convert it to UTF-8 or pass --encoding utf-16"
+    else:
+        hint = "convert the file to UTF-8 or pass --encoding (e.g. --encoding latin-1)"
+    where = f" at column {exc.start + 1}" if lineno is not None else ""
+    return InputError(path, f"not valid {exc.encoding} (byte 0x{exc.object[exc.start]:02x}{where}); {hint}", lineno)
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a text file (.gz read transparently), without the newline.
+
+    A line that does not decode, a truncated or broken gzip stream, a folder and a zero-byte file are
+    InputErrors naming the file (and the line)."""
+    _check_readable(path)
+    encoding = _encoding
+    lineno = 0
+    try:
+        with _binary(path) as fh:
+            if "\n".encode(encoding) != b"\n":  # UTF-16/32: lines are not split at the byte 0x0a
+                text = io.TextIOWrapper(fh, encoding=encoding, newline=None)
+                for lineno, line in enumerate(text, start=1):
+                    yield lineno, line.rstrip("\r\n")
+                return
+            for lineno, raw in enumerate(fh, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as exc:
+                    raise _decode_problem(path, exc, lineno, raw) from None
+                yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise _decode_problem(path, exc, None) from None
+    except EOFError:
+        raise InputError(path, f"truncated gzip file (it ends after line {lineno}); download or compress it again") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(path, f"not a valid gzip file ({exc})") from None
+
+
 def open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    """The file as text lines (as `iter_lines` reads it, each ending in a newline)."""
+    return _Lines(path)
+
+
+class _Lines(io.TextIOBase):
+    def __init__(self, path: Path):
+        self._lines = iter_lines(path)
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return (line + "\n" for _, line in self._lines)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a malformed line is an InputError."""
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
-            yield lineno, obj
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno) from None
+        except RecursionError:
+            raise InputError(path, "malformed JSON (nested too deeply)", lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
+        yield lineno, obj
 
 
 def _str_field(path: Path, lineno: int, obj: dict[str, Any], key: str, required: bool = True) -> str:
@@ -120,25 +205,28 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[tuple[str, s
     """qrels[qid][pid] = score, plus the line of each pair (for error messages downstream)."""
     qrels: dict[str, dict[str, int]] = {}
     lines: dict[tuple[str, str], int] = {}
-    with open_text(path) as fh:
-        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
-                continue
-            if len(row) == 4:  # TREC qrels: qid iteration docid relevance
-                row = [row[0], row[2], row[3]]
-            if len(row) != 3:
-                raise InputError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}", lineno)
-            qid, pid, raw = (x.strip() for x in row)
-            try:
-                score = int(float(raw))
-            except ValueError:
-                raise InputError(path, f"score '{raw}' is not a number", lineno) from None
-            if pid in qrels.get(qid, {}):
-                raise InputError(path, f"duplicate judgment for query '{qid}', document '{pid}' (first on line {lines[(qid, pid)]})", lineno)
-            qrels.setdefault(qid, {})[pid] = score
-            lines[(qid, pid)] = lineno
+    for lineno, line in iter_lines(path):
+        try:
+            row = next(csv.reader([line], delimiter="\t"), [])
+        except csv.Error as exc:
+            raise InputError(path, f"not a TSV line ({exc})", lineno) from None
+        if not row or not "".join(row).strip():
+            continue
+        if lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
+            continue
+        if len(row) == 4:  # TREC qrels: qid iteration docid relevance
+            row = [row[0], row[2], row[3]]
+        if len(row) != 3:
+            raise InputError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}", lineno)
+        qid, pid, raw = (x.strip() for x in row)
+        try:
+            score = int(float(raw))
+        except (ValueError, OverflowError):
+            raise InputError(path, f"score '{raw}' is not a number", lineno) from None
+        if pid in qrels.get(qid, {}):
+            raise InputError(path, f"duplicate judgment for query '{qid}', document '{pid}' (first on line {lines[(qid, pid)]})", lineno)
+        qrels.setdefault(qid, {})[pid] = score
+        lines[(qid, pid)] = lineno
     return qrels, lines
 
 
@@ -166,11 +254,11 @@ def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05) -> B
         raise MprError(f"{root}: no such data folder")
     files: dict[str, Path] = {}
     for name in ("corpus.jsonl", "queries.jsonl"):
-        found = find_file(root, name)
+        found = find_path(root, name)
         if found is None:
             raise InputError(root / name, "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
         files[name] = found
-    qrels_path = find_file(root / "qrels", f"{split}.tsv")
+    qrels_path = find_path(root / "qrels", f"{split}.tsv")
     if qrels_path is None:
         available = ", ".join(split_names(root)) or "none"
         raise InputError(root / "qrels" / f"{split}.tsv", f"split '{split}' does not exist (available: {available})")
@@ -241,12 +329,11 @@ def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tu
 def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
     """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
+    _check_readable(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from pipeline.shards import read_part
 
-        table = pq.read_table(path)
+        table = read_part(path)
         missing = [f for f in ("query_id", "query") if f not in table.column_names]
         if missing:
             raise InputError(path, f"missing column(s) {', '.join(missing)}; expected {', '.join(TEVATRON_FIELDS)}")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline.errors import MprError
@@ -50,6 +49,8 @@ from pipeline.shards import (
     fingerprint_shards,
     iter_groups,
     read_manifest,
+    read_part,
+    read_part_schema,
     shard_files,
 )
 
@@ -269,7 +270,7 @@ def plan_parts(folder: Path, queries_per_shard: int) -> tuple[list[Path], list[t
     files = shard_files(folder)
     plan = []
     for f, path in enumerate(files):
-        qids = pq.read_table(path, columns=["qid"]).column("qid").to_pylist()
+        qids = read_part(path, columns=["qid"]).column("qid").to_pylist()
         n = sum(1 for i, q in enumerate(qids) if i == 0 or qids[i - 1] != q)
         plan += [(f, s, min(s + queries_per_shard, n)) for s in range(0, n, queries_per_shard)]
     return files, plan
@@ -279,7 +280,7 @@ def _load_part(files: list[Path], plan: list[tuple[int, int, int]], index: int, 
     f, start, end = plan[index]
     if f not in cache:
         cache.clear()
-        cache[f] = [(qid, rows.to_pylist()) for qid, rows in iter_groups(pq.read_table(files[f]))]
+        cache[f] = [(qid, rows.to_pylist()) for qid, rows in iter_groups(read_part(files[f]))]
     return Part(index, cache[f][start:end])
 
 
@@ -368,7 +369,7 @@ class Relabeler:
 
 
 def _schema_for(folder: Path) -> pa.Schema:
-    base = pq.read_schema(shard_files(folder)[0])
+    base = read_part_schema(shard_files(folder)[0])
     return with_extra(*RELABEL_FIELDS, base=pa.schema([f for f in base if f.name not in {x.name for x in RELABEL_FIELDS}]))
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from mpr import __version__
+from pipeline.redact import redact
 from pipeline.shards import read_manifest, shard_files
 
 if TYPE_CHECKING:
@@ -117,6 +118,6 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
                 lines += _table([[m, v] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])
             lines.append("")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(redact("\n".join(lines)) + "\n")
     log(f"report: {path}")
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import MprError
@@ -25,6 +24,8 @@ def exact_topk(
     The corpus is scanned in chunks and a running top-k is merged, so memory stays at
     |queries| x (k + corpus_chunk) scores; the full query x corpus matrix is never built.
     """
+    import torch  # here, not at the top: `mpr mine` reads and checks its inputs before paying for torch
+
     k = min(k, len(corpus))
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     best_scores = torch.full((len(q), 0), float("-inf"))

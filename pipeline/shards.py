@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from mpr import __version__
 from pipeline.errors import MprError
+from pipeline.redact import redact
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
@@ -80,7 +81,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(redact(json.dumps(payload, indent=2, default=str)) + "\n")
     os.replace(tmp, path)
 
 
@@ -246,8 +247,30 @@ def shard_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet part; a truncated, corrupt or foreign file is an MprError naming the part."""
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns or () if c not in schema.names]
+        if missing:
+            raise MprError(f"{path}: no column {', '.join(repr(c) for c in missing)} (not an mpr shard part?)")
+        table = pq.read_table(path, columns=columns)
+        table.validate(full=True)  # corrupt pages decode to invalid UTF-8 or offsets, caught here and not in a reader
+        return table
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: undecodable metadata
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MprError(f"{path}: unreadable Parquet part ({detail})") from None
+
+
+def read_part_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise MprError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def read_shards(*folders: str | Path, columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(f, columns=columns) for folder in folders for f in shard_files(folder)]
+    tables = [read_part(f, columns=columns) for folder in folders for f in shard_files(folder)]
     return pa.concat_tables(tables, promote_options="default")
 
 

@@ -59,7 +59,6 @@ from string import Template
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.errors import InputError, MprError
@@ -70,6 +69,7 @@ from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, op
 from pipeline.llm.types import ChatRequest, ChatResult
 from pipeline.prompt_files import Prompt, escape, load_prompt
 from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
+from pipeline.redact import redact
 from pipeline.relabel import Judge, RelabelConfig
 from pipeline.schema import with_extra
 from pipeline.shards import (
@@ -78,6 +78,7 @@ from pipeline.shards import (
     ShardRun,
     fingerprint_shards,
     read_manifest,
+    read_part,
     sha256_file,
     shard_files,
     shard_name,
@@ -271,7 +272,7 @@ def _from_shards(folder: Path) -> Queries:
         raise MprError(f"{folder}: the input run is not complete; finish it first")
     seen: dict[str, str] = {}
     for path in shard_files(folder):
-        table = pq.read_table(path, columns=["qid", "query"])
+        table = read_part(path, columns=["qid", "query"])
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
     kind = f"shards:{manifest.stage if manifest else 'unknown'}"
@@ -693,7 +694,7 @@ class FailureLog:
         if not records:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records))
+            fh.write(redact("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records)))
 
     def merge_jobs(self) -> None:
         """The last of N parallel jobs writes the folder's `failures.jsonl` from every job's file."""

@@ -319,7 +319,7 @@ def test_one_line_errors(server, tmp_path):
         ([], "exactly one of --data, --queries, --from-shards"),
         (["--queries", str(EXAMPLE / "queries.jsonl"), "--with-qrels"], "--with-qrels needs a BEIR folder"),
         (["--data", str(EXAMPLE), "--levels", "7"], "--levels"),
-        (["--data", str(EXAMPLE), "--positive-level", "3", "--levels", "3"], "--positive-level: Value error, must be in 1..2"),
+        (["--data", str(EXAMPLE), "--positive-level", "3", "--levels", "3"], "--positive-level: must be in 1..2"),
         (["--data", str(EXAMPLE), "--lengths", "40,x"], "--lengths"),
         (["--data", str(EXAMPLE), "--split", "dev"], "split 'dev' does not exist"),
     ]

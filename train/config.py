@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from pipeline.encode import DEFAULT_MODEL
+
 LossName = Literal["infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse"]
 
 #: The memory budget on CPU when none is given: the process's peak resident memory.

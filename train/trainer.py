@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import train_inputs
 from pipeline.errors import MprError
-from pipeline.shards import fingerprint_shards, read_manifest, shard_files, write_json_atomic
+from pipeline.shards import fingerprint_shards, read_manifest, write_json_atomic
 from train.config import TrainConfig
 
 __all__ = ["TrainConfig", "check_inputs", "train"]
@@ -39,31 +40,13 @@ def _precision(choice: str) -> dict[str, bool]:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
-def _is_model(folder: Path) -> bool:
-    return (folder / "modules.json").is_file() or (folder / "config.json").is_file()
-
-
 def check_inputs(cfg: TrainConfig) -> None:
-    """What can be checked before torch is imported: the data folders, the model path, the output."""
-    for folder in cfg.data:
-        if not folder.is_dir():
-            raise MprError(f"--data {folder}: no such folder")
-        if not shard_files(folder):
-            raise MprError(f"--data {folder}: no Parquet parts (part-*.parquet); is it a shard folder from mpr mine/relabel/synth?")
-    if cfg.eval_data is not None and not cfg.eval_data.is_dir():
-        raise MprError(f"--eval-data {cfg.eval_data}: no such folder")
-    local = Path(cfg.model).expanduser()
-    if local.exists() or cfg.model.startswith((".", "/", "~")):
-        if not local.is_dir():
-            raise MprError(f"--model {cfg.model}: no such folder")
-        if not _is_model(local):
-            raise MprError(f"--model {cfg.model}: not a model folder (no modules.json or config.json)")
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise MprError(f"--out {cfg.out}: exists and is not a folder")
+    """What can be checked before torch is imported: the inputs, the model path, the output's state."""
+    train_inputs(cfg.data, cfg.out, cfg.model, cfg.eval_data, cfg.eval_split)
     finished = cfg.out.is_dir() and any(cfg.out.iterdir())
     if finished and not (cfg.overwrite or cfg.resume):
         raise MprError(f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, or choose another --out")
-    if cfg.checkpoints.is_dir() and _checkpoints(cfg) and not (cfg.resume or cfg.overwrite):
+    if _checkpoints(cfg) and not (cfg.resume or cfg.overwrite):
         raise MprError(f"{cfg.checkpoints}: a stopped run left checkpoints; --resume continues it, --overwrite starts over")
 
 

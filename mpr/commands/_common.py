@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -11,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.errors import MprError
+from pipeline.redact import read_key, redact, redact_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,30 +33,76 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and toke
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
 
 
-def fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+Encoding = Annotated[str | None, typer.Option(help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1.")]
+
+# Exit codes (the README's "Errors" section lists them).
+EXIT_BAD_INPUT = 2  # a user error (bad option, path, file, server answer) or Ctrl-C; one line on stderr
+# Options naming what a command writes: removed again when the command created them and then failed.
+OUTPUT_OPTIONS = ("out", "json_out", "run_out")
 
 
-def one_line_errors(fn: F) -> F:
-    """User errors end the command with one line on stderr and exit code 2; no traceback."""
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """Print one `error:` line (API keys redacted, newlines folded) and return the exit to raise."""
+    line = " ".join(redact(message).split())
+    typer.echo(f"error: {line}", err=True)
+    return typer.Exit(code)
+
+
+def _option(loc: tuple[Any, ...]) -> str:
+    return "--" + "-".join(str(p) for p in loc).replace("_", "-")
+
+
+def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
+    """User errors end the command with one line on stderr and exit code 2; no traceback. With `cleanup`,
+    what the command set out to create (`--out`, `--json`, `--run`) and had not existed is removed again,
+    so a failed run leaves nothing a later run or reader mistakes for output; Ctrl-C keeps it for resuming."""
+    if fn is None:
+        return functools.partial(one_line_errors, cleanup=cleanup)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        redact_logging()
+        read_key("OPENAI_API_KEY")
+        read_key(kwargs.get("api_key_env") or "OPENAI_API_KEY")
         if kwargs.get("quiet"):
             quiet_libraries()
+        if kwargs.get("encoding") is not None:
+            from pipeline.readers import use_encoding
+
+            try:
+                use_encoding(kwargs["encoding"])
+            except MprError as exc:
+                raise fail(str(exc)) from None
+        fresh = [p for p in (kwargs.get(k) for k in OUTPUT_OPTIONS) if isinstance(p, Path) and not p.exists()]
         try:
             return fn(*args, **kwargs)
-        except MprError as exc:
-            raise fail(str(exc)) from None
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            option = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-            raise fail(f"{option}: {err['msg']}") from None
+        except (MprError, ValidationError, OSError, UnicodeError, EOFError) as exc:
+            if cleanup and not kwargs.get("shard"):  # parallel --shard jobs share the folder
+                _remove(fresh)
+            raise fail(_message(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted; rerun the same command to resume") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{_option(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, EOFError):
+        return f"unexpected end of a file ({exc or 'truncated input'})"
+    return str(exc)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
 
 
 def quiet_libraries() -> None:
@@ -71,12 +119,12 @@ def quiet_libraries() -> None:
 
 
 def log(message: str) -> None:
-    typer.echo(message, err=True)
+    typer.echo(redact(message), err=True)
 
 
 def print_summary(stage: str, out: Path, summary: dict[str, Any]) -> None:
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict) and v not in (0, None)}
-    typer.echo(f"{stage}: wrote {out}")
+    typer.echo(redact(f"{stage}: wrote {out}"))
     width = max((len(k) for k in flat), default=0)
     for key, value in flat.items():
         typer.echo(f"  {key:<{width}}  {value:,}" if isinstance(value, int) else f"  {key:<{width}}  {value}")

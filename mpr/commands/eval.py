@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mpr.commands._common import Quiet, log, one_line_errors
+from mpr.commands._common import Encoding, Quiet, log, one_line_errors
 
 
 @one_line_errors
@@ -28,13 +28,22 @@ def eval(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: best available).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the embedding cache.")] = False,
+    encoding: Encoding = None,
     quiet: Quiet = False,
 ) -> None:
     """nDCG@10, MRR@10, Recall@100 and Recall@1000 of a model on a BEIR split (exact search).
 
     Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2 --data ../shared/data/scifact
     """
-    options = {k: v for k, v in locals().items() if k != "quiet"}
+    options = {k: v for k, v in locals().items() if k not in {"quiet", "encoding"}}
+    from pipeline import checks
+
+    checks.beir_folder(data, split)
+    checks.model(model)
+    if baseline is not None:
+        checks.model(baseline, "--baseline")
+    checks.out_file(json_out, "--json")
+    checks.out_file(run_out, "--run")
     from train.evaluate import EvalConfig, evaluate, format_table
 
     report = evaluate(EvalConfig(**options, progress=not quiet), log=log)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mpr.commands._common import Overwrite, log, one_line_errors, print_summary
+from mpr.commands._common import Encoding, Overwrite, log, one_line_errors, print_summary
 
 
 @one_line_errors
@@ -17,8 +17,14 @@ def ingest(
     max_negatives: Annotated[int | None, typer.Option(help="Keep at most N negatives per query.")] = None,
     queries_per_shard: Annotated[int, typer.Option(help="Queries per Parquet part.")] = 1000,
     overwrite: Overwrite = False,
+    encoding: Encoding = None,
 ) -> None:
     """Turn Tevatron/RLHN-style training rows into judgment shards, so published data can be relabeled without re-mining."""
+    from pipeline import checks
+
+    for path in files:
+        checks.in_file(path, "FILES")
+    checks.out_folder(out)
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
 

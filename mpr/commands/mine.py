@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mpr.commands._common import Overwrite, Quiet, log, one_line_errors, print_summary
+from mpr.commands._common import Encoding, Overwrite, Quiet, log, one_line_errors, print_summary
 
 
 @one_line_errors
@@ -42,13 +42,20 @@ def mine(
     cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the embedding cache.")] = False,
     overwrite: Overwrite = False,
+    encoding: Encoding = None,
     quiet: Quiet = False,
 ) -> None:
     """Retrieve candidates for each query of a split and keep hard negatives.
 
     Example: mpr mine --data ../shared/data/scifact --split train --out runs/scifact/mined
     """
-    options = {k: v for k, v in locals().items() if k != "quiet"}
+    options = {k: v for k, v in locals().items() if k not in {"quiet", "encoding"}}
+    from pipeline import checks
+
+    checks.beir_folder(data, split)
+    checks.out_folder(out)
+    if retriever != "bm25":
+        checks.model(model)
     from pipeline.mine import MineConfig
     from pipeline.mine import mine as run_mine
 

@@ -63,6 +63,12 @@ def relabel(
     Example: mpr relabel --in runs/x/mined --out runs/x/relabeled --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
     options = {k: v for k, v in locals().items() if k != "quiet"}
+    from pipeline import checks
+
+    checks.shard_folder(input, "--in")
+    checks.out_folder(out)
+    checks.distinct(input, out)
+    checks.out_file(llm_cache, "--llm-cache")
     from pipeline.relabel import RelabelConfig
     from pipeline.relabel import relabel as run_relabel
 

@@ -13,6 +13,7 @@ from mpr.commands._common import (
     BaseUrl,
     Concurrency,
     DryRun,
+    Encoding,
     HttpClient,
     LLMCache,
     MaxInvalidRetries,
@@ -61,13 +62,25 @@ def synth(
     llm_cache: LLMCache = None,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
+    encoding: Encoding = None,
     quiet: Quiet = False,
 ) -> None:
     """Write synthetic passages at graded relevance levels for each query (after SyCL).
 
     Example: mpr synth --data ../shared/data/scifact --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
-    options = {k: v for k, v in locals().items() if k not in {"quiet", "styles", "lengths"} and v is not None}
+    options = {k: v for k, v in locals().items() if k not in {"quiet", "styles", "lengths", "encoding"} and v is not None}
+    from pipeline import checks
+
+    if data is not None:
+        checks.beir_folder(data, split)
+    if queries is not None:
+        checks.in_file(queries, "--queries")
+    if from_shards is not None:
+        checks.shard_folder(from_shards, "--from-shards")
+        checks.distinct(from_shards, out, "--from-shards")
+    checks.out_folder(out)
+    checks.out_file(llm_cache, "--llm-cache")
     from pipeline.synth import SynthConfig
     from pipeline.synth import synth as run_synth
 

@@ -9,7 +9,7 @@ from mpr.commands.options import config_options
 from train.config import TrainConfig
 
 
-@one_line_errors
+@one_line_errors(cleanup=False)  # the model folder appears only when complete; checkpoints stay for --resume
 @config_options(TrainConfig, exclude={"progress"})
 def train(quiet: Quiet = False, **options: Any) -> None:
     """Train a bi-encoder on judgment shards with a multi-positive or graded loss.

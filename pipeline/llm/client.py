@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ..errors import MprError
+from ..redact import read_key, redact
 from .base import ChatBackend, RunContext, WorkItem
 from .cache import ResultCache
 from .types import ChatRequest, ChatResult, TokenLogprob
@@ -44,7 +44,6 @@ log = logging.getLogger("mpr.llm")
 
 Transport = Literal["aiohttp", "openai"]
 _PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "ws_proxy", "wss_proxy"})
-_KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-*]+")
 
 
 @dataclass
@@ -138,7 +137,7 @@ class OpenAIBackend(ChatBackend):
 
     # -- the run ---------------------------------------------------------------------------------------
     async def _generate(self, todo: list[WorkItem], ctx: RunContext) -> None:
-        secret = os.environ.get(self.api_key_env) or ""
+        secret = read_key(self.api_key_env)
         make = _OpenAIPoster if self.transport == "openai" else _AiohttpPoster
         poster = make([s.url for s in self.servers], self.concurrency, self.timeout_s, self.connect_timeout_s, secret)
         pending = iter(todo)
@@ -238,12 +237,12 @@ class OpenAIBackend(ChatBackend):
                 server.blocked_until = max(server.blocked_until, time.monotonic() + pause)
             if e.timed_out:
                 return _Outcome(error=f"timed out after {self.timeout_s:g}s")
-            return _Outcome(error=_redact(e.message, secret))
+            return _Outcome(error=redact(e.message))
         finally:
             server.in_flight -= 1
         status = reply.status
         if status >= 400:
-            message = _redact(_status_message(reply.body), secret)
+            message = redact(_status_message(reply.body))
             if status == 400 and with_schema:
                 log.debug("%s: HTTP 400 with response_format; retrying without it", server.url)
                 return _Outcome(schema_refused=True)
@@ -259,7 +258,9 @@ class OpenAIBackend(ChatBackend):
         try:
             result = _parse(item.key, reply.body)
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            return _Outcome(error=f"malformed response: {type(e).__name__}: {e}"[:300])
+            return _Outcome(error=redact(f"malformed response: {type(e).__name__}: {e}"[:300]))
+        if result.content is not None:  # a server that echoes the key does not get it stored
+            result.content = redact(result.content)
         server.fail_streak = 0
         return _Outcome(result=result)
 
@@ -450,8 +451,3 @@ def _cause(e: BaseException) -> str:
     cause = e.__cause__ or e.__context__
     return f"{type(cause).__name__}: {cause}"[:200] if cause is not None else type(e).__name__
 
-
-def _redact(text: str, secret: str) -> str:
-    if secret:
-        text = text.replace(secret, "***")
-    return _KEY_LIKE.sub(r"\1***", text)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from ..errors import MprError
+from ..redact import USERINFO_HINT, has_userinfo, read_key
 from .base import ChatBackend
 from .types import Message
 
@@ -159,6 +160,9 @@ def resolve_backend(
         return BackendSpec(kind="vllm", model=resolved or DEFAULT_MODEL)
 
     tried: list[str] = []
+    env_url = os.environ.get("OPENAI_BASE_URL", "").strip()
+    if has_userinfo(env_url) and not urls:
+        raise MprError(f"$OPENAI_BASE_URL {USERINFO_HINT}")
     if not urls:
         if backend == "auto":
             if vllm_importable():
@@ -167,10 +171,9 @@ def resolve_backend(
                 tried.append("in-process vLLM (no CUDA GPU)")
             else:
                 tried.append("in-process vLLM (not installed)")
-        env_url = os.environ.get("OPENAI_BASE_URL", "").strip()
         urls = [env_url.rstrip("/")] if env_url else [DEFAULT_BASE_URL]
 
-    key = os.environ.get(api_key_env) or ""
+    key = read_key(api_key_env)
     with ThreadPoolExecutor(min(len(urls), 16)) as pool:
         probes = list(pool.map(lambda u: _probe(u, key, probe_timeout_s), urls))
     alive = [(u, served) for u, (served, problem) in zip(urls, probes, strict=True) if problem is None]

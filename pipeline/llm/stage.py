@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.models import resolve_backend
 from pipeline.llm.types import RunStats
+from pipeline.redact import USERINFO_HINT, has_userinfo
 
 LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 
@@ -39,6 +40,13 @@ class LLMStageConfig(BaseModel):
     dry_run: bool = False
     overwrite: bool = False
     progress: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_userinfo(cls, value: list[str]) -> list[str]:
+        if any(has_userinfo(u) for u in value):
+            raise ValueError(USERINFO_HINT)
+        return value
 
     @field_validator("shard")
     @classmethod
