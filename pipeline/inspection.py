@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA, SOURCES
-from pipeline.shards import iter_groups, read_manifest, read_shards, sha256_file, shard_files
+from pipeline.shards import MANIFEST, iter_groups, read_manifest, read_shards, sha256_file, shard_files
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:
@@ -87,9 +87,9 @@ def validate_shards(folder: str | Path) -> list[str]:
     files = shard_files(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        errors.append(f"{folder}/manifest.json: missing")
+        errors.append(f"{folder}/{MANIFEST}: missing")
     elif not manifest.complete:
-        errors.append(f"{folder}/manifest.json: run is not complete (resume it by rerunning the stage)")
+        errors.append(f"{folder}/{MANIFEST}: run is not complete (resume it by rerunning the stage)")
     listed = {s.name: s for s in manifest.shards} if manifest else {}
     seen_in: dict[str, str] = {}
     for path in files:
@@ -133,14 +133,16 @@ def validate_shards(folder: str | Path) -> list[str]:
         if manifest:
             info = listed.pop(name, None)
             if info is None:
-                errors.append(f"{path}: not listed in manifest.json")
+                errors.append(f"{path}: not listed in {MANIFEST}")
             else:
                 if info.rows != table.num_rows:
                     errors.append(f"{path}: {table.num_rows} rows, manifest says {info.rows}")
+                if info.bytes is not None and info.bytes != path.stat().st_size:
+                    errors.append(f"{path}: {path.stat().st_size} bytes, manifest says {info.bytes}")
                 if info.sha256 != sha256_file(path):
-                    errors.append(f"{path}: checksum does not match manifest.json")
+                    errors.append(f"{path}: checksum does not match {MANIFEST}")
     for name in listed:
-        errors.append(f"{folder}/{name}: listed in manifest.json but missing")
+        errors.append(f"{folder}/{name}: listed in {MANIFEST} but missing")
     return errors
 
 

@@ -27,8 +27,8 @@ losses learn from the levels. Here:
   difference between judged and intended levels exceeds `verify_tolerance`, or when the Spearman
   correlation between them is negative (its order is inverted; a constant judgment has no correlation
   and is left to the first rule), or when the judge could not grade one of its passages.
-- Failed and dropped sets are not written to the shards. Each one is a line of `failures.jsonl` in the
-  output folder (`failures.K-of-N.jsonl` per `--shard` job, merged into `failures.jsonl` by the last job)
+- Failed and dropped sets are not written to the shards. Each one is a line of `_failures.jsonl` in the
+  output folder (`_failures.K-of-N.jsonl` per `--shard` job, merged into `_failures.jsonl` by the last job)
   with qid, query, set, style, target_words, kind (`invalid`: the answers kept failing validation;
   `request`: no answer, e.g. HTTP errors; `duplicate`: repeats an earlier set; `verify`: dropped by the
   judge), error and part; the manifest summary counts them.
@@ -45,7 +45,6 @@ first, then by set.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -73,14 +72,18 @@ from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read
 from pipeline.relabel import Judge, RelabelConfig
 from pipeline.schema import with_extra
 from pipeline.shards import (
+    FAILURES,
+    RETRYABLE,
+    FailureLog,
     InputInfo,
     Manifest,
     ShardRun,
+    VerifyMode,
     fingerprint_shards,
-    read_manifest,
     sha256_file,
     shard_files,
     shard_name,
+    verify_shards,
 )
 
 DEFAULT_STYLES: tuple[str, ...] = (
@@ -98,7 +101,6 @@ MIN_LEVELS, MAX_LEVELS = 2, 6
 MAX_JACCARD = 0.9
 VERBATIM_MIN_WORDS = 4
 TOKENS_PER_WORD = 1.5
-FAILURES = "failures.jsonl"
 SYNTH_FIELDS = (
     pa.field("style", pa.string()),
     pa.field("target_words", pa.int32()),
@@ -252,7 +254,7 @@ def load_queries(cfg: SynthConfig) -> Queries:
     if cfg.queries is not None:
         out = Queries(list(read_queries_file(cfg.queries).items()), [_input(cfg.queries, "queries")])
     elif cfg.from_shards is not None:
-        out = _from_shards(cfg.from_shards)
+        out = _from_shards(cfg.from_shards, cfg.verify_inputs)
     else:
         assert cfg.data is not None
         out = _from_beir(cfg.data, cfg.split, cfg.with_qrels)
@@ -263,18 +265,16 @@ def load_queries(cfg: SynthConfig) -> Queries:
     return out
 
 
-def _from_shards(folder: Path) -> Queries:
+def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
     if not folder.is_dir():
         raise MprError(f"{folder}: no such shard folder (--from-shards)")
-    manifest = read_manifest(folder)
-    if manifest is not None and not manifest.complete:
-        raise MprError(f"{folder}: the input run is not complete; finish it first")
+    manifest = verify_shards(folder, verify)
     seen: dict[str, str] = {}
     for path in shard_files(folder):
         table = pq.read_table(path, columns=["qid", "query"])
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
-    kind = f"shards:{manifest.stage if manifest else 'unknown'}"
+    kind = f"shards:{manifest.stage}"
     return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder))])
 
 
@@ -514,7 +514,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 STAT_KEYS = ("queries", "queries_without_sets", "sets_requested", "sets_written", "sets_failed", "failed_invalid",
              "failed_request", "failed_duplicate", "sets_verified", "sets_dropped_by_verify", "passages_generated",
-             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli")
+             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli", "verify_failed", RETRYABLE)
 
 
 @dataclass
@@ -622,6 +622,9 @@ class Synthesizer:
             rows += group
         stats["sets_written"] = len(kept)
         stats["rows"] = len(rows)
+        # sets without an answer (HTTP errors, answers that kept failing validation, a judge that could not
+        # grade): a rerun asks for exactly these again; the answered ones come back from the request cache
+        stats[RETRYABLE] = stats["failed_invalid"] + stats["failed_request"] + stats["verify_failed"]
         return rows, stats, failures
 
     def _verify(self, kept: list[KeptSet], desc: str, stats: dict[str, int],
@@ -649,6 +652,7 @@ class Synthesizer:
             stats["sets_verified"] += 1
             if j in errors:
                 stats["sets_dropped_by_verify"] += 1
+                stats["verify_failed"] += 1
                 fail(item.spec, "verify", errors[j])
                 continue
             intended = sorted(item.passages, reverse=True)
@@ -669,42 +673,6 @@ class Synthesizer:
 
 
 # -- failure records -------------------------------------------------------------------------------------
-
-
-class FailureLog:
-    """`failures.jsonl`: one line per set that was not written, tagged with its part. A line is appended
-    before its part is written; on start, lines of parts the manifest does not list are removed, so a
-    killed run that redoes a part records its failures once."""
-
-    def __init__(self, run: ShardRun, job: tuple[int, int] | None):
-        self.out = run.out
-        self.job = job
-        self.path = run.out / (FAILURES if job is None else f"failures.{job[0]}-of-{job[1]}.jsonl")
-        if self.path.exists():
-            done = {s.name for s in run.manifest.shards}
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            keep = [line for line in lines if line.strip() and json.loads(line).get("part") in done]
-            if len(keep) != len(lines):
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-                tmp.replace(self.path)
-
-    def add(self, part: str, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records))
-
-    def merge_jobs(self) -> None:
-        """The last of N parallel jobs writes the folder's `failures.jsonl` from every job's file."""
-        if self.job is None:
-            return
-        files = [self.out / f"failures.{k}-of-{self.job[1]}.jsonl" for k in range(self.job[1])]
-        lines = [line for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines.sort(key=lambda line: json.loads(line)["part"])
-        tmp = self.out / (FAILURES + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(self.out / FAILURES)
 
 
 # -- the stage ---------------------------------------------------------------------------------------------
@@ -743,6 +711,7 @@ def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now
     reasons = {k: totals.get(f"failed_{k}", 0) for k in ("invalid", "request", "duplicate")}
     reasons["verify"] = totals.get("sets_dropped_by_verify", 0)
     summary["failures"] = {k: v for k, v in reasons.items() if v}
+    summary["attempted"] = totals.get("sets_requested", 0)
     if summary["failures"]:
         summary["failures_file"] = FAILURES
     if cfg.verify:
@@ -778,7 +747,7 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
         models={"generator": model, **({"verifier": verify_model} if verify_model else {})},
         prompts=prompts, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
     )
-    failures = FailureLog(run, run.job)
+    failures = FailureLog(run)
     pending = [i for i in range(len(parts)) if run.owns(i) and not run.done(i)]
     if run.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")

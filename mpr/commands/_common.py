@@ -29,6 +29,11 @@ QueriesPerShard = Annotated[int, typer.Option(help="Queries per output part (the
 LLMCache = Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
+MaxFailureRate = Annotated[float, typer.Option(help="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.")]
+VerifyInputs = Annotated[Literal["fast", "full"] | None, typer.Option(help="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")]
+# Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
+# (output complete and resumable: rerun the same command to retry exactly those).
+EXIT_FAILED_ITEMS = 3
 
 
 def fail(message: str) -> typer.Exit:
@@ -89,3 +94,13 @@ def print_dry_run(stage: str, estimate: dict[str, Any]) -> None:
     typer.echo(f"{stage} --dry-run: nothing was sent")
     for key, value in estimate.items():
         typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+
+
+def exit_on_failures(stage: str, out: Path, summary: dict[str, Any], max_rate: float) -> None:
+    """After `print_summary`: one line and exit code 3 when more items failed than `max_rate` allows."""
+    from pipeline.llm.stage import failure_line
+
+    line = failure_line(stage, out, summary, max_rate)
+    if line:
+        typer.echo(line, err=True)
+        raise typer.Exit(EXIT_FAILED_ITEMS)

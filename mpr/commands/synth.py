@@ -15,12 +15,15 @@ from mpr.commands._common import (
     DryRun,
     HttpClient,
     LLMCache,
+    MaxFailureRate,
     MaxInvalidRetries,
     Overwrite,
     QueriesPerShard,
     Quiet,
     Shard,
     Timeout,
+    VerifyInputs,
+    exit_on_failures,
     log,
     one_line_errors,
     print_dry_run,
@@ -61,6 +64,8 @@ def synth(
     llm_cache: LLMCache = None,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
+    max_failure_rate: MaxFailureRate = 0.0,
+    verify_inputs: VerifyInputs = None,
     quiet: Quiet = False,
 ) -> None:
     """Write synthetic passages at graded relevance levels for each query (after SyCL).
@@ -84,3 +89,4 @@ def synth(
              "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",
              "seconds", "requests_per_s", "failures_file", "failures", "verify")
     print_summary("synth", cfg.out, {k: result.summary[k] for k in shown if k in result.summary})
+    exit_on_failures("synth", cfg.out, result.summary, cfg.max_failure_rate)
