@@ -1,0 +1,197 @@
+"""Integrity at every stage boundary: shard folders open as datasets, consumers verify what they read,
+merges keep each stage's labels and each dataset's queries apart, restarts are never blocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import MprError
+from pipeline.schema import SCHEMA, to_table
+from pipeline.shards import InputInfo, ShardRun, fingerprint_shards, read_manifest, verify_shards
+from train.groups import GroupConfig, build_groups
+
+
+def row(qid, pid, source="mined", label=None, rank=None, grade=None, level=None, text=None, query=None):
+    return {"qid": qid, "query": query or f"query {qid}", "pid": pid, "title": None, "text": text or f"text of {pid}",
+            "source": source, "rank": rank, "label": label, "grade": grade, "level": level}
+
+
+def folder(path: Path, rows: list[dict], *, stage="test", inputs=(), parts=None) -> Path:
+    run = ShardRun(path, stage=stage, config={}, identity={"p": str(path)}, inputs=list(inputs))
+    parts = parts or [rows]
+    for i, chunk in enumerate(parts):
+        run.write(i, to_table({name: [r.get(name) for r in chunk] for name in SCHEMA.names}, SCHEMA))
+    run.finish({})
+    return path
+
+
+def queries_input(tmp_path: Path, name: str, text: str) -> InputInfo:
+    path = tmp_path / f"{name}-queries.jsonl"
+    path.write_text(text)
+    from pipeline.shards import sha256_file
+
+    return InputInfo(path=str(path), kind="beir:queries.jsonl", fingerprint="sha256:" + sha256_file(path))
+
+
+def shards_input(path: Path, stage: str) -> InputInfo:
+    return InputInfo(path=str(path.resolve()), kind=f"shards:{stage}", fingerprint=fingerprint_shards(path))
+
+
+def texts_and_kinds(example: dict, k: int) -> dict[str, int]:
+    return {example[f"passage_{j}"]: int(example["label"][1][j]) for j in range(k)}
+
+
+# -- merges ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lineage(tmp_path):
+    """A mined folder and the relabel of it, which turns the mined negative r1 into a positive."""
+    data = queries_input(tmp_path, "d", '{"_id": "a", "text": "query a"}\n')
+    mined = folder(tmp_path / "mined", [row("a", "p1", "qrels", 1), row("a", "r1", label=0, rank=1), row("a", "n1", label=0, rank=2)],
+                   stage="mine", inputs=[data])
+    relabeled = folder(tmp_path / "relabeled", [row("a", "p1", "qrels", 1), row("a", "r1", label=1, rank=1), row("a", "n1", label=0, rank=2)],
+                       stage="relabel", inputs=[shards_input(mined, "mine")])
+    return mined, relabeled
+
+
+@pytest.mark.parametrize("order", ["mined-first", "relabeled-first"])
+def test_later_stage_wins_whatever_the_order(lineage, order):
+    mined, relabeled = lineage
+    data = [mined, relabeled] if order == "mined-first" else [relabeled, mined]
+    ds, stats = build_groups(GroupConfig(data=data, group_size=4, random_negatives=False))
+    assert len(ds) == 1
+    kinds = texts_and_kinds(ds[0], 4)
+    assert kinds["text of r1"] == 1 and kinds["text of p1"] == 1 and kinds["text of n1"] == 0
+    assert stats.superseded_rows == 3
+    assert read_manifest(relabeled).dataset == read_manifest(mined).dataset is not None
+
+
+def test_two_datasets_sharing_qids_stay_apart(tmp_path):
+    one = folder(tmp_path / "cisi", [row("1", "c1", "qrels", 1, query="cisi query"), row("1", "c2", label=0, rank=1, query="cisi query")],
+                 inputs=[queries_input(tmp_path, "cisi", '{"_id": "1", "text": "cisi query"}\n')])
+    two = folder(tmp_path / "vaswani", [row("1", "v1", "qrels", 1, query="vaswani query"), row("1", "v2", label=0, rank=1, query="vaswani query")],
+                 inputs=[queries_input(tmp_path, "vaswani", '{"_id": "1", "text": "vaswani query"}\n')])
+    ds, stats = build_groups(GroupConfig(data=[one, two], group_size=3, random_negatives=False))
+    assert stats.groups == 2 and sorted(ds["query"]) == ["cisi query", "vaswani query"]
+    for example in ds:
+        texts = [example[f"passage_{j}"] for j in range(2)]
+        own = "c" if example["query"].startswith("cisi") else "v"
+        assert texts == [f"text of {own}1", f"text of {own}2"]
+
+
+def test_unrelated_folders_that_disagree_are_an_error(tmp_path):
+    mined = folder(tmp_path / "mined", [row("a", "p1", "qrels", 1), row("a", "r1", label=0, rank=1)])
+    a = folder(tmp_path / "judge-a", [row("a", "p1", "qrels", 1), row("a", "r1", label=1)], inputs=[shards_input(mined, "test")])
+    b = folder(tmp_path / "judge-b", [row("a", "p1", "qrels", 1), row("a", "r1", label=0)], inputs=[shards_input(mined, "test")])
+    with pytest.raises(MprError, match=r"judge-a.*judge-b") as err:
+        build_groups(GroupConfig(data=[a, b], group_size=3))
+    assert "r1" in str(err.value)
+
+
+def test_duplicate_text_is_never_positive_and_negative(tmp_path):
+    data = folder(tmp_path / "d", [row("a", "p1", "qrels", 1, text="same words"), row("a", "n1", label=0, rank=1, text="same words"),
+                                   row("a", "n2", label=0, rank=2)])
+    ds, stats = build_groups(GroupConfig(data=[data], group_size=3, random_negatives=False))
+    texts = [ds[0][f"passage_{j}"] for j in range(3)]
+    assert texts == ["same words", "text of n2", ""] and stats.duplicate_negatives_dropped == 1
+
+
+def test_max_positives_cap_is_reported(tmp_path):
+    data = folder(tmp_path / "d", [row("a", f"p{i}", "qrels", 1) for i in range(5)] + [row("a", "n", label=0, rank=1)])
+    _, stats = build_groups(GroupConfig(data=[data], group_size=4, max_positives=2, random_negatives=False))
+    assert stats.positives == 2 and stats.positives_capped == 3 and stats.as_dict()["positives_capped"] == 3
+
+
+# -- consumers verify what they read -----------------------------------------------------------------------
+
+
+def two_parts(tmp_path) -> Path:
+    return folder(tmp_path / "s", [], parts=[[row("a", "p1", "qrels", 1), row("a", "n1", label=0, rank=1)],
+                                             [row("b", "p2", "qrels", 1), row("b", "n2", label=0, rank=1), row("b", "n3", label=0, rank=2)]])
+
+
+def damage(folder: Path, how: str) -> None:
+    part0, part1 = folder / "part-00000.parquet", folder / "part-00001.parquet"
+    manifest = folder / "_manifest.json"
+    if how == "missing":
+        part1.unlink()
+    elif how == "duplicated":
+        shutil.copy(part1, folder / "part-00002.parquet")
+    elif how == "truncated":
+        part1.write_bytes(part1.read_bytes()[:-40])
+    elif how == "rewritten":  # same size and row count, other content
+        table = pq.read_table(part0)
+        i = table.schema.get_field_index("pid")
+        pq.write_table(table.set_column(i, table.schema.field(i), pa.array(["x1", "y1"], pa.string())), part0, compression="zstd")
+        assert part0.stat().st_size == json.loads(manifest.read_text())["shards"][0]["bytes"]
+    elif how in ("counts", "checksum"):
+        doc = json.loads(manifest.read_text())
+        if how == "counts":
+            doc["shards"][1]["rows"] = 2
+        else:
+            doc["shards"][0]["sha256"] = "0" * 64
+        manifest.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "part-00001.parquet: listed in _manifest.json but missing"),
+    ("duplicated", "part-00002.parquet: not listed in _manifest.json (a copy of part-00001.parquet)"),
+    ("truncated", "part-00001.parquet: "),
+    ("rewritten", "part-00000.parquet: checksum differs"),
+    ("counts", "part-00001.parquet: 3 rows, _manifest.json says 2"),
+    ("checksum", "part-00000.parquet: checksum differs"),
+])
+def test_damaged_folder_is_refused_by_train(tmp_path, how, message):
+    data = two_parts(tmp_path)
+    verify_shards(data)
+    build_groups(GroupConfig(data=[data], group_size=3))
+    damage(data, how)
+    with pytest.raises(MprError) as err:
+        build_groups(GroupConfig(data=[data], group_size=3))
+    assert message in str(err.value) and str(data) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_full_verify_hashes_every_part(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    data = two_parts(tmp_path)
+    damage(data, "rewritten")
+    monkeypatch.setattr(shards, "HASH_LIMIT", 0)  # a large folder: fast mode checks sizes and counts only
+    verify_shards(data, "fast")
+    with pytest.raises(MprError, match="checksum differs"):
+        verify_shards(data, "full")
+    monkeypatch.setenv("MPR_VERIFY", "full")
+    with pytest.raises(MprError, match="checksum differs"):
+        build_groups(GroupConfig(data=[data], group_size=3))
+
+
+# -- restartable starts --------------------------------------------------------------------------------------
+
+
+def test_folder_without_finished_part_never_blocks_a_rerun(tmp_path):
+    out = tmp_path / "out"
+    ShardRun(out, stage="relabel", config={"model": "a"}, identity={"model": "a"})  # started, then its server was down
+    run = ShardRun(out, stage="relabel", config={"model": "b"}, identity={"model": "b"})
+    assert read_manifest(out).config == {"model": "b"} and not run.manifest.shards
+
+
+def test_folder_with_finished_parts_names_the_options_that_differ(tmp_path):
+    out = tmp_path / "out"
+    run = ShardRun(out, stage="relabel", config={}, identity={"model": "a", "mode": "relabel", "seed": 1})
+    run.write(0, to_table({name: [r.get(name) for r in [row("a", "p1", "qrels", 1)]] for name in SCHEMA.names}, SCHEMA))
+    with pytest.raises(MprError, match=r"options that differ: mode, model\)"):
+        ShardRun(out, stage="relabel", config={}, identity={"model": "b", "mode": "graded", "seed": 1})
+
+
+def test_old_manifest_names_are_still_read(tmp_path):
+    data = two_parts(tmp_path)
+    (data / "_manifest.json").rename(data / "manifest.json")
+    assert read_manifest(data).complete and verify_shards(data).shards
+    build_groups(GroupConfig(data=[data], group_size=3))
