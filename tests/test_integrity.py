@@ -195,3 +195,118 @@ def test_old_manifest_names_are_still_read(tmp_path):
     (data / "_manifest.json").rename(data / "manifest.json")
     assert read_manifest(data).complete and verify_shards(data).shards
     build_groups(GroupConfig(data=[data], group_size=3))
+
+
+# -- failures are retried and counted ------------------------------------------------------------------------
+
+
+def test_failure_line_and_max_failure_rate(tmp_path):
+    from pipeline.llm.stage import failure_line
+
+    assert failure_line("relabel", tmp_path, {"retryable": 0, "attempted": 10}, 0.0) is None
+    assert failure_line("relabel", tmp_path, {"retryable": 3, "attempted": 10}, 0.5) is None
+    line = failure_line("relabel", tmp_path, {"retryable": 3, "attempted": 10}, 0.2)
+    assert line is not None and "3 of 10 (30.0%)" in line and "_failures.jsonl" in line and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def mined_example(tmp_path_factory, cache_dir):
+    from pipeline.mine import MineConfig, mine
+
+    from .conftest import EXAMPLE, SEQ
+
+    out = tmp_path_factory.mktemp("mined-example") / "mined"
+    mine(MineConfig(data=EXAMPLE, split="train", out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=10, num_negatives=5,
+                    queries_per_shard=4, progress=False), log=lambda _: None)
+    return out
+
+
+def test_relabel_rerun_retries_exactly_the_failed_rows(mined_example, tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+    from pipeline.llm.testserver import start_server
+    from pipeline.oracle import Oracle
+    from pipeline.shards import read_shards
+
+    from .conftest import EXAMPLE
+
+    runner = CliRunner()
+    model = "judge-model"
+
+    def args(out, url, cache, *extra):
+        return ["relabel", "--in", str(mined_example), "--out", str(out), "--model", model, "--mode", "graded", "--base-url", url,
+                "--candidates", "all", "--queries-per-shard", "2", "--llm-cache", str(cache), "--max-invalid-retries", "0", "-q", *extra]
+
+    with start_server(responder=Oracle(EXAMPLE), models=(model,)) as clean:
+        reference = runner.invoke(app, args(tmp_path / "reference", clean.url, tmp_path / "ref.sqlite"))
+        assert reference.exit_code == 0, reference.output
+    out = tmp_path / "out"
+    with start_server(responder=Oracle(EXAMPLE), models=(model,), faults={"p_malformed": 0.4, "seed": 5}) as handle:
+        first = runner.invoke(app, args(out, handle.url, tmp_path / "llm.sqlite"))
+        manifest = read_manifest(out)
+        failed = manifest.summary["failed"]
+        assert first.exit_code == 3 and failed > 0, first.output
+        assert f"{failed:,} of {manifest.summary['attempted']:,}" in first.output
+        records = [json.loads(line) for line in (out / "_failures.jsonl").read_text().splitlines()]
+        table = read_shards(out).to_pandas()
+        assert len(records) == failed == int(table.error.notna().sum())
+        assert {(r["qid"], r["pid"]) for r in records} == set(zip(table[table.error.notna()].qid, table[table.error.notna()].pid))
+        received = handle.stats()["received"]
+        answered_before = handle.stats()["answered"]
+
+        handle.control(p_malformed=0.0)
+        second = runner.invoke(app, args(out, handle.url, tmp_path / "llm.sqlite"))
+        assert second.exit_code == 0, second.output
+        stats = handle.stats()
+        assert stats["received"] - received == failed  # exactly the failed rows, nothing answered is asked again
+        assert stats["answered"] == answered_before + failed
+        manifest = read_manifest(out)
+        assert manifest.summary["failed"] == 0 and manifest.summary["llm_sent"] == stats["received"]
+        assert not (out / "_failures.jsonl").read_text().strip()
+        assert read_shards(out).equals(read_shards(tmp_path / "reference"))
+
+        third = runner.invoke(app, args(out, handle.url, tmp_path / "llm.sqlite"))
+        assert third.exit_code == 0 and "already complete" in third.output and handle.stats()["received"] == stats["received"]
+
+
+def test_synth_rerun_retries_exactly_the_failed_sets(tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+    from pipeline.llm.testserver import start_server
+    from pipeline.oracle import Oracle
+    from pipeline.shards import read_shards
+
+    from .conftest import EXAMPLE
+
+    runner = CliRunner()
+    model = "gen-model"
+
+    def args(out, url, cache, *extra):
+        return ["synth", "--data", str(EXAMPLE), "--split", "all", "--per-query", "2", "--out", str(out), "--model", model,
+                "--base-url", url, "--queries-per-shard", "4", "--llm-cache", str(cache), "--max-invalid-retries", "0", "-q", *extra]
+
+    with start_server(responder=Oracle(EXAMPLE), models=(model,)) as clean:
+        assert runner.invoke(app, args(tmp_path / "reference", clean.url, tmp_path / "ref.sqlite")).exit_code == 0
+    out = tmp_path / "out"
+    with start_server(responder=Oracle(EXAMPLE), models=(model,), faults={"p_malformed": 0.3, "seed": 2}) as handle:
+        first = runner.invoke(app, args(out, handle.url, tmp_path / "llm.sqlite"))
+        failed = read_manifest(out).summary["retryable"]
+        assert first.exit_code == 3 and failed > 0, first.output
+        records = [json.loads(line) for line in (out / "_failures.jsonl").read_text().splitlines()]
+        assert len(records) == failed
+        received = handle.stats()["received"]
+        accepted = runner.invoke(app, [*args(out, handle.url, tmp_path / "llm.sqlite"), "--max-failure-rate", "1"])
+        assert accepted.exit_code == 0, accepted.output  # some fail again, and that is accepted
+        assert handle.stats()["received"] - received == failed  # exactly the failed sets were asked again
+        failed, received = read_manifest(out).summary["retryable"], handle.stats()["received"]
+
+        handle.control(p_malformed=0.0)
+        second = runner.invoke(app, args(out, handle.url, tmp_path / "llm.sqlite"))
+        assert second.exit_code == 0, second.output
+        manifest = read_manifest(out)
+        assert handle.stats()["received"] - received == failed
+        assert manifest.summary["retryable"] == 0 and manifest.summary["requests"] == handle.stats()["received"]
+        assert not (out / "_failures.jsonl").read_text().strip()
+        assert read_shards(out).equals(read_shards(tmp_path / "reference"))
