@@ -310,3 +310,56 @@ def test_synth_rerun_retries_exactly_the_failed_sets(tmp_path):
         assert manifest.summary["retryable"] == 0 and manifest.summary["requests"] == handle.stats()["received"]
         assert not (out / "_failures.jsonl").read_text().strip()
         assert read_shards(out).equals(read_shards(tmp_path / "reference"))
+
+
+# -- shard folders open as folders -------------------------------------------------------------------------
+
+
+def open_every_way(out: Path) -> None:
+    """The folder opens by its path with pandas, pyarrow.dataset, duckdb and datasets, and with the glob
+    form data/README.md gives for polars and `load_dataset("parquet", ...)`; every reader sees every row."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as pads
+    from datasets import load_dataset
+
+    from pipeline.shards import read_shards
+
+    expected = read_shards(out)
+    assert (out / "_manifest.json").exists() and not (out / "manifest.json").exists()
+    df = pd.read_parquet(out)
+    assert len(df) == expected.num_rows and df.pid.tolist() == expected.column("pid").to_pylist()
+    nullable = pd.read_parquet(out, dtype_backend="numpy_nullable")
+    assert str(nullable.label.dtype) == "Int8" and nullable.label.isna().sum() == expected.column("label").null_count
+    assert pads.dataset(out).to_table().num_rows == expected.num_rows
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}')").fetchall() == [(expected.num_rows,)]
+    assert load_dataset(str(out), split="train").num_rows == expected.num_rows
+    assert pl.read_parquet(f"{out}/*.parquet").height == expected.num_rows
+    assert load_dataset("parquet", data_files=f"{out}/*.parquet", split="train").num_rows == expected.num_rows
+
+
+def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+    from pipeline.llm.testserver import start_server
+    from pipeline.oracle import Oracle
+
+    from .conftest import EXAMPLE
+
+    runner = CliRunner()
+    open_every_way(mined_example)
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"query_id": "1", "query": "q one", "positive_passages": [{"docid": "p1", "title": "", "text": "one"}],
+                               "negative_passages": [{"docid": "n1", "title": "", "text": "two"}]}) + "\n")
+    assert runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ingested")]).exit_code == 0
+    open_every_way(tmp_path / "ingested")
+    with start_server(responder=Oracle(EXAMPLE), models=("m",), faults={"p_malformed": 0.3, "seed": 1}) as handle:
+        common = ["--model", "m", "--base-url", handle.url, "--llm-cache", str(tmp_path / "llm.sqlite"), "--max-invalid-retries", "0", "-q"]
+        relabeled = runner.invoke(app, ["relabel", "--in", str(mined_example), "--out", str(tmp_path / "relabeled"), "--mode", "graded", *common])
+        synthesized = runner.invoke(app, ["synth", "--data", str(EXAMPLE), "--split", "all", "--out", str(tmp_path / "synth"), *common])
+    assert relabeled.exit_code == synthesized.exit_code == 3  # with failed rows: `_failures.jsonl` sits among the parts
+    for name in ("relabeled", "synth"):
+        assert (tmp_path / name / "_failures.jsonl").read_text().strip()
+        open_every_way(tmp_path / name)
