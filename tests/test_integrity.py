@@ -363,3 +363,36 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
     for name in ("relabeled", "synth"):
         assert (tmp_path / name / "_failures.jsonl").read_text().strip()
         open_every_way(tmp_path / name)
+
+
+# -- caches keyed by content -----------------------------------------------------------------------------------
+
+
+def test_llm_cache_never_shares_answers_between_servers(tmp_path):
+    import sqlite3
+
+    from pipeline.llm.cache import ResultCache
+    from pipeline.llm.client import OpenAIBackend
+    from pipeline.llm.testserver import start_server
+    from pipeline.llm.types import ChatRequest
+
+    reqs = [ChatRequest(messages=[{"role": "user", "content": f"item {i}"}]) for i in range(5)]
+    db = tmp_path / "llm.sqlite"
+    with start_server(models=("same-name",)) as one, start_server(models=("same-name",)) as two:
+        first = OpenAIBackend("same-name", one.url, cache=db).run_sync(reqs)
+        assert one.stats()["received"] == 5 and all(r.ok and not r.cached for r in first)
+        other = OpenAIBackend("same-name", two.url, cache=db).run_sync(reqs)
+        assert two.stats()["received"] == 5 and not any(r.cached for r in other)  # another server is asked
+        again = OpenAIBackend("same-name", [one.url], cache=db).run_sync(reqs)
+        assert one.stats()["received"] == 5 and all(r.cached for r in again)  # each server keeps its answers
+    with ResultCache(db) as cache:
+        assert len(cache) == 10 and len(cache.keys()) == 5
+
+    legacy = tmp_path / "old.sqlite"  # a cache written before answers were keyed by server
+    con = sqlite3.connect(legacy)
+    con.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID")
+    con.execute("INSERT INTO answers VALUES ('k1', 'm', '{\"content\": \"x\"}', 0)")
+    con.commit()
+    con.close()
+    with ResultCache(legacy) as cache:
+        assert cache.get("k1").content == "x" and cache.get("k1", "openai:http://a/v1") is None
