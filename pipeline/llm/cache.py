@@ -25,7 +25,7 @@ from .types import ChatResult
 
 _STORED = {"content", "finish_reason", "logprobs", "prompt_tokens", "completion_tokens"}
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS answers_v2 (
+CREATE TABLE IF NOT EXISTS answers (
     key TEXT NOT NULL,
     server TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS answers_v2 (
 ) WITHOUT ROWID
 """
 _MIGRATE = """
-INSERT OR IGNORE INTO answers_v2 (key, server, model, value, created) SELECT key, '', model, value, created FROM answers
+INSERT OR IGNORE INTO answers (key, server, model, value, created) SELECT key, '', model, value, created FROM answers_v1
 """
 
 
@@ -50,8 +50,8 @@ class ResultCache:
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._set_wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
             self._migrate()
+            self._db.execute(_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise MprError(f"{self.path}: cannot open the LLM answer cache ({e})") from e
 
@@ -67,16 +67,21 @@ class ResultCache:
             time.sleep(0.05 * (attempt + 1))
         raise MprError(f"{self.path}: cannot switch the LLM answer cache to WAL mode (file locked?)")
 
+    def _columns(self) -> list[str]:
+        return [row[1] for row in self._db.execute("PRAGMA table_info(answers)")]
+
     def _migrate(self) -> None:
-        """Move the rows of a file written before answers were keyed by server (one transaction)."""
-        old = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'answers'").fetchone()
-        if not old:
+        """Rebuild a table written before answers were keyed by server (one transaction, once)."""
+        columns = self._columns()
+        if not columns or "server" in columns:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'answers'").fetchone():
+            if "server" not in self._columns():  # another process may have migrated it meanwhile
+                self._db.execute("ALTER TABLE answers RENAME TO answers_v1")
+                self._db.execute(_SCHEMA)
                 self._db.execute(_MIGRATE)
-                self._db.execute("DROP TABLE answers")
+                self._db.execute("DROP TABLE answers_v1")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -85,9 +90,9 @@ class ResultCache:
     def get(self, key: str, server: str | None = None) -> ChatResult | None:
         """The answer to `key` from `server` (None: from any server)."""
         if server is None:
-            row = self._db.execute("SELECT value FROM answers_v2 WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
         else:
-            row = self._db.execute("SELECT value FROM answers_v2 WHERE key = ? AND server = ?", (key, server)).fetchone()
+            row = self._db.execute("SELECT value FROM answers WHERE key = ? AND server = ?", (key, server)).fetchone()
         return _load(key, row[0]) if row else None
 
     def get_many(self, keys: Iterable[str], server: str | None = None) -> dict[str, ChatResult]:
@@ -97,7 +102,7 @@ class ResultCache:
             chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
             where, args = (f"key IN ({marks})", chunk) if server is None else (f"key IN ({marks}) AND server = ?", [*chunk, server])
-            for key, value in self._db.execute(f"SELECT key, value FROM answers_v2 WHERE {where}", args):
+            for key, value in self._db.execute(f"SELECT key, value FROM answers WHERE {where}", args):
                 found[key] = _load(key, value)
         return found
 
@@ -107,21 +112,21 @@ class ResultCache:
             raise ValueError("only successful answers are cached")
         value = result.model_dump_json(include=_STORED, exclude_none=True)
         self._db.execute(
-            "INSERT OR REPLACE INTO answers_v2 (key, server, model, value, created) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO answers (key, server, model, value, created) VALUES (?, ?, ?, ?, ?)",
             (result.key, server, model, value, time.time()),
         )
 
     def delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM answers_v2 WHERE key = ?", (key,))
+        self._db.execute("DELETE FROM answers WHERE key = ?", (key,))
 
     def keys(self) -> list[str]:
-        return [k for (k,) in self._db.execute("SELECT DISTINCT key FROM answers_v2")]
+        return [k for (k,) in self._db.execute("SELECT DISTINCT key FROM answers")]
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM answers_v2").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
     def __contains__(self, key: object) -> bool:
-        return self._db.execute("SELECT 1 FROM answers_v2 WHERE key = ?", (key,)).fetchone() is not None
+        return self._db.execute("SELECT 1 FROM answers WHERE key = ?", (key,)).fetchone() is not None
 
     def close(self) -> None:
         self._db.close()
