@@ -396,3 +396,32 @@ def test_llm_cache_never_shares_answers_between_servers(tmp_path):
     con.close()
     with ResultCache(legacy) as cache:
         assert cache.get("k1").content == "x" and cache.get("k1", "openai:http://a/v1") is None
+
+
+def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_path, tmp_path):
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from pipeline.encode import Encoder
+
+    model_dir = tmp_path / "models" / "x"
+    shutil.copytree(encoder_path, model_dir)
+    texts = ["a passage about cells", "another about stars", "and one about rivers"]
+    cache = tmp_path / "emb"
+    first, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
+    assert counts == {"encoded": 3, "cached": 0}
+    again, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
+    assert counts == {"encoded": 0, "cached": 3} and np.array_equal(first, again)
+
+    weights = model_dir / "model.safetensors"  # "retrained": other weights of the same shapes, so the same file size
+    size = weights.stat().st_size
+    with safe_open(weights, "np") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(weights)
+    rng = np.random.default_rng(0)
+    tensors = {k: (v + rng.normal(0, 0.05, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata=metadata)
+    assert weights.stat().st_size == size
+    retrained, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
+    assert counts == {"encoded": 3, "cached": 0} and not np.allclose(first, retrained, atol=1e-3)
