@@ -68,7 +68,7 @@ from pipeline.llm.models import TokenCounter, resolve_model
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult
 from pipeline.prompt_files import Prompt, escape, load_prompt
-from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
+from pipeline.readers import OnEmpty, find_file, open_text, read_corpus, read_qrels, read_queries, split_names
 from pipeline.relabel import Judge, RelabelConfig
 from pipeline.schema import with_extra
 from pipeline.shards import (
@@ -144,6 +144,7 @@ class SynthConfig(LLMStageConfig):
     temperature: float = Field(0.7, ge=0)
     max_tokens: int | None = Field(None, ge=16)
     max_queries: int | None = Field(None, ge=1)
+    on_empty: OnEmpty = "skip"
 
     @field_validator("styles", mode="before")
     @classmethod
@@ -181,7 +182,7 @@ class SynthConfig(LLMStageConfig):
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model"}
+        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model", "on_empty"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
                 "prompt": prompt.id, "positive": self.positive}
 
@@ -257,7 +258,7 @@ def load_queries(cfg: SynthConfig) -> Queries:
         out = _from_shards(cfg.from_shards, cfg.verify_inputs)
     else:
         assert cfg.data is not None
-        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels)
+        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels, cfg.on_empty)
     if cfg.max_queries:
         out.items = out.items[: cfg.max_queries]
     if not out.items:
@@ -278,13 +279,14 @@ def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
     return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder))])
 
 
-def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
+def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "skip") -> Queries:
     if not root.is_dir():
         raise MprError(f"{root}: no such data folder")
     qpath = find_file(root, "queries.jsonl")
     if qpath is None:
         raise InputError(root / "queries.jsonl", "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
-    queries = read_queries(qpath)
+    empty: list[str] = []
+    queries = read_queries(qpath, on_empty=on_empty, empty=empty)
     inputs = [_input(qpath, "beir:queries.jsonl")]
     splits = split_names(root) if split == "all" else [split]
     qrels: dict[str, dict[str, int]] = {}
@@ -297,11 +299,11 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
             inputs.append(_input(path, f"beir:qrels/{name}"))
             for qid, judged in read_qrels(path)[0].items():
                 qrels.setdefault(qid, {}).update(judged)
-    notes: dict[str, int] = {}
+    notes: dict[str, int] = {"empty_queries": len(empty)} if empty else {}
     if split == "all":
         items = list(queries.items())
     else:
-        unknown = [q for q in qrels if q not in queries]
+        unknown = [q for q in qrels if q not in queries and q not in set(empty)]
         if unknown:
             notes["qrels_unknown_queries"] = len(unknown)
         items = [(q, queries[q]) for q in qrels if q in queries]
@@ -312,7 +314,9 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
         cpath = find_file(root, "corpus.jsonl")
         if cpath is None:
             raise InputError(root / "corpus.jsonl", "missing file (--with-qrels reads the positives' texts)")
-        corpus = read_corpus(cpath)
+        corpus = read_corpus(cpath, on_empty=on_empty)
+        if corpus.empty:
+            notes["empty_documents"] = len(corpus.empty)
         inputs.append(_input(cpath, "beir:corpus.jsonl"))
         missing = 0
         for qid, judged in qrels.items():
@@ -321,7 +325,7 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
                     continue
                 i = corpus.index.get(pid)
                 if i is None:
-                    missing += 1
+                    missing += pid not in corpus.empty
                     continue
                 positives.setdefault(qid, []).append((pid, corpus.titles[i], corpus.texts[i]))
         if missing:
@@ -751,7 +755,7 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
     pending = [i for i in range(len(parts)) if run.owns(i) and not run.done(i)]
     if run.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return _finish(run, failures, run.manifest.summary or summarize(run.totals(), cfg, 0.0, 0))
+        return _finish(run, failures, run.manifest.summary or {**summarize(run.totals(), cfg, 0.0, 0), **queries.notes})
     for key, value in queries.notes.items():
         log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
     owned = backends is None
@@ -774,7 +778,7 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
     finally:
         if owned:
             close_backends(backend, verifier)
-    return _finish(run, failures, summarize(run.totals(), cfg, time.perf_counter() - started, sent_now))
+    return _finish(run, failures, {**summarize(run.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes})
 
 
 def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:

@@ -425,3 +425,32 @@ def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_pat
     assert weights.stat().st_size == size
     retrained, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
     assert counts == {"encoded": 3, "cached": 0} and not np.allclose(first, retrained, atol=1e-3)
+
+
+# -- honest skips ------------------------------------------------------------------------------------------
+
+
+def test_empty_documents_and_queries_are_skipped_and_counted(tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+    from pipeline.shards import read_shards
+
+    from .conftest import write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"passage number {i} about topic {i % 3}"} for i in range(8)]
+    corpus += [{"_id": "blank", "title": " ", "text": "  \n"}, {"_id": "none", "text": ""}]
+    queries = [{"_id": f"q{i}", "text": f"question about topic {i}"} for i in range(3)] + [{"_id": "qblank", "text": "   "}]
+    qrels = [(f"q{i}", f"d{i}", 1) for i in range(3)] + [("q0", "blank", 1), ("qblank", "d4", 1)]
+    data = write_beir(tmp_path / "data", corpus, queries, {"train": qrels})
+    runner = CliRunner()
+    result = runner.invoke(app, ["mine", "--data", str(data), "--out", str(tmp_path / "out"), "-q", "--retriever", "bm25", "--depth", "4"])
+    assert result.exit_code == 0, result.output
+    assert "left out 2 empty document(s) and 1 empty query(ies) with their 2 judgment(s)" in result.output
+    summary = read_manifest(tmp_path / "out").summary
+    assert (summary["empty_documents"], summary["empty_queries"], summary["qrels_of_empty"], summary["dropped_qrels"]) == (2, 1, 2, 0)
+    table = read_shards(tmp_path / "out").to_pandas()
+    assert set(table.qid) == {"q0", "q1", "q2"} and not {"blank", "none"} & set(table.pid)
+    strict = runner.invoke(app, ["mine", "--data", str(data), "--out", str(tmp_path / "strict"), "-q", "--retriever", "bm25",
+                                 "--on-empty", "error"])
+    assert strict.exit_code == 2 and "document 'blank' has an empty title and text" in strict.output
