@@ -118,12 +118,6 @@ def manifest_path(folder: str | Path) -> Path:
     return new if new.exists() or not (folder / LEGACY_MANIFEST).exists() else folder / LEGACY_MANIFEST
 
 
-def failures_path(folder: str | Path) -> Path:
-    folder = Path(folder)
-    new = folder / FAILURES
-    return new if new.exists() or not (folder / LEGACY_FAILURES).exists() else folder / LEGACY_FAILURES
-
-
 def read_manifest(folder: str | Path) -> Manifest | None:
     path = manifest_path(folder)
     return _load_manifest(path) if path.exists() else None
@@ -217,9 +211,9 @@ class ShardRun:
             elif not siblings:
                 raise MprError(f"{self.out}: folder exists and is not an mpr shard folder; choose another --out")
             else:
-                loaded = [old] if old else [_load_manifest(p) for p in siblings]
-                finished = any(m.shards for m in loaded) or any(self.out.glob("part-*.parquet"))
-                other = loaded[0]
+                every = [_load_manifest(p) for p in siblings]
+                finished = any(m.shards for m in every) or any(self.out.glob("part-*.parquet"))
+                other = old or every[0]
                 if (other.stage != stage or other.config_hash != digest) and finished:
                     if other.stage != stage:
                         what = f"stage '{other.stage}', not '{stage}'"

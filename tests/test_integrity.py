@@ -454,3 +454,13 @@ def test_empty_documents_and_queries_are_skipped_and_counted(tmp_path):
     strict = runner.invoke(app, ["mine", "--data", str(data), "--out", str(tmp_path / "strict"), "-q", "--retriever", "bm25",
                                  "--on-empty", "error"])
     assert strict.exit_code == 2 and "document 'blank' has an empty title and text" in strict.output
+
+
+def test_old_folder_resumes_under_the_new_names(tmp_path):
+    out = tmp_path / "s"
+    run = ShardRun(out, stage="test", config={}, identity={"x": 1}, planned_shards=2)
+    run.write(0, to_table({name: [r.get(name) for r in [row("a", "p1", "qrels", 1)]] for name in SCHEMA.names}, SCHEMA))
+    (out / "_manifest.json").rename(out / "manifest.json")  # killed under an older version
+    again = ShardRun(out, stage="test", config={}, identity={"x": 1}, planned_shards=2)
+    assert again.done(0) and not again.done(1)
+    assert (out / "_manifest.json").exists() and not (out / "manifest.json").exists()
