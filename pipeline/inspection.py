@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA, SOURCES
-from pipeline.shards import MANIFEST, iter_groups, read_manifest, read_shards, sha256_file, shard_files
+from pipeline.errors import MprError
+from pipeline.shards import MANIFEST, iter_groups, read_manifest, read_shards, sha256_file, shard_files, verify_shards
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:
@@ -69,6 +70,11 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
         pairs = Counter(zip(table.column("prior_label").to_pylist(), table.column("label").to_pylist()))
         report["label_changes"] = {f"{'null' if a is None else a} -> {'null' if b is None else b}": n for (a, b), n in sorted(pairs.items(), key=str)}
         report["failed"] = table.column("error").drop_null().length() if "error" in table.column_names else 0
+    try:
+        verify_shards(folder)
+        report["integrity"] = "ok"
+    except MprError as exc:  # inspect still shows what is there; training would refuse it
+        report["integrity"] = str(exc)
     if manifest and manifest.summary:
         report["summary"] = manifest.summary
     step = max(1, table.num_rows // max(samples, 1))
@@ -150,6 +156,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['folder']}: stage={report['stage']} complete={report['complete']} shards={report['shards']} "
         f"rows={report['rows']:,} queries={report['queries']:,}",
+        *([f"integrity: {report['integrity']}"] if report.get("integrity", "ok") != "ok" else []),
         "",
         "rows by source and label",
     ]
