@@ -10,9 +10,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import SCHEMA, SOURCES
 from pipeline.errors import MprError
-from pipeline.shards import MANIFEST, iter_groups, read_manifest, read_shards, sha256_file, shard_files, verify_shards
+from pipeline.schema import SCHEMA, SOURCES
+from pipeline.shards import (
+    MANIFEST,
+    iter_groups,
+    read_manifest,
+    read_shards,
+    sha256_file,
+    shard_files,
+    verify_shards,
+)
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:
