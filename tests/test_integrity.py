@@ -464,3 +464,13 @@ def test_old_folder_resumes_under_the_new_names(tmp_path):
     again = ShardRun(out, stage="test", config={}, identity={"x": 1}, planned_shards=2)
     assert again.done(0) and not again.done(1)
     assert (out / "_manifest.json").exists() and not (out / "manifest.json").exists()
+
+
+def test_inspect_reports_a_damaged_folder(tmp_path):
+    from pipeline.inspection import format_report, inspect_shards
+
+    data = two_parts(tmp_path)
+    assert inspect_shards(data)["integrity"] == "ok"
+    damage(data, "counts")
+    report = inspect_shards(data)
+    assert "3 rows, _manifest.json says 2" in report["integrity"] and "integrity: " in format_report(report)
