@@ -474,3 +474,23 @@ def test_inspect_reports_a_damaged_folder(tmp_path):
     damage(data, "counts")
     report = inspect_shards(data)
     assert "3 rows, _manifest.json says 2" in report["integrity"] and "integrity: " in format_report(report)
+
+
+def test_relabel_that_could_not_start_never_blocks_a_rerun_with_other_options(mined_example, tmp_path):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = CliRunner()
+    out = tmp_path / "out"
+    base = ["relabel", "--in", str(mined_example), "--out", str(out), "--model", "m", "--base-url", f"http://127.0.0.1:{port}/v1",
+            "--timeout", "2", "-q", "--llm-cache", str(tmp_path / "llm.sqlite")]
+    first = runner.invoke(app, base)
+    assert first.exit_code != 0 and f"127.0.0.1:{port}" in first.output and not list(out.glob("part-*.parquet")), first.output
+    second = runner.invoke(app, [*base, "--mode", "graded"])
+    assert second.exit_code != 0 and f"127.0.0.1:{port}" in second.output and "other options" not in second.output, second.output
