@@ -435,10 +435,12 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
     schema = _schema_for(cfg.input)
     cache_parts: dict[int, list] = {}
+    sent_now = 0
     try:
         for n, index in enumerate(pending, start=1):
             part = _load_part(files, plan, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
+            sent_now += stats.get("llm_sent", 0)
             failures.add(shard_name(index), [
                 {"qid": r["qid"], "pid": r["pid"], "query": r["query"], "kind": "invalid" if r["error"].startswith("invalid answer") else "request",
                  "error": r["error"]}
@@ -448,12 +450,14 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     finally:
         if backends is None:
             close_backends(backend, confirm)
-    return _finish(run, failures, _summary(run.totals(), time.perf_counter() - started))
+    return _finish(run, failures, _summary(run.totals(), time.perf_counter() - started, sent_now))
 
 
-def _summary(totals: dict[str, int], seconds: float) -> dict[str, Any]:
+def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[str, Any]:
+    """The summed part statistics (`llm_sent`: every request any run sent for these parts), the items
+    judged or failed (`attempted`), and this run's time and request rate."""
     summary: dict[str, Any] = {**totals, "attempted": totals.get("judged", 0) + totals.get("failed", 0), "seconds": round(seconds, 2),
-                               "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}
+                               "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0}
     if totals.get("failed"):
         summary["failures_file"] = FAILURES
     return summary

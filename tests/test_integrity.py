@@ -494,3 +494,16 @@ def test_relabel_that_could_not_start_never_blocks_a_rerun_with_other_options(mi
     assert first.exit_code != 0 and f"127.0.0.1:{port}" in first.output and not list(out.glob("part-*.parquet")), first.output
     second = runner.invoke(app, [*base, "--mode", "graded"])
     assert second.exit_code != 0 and f"127.0.0.1:{port}" in second.output and "other options" not in second.output, second.output
+
+
+def test_relabel_refuses_a_damaged_input_before_sending_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+
+    data = two_parts(tmp_path)
+    damage(data, "missing")
+    result = CliRunner().invoke(app, ["relabel", "--in", str(data), "--out", str(tmp_path / "out"), "--model", "m",
+                                      "--base-url", "http://127.0.0.1:9/v1", "-q"])
+    assert result.exit_code == 2 and "part-00001.parquet: listed in _manifest.json but missing" in result.output
+    assert not (tmp_path / "out").exists()
