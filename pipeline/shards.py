@@ -65,6 +65,9 @@ class InputInfo(BaseModel):
     path: str
     kind: str
     fingerprint: str
+    # For a shard input: whether this stage carries its rows forward (relabel does; synth --from-shards
+    # reads only its queries). Only a carried input is in the lineage, whose rows this folder supersedes.
+    carried: bool = True
 
 
 class Manifest(BaseModel):
@@ -74,8 +77,8 @@ class Manifest(BaseModel):
     config_hash: str
     identity: dict[str, Any] = Field(default_factory=dict)
     # Where the rows come from: `dataset` names the query source (queries from different datasets never
-    # merge by qid alone); `lineage` holds the fingerprints of every shard folder upstream of this one
-    # (when two inputs judge one pair, the later stage in the lineage wins).
+    # merge by qid alone); `lineage` holds the fingerprints of every shard folder whose rows this one
+    # carries forward, directly or through others (trained on together, the later stage wins).
     dataset: str | None = None
     lineage: list[str] = Field(default_factory=list)
     inputs: list[InputInfo] = Field(default_factory=list)
@@ -157,7 +160,8 @@ def _origin(inputs: list[InputInfo]) -> tuple[str | None, list[str]]:
     for item in inputs:
         if item.kind.startswith("shards:"):
             upstream = read_manifest(item.path) if Path(item.path).is_dir() else None
-            lineage += [item.fingerprint, *(upstream.lineage if upstream else [])]
+            if item.carried:
+                lineage += [item.fingerprint, *(upstream.lineage if upstream else [])]
             if upstream is not None and upstream.dataset:
                 datasets.append(upstream.dataset)
         else:

@@ -276,7 +276,7 @@ def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
     kind = f"shards:{manifest.stage}"
-    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder))])
+    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder), carried=False)])
 
 
 def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "skip") -> Queries:

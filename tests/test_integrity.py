@@ -73,6 +73,30 @@ def test_later_stage_wins_whatever_the_order(lineage, order):
     assert read_manifest(relabeled).dataset == read_manifest(mined).dataset is not None
 
 
+def test_what_a_later_stage_dropped_stays_dropped(tmp_path):
+    data = queries_input(tmp_path, "d", '{"_id": "a", "text": "query a"}\n')
+    mined = folder(tmp_path / "mined", [row("a", "p1", "qrels", 1), row("a", "r1", label=0, rank=1), row("a", "n1", label=0, rank=2),
+                                        row("b", "p2", "qrels", 1), row("b", "n2", label=0, rank=1)], stage="mine", inputs=[data])
+    # relabel --mode drop removed the flagged r1; --mode drop-query removed query b
+    dropped = folder(tmp_path / "dropped", [row("a", "p1", "qrels", 1), row("a", "n1", label=0, rank=2)],
+                     stage="relabel", inputs=[shards_input(mined, "mine")])
+    ds, stats = build_groups(GroupConfig(data=[mined, dropped], group_size=3, random_negatives=False))
+    assert len(ds) == 1 and [ds[0][f"passage_{j}"] for j in range(3)] == ["text of p1", "text of n1", ""]
+    assert stats.superseded_rows == 5
+
+
+def test_synth_from_shards_does_not_supersede_its_query_source(tmp_path):
+    data = queries_input(tmp_path, "d", '{"_id": "a", "text": "query a"}\n')
+    relabeled = folder(tmp_path / "relabeled", [row("a", "p1", "qrels", 1), row("a", "n1", label=0, rank=1)], stage="relabel", inputs=[data])
+    queries_only = shards_input(relabeled, "relabel").model_copy(update={"carried": False})
+    synth = folder(tmp_path / "synth", [row("a", "s1", "synthetic", 1, grade=1.0, level=1), row("a", "s0", "synthetic", 0, grade=0.0, level=0)],
+                   stage="synth", inputs=[queries_only])
+    assert read_manifest(synth).dataset == read_manifest(relabeled).dataset and not read_manifest(synth).lineage
+    ds, stats = build_groups(GroupConfig(data=[relabeled, synth], group_size=4, random_negatives=False))
+    assert len(ds) == 1 and stats.superseded_rows == 0
+    assert set(texts_and_kinds(ds[0], 4)) == {"text of p1", "text of n1", "text of s1", "text of s0"}
+
+
 def test_two_datasets_sharing_qids_stay_apart(tmp_path):
     one = folder(tmp_path / "cisi", [row("1", "c1", "qrels", 1, query="cisi query"), row("1", "c2", label=0, rank=1, query="cisi query")],
                  inputs=[queries_input(tmp_path, "cisi", '{"_id": "1", "text": "cisi query"}\n')])

@@ -9,9 +9,11 @@ used: they may be false negatives. Every folder is checked against its manifest 
 
 Merging: a query is (dataset, qid), the dataset being the query source its manifest records, so queries
 of two datasets that share a qid stay apart. Rows of one query in several folders are merged (a relabeled
-folder and a synth folder build mixed groups, as SyCL does); a passage in two folders counts once. When
-two folders judge the same (qid, pid), the later stage in the lineage wins (relabel over the mining it
-read); two unrelated folders that give it different labels are an error naming both. A passage whose
+folder and a synth folder build mixed groups, as SyCL does); a passage in two folders counts once. The
+later stage in the lineage wins: a folder whose rows another given folder carries forward (the mining a
+relabel read) is left out whole, so the relabel's new positives, drops and grades stand whatever the
+order of the folders; two unrelated folders that give a (qid, pid) different labels are an error naming
+both. A passage whose
 text equals a positive's (a duplicate under another pid) is never a negative of that query. Queries
 without a positive are skipped, and positives left out by `max_positives` are counted.
 
@@ -84,9 +86,6 @@ class Source:
     dataset: str
     lineage: set[str]
 
-    def supersedes(self, other: Source) -> bool:
-        return other.fingerprint in self.lineage
-
 
 def _load(folders: list[Path], verify: VerifyMode | None = None) -> tuple[pa.Table, list[Source]]:
     columns = ["qid", "query", "pid", "title", "text", "source", "rank", "label", "grade", "level"]
@@ -103,29 +102,18 @@ def _load(folders: list[Path], verify: VerifyMode | None = None) -> tuple[pa.Tab
     return pa.concat_tables(tables), sources
 
 
-def _merge(rows: list[dict], sources: list[Source], stats: GroupStats) -> list[dict]:
-    """One row per pid of a query: the row of the latest stage in the lineage; the first folder's among
-    folders that agree; an error when two unrelated folders give the pair different labels."""
+def _merge(rows: list[dict], sources: list[Source]) -> list[dict]:
+    """One row per pid of a query: the first folder's among folders that agree; an error when two
+    unrelated folders give the pair different labels (a judged row beats an unjudged one)."""
     by_pid: dict[str, dict] = {}
     for r in rows:
         kept = by_pid.get(r["pid"])
-        if kept is None:
+        if kept is None or (kept["label"] is None and r["label"] is not None):
             by_pid[r["pid"]] = r
-            continue
-        if kept["folder"] == r["folder"]:
-            continue
-        new, old = sources[r["folder"]], sources[kept["folder"]]
-        if new.supersedes(old):
-            by_pid[r["pid"]] = r
-            stats.superseded_rows += 1
-        elif old.supersedes(new):
-            stats.superseded_rows += 1
-        elif kept["label"] is None:
-            by_pid[r["pid"]] = r
-        elif r["label"] is not None and r["label"] != kept["label"]:
+        elif kept["folder"] != r["folder"] and r["label"] is not None and r["label"] != kept["label"]:
             raise MprError(
-                f"query '{r['qid']}', passage '{r['pid']}': label {kept['label']} in {old.folder} but {r['label']} in {new.folder}, "
-                "and neither folder is derived from the other; train on one of them"
+                f"query '{r['qid']}', passage '{r['pid']}': label {kept['label']} in {sources[kept['folder']].folder} but "
+                f"{r['label']} in {sources[r['folder']].folder}, and neither folder is derived from the other; train on one of them"
             )
     return list(by_pid.values())
 
@@ -135,13 +123,20 @@ def build_groups(cfg: GroupConfig):
     from datasets import Dataset
 
     table, sources = _load(cfg.data, cfg.verify)
+    stats = GroupStats()
+    # the later stage wins: a folder whose rows another given folder carries forward (the mining a relabel
+    # read) is left out whole, so what the later stage changed, dropped or relabeled stands
+    superseded = [n for n, s in enumerate(sources) if any(o is not s and s.fingerprint in o.lineage for o in sources)]
+    if superseded:
+        keep = pc.invert(pc.is_in(table.column("folder"), pa.array(superseded, pa.int32())))
+        stats.superseded_rows = table.num_rows - pc.sum(keep.cast(pa.int64())).as_py()
+        table = table.filter(keep)
     k = cfg.group_size
     rng = random.Random(cfg.seed)
     rows_by_query: dict[tuple[str, str], list[dict]] = {}
     for row in table.to_pylist():
         rows_by_query.setdefault((sources[row["folder"]].dataset, row["qid"]), []).append(row)
     pool = sorted({(r["pid"], passage(r["title"], r["text"])) for r in table.filter(pc.is_valid(table.column("label"))).to_pylist()})
-    stats = GroupStats()
     out: dict[str, list] = {"query": [], **{f"passage_{j}": [] for j in range(k)}, "label": []}
 
     def is_positive(r: dict) -> bool:
@@ -151,7 +146,7 @@ def build_groups(cfg: GroupConfig):
 
     for rows in rows_by_query.values():
         stats.queries += 1
-        unique = _merge(sorted(rows, key=lambda r: r["folder"]), sources, stats)
+        unique = _merge(sorted(rows, key=lambda r: r["folder"]), sources)
         positives = [r for r in unique if is_positive(r)]
         if not positives:
             stats.skipped_no_positive += 1
