@@ -418,6 +418,8 @@ def verify_shards(folder: str | Path, mode: VerifyMode | None = None) -> Manifes
     files = shard_files(folder)
     manifest = read_manifest(folder)
     if manifest is None:
+        if _manifests_in(folder):
+            raise MprError(f"{folder}: the --shard jobs that write it have not all finished; rerun the missing ones")
         raise MprError(f"{folder}: no {MANIFEST}, so its parts cannot be checked (write foreign data with `mpr ingest`)")
     if not manifest.complete:
         raise MprError(f"{folder}: the run that writes it is not complete; rerun that stage to finish it")
