@@ -243,7 +243,8 @@ class TevatronRow:
     negatives: list[tuple[str, str | None, str]]
 
 
-def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tuple[str, str | None, str]]:
+def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str, on_empty: OnEmpty = "error",
+              empty: dict[str, int] | None = None) -> list[tuple[str, str | None, str]]:
     value = obj.get(key)
     if value is None:
         return []
@@ -257,15 +258,25 @@ def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tu
         if pid is None:
             raise InputError(path, f"'{key}[{n}]' has no 'docid'", lineno)
         text = passage.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') has an empty text", lineno)
+        if text is None or (isinstance(text, str) and not text.strip()):
+            if on_empty == "error":
+                raise InputError(path, f"'{key}[{n}]' (docid '{pid}') has an empty text", lineno)
+            if empty is not None:
+                empty["empty_passages"] = empty.get("empty_passages", 0) + 1
+            continue
+        if not isinstance(text, str):
+            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') text must be a string, got {type(text).__name__}", lineno)
         title = passage.get("title")
         out.append((str(pid), title.strip() if isinstance(title, str) and title.strip() else None, text))
     return out
 
 
-def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
-    """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error."""
+def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[TevatronRow]:
+    """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error. Empty or
+    blank queries and passages are left out and counted in `empty` (`empty_queries`, `empty_passages`,
+    and `queries_without_positive` for a query whose every positive was empty); `on_empty="error"`
+    refuses them."""
+    counts = empty if empty is not None else {}
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
@@ -283,12 +294,18 @@ def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
     for lineno, obj in rows:
         qid = _str_field(path, lineno, obj, "query_id")
         query = _str_field(path, lineno, obj, "query")
-        if not query.strip():
-            raise InputError(path, f"query '{qid}' has an empty text", lineno)
         if qid in seen:
             raise InputError(path, f"duplicate query_id '{qid}' (first seen on line {seen[qid]})", lineno)
         seen[qid] = lineno
-        positives = _passages(path, lineno, obj, "positive_passages")
-        if not positives:
+        if not query.strip():
+            if on_empty == "error":
+                raise InputError(path, f"query '{qid}' has an empty text", lineno)
+            counts["empty_queries"] = counts.get("empty_queries", 0) + 1
+            continue
+        if not obj.get("positive_passages"):
             raise InputError(path, f"query '{qid}' has no positive_passages", lineno)
-        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages"))
+        positives = _passages(path, lineno, obj, "positive_passages", on_empty, counts)
+        if not positives:
+            counts["queries_without_positive"] = counts.get("queries_without_positive", 0) + 1
+            continue
+        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages", on_empty, counts))

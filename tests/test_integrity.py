@@ -531,3 +531,25 @@ def test_relabel_refuses_a_damaged_input_before_sending_anything(tmp_path):
                                       "--base-url", "http://127.0.0.1:9/v1", "-q"])
     assert result.exit_code == 2 and "part-00001.parquet: listed in _manifest.json but missing" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_ingest_skips_and_counts_empty_queries_and_passages(tmp_path):
+    from typer.testing import CliRunner
+
+    from mpr.cli import app
+    from pipeline.shards import read_shards
+
+    rows = [
+        {"query_id": "1", "query": "q one", "positive_passages": [{"docid": "p1", "text": "one"}, {"docid": "p0", "text": " "}],
+         "negative_passages": [{"docid": "n1", "text": "two"}, {"docid": "n0", "text": ""}]},
+        {"query_id": "2", "query": "  ", "positive_passages": [{"docid": "p2", "text": "x"}]},
+        {"query_id": "3", "query": "q three", "positive_passages": [{"docid": "p3", "text": ""}]},
+    ]
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "empty passages: 3, empty queries: 1, queries without positive: 1" in result.output
+    assert [(r["qid"], r["pid"]) for r in read_shards(tmp_path / "out").to_pylist()] == [("1", "p1"), ("1", "n1")]
+    summary = read_manifest(tmp_path / "out").summary
+    assert (summary["empty_passages"], summary["empty_queries"], summary["queries_without_positive"]) == (3, 1, 1)
