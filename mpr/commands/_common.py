@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from pydantic import ValidationError
 
-from pipeline.errors import MprError
+from pipeline.errors import FailedItems, MprError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,6 +50,9 @@ def one_line_errors(fn: F) -> F:
             quiet_libraries()
         try:
             return fn(*args, **kwargs)
+        except FailedItems as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(EXIT_FAILED_ITEMS) from None
         except MprError as exc:
             raise fail(str(exc)) from None
         except ValidationError as exc:
@@ -102,5 +105,4 @@ def exit_on_failures(stage: str, out: Path, summary: dict[str, Any], max_rate: f
 
     line = failure_line(stage, out, summary, max_rate)
     if line:
-        typer.echo(line, err=True)
-        raise typer.Exit(EXIT_FAILED_ITEMS)
+        raise FailedItems(line)
