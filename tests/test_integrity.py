@@ -422,10 +422,25 @@ def test_llm_cache_never_shares_answers_between_servers(tmp_path):
         assert cache.get("k1").content == "x" and cache.get("k1", "openai:http://a/v1") is None
 
 
-def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_path, tmp_path):
+def retrain_in_place(model_dir: Path, scale: float) -> None:
+    """Stand-in for `mpr train --out` into the same folder: other weights of the same shapes (same size)."""
     import numpy as np
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
+
+    weights = model_dir / "model.safetensors"
+    size = weights.stat().st_size
+    with safe_open(weights, "np") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(weights)
+    rng = np.random.default_rng(0)
+    tensors = {k: (v + rng.normal(0, scale, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata=metadata)
+    assert weights.stat().st_size == size
+
+
+def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_path, tmp_path):
+    import numpy as np
 
     from pipeline.encode import Encoder
 
@@ -437,18 +452,30 @@ def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_pat
     assert counts == {"encoded": 3, "cached": 0}
     again, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
     assert counts == {"encoded": 0, "cached": 3} and np.array_equal(first, again)
-
-    weights = model_dir / "model.safetensors"  # "retrained": other weights of the same shapes, so the same file size
-    size = weights.stat().st_size
-    with safe_open(weights, "np") as fh:
-        metadata = fh.metadata()
-    tensors = load_file(weights)
-    rng = np.random.default_rng(0)
-    tensors = {k: (v + rng.normal(0, 0.05, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
-    save_file(tensors, weights, metadata=metadata)
-    assert weights.stat().st_size == size
+    retrain_in_place(model_dir, 0.05)
     retrained, counts = Encoder.load(str(model_dir), max_seq_length=32).encode(texts, "passage", cache_dir=cache, progress=False)
     assert counts == {"encoded": 3, "cached": 0} and not np.allclose(first, retrained, atol=1e-3)
+
+
+def test_eval_of_a_model_retrained_into_the_same_folder_reports_new_numbers(encoder_path, tmp_path):
+    from train.evaluate import EvalConfig, evaluate
+
+    from .conftest import EXAMPLE
+
+    model_dir = tmp_path / "models" / "x"
+    shutil.copytree(encoder_path, model_dir)
+
+    def run():
+        return evaluate(EvalConfig(data=EXAMPLE, model=str(model_dir), cache_dir=tmp_path / "emb", max_seq_length=64, progress=False),
+                        log=lambda _: None).result
+
+    before = run()
+    assert before.corpus_encoded == 60
+    assert run().corpus_cached == 60  # unchanged model: served from the cache
+    retrain_in_place(model_dir, 0.5)
+    after = run()
+    assert after.corpus_encoded == 60 and after.corpus_cached == 0
+    assert after.metrics != before.metrics
 
 
 # -- honest skips ------------------------------------------------------------------------------------------
