@@ -6,6 +6,8 @@ encoding resumes at the first missing chunk and re-mining with other options nev
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -141,16 +143,13 @@ class Encoder:
         return cls(name, model, fn, query_prompt or None, passage_prompt or None, batch_size)
 
     def identity(self, role: Literal["query", "passage"]) -> str:
-        """What the embeddings of a text depend on: the model (and its weights when local), prompt, length."""
+        """What the embeddings of a text depend on: the model (for a local folder, a hash of the content of
+        its weights, configuration and tokenizer files: never names or sizes, so a model retrained into the
+        same folder gets new embeddings), the prompt, the max length and the normalisation."""
         resolved = resolve_model(self.name)
-        weights = ""
-        if Path(resolved).is_dir():
-            weights = ";".join(
-                f"{p.name}:{p.stat().st_size}" for p in sorted(Path(resolved).glob("*.safetensors")) + sorted(Path(resolved).glob("*.bin"))
-            )
         payload = {
             "model": self.name if self.name == DEFAULT_MODEL else resolved,
-            "weights": weights,
+            "content": model_content_hash(resolved) if Path(resolved).is_dir() else "",
             "prompt": self.query_prompt if role == "query" else self.passage_prompt,
             "max_seq_length": self.model.max_seq_length,
             "normalize": self.similarity == "cosine",
@@ -206,6 +205,37 @@ class Encoder:
         embeddings = np.empty_like(stacked)
         embeddings[order] = stacked
         return embeddings, counts
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files a sentence-transformers folder loads: every file of the folder and of the module folders
+    modules.json names (pooling, normalisation, ...), not checkpoints, run records or the model card."""
+    dirs = {folder}
+    modules = folder / "modules.json"
+    if modules.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            dirs |= {folder / m["path"] for m in json.loads(modules.read_text()) if m.get("path")}
+    skip = {"README.md"}
+    return sorted((p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file() and p.name not in skip and not p.name.startswith(".")),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    from pipeline.shards import sha256_file
+
+    return sha256_file(path)
+
+
+def model_content_hash(folder: str | Path) -> str:
+    """sha256 over the names and contents of `model_files(folder)` (each file hashed once per process
+    while its size and modification time stay the same)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in model_files(folder):
+        st = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}:{_file_hash(str(path), st.st_size, st.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()
 
 
 def _chunk_key(texts: list[str]) -> str:

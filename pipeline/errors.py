@@ -18,3 +18,8 @@ class InputError(MprError):
         self.message = message
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
+
+
+class FailedItems(MprError):
+    """A stage finished with more failed items than `--max-failure-rate` allows: the output is complete
+    and a rerun retries them. The CLI exits with code 3 (EXIT_FAILED_ITEMS)."""

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import MprError
+from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact
+from pipeline.shards import Manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -239,14 +240,15 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
         from pipeline.mine import mine
 
         mine(cfg, log=log)
-    elif stage == "relabel":
+    elif stage in ("relabel", "synth"):
+        from pipeline.llm.stage import failure_line
         from pipeline.relabel import relabel
-
-        relabel(cfg, log=log)
-    elif stage == "synth":
         from pipeline.synth import synth
 
-        synth(cfg, log=log)
+        manifest = (relabel if stage == "relabel" else synth)(cfg, log=log)
+        line = failure_line(stage, cfg.out, manifest.summary, cfg.max_failure_rate) if isinstance(manifest, Manifest) else None
+        if line:  # the later stages would train on what is missing; a rerun retries exactly those items
+            raise FailedItems(line)
     elif stage == "train":
         import json
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.mine import MINE_SCHEMA
-from pipeline.readers import TevatronRow, iter_tevatron
+from pipeline.readers import OnEmpty, TevatronRow, iter_tevatron
 from pipeline.schema import to_table
 from pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
 
@@ -25,14 +25,15 @@ class IngestConfig(BaseModel):
     out: Path
     max_negatives: int | None = Field(None, ge=0)
     queries_per_shard: int = Field(1000, ge=1)
+    on_empty: OnEmpty = "skip"
     overwrite: bool = False
 
 
-def _blocks(files: list[Path], size: int) -> Iterator[list[TevatronRow]]:
+def _blocks(files: list[Path], size: int, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[list[TevatronRow]]:
     block: list[TevatronRow] = []
     seen: set[str] = set()
     for path in files:
-        for row in iter_tevatron(path):
+        for row in iter_tevatron(path, on_empty=on_empty, empty=empty):
             if row.qid in seen:  # across files; a repeat inside one file is caught by the reader
                 from pipeline.errors import InputError
 
@@ -49,12 +50,13 @@ def _blocks(files: list[Path], size: int) -> Iterator[list[TevatronRow]]:
 def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest:
     started = time.perf_counter()
     inputs = [InputInfo(path=str(p.resolve()), kind="tevatron", fingerprint="sha256:" + sha256_file(p)) for p in cfg.files if p.is_file()]
-    identity = {**cfg.model_dump(mode="json", exclude={"out", "overwrite", "files"}), "inputs": [i.fingerprint for i in inputs]}
+    identity = {**cfg.model_dump(mode="json", exclude={"out", "overwrite", "files", "on_empty"}), "inputs": [i.fingerprint for i in inputs]}
     run = ShardRun(cfg.out, stage="ingest", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs, overwrite=cfg.overwrite)
     if run.complete:
         log(f"{cfg.out}: already complete ({len(run.manifest.shards)} shards); nothing to do")
         return run.manifest
-    for index, block in enumerate(_blocks(cfg.files, cfg.queries_per_shard)):
+    empty: dict[str, int] = {}
+    for index, block in enumerate(_blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty)):
         if run.done(index):
             continue
         cols: dict[str, list] = {name: [] for name in ("qid", "query", "pid", "title", "text", "source", "rank", "label", "judge")}
@@ -70,4 +72,7 @@ def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest
             stats["positives"] += len(row.positives)
             stats["negatives"] += len(entries) - len(row.positives)
         run.write(index, to_table(cols, MINE_SCHEMA), stats)
-    return run.finish({**run.totals(), "seconds": round(time.perf_counter() - started, 2)})
+    if empty:
+        counts = ", ".join(f"{name.replace('_', ' ')}: {n:,}" for name, n in sorted(empty.items()))
+        log(f"ingest: left out {counts} (--on-empty error refuses them)")
+    return run.finish({**run.totals(), **empty, "seconds": round(time.perf_counter() - started, 2)})

@@ -10,8 +10,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import MprError
 from pipeline.schema import SCHEMA, SOURCES
-from pipeline.shards import iter_groups, read_manifest, read_shards, sha256_file, shard_files
+from pipeline.shards import (
+    MANIFEST,
+    iter_groups,
+    read_manifest,
+    read_shards,
+    sha256_file,
+    shard_files,
+    verify_shards,
+)
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:
@@ -69,6 +78,11 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
         pairs = Counter(zip(table.column("prior_label").to_pylist(), table.column("label").to_pylist()))
         report["label_changes"] = {f"{'null' if a is None else a} -> {'null' if b is None else b}": n for (a, b), n in sorted(pairs.items(), key=str)}
         report["failed"] = table.column("error").drop_null().length() if "error" in table.column_names else 0
+    try:
+        verify_shards(folder)
+        report["integrity"] = "ok"
+    except MprError as exc:  # inspect still shows what is there; training would refuse it
+        report["integrity"] = str(exc)
     if manifest and manifest.summary:
         report["summary"] = manifest.summary
     step = max(1, table.num_rows // max(samples, 1))
@@ -87,9 +101,9 @@ def validate_shards(folder: str | Path) -> list[str]:
     files = shard_files(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        errors.append(f"{folder}/manifest.json: missing")
+        errors.append(f"{folder}/{MANIFEST}: missing")
     elif not manifest.complete:
-        errors.append(f"{folder}/manifest.json: run is not complete (resume it by rerunning the stage)")
+        errors.append(f"{folder}/{MANIFEST}: run is not complete (resume it by rerunning the stage)")
     listed = {s.name: s for s in manifest.shards} if manifest else {}
     seen_in: dict[str, str] = {}
     for path in files:
@@ -133,14 +147,16 @@ def validate_shards(folder: str | Path) -> list[str]:
         if manifest:
             info = listed.pop(name, None)
             if info is None:
-                errors.append(f"{path}: not listed in manifest.json")
+                errors.append(f"{path}: not listed in {MANIFEST}")
             else:
                 if info.rows != table.num_rows:
                     errors.append(f"{path}: {table.num_rows} rows, manifest says {info.rows}")
+                if info.bytes is not None and info.bytes != path.stat().st_size:
+                    errors.append(f"{path}: {path.stat().st_size} bytes, manifest says {info.bytes}")
                 if info.sha256 != sha256_file(path):
-                    errors.append(f"{path}: checksum does not match manifest.json")
+                    errors.append(f"{path}: checksum does not match {MANIFEST}")
     for name in listed:
-        errors.append(f"{folder}/{name}: listed in manifest.json but missing")
+        errors.append(f"{folder}/{name}: listed in {MANIFEST} but missing")
     return errors
 
 
@@ -148,6 +164,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['folder']}: stage={report['stage']} complete={report['complete']} shards={report['shards']} "
         f"rows={report['rows']:,} queries={report['queries']:,}",
+        *([f"integrity: {report['integrity']}"] if report.get("integrity", "ok") != "ok" else []),
         "",
         "rows by source and label",
     ]

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
 from pipeline.errors import MprError
-from pipeline.readers import BeirDataset, load_beir
+from pipeline.readers import BeirDataset, OnEmpty, load_beir
 from pipeline.schema import to_table, with_extra
 from pipeline.search import BM25Index, FaissIndex, exact_topk
 from pipeline.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
@@ -59,6 +59,7 @@ class MineConfig(BaseModel):
     max_seq_length: int | None = Field(None, ge=8)
     min_relevance: int = 1
     max_bad_qrels: float = Field(0.05, ge=0, le=1)
+    on_empty: OnEmpty = "skip"
     max_queries: int | None = Field(None, ge=1)
     queries_per_shard: int = Field(1000, ge=1)
     seed: int = 42
@@ -72,7 +73,7 @@ class MineConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {"out", "batch_size", "device", "cache_dir", "no_cache", "overwrite", "progress", "faiss"}
+        runtime = {"out", "batch_size", "device", "cache_dir", "no_cache", "overwrite", "progress", "faiss", "on_empty"}
         return self.model_dump(mode="json", exclude=runtime)
 
 
@@ -265,7 +266,10 @@ def _rows_for_block(ds: BeirDataset, cfg: MineConfig, qids: list[str], retriever
 def mine(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) mining into `cfg.out`; returns the completed manifest."""
     started = time.perf_counter()
-    ds = load_beir(cfg.data, cfg.split, max_bad_qrels=cfg.max_bad_qrels)
+    ds = load_beir(cfg.data, cfg.split, max_bad_qrels=cfg.max_bad_qrels, on_empty=cfg.on_empty)
+    if ds.empty_documents or ds.empty_queries:
+        log(f"warning: {cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
+            f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)")
     if ds.dropped_qrels:
         log(f"warning: {ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents")
     inputs = _inputs(ds)
@@ -301,6 +305,9 @@ def mine(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
         **run.totals(),
         "queries_without_positive": no_positive,
         "dropped_qrels": ds.dropped_qrels,
+        "empty_documents": ds.empty_documents,
+        "empty_queries": ds.empty_queries,
+        "qrels_of_empty": ds.qrels_of_empty,
         **counts,
         "seconds": round(time.perf_counter() - started, 2),
         "timings": {k: round(v, 2) for k, v in timings.items()},

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from pipeline.errors import InputError, MprError
 
@@ -144,14 +144,20 @@ def _str_field(path: Path, lineno: int, obj: dict[str, Any], key: str, required:
     return value
 
 
+# What a reader does with an empty or blank document or query: leave it out and count it (real collections
+# hold a few), or stop with an error naming its line.
+OnEmpty = Literal["skip", "error"]
+
+
 @dataclass
 class Corpus:
-    """Passages in file order, with an id -> position index."""
+    """Passages in file order, with an id -> position index; `empty`: ids of blank documents left out."""
 
     ids: list[str] = field(default_factory=list)
     titles: list[str | None] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -168,7 +174,7 @@ class Corpus:
         return f"{title} {self.texts[i]}" if title else self.texts[i]
 
 
-def read_corpus(path: Path) -> Corpus:
+def read_corpus(path: Path, *, on_empty: OnEmpty = "skip") -> Corpus:
     corpus = Corpus()
     first_line: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
@@ -177,16 +183,20 @@ def read_corpus(path: Path) -> Corpus:
         text = _str_field(path, lineno, obj, "text", required=False)
         if pid in first_line:
             raise InputError(path, f"duplicate _id '{pid}' (first seen on line {first_line[pid]})", lineno)
-        if not text.strip() and not title:
-            raise InputError(path, f"document '{pid}' has an empty title and text", lineno)
         first_line[pid] = lineno
+        if not text.strip() and not title:
+            if on_empty == "error":
+                raise InputError(path, f"document '{pid}' has an empty title and text", lineno)
+            corpus.empty.append(pid)
+            continue
         corpus.add(pid, title, text)
     if not corpus.ids:
         raise InputError(path, "no documents")
     return corpus
 
 
-def read_queries(path: Path) -> dict[str, str]:
+def read_queries(path: Path, *, on_empty: OnEmpty = "skip", empty: list[str] | None = None) -> dict[str, str]:
+    """{qid: text}; the ids of blank queries left out are appended to `empty`."""
     queries: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
@@ -194,9 +204,13 @@ def read_queries(path: Path) -> dict[str, str]:
         text = _str_field(path, lineno, obj, "text")
         if qid in first_line:
             raise InputError(path, f"duplicate _id '{qid}' (first seen on line {first_line[qid]})", lineno)
-        if not text.strip():
-            raise InputError(path, f"query '{qid}' has an empty text", lineno)
         first_line[qid] = lineno
+        if not text.strip():
+            if on_empty == "error":
+                raise InputError(path, f"query '{qid}' has an empty text", lineno)
+            if empty is not None:
+                empty.append(qid)
+            continue
         queries[qid] = text
     return queries
 
@@ -239,6 +253,9 @@ class BeirDataset:
     qrels: dict[str, dict[str, int]]
     files: dict[str, Path]
     dropped_qrels: int = 0
+    empty_documents: int = 0
+    empty_queries: int = 0
+    qrels_of_empty: int = 0  # judgments dropped because their document or query is empty
 
 
 def split_names(root: Path) -> list[str]:
@@ -246,9 +263,10 @@ def split_names(root: Path) -> list[str]:
     return sorted(p.name.split(".")[0] for p in folder.glob("*.tsv*")) if folder.is_dir() else []
 
 
-def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05) -> BeirDataset:
+def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05, on_empty: OnEmpty = "skip") -> BeirDataset:
     """Read a BEIR-layout folder; qrels pointing at unknown queries or documents are dropped and
-    counted, and more than `max_bad_qrels` (a fraction of the split's rows) of them is an error."""
+    counted, and more than `max_bad_qrels` (a fraction of the split's rows) of them is an error. Empty
+    documents and queries are left out and counted (`on_empty="error"`: refused), with their qrels."""
     root = Path(root)
     if not root.is_dir():
         raise MprError(f"{root}: no such data folder")
@@ -263,14 +281,21 @@ def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05) -> B
         available = ", ".join(split_names(root)) or "none"
         raise InputError(root / "qrels" / f"{split}.tsv", f"split '{split}' does not exist (available: {available})")
     files["qrels"] = qrels_path
-    corpus = read_corpus(files["corpus.jsonl"])
-    queries = read_queries(files["queries.jsonl"])
+    corpus = read_corpus(files["corpus.jsonl"], on_empty=on_empty)
+    empty_queries: list[str] = []
+    queries = read_queries(files["queries.jsonl"], on_empty=on_empty, empty=empty_queries)
     qrels, lines = read_qrels(qrels_path)
     total = sum(len(v) for v in qrels.values())
     bad: list[tuple[int, str]] = []
+    blank_docs, blank_queries = set(corpus.empty), set(empty_queries)
+    of_empty = 0
     for qid, judged in list(qrels.items()):
         for pid in list(judged):
             problem = None
+            if qid in blank_queries or pid in blank_docs:
+                of_empty += 1
+                del judged[pid]
+                continue
             if qid not in queries:
                 problem = f"unknown query '{qid}'"
             elif pid not in corpus.index:
@@ -290,7 +315,8 @@ def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05) -> B
         )
     if not qrels:
         raise InputError(qrels_path, "no judgments")
-    return BeirDataset(root, split, corpus, queries, qrels, files, dropped_qrels=len(bad))
+    return BeirDataset(root, split, corpus, queries, qrels, files, dropped_qrels=len(bad), empty_documents=len(corpus.empty),
+                       empty_queries=len(empty_queries), qrels_of_empty=of_empty)
 
 
 # Tevatron / RLHN rows: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
@@ -305,7 +331,8 @@ class TevatronRow:
     negatives: list[tuple[str, str | None, str]]
 
 
-def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tuple[str, str | None, str]]:
+def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str, on_empty: OnEmpty = "error",
+              empty: dict[str, int] | None = None) -> list[tuple[str, str | None, str]]:
     value = obj.get(key)
     if value is None:
         return []
@@ -319,15 +346,25 @@ def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str) -> list[tu
         if pid is None:
             raise InputError(path, f"'{key}[{n}]' has no 'docid'", lineno)
         text = passage.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') has an empty text", lineno)
+        if text is None or (isinstance(text, str) and not text.strip()):
+            if on_empty == "error":
+                raise InputError(path, f"'{key}[{n}]' (docid '{pid}') has an empty text", lineno)
+            if empty is not None:
+                empty["empty_passages"] = empty.get("empty_passages", 0) + 1
+            continue
+        if not isinstance(text, str):
+            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') text must be a string, got {type(text).__name__}", lineno)
         title = passage.get("title")
         out.append((str(pid), title.strip() if isinstance(title, str) and title.strip() else None, text))
     return out
 
 
-def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
-    """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error."""
+def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[TevatronRow]:
+    """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error. Empty or
+    blank queries and passages are left out and counted in `empty` (`empty_queries`, `empty_passages`,
+    and `queries_without_positive` for a query whose every positive was empty); `on_empty="error"`
+    refuses them."""
+    counts = empty if empty is not None else {}
     path = Path(path)
     _check_readable(path)
     if path.suffix == ".parquet":
@@ -344,12 +381,18 @@ def iter_tevatron(path: str | Path) -> Iterator[TevatronRow]:
     for lineno, obj in rows:
         qid = _str_field(path, lineno, obj, "query_id")
         query = _str_field(path, lineno, obj, "query")
-        if not query.strip():
-            raise InputError(path, f"query '{qid}' has an empty text", lineno)
         if qid in seen:
             raise InputError(path, f"duplicate query_id '{qid}' (first seen on line {seen[qid]})", lineno)
         seen[qid] = lineno
-        positives = _passages(path, lineno, obj, "positive_passages")
-        if not positives:
+        if not query.strip():
+            if on_empty == "error":
+                raise InputError(path, f"query '{qid}' has an empty text", lineno)
+            counts["empty_queries"] = counts.get("empty_queries", 0) + 1
+            continue
+        if not obj.get("positive_passages"):
             raise InputError(path, f"query '{qid}' has no positive_passages", lineno)
-        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages"))
+        positives = _passages(path, lineno, obj, "positive_passages", on_empty, counts)
+        if not positives:
+            counts["queries_without_positive"] = counts.get("queries_without_positive", 0) + 1
+            continue
+        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages", on_empty, counts))

@@ -43,15 +43,19 @@ from pipeline.prompt_files import (
 )
 from pipeline.schema import with_extra
 from pipeline.shards import (
+    FAILURES,
+    RETRYABLE,
+    FailureLog,
     InputInfo,
     Manifest,
     ShardRun,
     fingerprint_shards,
     iter_groups,
-    read_manifest,
     read_part,
     read_part_schema,
     shard_files,
+    shard_name,
+    verify_shards,
 )
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
@@ -365,6 +369,7 @@ class Relabeler:
                             stats["relabeled"] += bool(verdict.flagged) and row["prior_label"] != 1
                 out_rows.append(row)
         stats["rows_out"] = len(out_rows)
+        stats[RETRYABLE] = stats["failed"]  # a rerun asks again for these rows; the answered ones come from the cache
         return out_rows, stats
 
 
@@ -399,9 +404,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     started = time.perf_counter()
     if not cfg.input.is_dir():
         raise MprError(f"{cfg.input}: no such shard folder (--in)")
-    source = read_manifest(cfg.input)
-    if source is not None and not source.complete:
-        raise MprError(f"{cfg.input}: the input run is not complete; finish it first")
+    source = verify_shards(cfg.input, cfg.verify_inputs)
     model = resolve_model(cfg.model)
     confirm_model = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
     if cfg.dry_run:
@@ -410,17 +413,21 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     if (prompt.schema in GRADED_SCHEMAS) != (cfg.mode == "graded"):
         raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}")
     files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
-    inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage if source else 'unknown'}", fingerprint=fingerprint_shards(cfg.input))]
+    inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage}", fingerprint=fingerprint_shards(cfg.input))]
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
     run = ShardRun(
         cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
         models={"judge": model, **({"confirm": confirm_model} if confirm_model else {})},
         prompts={prompt.name: prompt.version}, planned_shards=len(plan), overwrite=cfg.overwrite, job=cfg.job,
     )
+    failures = FailureLog(run)
     pending = [i for i in range(len(plan)) if run.owns(i) and not run.done(i)]
     if run.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return run.finish(run.manifest.summary or run.totals())
+        return _finish(run, failures, run.manifest.summary or _summary(run.totals(), 0.0))
+    retry = sum(s.retryable for s in run.manifest.shards)
+    if retry:
+        log(f"relabel: retrying {retry:,} row(s) that failed in an earlier run")
     if backends is None:
         backend, (confirm,) = open_backends(cfg, cfg.model, [confirm_model], stage="relabel", log=log)
         model = backend.model
@@ -429,16 +436,37 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
     schema = _schema_for(cfg.input)
     cache_parts: dict[int, list] = {}
+    sent_now = 0
     try:
         for n, index in enumerate(pending, start=1):
             part = _load_part(files, plan, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
+            sent_now += stats.get("llm_sent", 0)
+            failures.add(shard_name(index), [
+                {"qid": r["qid"], "pid": r["pid"], "query": r["query"], "kind": "invalid" if r["error"].startswith("invalid answer") else "request",
+                 "error": r["error"]}
+                for r in rows if r["error"] is not None
+            ])
             run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
         if backends is None:
             close_backends(backend, confirm)
-    seconds = time.perf_counter() - started
-    totals = run.totals()
-    summary = {**totals, "seconds": round(seconds, 2), "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}
-    return run.finish(summary)
+    return _finish(run, failures, _summary(run.totals(), time.perf_counter() - started, sent_now))
+
+
+def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[str, Any]:
+    """The summed part statistics (`llm_sent`: every request any run sent for these parts), the items
+    judged or failed (`attempted`), and this run's time and request rate."""
+    summary: dict[str, Any] = {**totals, "attempted": totals.get("judged", 0) + totals.get("failed", 0), "seconds": round(seconds, 2),
+                               "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0}
+    if totals.get("failed"):
+        summary["failures_file"] = FAILURES
+    return summary
+
+
+def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
+    manifest = run.finish(summary)
+    if run.job is not None and manifest is not run.manifest:  # the last of the N jobs
+        failures.merge_jobs()
+    return manifest
 

@@ -27,8 +27,8 @@ losses learn from the levels. Here:
   difference between judged and intended levels exceeds `verify_tolerance`, or when the Spearman
   correlation between them is negative (its order is inverted; a constant judgment has no correlation
   and is left to the first rule), or when the judge could not grade one of its passages.
-- Failed and dropped sets are not written to the shards. Each one is a line of `failures.jsonl` in the
-  output folder (`failures.K-of-N.jsonl` per `--shard` job, merged into `failures.jsonl` by the last job)
+- Failed and dropped sets are not written to the shards. Each one is a line of `_failures.jsonl` in the
+  output folder (`_failures.K-of-N.jsonl` per `--shard` job, merged into `_failures.jsonl` by the last job)
   with qid, query, set, style, target_words, kind (`invalid`: the answers kept failing validation;
   `request`: no answer, e.g. HTTP errors; `duplicate`: repeats an earlier set; `verify`: dropped by the
   judge), error and part; the manifest summary counts them.
@@ -45,7 +45,6 @@ first, then by set.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -68,20 +67,23 @@ from pipeline.llm.models import TokenCounter, resolve_model
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult
 from pipeline.prompt_files import Prompt, escape, load_prompt
-from pipeline.readers import find_file, open_text, read_corpus, read_qrels, read_queries, split_names
-from pipeline.redact import redact
+from pipeline.readers import OnEmpty, find_file, open_text, read_corpus, read_qrels, read_queries, split_names
 from pipeline.relabel import Judge, RelabelConfig
 from pipeline.schema import with_extra
 from pipeline.shards import (
+    FAILURES,
+    RETRYABLE,
+    FailureLog,
     InputInfo,
     Manifest,
     ShardRun,
+    VerifyMode,
     fingerprint_shards,
-    read_manifest,
     read_part,
     sha256_file,
     shard_files,
     shard_name,
+    verify_shards,
 )
 
 DEFAULT_STYLES: tuple[str, ...] = (
@@ -99,7 +101,6 @@ MIN_LEVELS, MAX_LEVELS = 2, 6
 MAX_JACCARD = 0.9
 VERBATIM_MIN_WORDS = 4
 TOKENS_PER_WORD = 1.5
-FAILURES = "failures.jsonl"
 SYNTH_FIELDS = (
     pa.field("style", pa.string()),
     pa.field("target_words", pa.int32()),
@@ -143,6 +144,7 @@ class SynthConfig(LLMStageConfig):
     temperature: float = Field(0.7, ge=0)
     max_tokens: int | None = Field(None, ge=16)
     max_queries: int | None = Field(None, ge=1)
+    on_empty: OnEmpty = "skip"
 
     @field_validator("styles", mode="before")
     @classmethod
@@ -180,7 +182,7 @@ class SynthConfig(LLMStageConfig):
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model"}
+        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model", "on_empty"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
                 "prompt": prompt.id, "positive": self.positive}
 
@@ -253,10 +255,10 @@ def load_queries(cfg: SynthConfig) -> Queries:
     if cfg.queries is not None:
         out = Queries(list(read_queries_file(cfg.queries).items()), [_input(cfg.queries, "queries")])
     elif cfg.from_shards is not None:
-        out = _from_shards(cfg.from_shards)
+        out = _from_shards(cfg.from_shards, cfg.verify_inputs)
     else:
         assert cfg.data is not None
-        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels)
+        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels, cfg.on_empty)
     if cfg.max_queries:
         out.items = out.items[: cfg.max_queries]
     if not out.items:
@@ -264,28 +266,27 @@ def load_queries(cfg: SynthConfig) -> Queries:
     return out
 
 
-def _from_shards(folder: Path) -> Queries:
+def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
     if not folder.is_dir():
         raise MprError(f"{folder}: no such shard folder (--from-shards)")
-    manifest = read_manifest(folder)
-    if manifest is not None and not manifest.complete:
-        raise MprError(f"{folder}: the input run is not complete; finish it first")
+    manifest = verify_shards(folder, verify)
     seen: dict[str, str] = {}
     for path in shard_files(folder):
         table = read_part(path, columns=["qid", "query"])
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
-    kind = f"shards:{manifest.stage if manifest else 'unknown'}"
-    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder))])
+    kind = f"shards:{manifest.stage}"
+    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder), carried=False)])
 
 
-def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
+def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "skip") -> Queries:
     if not root.is_dir():
         raise MprError(f"{root}: no such data folder")
     qpath = find_file(root, "queries.jsonl")
     if qpath is None:
         raise InputError(root / "queries.jsonl", "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
-    queries = read_queries(qpath)
+    empty: list[str] = []
+    queries = read_queries(qpath, on_empty=on_empty, empty=empty)
     inputs = [_input(qpath, "beir:queries.jsonl")]
     splits = split_names(root) if split == "all" else [split]
     qrels: dict[str, dict[str, int]] = {}
@@ -298,11 +299,11 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
             inputs.append(_input(path, f"beir:qrels/{name}"))
             for qid, judged in read_qrels(path)[0].items():
                 qrels.setdefault(qid, {}).update(judged)
-    notes: dict[str, int] = {}
+    notes: dict[str, int] = {"empty_queries": len(empty)} if empty else {}
     if split == "all":
         items = list(queries.items())
     else:
-        unknown = [q for q in qrels if q not in queries]
+        unknown = [q for q in qrels if q not in queries and q not in set(empty)]
         if unknown:
             notes["qrels_unknown_queries"] = len(unknown)
         items = [(q, queries[q]) for q in qrels if q in queries]
@@ -313,7 +314,9 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
         cpath = find_file(root, "corpus.jsonl")
         if cpath is None:
             raise InputError(root / "corpus.jsonl", "missing file (--with-qrels reads the positives' texts)")
-        corpus = read_corpus(cpath)
+        corpus = read_corpus(cpath, on_empty=on_empty)
+        if corpus.empty:
+            notes["empty_documents"] = len(corpus.empty)
         inputs.append(_input(cpath, "beir:corpus.jsonl"))
         missing = 0
         for qid, judged in qrels.items():
@@ -322,7 +325,7 @@ def _from_beir(root: Path, split: str, with_qrels: bool) -> Queries:
                     continue
                 i = corpus.index.get(pid)
                 if i is None:
-                    missing += 1
+                    missing += pid not in corpus.empty
                     continue
                 positives.setdefault(qid, []).append((pid, corpus.titles[i], corpus.texts[i]))
         if missing:
@@ -515,7 +518,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 STAT_KEYS = ("queries", "queries_without_sets", "sets_requested", "sets_written", "sets_failed", "failed_invalid",
              "failed_request", "failed_duplicate", "sets_verified", "sets_dropped_by_verify", "passages_generated",
-             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli")
+             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli", "verify_failed", RETRYABLE)
 
 
 @dataclass
@@ -623,6 +626,9 @@ class Synthesizer:
             rows += group
         stats["sets_written"] = len(kept)
         stats["rows"] = len(rows)
+        # sets without an answer (HTTP errors, answers that kept failing validation, a judge that could not
+        # grade): a rerun asks for exactly these again; the answered ones come back from the request cache
+        stats[RETRYABLE] = stats["failed_invalid"] + stats["failed_request"] + stats["verify_failed"]
         return rows, stats, failures
 
     def _verify(self, kept: list[KeptSet], desc: str, stats: dict[str, int],
@@ -650,6 +656,7 @@ class Synthesizer:
             stats["sets_verified"] += 1
             if j in errors:
                 stats["sets_dropped_by_verify"] += 1
+                stats["verify_failed"] += 1
                 fail(item.spec, "verify", errors[j])
                 continue
             intended = sorted(item.passages, reverse=True)
@@ -670,42 +677,6 @@ class Synthesizer:
 
 
 # -- failure records -------------------------------------------------------------------------------------
-
-
-class FailureLog:
-    """`failures.jsonl`: one line per set that was not written, tagged with its part. A line is appended
-    before its part is written; on start, lines of parts the manifest does not list are removed, so a
-    killed run that redoes a part records its failures once."""
-
-    def __init__(self, run: ShardRun, job: tuple[int, int] | None):
-        self.out = run.out
-        self.job = job
-        self.path = run.out / (FAILURES if job is None else f"failures.{job[0]}-of-{job[1]}.jsonl")
-        if self.path.exists():
-            done = {s.name for s in run.manifest.shards}
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            keep = [line for line in lines if line.strip() and json.loads(line).get("part") in done]
-            if len(keep) != len(lines):
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-                tmp.replace(self.path)
-
-    def add(self, part: str, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(redact("".join(json.dumps({**r, "part": part}, ensure_ascii=False) + "\n" for r in records)))
-
-    def merge_jobs(self) -> None:
-        """The last of N parallel jobs writes the folder's `failures.jsonl` from every job's file."""
-        if self.job is None:
-            return
-        files = [self.out / f"failures.{k}-of-{self.job[1]}.jsonl" for k in range(self.job[1])]
-        lines = [line for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines.sort(key=lambda line: json.loads(line)["part"])
-        tmp = self.out / (FAILURES + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(self.out / FAILURES)
 
 
 # -- the stage ---------------------------------------------------------------------------------------------
@@ -744,6 +715,7 @@ def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now
     reasons = {k: totals.get(f"failed_{k}", 0) for k in ("invalid", "request", "duplicate")}
     reasons["verify"] = totals.get("sets_dropped_by_verify", 0)
     summary["failures"] = {k: v for k, v in reasons.items() if v}
+    summary["attempted"] = totals.get("sets_requested", 0)
     if summary["failures"]:
         summary["failures_file"] = FAILURES
     if cfg.verify:
@@ -779,11 +751,11 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
         models={"generator": model, **({"verifier": verify_model} if verify_model else {})},
         prompts=prompts, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
     )
-    failures = FailureLog(run, run.job)
+    failures = FailureLog(run)
     pending = [i for i in range(len(parts)) if run.owns(i) and not run.done(i)]
     if run.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return _finish(run, failures, run.manifest.summary or summarize(run.totals(), cfg, 0.0, 0))
+        return _finish(run, failures, run.manifest.summary or {**summarize(run.totals(), cfg, 0.0, 0), **queries.notes})
     for key, value in queries.notes.items():
         log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
     owned = backends is None
@@ -806,7 +778,7 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
     finally:
         if owned:
             close_backends(backend, verifier)
-    return _finish(run, failures, summarize(run.totals(), cfg, time.perf_counter() - started, sent_now))
+    return _finish(run, failures, {**summarize(run.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes})
 
 
 def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:

@@ -171,7 +171,7 @@ def test_sigkill_then_resume_repeats_no_answered_request(hidden, truth_data, tmp
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         at_kill = slow.stats(keys=True)
-        assert not (out / "manifest.json").exists() or not read_manifest(out).complete
+        assert not (out / "_manifest.json").exists() or not read_manifest(out).complete
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         after = slow.stats(keys=True)
@@ -247,7 +247,7 @@ def test_shard_jobs_together_form_one_valid_folder(hidden, server, tmp_path):
     run(mined, tmp_path / "single", server, tmp_path, queries_per_shard=3)
     for k in range(3):
         manifest = run(mined, tmp_path / "jobs", server, tmp_path, queries_per_shard=3, shard=f"{k}/3")
-        assert (tmp_path / "jobs" / "manifest.json").exists() == (k == 2)
+        assert (tmp_path / "jobs" / "_manifest.json").exists() == (k == 2)
     assert validate_shards(tmp_path / "jobs") == []
     assert read_shards(tmp_path / "jobs").equals(read_shards(tmp_path / "single"))
     merged = read_manifest(tmp_path / "jobs")

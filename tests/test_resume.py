@@ -24,7 +24,7 @@ def kill_when(out, ready, timeout=240.0, *, args):
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
-            manifest = read_manifest(out) if (out / "manifest.json").exists() else None
+            manifest = read_manifest(out) if (out / "_manifest.json").exists() else None
             if ready(manifest):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()

@@ -85,7 +85,7 @@ def test_manifest_records_counts_and_checksums(tmp_path):
         ("checksum", "checksum does not match"),
         ("bad_label", "label values"),
         ("missing_column", "missing column 'judge'"),
-        ("missing_part", "listed in manifest.json but missing"),
+        ("missing_part", "listed in _manifest.json but missing"),
     ],
 )
 def test_validate_finds_violations(tmp_path, damage, message):

@@ -142,7 +142,7 @@ def test_invalid_answers_are_retried_then_recorded(tmp_path):
     assert s["llm_retries"] == sum(v["received"] - 1 for v in keys.values())
     assert s["sets_failed"] == s["failed_invalid"] == asks[3] and s["failures"] == {"invalid": asks[3]}
     assert s["sets_written"] == 60 - asks[3]
-    records = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "out" / "_failures.jsonl").read_text().splitlines()]
     assert len(records) == asks[3] and all(r["kind"] == "invalid" and "invalid answer after 3 attempts" in r["error"] for r in records)
     assert {"qid", "query", "set", "style", "target_words", "error", "part"} <= set(records[0])
     df = read_shards(tmp_path / "out").to_pandas()
@@ -190,7 +190,7 @@ def test_sigkill_then_resume_repeats_no_answered_request(tmp_path):
         proc.wait()
         at_kill = slow.stats(keys=True)
         assert 0 < at_kill["answered"] < 90
-        assert not (out / "manifest.json").exists() or not read_manifest(out).complete
+        assert not (out / "_manifest.json").exists() or not read_manifest(out).complete
         done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         after = slow.stats(keys=True)
@@ -289,7 +289,7 @@ def test_verify_drops_sets_the_judge_disagrees_with(tmp_path):
     # every kept set has its passages in the intended order; every swapped one was dropped
     top = df[df.level == 3]
     assert top.text.str.contains(SYNTH_MARKERS[3]).all()
-    records = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "out" / "_failures.jsonl").read_text().splitlines()]
     assert len(records) == s["sets_dropped_by_verify"] and {r["kind"] for r in records} == {"verify"}
     assert all("mean |judged - intended|" in r["error"] for r in records)
 
@@ -303,7 +303,7 @@ def test_shard_jobs_fill_one_folder_and_merge_failures(tmp_path):
     assert validate_shards(tmp_path / "jobs") == []
     assert read_shards(tmp_path / "jobs").equals(read_shards(tmp_path / "single"))
     def failed(folder: str) -> list[tuple]:
-        records = [json.loads(line) for line in (tmp_path / folder / "failures.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (tmp_path / folder / "_failures.jsonl").read_text().splitlines()]
         return sorted((r["part"], r["qid"], r["set"], r["kind"]) for r in records)
 
     # (the oracle picks another way to be wrong on each ask, so the errors themselves may differ)

@@ -303,6 +303,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
         + (f" ({skipped:,} judged queries without a judgment >= 1 skipped)" if skipped else "")
         + f", {len(ds.corpus):,} passages, depth {depth:,}"
     )
+    if ds.empty_documents or ds.empty_queries:
+        log(f"eval: left out {ds.empty_documents:,} empty document(s) and {ds.empty_queries:,} empty query(ies) "
+            f"with their {ds.qrels_of_empty:,} judgment(s)")
     if depth < 1000:
         log(f"eval: depth {depth:,} < 1000, so recall@1000 counts only the top {depth:,}")
     cfg = cfg.model_copy(update={"depth": depth})

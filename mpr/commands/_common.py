@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from pydantic import ValidationError
 
-from pipeline.errors import MprError
+from pipeline.errors import FailedItems, MprError
 from pipeline.redact import read_key, redact, redact_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,6 +31,11 @@ QueriesPerShard = Annotated[int, typer.Option(help="Queries per output part (the
 LLMCache = Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
+MaxFailureRate = Annotated[float, typer.Option(help="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.")]
+VerifyInputs = Annotated[Literal["fast", "full"] | None, typer.Option(help="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")]
+# Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
+# (output complete and resumable: rerun the same command to retry exactly those).
+EXIT_FAILED_ITEMS = 3
 
 
 Encoding = Annotated[str | None, typer.Option(help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1.")]
@@ -76,6 +81,9 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
         fresh = [p for p in (kwargs.get(k) for k in OUTPUT_OPTIONS) if isinstance(p, Path) and not p.exists()]
         try:
             return fn(*args, **kwargs)
+        except FailedItems as exc:
+            typer.echo(redact(str(exc)), err=True)
+            raise typer.Exit(EXIT_FAILED_ITEMS) from None
         except (MprError, ValidationError, OSError, UnicodeError, EOFError) as exc:
             if cleanup and not kwargs.get("shard"):  # parallel --shard jobs share the folder
                 _remove(fresh)
@@ -137,3 +145,12 @@ def print_dry_run(stage: str, estimate: dict[str, Any]) -> None:
     typer.echo(f"{stage} --dry-run: nothing was sent")
     for key, value in estimate.items():
         typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+
+
+def exit_on_failures(stage: str, out: Path, summary: dict[str, Any], max_rate: float) -> None:
+    """After `print_summary`: one line and exit code 3 when more items failed than `max_rate` allows."""
+    from pipeline.llm.stage import failure_line
+
+    line = failure_line(stage, out, summary, max_rate)
+    if line:
+        raise FailedItems(line)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -16,6 +16,7 @@ def ingest(
     out: Annotated[Path, typer.Option(help="Output shard folder.")],
     max_negatives: Annotated[int | None, typer.Option(help="Keep at most N negatives per query.")] = None,
     queries_per_shard: Annotated[int, typer.Option(help="Queries per Parquet part.")] = 1000,
+    on_empty: Annotated[Literal["skip", "error"], typer.Option(help="Empty or blank queries and passages: leave them out and count them, or refuse the file.")] = "skip",
     overwrite: Overwrite = False,
     encoding: Encoding = None,
 ) -> None:
@@ -28,6 +29,7 @@ def ingest(
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
 
-    cfg = IngestConfig(files=files, out=out, max_negatives=max_negatives, queries_per_shard=queries_per_shard, overwrite=overwrite)
+    cfg = IngestConfig(files=files, out=out, max_negatives=max_negatives, queries_per_shard=queries_per_shard, on_empty=on_empty,
+                       overwrite=overwrite)
     manifest = run_ingest(cfg, log=log)
     print_summary("ingest", cfg.out, manifest.summary)

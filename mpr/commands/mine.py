@@ -33,6 +33,7 @@ def mine(
     max_seq_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens (default: the model's).")] = None,
     min_relevance: Annotated[int, typer.Option(help="qrels score from which a judgment is a positive.")] = 1,
     max_bad_qrels: Annotated[float, typer.Option(help="Fraction of qrels pointing at unknown ids tolerated (dropped and reported).")] = 0.05,
+    on_empty: Annotated[Literal["skip", "error"], typer.Option(help="Empty or blank documents and queries: leave them out and count them, or refuse the data.")] = "skip",
     max_queries: Annotated[int | None, typer.Option(help="Mine only the first N queries of the split.")] = None,
     queries_per_shard: Annotated[int, typer.Option(help="Queries per Parquet part (the unit of resumption).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for random sampling.")] = 42,

@@ -15,12 +15,15 @@ from mpr.commands._common import (
     DryRun,
     HttpClient,
     LLMCache,
+    MaxFailureRate,
     MaxInvalidRetries,
     Overwrite,
     QueriesPerShard,
     Quiet,
     Shard,
     Timeout,
+    VerifyInputs,
+    exit_on_failures,
     log,
     one_line_errors,
     print_dry_run,
@@ -56,6 +59,8 @@ def relabel(
     llm_cache: LLMCache = None,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
+    max_failure_rate: MaxFailureRate = 0.0,
+    verify_inputs: VerifyInputs = None,
     quiet: Quiet = False,
 ) -> None:
     """Ask an LLM which mined negatives are really relevant: relabel, drop, or grade them.
@@ -78,3 +83,4 @@ def relabel(
         print_dry_run("relabel", result)
         return
     print_summary("relabel", cfg.out, result.summary)
+    exit_on_failures("relabel", cfg.out, result.summary, cfg.max_failure_rate)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -16,12 +16,15 @@ from mpr.commands._common import (
     Encoding,
     HttpClient,
     LLMCache,
+    MaxFailureRate,
     MaxInvalidRetries,
     Overwrite,
     QueriesPerShard,
     Quiet,
     Shard,
     Timeout,
+    VerifyInputs,
+    exit_on_failures,
     log,
     one_line_errors,
     print_dry_run,
@@ -53,6 +56,7 @@ def synth(
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the generator.")] = 0.7,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request (default: from the levels and the target length).")] = None,
     max_queries: Annotated[int | None, typer.Option(help="Only the first N queries.")] = None,
+    on_empty: Annotated[Literal["skip", "error"], typer.Option(help="Empty or blank queries and documents: leave them out and count them, or refuse the data.")] = "skip",
     concurrency: Concurrency = 64,
     http_client: HttpClient = "aiohttp",
     timeout: Timeout = 300.0,
@@ -63,6 +67,8 @@ def synth(
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
     encoding: Encoding = None,
+    max_failure_rate: MaxFailureRate = 0.0,
+    verify_inputs: VerifyInputs = None,
     quiet: Quiet = False,
 ) -> None:
     """Write synthetic passages at graded relevance levels for each query (after SyCL).
@@ -95,5 +101,6 @@ def synth(
         return
     shown = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropped_by_verify", "passages", "qrels_rows",
              "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",
-             "seconds", "requests_per_s", "failures_file", "failures", "verify")
+             "seconds", "requests_per_s", "failures_file", "failures", "verify", "empty_queries", "empty_documents")
     print_summary("synth", cfg.out, {k: result.summary[k] for k in shown if k in result.summary})
+    exit_on_failures("synth", cfg.out, result.summary, cfg.max_failure_rate)

@@ -110,7 +110,7 @@ class RunContext:
             if not result.cached:
                 stats.answered += 1
                 if cache is not None:
-                    cache.put(result, item.request.model)
+                    cache.put(result, item.request.model, self.backend.cache_scope)
         else:
             stats.failures += len(item.indices)
             log.debug("request %s failed: %s", item.key[:12], result.error)
@@ -157,6 +157,12 @@ class ChatBackend(ABC):
         self.last_stats = RunStats()
         self.stats = RunStats()
 
+    @property
+    def cache_scope(self) -> str:
+        """Who answers, as the request cache keys it next to the request: answers of one server are never
+        served for another that happens to serve the same model name."""
+        return f"{getattr(self, 'kind', type(self).__name__)}:{self.model}"
+
     async def run(
         self,
         requests: Iterable[RequestLike],
@@ -189,7 +195,7 @@ class ChatBackend(ABC):
         ctx = RunContext(self, n, validate, on_result, progress)
         ctx.stats.unique = len(items)
         try:
-            hits = self.cache.get_many(items) if self.cache is not None and use_cache else {}
+            hits = self.cache.get_many(items, self.cache_scope) if self.cache is not None and use_cache else {}
             todo = []
             for key, item in items.items():
                 hit = hits.get(key)

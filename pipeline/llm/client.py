@@ -132,6 +132,11 @@ class OpenAIBackend(ChatBackend):
         self.extra_body = dict(extra_body or {})
         self.transport = transport
 
+    @property
+    def cache_scope(self) -> str:
+        """The base URLs, in any order: servers behind one list serve one model; another address is another server."""
+        return "openai:" + ",".join(sorted({s.url.lower() for s in self.servers}))
+
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_urls={[s.url for s in self.servers]!r})"
 

@@ -23,7 +23,7 @@ class LLMStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
         "backend", "base_url", "api_key_env", "concurrency", "http_client", "timeout", "max_attempts", "max_invalid_retries",
-        "shard", "llm_cache", "dry_run", "overwrite", "progress",
+        "shard", "llm_cache", "dry_run", "overwrite", "progress", "max_failure_rate", "verify_inputs",
     })
 
     backend: Literal["auto", "openai", "vllm"] = "auto"
@@ -40,6 +40,8 @@ class LLMStageConfig(BaseModel):
     dry_run: bool = False
     overwrite: bool = False
     progress: bool = True
+    max_failure_rate: float = Field(0.0, ge=0, le=1, description="share of items left failed that still counts as success")
+    verify_inputs: Literal["fast", "full"] | None = Field(None, description="input check: fast, or full (every checksum); default $MPR_VERIFY or fast")
 
     @field_validator("base_url")
     @classmethod
@@ -98,3 +100,14 @@ def add_llm_stats(stats: dict[str, int], prefix: str, run: RunStats) -> None:
     """Add one `run`'s request and token counts to a part's statistics, as `{prefix}_{key}`."""
     for key in LLM_KEYS:
         stats[f"{prefix}_{key}"] = stats.get(f"{prefix}_{key}", 0) + int(getattr(run, key))
+
+
+def failure_line(stage: str, out: Path, summary: dict[str, Any], max_rate: float) -> str | None:
+    """One line when the run ended with more items left failed (`retryable` of `attempted`) than
+    `max_rate` allows; None when it succeeded. The output is complete and a rerun retries them."""
+    failed, attempted = int(summary.get("retryable", 0)), int(summary.get("attempted", 0))
+    if not failed or (attempted and failed / attempted <= max_rate):
+        return None
+    share = f" of {attempted:,} ({failed / attempted:.1%})" if attempted else ""
+    return (f"{stage}: {failed:,}{share} item(s) failed (see {out}/_failures.jsonl); rerun the same command to retry "
+            f"exactly those, or accept them with --max-failure-rate")
