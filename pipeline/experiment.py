@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.audit import AuditFailed
 from pipeline.errors import MprError
 
 if sys.version_info >= (3, 11):
@@ -175,7 +176,13 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
         for stage in stages:
             log(f"== {stage}")
             cfg = experiment.config(stage, base_url)
-            _run_stage(stage, cfg, log)
+            try:
+                _run_stage(stage, cfg, log)
+            except AuditFailed:  # the report says why the run stopped
+                from pipeline.report import write_report
+
+                write_report(experiment, log=log)
+                raise
     from pipeline.report import write_report
 
     return write_report(experiment, log=log)

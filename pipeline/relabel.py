@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.audit import AUDIT_KEYS, AuditOptions, run_audit
 from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.jsonparse import parse_json
@@ -65,7 +66,7 @@ RELABEL_FIELDS = (
 GRADES = (0, 1, 2, 3)
 
 
-class RelabelConfig(LLMStageConfig):
+class RelabelConfig(LLMStageConfig, AuditOptions):
     input: Path
     out: Path
     model: str
@@ -97,7 +98,7 @@ class RelabelConfig(LLMStageConfig):
         return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
-        runtime = {*self.RUNTIME, "input", "out", "model", "confirm_model", "prompt"}
+        runtime = {*self.RUNTIME, *AUDIT_KEYS, "input", "out", "model", "confirm_model", "prompt"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
 
 
@@ -428,7 +429,10 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
     schema = _schema_for(cfg.input)
     cache_parts: dict[int, list] = {}
+    audit: dict[str, Any] | None = None
     try:
+        if cfg.audit:  # before any request of the full run
+            audit = run_audit(cfg, relabeler, files, lambda: dry_run(cfg, model), log=log)
         for n, index in enumerate(pending, start=1):
             part = _load_part(files, plan, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
@@ -439,5 +443,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     seconds = time.perf_counter() - started
     totals = run.totals()
     summary = {**totals, "seconds": round(seconds, 2), "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}
+    if audit is not None:
+        summary["audit"] = audit
     return run.finish(summary)
 

@@ -26,6 +26,9 @@ from mpr.commands._common import (
     print_dry_run,
     print_summary,
 )
+from pipeline.audit import AuditOptions
+
+AUDIT_DEFAULTS = {name: field.default for name, field in AuditOptions.model_fields.items()}  # written once, in the config
 
 
 @one_line_errors
@@ -47,6 +50,9 @@ def relabel(
     positive_level: Annotated[int, typer.Option(help="Graded mode: grade from which a pair is labelled positive.")] = 2,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request.")] = None,
     logprobs: Annotated[bool, typer.Option(help="Graded mode: expected grade from the grade tokens' log-probabilities.")] = True,
+    audit: Annotated[int, typer.Option(help="First judge N known positives and N likely negatives; report precision, recall, Cohen's kappa and the full run's projected tokens.")] = AUDIT_DEFAULTS["audit"],
+    min_agreement: Annotated[float, typer.Option(help="Stop (exit 2) before the full run when the audit's kappa is below this.")] = AUDIT_DEFAULTS["min_agreement"],
+    force: Annotated[bool, typer.Option("--force", help="Run even when the audit is below --min-agreement.")] = AUDIT_DEFAULTS["force"],
     concurrency: Concurrency = 64,
     http_client: HttpClient = "aiohttp",
     timeout: Timeout = 300.0,
