@@ -29,6 +29,19 @@ QueriesPerShard = Annotated[int, typer.Option(help="Queries per output part (the
 LLMCache = Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
+Engine = Annotated[Literal["local", "ray"], typer.Option(help="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm (pip install 'mpr[ray]'; README: running on a cluster).")]
+RayAddress = Annotated[str | None, typer.Option(help="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")]
+RayWorkers = Annotated[int, typer.Option(help="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")]
+RayBatchSize = Annotated[int, typer.Option(help="--engine ray: rows per Ray Data batch.")]
+
+
+def _ray_defaults() -> dict[str, Any]:
+    from pipeline.ray_engine import RayOptions
+
+    return {name: field.default for name, field in RayOptions.model_fields.items()}
+
+
+RAY_DEFAULTS = _ray_defaults()  # the defaults are written once, in the pydantic config
 
 
 def fail(message: str) -> typer.Exit:
