@@ -42,7 +42,7 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
     outs, sent = {}, {}
     for engine in ("local", "ray"):
         with start_server(responder=Oracle(data, error_rate=0.1, seed=2), models=(MODEL,)) as server:
-            cfg = RelabelConfig(input=mined, out=tmp_path / engine, model=MODEL, base_url=[server.url], batch_candidates=10,
+            cfg = RelabelConfig(input=mined, out=tmp_path / engine, model=MODEL, base_url=[server.url],
                                 candidates="all", llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine)
             manifest = relabel(cfg, **quiet)
             sent[engine] = server.stats()["received"]
@@ -53,7 +53,7 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
     # resume: a lost part is rewritten from the cache, nothing is sent again
     (tmp_path / "ray" / read_manifest(tmp_path / "ray").shards[0].name).unlink()
     with start_server(responder=Oracle(data), models=(MODEL,)) as server:
-        cfg = RelabelConfig(input=mined, out=tmp_path / "ray", model=MODEL, base_url=[server.url], batch_candidates=10,
+        cfg = RelabelConfig(input=mined, out=tmp_path / "ray", model=MODEL, base_url=[server.url],
                             candidates="all", llm_cache=tmp_path / "ray.sqlite", progress=False, engine="ray")
         relabel(cfg, **quiet)
         assert server.stats()["received"] == 0
@@ -67,7 +67,7 @@ def test_synth_ray_equals_local_with_invalid_answers_and_verify(tmp_path):
         oracle = Oracle(EXAMPLE, synth_invalid_rate=0.3, synth_mislabel_rate=0.2, seed=4)
         with start_server(responder=oracle, models=(MODEL,)) as server:
             cfg = SynthConfig(data=EXAMPLE, split="all", out=tmp_path / engine, model=MODEL, base_url=[server.url], lengths=[40],
-                              verify=True, queries_per_shard=15, llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine)
+                              verify=True, queries_per_shard=30, llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine)
             manifest = synth(cfg, **quiet)
         outs[engine] = (read_shards(tmp_path / engine), manifest.summary)
     local, ray_ = outs["local"], outs["ray"]
