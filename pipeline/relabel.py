@@ -53,6 +53,9 @@ from pipeline.shards import (
     read_manifest,
     shard_files,
 )
+from pipeline.zone import ZONE_FIELD, Reasons, ZoneOptions
+from pipeline.zone import select as zone_select
+from pipeline.zone import unsure as zone_unsure
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
 GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
@@ -62,11 +65,12 @@ RELABEL_FIELDS = (
     pa.field("rationale", pa.string()),
     pa.field("error", pa.string()),
     pa.field("prompt", pa.string()),
+    ZONE_FIELD,
 )
 GRADES = (0, 1, 2, 3)
 
 
-class RelabelConfig(LLMStageConfig, AuditOptions):
+class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
     input: Path
     out: Path
     model: str
@@ -249,14 +253,21 @@ def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
     return picked
 
 
-def _judge_items(groups: list[tuple[str, list[dict]]], cfg: RelabelConfig) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]]]:
-    """Per query: the indices of its rows to judge, and (query, known positives, those rows) for the judge."""
-    picked = [_pick_candidates(rows, cfg) for _, rows in groups]
+def _judge_items(
+    groups: list[tuple[str, list[dict]]], cfg: RelabelConfig
+) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]], list[Reasons]]:
+    """Per query: the indices of its rows to judge, (query, known positives, those rows) for the judge, and
+    why the candidates outside the ambiguity zone (pipeline.zone) are not judged."""
+    picked, reasons = [], []
+    for _, rows in groups:
+        idx, why = zone_select(rows, _pick_candidates(rows, cfg), cfg)
+        picked.append(idx)
+        reasons.append(why)
     items = [
         (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
         for (_, rows), idx in zip(groups, picked)
     ]
-    return picked, items
+    return picked, items, reasons
 
 
 @dataclass
@@ -290,6 +301,7 @@ class Relabeler:
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
         self.backend, self.confirm = backend, confirm
         self.model, self.confirm_model = model, confirm_model
+        self.cheap: ChatBackend | None = None  # zone=unsure: the cheap judge (default: `backend`)
 
     def _ask(
         self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str, stats: dict[str, int]
@@ -318,9 +330,13 @@ class Relabeler:
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
-        picked, items = _judge_items(part.groups, cfg)
         stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
-                               "dropped_rows", "dropped_queries", "rows_out"), 0)
+                               "dropped_rows", "dropped_queries", "rows_out", "zone_skipped"), 0)
+        picked, items, reasons = _judge_items(part.groups, cfg)
+        if cfg.zone == "unsure":
+            picked = zone_unsure(self, self.cheap or self.backend, part.groups, picked, reasons, desc, stats)
+            items = [(q, p, [rows[i] for i in idx]) for (q, p, _), (_, rows), idx in zip(items, part.groups, picked)]
+        stats["zone_skipped"] = sum(len(r) for r in reasons)
         verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
@@ -331,7 +347,7 @@ class Relabeler:
                     stats["overturned"] += w.flagged is False
                     vs[j] = w if w.error is None else Verdict(error=f"confirm: {w.error}", judge=w.judge)
         out_rows: list[dict] = []
-        for (_, rows), idx, vs in zip(part.groups, picked, verdicts):
+        for (_, rows), idx, vs, why in zip(part.groups, picked, verdicts, reasons):
             stats["queries"] += 1
             stats["rows_in"] += len(rows)
             by_row = dict(zip(idx, vs))
@@ -343,7 +359,8 @@ class Relabeler:
                 stats["dropped_rows"] += len(rows)
                 continue
             for i, row in enumerate(rows):
-                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None}
+                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None,
+                       "unjudged": why.get(i)}
                 verdict = by_row.get(i)
                 if verdict is not None:
                     row["prompt"] = self.judge.prompt.id
@@ -404,6 +421,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
         raise MprError(f"{cfg.input}: the input run is not complete; finish it first")
     model = resolve_model(cfg.model)
     confirm_model = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
+    zone_model = resolve_model(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
     if cfg.dry_run:
         return dry_run(cfg, model)
     prompt = load_prompt(cfg.prompt_name)
@@ -414,7 +432,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
     run = ShardRun(
         cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
-        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {})},
+        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {}), **({"zone": zone_model} if zone_model else {})},
         prompts={prompt.name: prompt.version}, planned_shards=len(plan), overwrite=cfg.overwrite, job=cfg.job,
     )
     pending = [i for i in range(len(plan)) if run.owns(i) and not run.done(i)]
@@ -422,11 +440,13 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
         log(f"{cfg.out}: already complete; nothing to do")
         return run.finish(run.manifest.summary or run.totals())
     if backends is None:
-        backend, (confirm,) = open_backends(cfg, cfg.model, [confirm_model], stage="relabel", log=log)
+        backend, (confirm, cheap) = open_backends(cfg, cfg.model, [confirm_model, zone_model], stage="relabel", log=log)
         model = backend.model
     else:
         backend, confirm = backends
+        cheap = None
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
+    relabeler.cheap = cheap
     schema = _schema_for(cfg.input)
     cache_parts: dict[int, list] = {}
     audit: dict[str, Any] | None = None
@@ -439,7 +459,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
             run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
         if backends is None:
-            close_backends(backend, confirm)
+            close_backends(backend, confirm, cheap)
     seconds = time.perf_counter() - started
     totals = run.totals()
     summary = {**totals, "seconds": round(seconds, 2), "requests_per_s": round(totals.get("llm_sent", 0) / seconds, 1) if seconds else 0.0}

@@ -32,8 +32,11 @@ from mpr.commands._common import (
     print_summary,
 )
 from pipeline.audit import AuditOptions
+from pipeline.zone import ZoneMode, ZoneOptions
 
-AUDIT_DEFAULTS = {name: field.default for name, field in AuditOptions.model_fields.items()}  # written once, in the config
+# the defaults are written once, in the pydantic configs
+AUDIT_DEFAULTS = {name: field.default for name, field in AuditOptions.model_fields.items()}
+ZONE_DEFAULTS = {name: field.default for name, field in ZoneOptions.model_fields.items()}
 
 
 @one_line_errors
@@ -55,6 +58,11 @@ def relabel(
     positive_level: Annotated[int, typer.Option(help="Graded mode: grade from which a pair is labelled positive.")] = 2,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request.")] = None,
     logprobs: Annotated[bool, typer.Option(help="Graded mode: expected grade from the grade tokens' log-probabilities.")] = True,
+    zone: Annotated[ZoneMode, typer.Option(help="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), top (best-ranked), unsure (a cheap judge is not sure they are negative).")] = ZONE_DEFAULTS["zone"],
+    zone_margin: Annotated[float, typer.Option(help="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.")] = ZONE_DEFAULTS["zone_margin"],
+    zone_top: Annotated[int, typer.Option(help="--zone top: judge the R best-ranked candidates.")] = ZONE_DEFAULTS["zone_top"],
+    zone_model: Annotated[str | None, typer.Option(help="--zone unsure: the cheap judge (default: --model).")] = ZONE_DEFAULTS["zone_model"],
+    zone_unsure: Annotated[float, typer.Option(help="--zone unsure: judge candidates the cheap judge gives P(relevant) above this.")] = ZONE_DEFAULTS["zone_unsure"],
     audit: Annotated[int, typer.Option(help="First judge N known positives and N likely negatives; report precision, recall, Cohen's kappa and the full run's projected tokens.")] = AUDIT_DEFAULTS["audit"],
     min_agreement: Annotated[float, typer.Option(help="Stop (exit 2) before the full run when the audit's kappa is below this.")] = AUDIT_DEFAULTS["min_agreement"],
     force: Annotated[bool, typer.Option("--force", help="Run even when the audit is below --min-agreement.")] = AUDIT_DEFAULTS["force"],
