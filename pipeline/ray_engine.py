@@ -1,27 +1,33 @@
-"""`--engine ray`: the LLM requests of `mpr relabel` and `mpr synth` go out through Ray Data's LLM API.
+"""`--engine ray`: the LLM requests of `mpr relabel` and `mpr synth` go out through Ray Data.
 
 The stage is the same code as with the local engine: the same parts, prompts, requests, validation,
-verdicts, shard rows, manifest and resume per part. Only the backend differs. `RayHttpBackend` answers
-a list of requests as one Ray Data pipeline:
+verdicts, shard rows, manifest and resume per part. Only the backend differs: a `RayBackend` answers the
+requests of a part as one Ray Data job, `ray.data.from_items(requests)` and then one of
 
-    ray.data.from_items(requests) -> build_processor(HttpRequestProcessorConfig, preprocess, postprocess)
+- `ray_processor="mpr"` (default): `map_batches` over `ray_workers` actors, each running mpr's own async
+  client (`OpenAIBackend`: `--concurrency` requests in flight, least-in-flight balancing over every
+  `--base-url`, retries with backoff and Retry-After, the response_format fallback);
+- `ray_processor="ray-llm"`: `ray.data.llm.build_processor(HttpRequestProcessorConfig, preprocess,
+  postprocess)`, one processor per `--base-url`, with `preprocess` writing mpr's own request body
+  (`OpenAIBackend._body`) and `postprocess` reading the answer with mpr's parser (`client._parse`).
+  Ray's HTTP stage (Ray 2.60) awaits its requests one after another: one request in flight per actor
+  (bench/README.md: 160 requests of 0.2 s take 42 s with 2 actors, 9 s through mpr's client, 0.7 s
+  locally), so it is there for parity with Ray's API, not for throughput;
+- with `--backend vllm`: `vLLMEngineProcessorConfig` (vLLM engines on the cluster's GPU workers;
+  `pip install "ray[llm]"` there), `preprocess` giving messages and sampling parameters (the JSON
+  schema as structured output), `postprocess` the generated text. Not exercised here: no vLLM or GPU.
 
-where `preprocess` turns mpr's request (built on the driver by the stage's own code) into the
-OpenAI-compatible body mpr's own client sends (`OpenAIBackend._body`) and `postprocess` reads the answer
-with mpr's own parser (`pipeline.llm.client._parse`). Each `--base-url` gets its own processor
-(`ray_workers` HTTP actors, `ray_batch_size` rows per batch); their datasets are unioned and run as one
-job. On the driver, every answer is checked with the stage's validator (`ChatBackend.run` / `RunContext`),
-stored in the SQLite request cache, and what failed or did not validate goes through another Ray round,
-up to `max_attempts` / `max_invalid_retries` as with the local engine: one bad answer never stops the
-run (a Ray block that fails is skipped, `max_errored_blocks = -1`, and its rows are asked again).
-
-`RayVLLMBackend` is the same with `vLLMEngineProcessorConfig` (in-cluster vLLM engines on GPU workers;
-`pip install "ray[llm]"`); it is selected by `--engine ray --backend vllm`.
+On the driver every answer is checked with the stage's validator (`ChatBackend.run` / `RunContext`),
+stored in the SQLite request cache, and what failed or did not validate goes through another round, up
+to `max_attempts` / `max_invalid_retries` as with the local engine: one bad answer never stops the run
+(a Ray block that fails is skipped, `max_errored_blocks = -1`, and its rows are asked again).
 
 Why the driver builds the requests and keeps the cache: a request's answer is cached under the hash of
 (model, messages, sampling parameters), and a part is written only when all of its answers are in. With
 the requests and the cache on the driver, a resumed run on a cluster sends nothing that was answered
 and writes byte-identical parts, and the output folder and cache need to be visible to the driver only.
+The API key goes to the workers as an environment variable of the job (`runtime_env`) or, with
+`ray-llm`, in the processor's headers; it is never written to the shards, manifest or cache.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ class RayOptions(BaseModel):
 
     engine: Literal["local", "ray"] = Field("local", description="local: mpr's async client in this process; ray: Ray Data LLM processors")
     ray_address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    ray_workers: int = Field(2, ge=1, description="Ray HTTP actors per server (or vLLM engine replicas)")
-    ray_batch_size: int = Field(32, ge=1, description="rows per Ray Data batch sent to one actor")
+    ray_processor: Literal["mpr", "ray-llm"] = Field(
+        "mpr", description="HTTP path: mpr's async client in Ray Data actors, or ray.data.llm's HttpRequestProcessorConfig")
+    ray_workers: int = Field(2, ge=1, description="Ray actors sending requests (per server with ray-llm), or vLLM engine replicas")
+    ray_batch_size: int = Field(256, ge=1, description="rows per Ray Data batch handed to one actor")
 
 
 RAY_KEYS = frozenset(RayOptions.model_fields)
@@ -114,6 +122,22 @@ def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return {"i": int(row["i"]), "ok": True, "answer": result.model_dump_json()}
 
 
+class _MprHttpUDF:
+    """A Ray Data actor that answers a batch of requests with mpr's own async client (`--concurrency` in
+    flight, retries with backoff, Retry-After, the schema fallback); validation stays on the driver."""
+
+    def __init__(self, model: str, urls: list[str], options: dict[str, Any]):
+        from pipeline.llm.client import OpenAIBackend
+
+        self.backend = OpenAIBackend(model, urls, cache=None, max_invalid_retries=0, **options)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        requests = [ChatRequest.model_validate_json(r) for r in batch["request"]]
+        results = self.backend.run_sync(requests, validate=lambda content: None)  # any content; the driver validates
+        return {"i": [int(i) for i in batch["i"]], "ok": [r.ok for r in results],
+                "answer": [r.model_dump_json() if r.ok else (r.error or "failed") for r in results]}
+
+
 class RayBackend(ChatBackend):
     """What the Ray backends share: rounds of Ray Data pipelines, validation and retries on the driver."""
 
@@ -170,11 +194,13 @@ class RayBackend(ChatBackend):
 
 
 class RayHttpBackend(RayBackend):
-    """OpenAI-compatible servers through `ray.data.llm.HttpRequestProcessorConfig`."""
+    """OpenAI-compatible servers, through Ray Data actors running mpr's client (`processor="mpr"`) or
+    through `ray.data.llm.HttpRequestProcessorConfig` (`processor="ray-llm"`)."""
 
     kind = "ray-openai"
 
-    def __init__(self, model: str, base_urls: list[str], *, api_key_env: str, timeout_s: float, **kw: Any):
+    def __init__(self, model: str, base_urls: list[str], *, api_key_env: str, timeout_s: float, processor: str = "mpr",
+                 concurrency: int = 64, transport: str = "aiohttp", **kw: Any):
         super().__init__(model, **kw)
         if not base_urls:
             raise MprError("--engine ray: no base URL given for the OpenAI-compatible servers")
@@ -183,12 +209,31 @@ class RayHttpBackend(RayBackend):
         self.urls = [u.rstrip("/") for u in base_urls]
         self.api_key_env = api_key_env
         self.timeout_s = timeout_s
+        self.processor = processor
+        self.concurrency, self.transport = concurrency, transport
         self._bodies = OpenAIBackend(model, self.urls)  # mpr's own request body, nothing else
+
+    def _dataset(self, items: list[WorkItem]) -> Any:
+        return self._ray_llm(items) if self.processor == "ray-llm" else self._mpr(items)
+
+    def _mpr(self, items: list[WorkItem]) -> Any:
+        import ray
+
+        secret = os.environ.get(self.api_key_env)
+        options = {"api_key_env": self.api_key_env, "concurrency": self.concurrency, "timeout_s": self.timeout_s,
+                   "max_attempts": self.max_attempts, "transport": self.transport}
+        rows = [{"i": n, "request": item.request.model_dump_json()} for n, item in enumerate(items)]
+        return ray.data.from_items(rows).map_batches(
+            _MprHttpUDF, fn_constructor_kwargs={"model": self.model, "urls": self.urls, "options": options},
+            concurrency=self.workers, batch_size=self.batch_size, batch_format="default",
+            # the workers read the key from their environment, as the local client does
+            runtime_env={"env_vars": {self.api_key_env: secret}} if secret else None,
+        )
 
     def __repr__(self) -> str:
         return f"RayHttpBackend(model={self.model!r}, base_urls={self.urls!r})"
 
-    def _dataset(self, items: list[WorkItem]) -> Any:
+    def _ray_llm(self, items: list[WorkItem]) -> Any:
         import aiohttp
         import ray
         from ray.data.llm import HttpRequestProcessorConfig, build_processor
@@ -243,4 +288,5 @@ def create_ray_backend(cfg: LLMStageConfig, kind: str, model: str, base_urls: li
                               "max_attempts": cfg.max_attempts, "cache": options["cache"], "max_invalid_retries": cfg.max_invalid_retries}
     if kind == "vllm":
         return RayVLLMBackend(model, **common)
-    return RayHttpBackend(model, base_urls, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout, **common)
+    return RayHttpBackend(model, base_urls, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout, processor=cfg.ray_processor,
+                          concurrency=cfg.concurrency, transport=cfg.http_client, **common)

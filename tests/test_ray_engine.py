@@ -43,7 +43,8 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
     for engine in ("local", "ray"):
         with start_server(responder=Oracle(data, error_rate=0.1, seed=2), models=(MODEL,)) as server:
             cfg = RelabelConfig(input=mined, out=tmp_path / engine, model=MODEL, base_url=[server.url],
-                                candidates="all", llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine)
+                                candidates="all", llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine,
+                                ray_processor="ray-llm")  # ray.data.llm's HTTP processor; synth below uses mpr's client in Ray actors
             manifest = relabel(cfg, **quiet)
             sent[engine] = server.stats()["received"]
         outs[engine] = read_shards(tmp_path / engine)
@@ -54,7 +55,7 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
     (tmp_path / "ray" / read_manifest(tmp_path / "ray").shards[0].name).unlink()
     with start_server(responder=Oracle(data), models=(MODEL,)) as server:
         cfg = RelabelConfig(input=mined, out=tmp_path / "ray", model=MODEL, base_url=[server.url],
-                            candidates="all", llm_cache=tmp_path / "ray.sqlite", progress=False, engine="ray")
+                            candidates="all", llm_cache=tmp_path / "ray.sqlite", progress=False, engine="ray", ray_processor="ray-llm")
         relabel(cfg, **quiet)
         assert server.stats()["received"] == 0
     assert read_shards(tmp_path / "ray").equals(outs["local"])

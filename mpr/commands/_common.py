@@ -31,6 +31,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and toke
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
 Engine = Annotated[Literal["local", "ray"], typer.Option(help="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm (pip install 'mpr[ray]'; README: running on a cluster).")]
 RayAddress = Annotated[str | None, typer.Option(help="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")]
+RayProcessor = Annotated[Literal["mpr", "ray-llm"], typer.Option(help="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's HttpRequestProcessorConfig (one request in flight per actor).")]
 RayWorkers = Annotated[int, typer.Option(help="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")]
 RayBatchSize = Annotated[int, typer.Option(help="--engine ray: rows per Ray Data batch.")]
 
