@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -144,6 +145,9 @@ class RayBackend(ChatBackend):
     def __init__(self, model: str, *, address: str | None, workers: int, batch_size: int, max_attempts: int, **kw: Any):
         super().__init__(model, **kw)
         self.address, self.workers, self.batch_size, self.max_attempts = address, workers, batch_size, max_attempts
+        # here, in the caller's thread: a local Ray started from the short-lived thread a round runs in would
+        # be stopped with that thread (its processes get the parent-death signal)
+        ensure_ray(address)
 
     async def _generate(self, todo: list[WorkItem], ctx: RunContext) -> None:
         stats = ctx.stats
@@ -183,7 +187,6 @@ class RayBackend(ChatBackend):
 
     def _round(self, items: list[WorkItem]) -> dict[int, tuple[bool, str]]:
         """One Ray Data job over `items`: position -> (answered, ChatResult JSON or the error)."""
-        ensure_ray(self.address)
         out: dict[int, tuple[bool, str]] = {}
         for row in self._dataset(items).take_all():
             out[int(row["i"])] = (bool(row["ok"]), str(row["answer"]))
@@ -191,6 +194,10 @@ class RayBackend(ChatBackend):
 
     def _dataset(self, items: list[WorkItem]) -> Any:
         raise NotImplementedError
+
+    def _blocks(self, rows: int) -> int:
+        """Enough blocks for every actor to get work, and no block larger than a batch."""
+        return max(1, min(rows, max(self.workers, math.ceil(rows / self.batch_size))))
 
 
 class RayHttpBackend(RayBackend):
@@ -223,9 +230,9 @@ class RayHttpBackend(RayBackend):
         options = {"api_key_env": self.api_key_env, "concurrency": self.concurrency, "timeout_s": self.timeout_s,
                    "max_attempts": self.max_attempts, "transport": self.transport}
         rows = [{"i": n, "request": item.request.model_dump_json()} for n, item in enumerate(items)]
-        return ray.data.from_items(rows).map_batches(
+        return ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows))).map_batches(
             _MprHttpUDF, fn_constructor_kwargs={"model": self.model, "urls": self.urls, "options": options},
-            concurrency=self.workers, batch_size=self.batch_size, batch_format="default",
+            compute=ray.data.ActorPoolStrategy(size=self.workers), batch_size=self.batch_size, batch_format="default",
             # the workers read the key from their environment, as the local client does
             runtime_env={"env_vars": {self.api_key_env: secret}} if secret else None,
         )
@@ -259,7 +266,7 @@ class RayHttpBackend(RayBackend):
                 session_factory=functools.partial(aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=self.timeout_s)),
             )
             processor = build_processor(config, preprocess=_http_preprocess, postprocess=_http_postprocess)
-            datasets.append(processor(ray.data.from_items(share)))
+            datasets.append(processor(ray.data.from_items(share, override_num_blocks=self._blocks(len(share)))))
         return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -280,7 +287,7 @@ class RayVLLMBackend(RayBackend):
                                            batch_size=self.batch_size)
         processor = build_processor(config, preprocess=_vllm_preprocess, postprocess=_vllm_postprocess)
         rows = [{"i": n, "key": item.key, "request": item.request.model_dump_json()} for n, item in enumerate(items)]
-        return processor(ray.data.from_items(rows))
+        return processor(ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows))))
 
 
 def create_ray_backend(cfg: LLMStageConfig, kind: str, model: str, base_urls: list[str], options: dict[str, Any]) -> ChatBackend:

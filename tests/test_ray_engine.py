@@ -3,6 +3,8 @@ row-for-row the same shards as the local engine, against the simulated judge."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from pipeline.llm.testserver import start_server
@@ -23,8 +25,13 @@ quiet = {"log": lambda _: None}
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    """mpr starts the local Ray itself, as it does from the CLI (limited here to 2 CPUs); a Ray started from
+    a round's worker thread would die with that thread and hang the next round."""
+    ray.shutdown()
+    init = ray.init
+    ray.init = functools.partial(init, num_cpus=2)
     yield
+    ray.init = init
     ray.shutdown()
 
 

@@ -96,4 +96,4 @@ def relabel(
     if isinstance(result, dict):
         print_dry_run("relabel", result)
         return
-    print_summary("relabel", cfg.out, result.summary)
+    print_summary("relabel", cfg.out, {k: v for k, v in result.summary.items() if k != "audit"})  # the audit printed its own line
