@@ -84,3 +84,24 @@ def test_synth_ray_equals_local_with_invalid_answers_and_verify(tmp_path):
         assert ray_[1][key] == local[1][key], key
     assert local[1]["llm_invalid"] > 0 and local[1]["sets_dropped_by_verify"] > 0
     assert (tmp_path / "ray" / "failures.jsonl").read_text() == (tmp_path / "local" / "failures.jsonl").read_text()
+
+
+def test_postprocess_reads_what_ray_hands_back_from_arrow():
+    """Ray Data turns the response's lists into numpy arrays between stages; mpr's parser still reads the
+    answer and its logprobs, and an error body becomes a failed row, not an exception."""
+    import numpy as np
+
+    from pipeline.llm.types import ChatResult
+    from pipeline.ray_engine import _http_postprocess
+
+    token = {"token": "3", "logprob": -0.1, "top_logprobs": np.array([{"token": "3", "logprob": -0.1}, {"token": "0", "logprob": -2.5}])}
+    response = {"choices": np.array([{"message": {"content": '{"grade": 3}'}, "finish_reason": "stop",
+                                      "logprobs": {"content": np.array([token])}}]),
+                "usage": {"prompt_tokens": np.int64(12), "completion_tokens": 3}}
+    row = _http_postprocess({"i": np.int64(4), "key": "k", "http_response": response})
+    assert row["i"] == 4 and row["ok"]
+    result = ChatResult.model_validate_json(row["answer"])
+    assert result.content == '{"grade": 3}' and result.prompt_tokens == 12
+    assert result.logprobs[0].top == [("3", -0.1), ("0", -2.5)]
+    failed = _http_postprocess({"i": 1, "key": "k", "http_response": {"error": {"message": "model overloaded"}}})
+    assert failed == {"i": 1, "ok": False, "answer": "model overloaded"}
