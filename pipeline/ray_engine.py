@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 import os
 from typing import TYPE_CHECKING, Any, Literal
@@ -76,6 +77,7 @@ def ensure_ray(address: str | None) -> None:
     ctx = DataContext.get_current()
     ctx.max_errored_blocks = -1  # a failed block's rows come back as missing and are asked again
     ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # mpr's own progress and summary say what happens
 
 
 def _plain(value: Any) -> Any:
