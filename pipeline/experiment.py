@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.audit import AuditFailed
 from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact
 from pipeline.shards import Manifest
@@ -229,7 +230,13 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list
         for stage in stages:
             log(f"== {stage}")
             cfg = experiment.config(stage, base_url)
-            _run_stage(stage, cfg, log)
+            try:
+                _run_stage(stage, cfg, log)
+            except AuditFailed:  # the report says why the run stopped
+                from pipeline.report import write_report
+
+                write_report(experiment, log=log)
+                raise
     from pipeline.report import write_report
 
     return write_report(experiment, log=log)

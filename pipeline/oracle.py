@@ -84,8 +84,12 @@ class Oracle:
         synth_invalid_attempts: int = 1,
         synth_fail_rate: float = 0.0,
         synth_mislabel_rate: float = 0.0,
+        error_confidence: float = 0.85,
     ):
-        """`synth_invalid_rate`: this share of synth requests gets an invalid answer (a missing level,
+        """`error_confidence`: the probability a graded answer puts on its grade when the verdict is one of the
+        flipped (wrong) ones (0.85 for right ones, the rest spread over the other grades): below 0.85 the
+        oracle is a calibrated judge, less sure where it is wrong (what `--zone unsure` relies on).
+        `synth_invalid_rate`: this share of synth requests gets an invalid answer (a missing level,
         duplicate passages, a passage too short, the query copied) on its first `synth_invalid_attempts`
         asks; `synth_fail_rate`: this share always does; `synth_mislabel_rate`: this share gets a valid
         answer with the top and bottom passages swapped (what `--verify` should catch)."""
@@ -110,6 +114,7 @@ class Oracle:
         self.synth_invalid_attempts = int(synth_invalid_attempts)
         self.synth_fail_rate = float(synth_fail_rate)
         self.synth_mislabel_rate = float(synth_mislabel_rate)
+        self.error_confidence = float(error_confidence)
         self._synth_asks: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -149,15 +154,18 @@ class Oracle:
     def _grade(self, query: str, passages: list[str], rate: float, key: str) -> ResponderAnswer:
         """{"grade": g} for one passage or {"grades": [...]} for several, with 0.85 of each grade token's
         probability on the answer and 0.05 on each other grade."""
-        grades = []
+        grades, sure = [], []
         for passage in passages:
             grade = synthetic_grade(passage)
-            grades.append(grade if grade is not None else 3 if self.judge(query, passage, rate) else 0)
+            verdict = self.judge(query, passage, rate)
+            grades.append(grade if grade is not None else 3 if verdict else 0)
+            wrong = grade is None and rate > 0 and verdict != self.judge(query, passage, 0.0)
+            sure.append(self.error_confidence if wrong else 0.85)
         tokens: list[Any] = [('{"', -0.01), (key, -0.01), ('":', -0.01), (" [" if key == "grades" else " ", -0.01)]
-        for n, grade in enumerate(grades):
+        for n, (grade, p) in enumerate(zip(grades, sure)):
             if n:
                 tokens.append((", ", -0.01))
-            tokens.append((str(grade), math.log(0.85), [(str(g), math.log(0.85 if g == grade else 0.05)) for g in range(4)]))
+            tokens.append((str(grade), math.log(p), [(str(g), math.log(p if g == grade else (1 - p) / 3)) for g in range(4)]))
         tokens.append(("]}" if key == "grades" else "}", -0.01))
         return ResponderAnswer("".join(t[0] for t in tokens), token_logprobs=tokens)
 
@@ -236,9 +244,11 @@ def oracle(
     synth_invalid_attempts: int = 1,
     synth_fail_rate: float = 0.0,
     synth_mislabel_rate: float = 0.0,
+    error_confidence: float = 0.85,
 ) -> Oracle:
     """Responder factory for the test server; `splits` is a comma-separated list (default: all)."""
     return Oracle(
         data, [s for s in str(splits).split(",") if s] or None, float(error_rate), int(seed), model_error_rates,
         float(synth_invalid_rate), int(synth_invalid_attempts), float(synth_fail_rate), float(synth_mislabel_rate),
+        float(error_confidence),
     )

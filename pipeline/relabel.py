@@ -27,6 +27,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.audit import AUDIT_KEYS, AuditOptions, run_audit
 from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.jsonparse import parse_json
@@ -57,6 +58,9 @@ from pipeline.shards import (
     shard_name,
     verify_shards,
 )
+from pipeline.zone import ZONE_FIELD, Reasons, ZoneOptions
+from pipeline.zone import select as zone_select
+from pipeline.zone import unsure as zone_unsure
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
 GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
@@ -66,11 +70,12 @@ RELABEL_FIELDS = (
     pa.field("rationale", pa.string()),
     pa.field("error", pa.string()),
     pa.field("prompt", pa.string()),
+    ZONE_FIELD,
 )
 GRADES = (0, 1, 2, 3)
 
 
-class RelabelConfig(LLMStageConfig):
+class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
     input: Path
     out: Path
     model: str
@@ -102,7 +107,7 @@ class RelabelConfig(LLMStageConfig):
         return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
-        runtime = {*self.RUNTIME, "input", "out", "model", "confirm_model", "prompt"}
+        runtime = {*self.RUNTIME, *AUDIT_KEYS, "input", "out", "model", "confirm_model", "prompt"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
 
 
@@ -253,14 +258,21 @@ def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
     return picked
 
 
-def _judge_items(groups: list[tuple[str, list[dict]]], cfg: RelabelConfig) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]]]:
-    """Per query: the indices of its rows to judge, and (query, known positives, those rows) for the judge."""
-    picked = [_pick_candidates(rows, cfg) for _, rows in groups]
+def _judge_items(
+    groups: list[tuple[str, list[dict]]], cfg: RelabelConfig
+) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]], list[Reasons]]:
+    """Per query: the indices of its rows to judge, (query, known positives, those rows) for the judge, and
+    why the candidates outside the ambiguity zone (pipeline.zone) are not judged."""
+    picked, reasons = [], []
+    for _, rows in groups:
+        idx, why = zone_select(rows, _pick_candidates(rows, cfg), cfg)
+        picked.append(idx)
+        reasons.append(why)
     items = [
         (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
         for (_, rows), idx in zip(groups, picked)
     ]
-    return picked, items
+    return picked, items, reasons
 
 
 @dataclass
@@ -294,6 +306,7 @@ class Relabeler:
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
         self.backend, self.confirm = backend, confirm
         self.model, self.confirm_model = model, confirm_model
+        self.cheap: ChatBackend | None = None  # zone=unsure: the cheap judge (default: `backend`)
 
     def _ask(
         self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str, stats: dict[str, int]
@@ -322,9 +335,13 @@ class Relabeler:
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
-        picked, items = _judge_items(part.groups, cfg)
         stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
-                               "dropped_rows", "dropped_queries", "rows_out"), 0)
+                               "dropped_rows", "dropped_queries", "rows_out", "zone_skipped"), 0)
+        picked, items, reasons = _judge_items(part.groups, cfg)
+        if cfg.zone == "unsure":
+            picked = zone_unsure(self, self.cheap or self.backend, part.groups, picked, reasons, desc, stats)
+            items = [(q, p, [rows[i] for i in idx]) for (q, p, _), (_, rows), idx in zip(items, part.groups, picked)]
+        stats["zone_skipped"] = sum(len(r) for r in reasons)
         verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
@@ -335,7 +352,7 @@ class Relabeler:
                     stats["overturned"] += w.flagged is False
                     vs[j] = w if w.error is None else Verdict(error=f"confirm: {w.error}", judge=w.judge)
         out_rows: list[dict] = []
-        for (_, rows), idx, vs in zip(part.groups, picked, verdicts):
+        for (_, rows), idx, vs, why in zip(part.groups, picked, verdicts, reasons):
             stats["queries"] += 1
             stats["rows_in"] += len(rows)
             by_row = dict(zip(idx, vs))
@@ -347,7 +364,8 @@ class Relabeler:
                 stats["dropped_rows"] += len(rows)
                 continue
             for i, row in enumerate(rows):
-                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None}
+                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None,
+                       "unjudged": why.get(i)}
                 verdict = by_row.get(i)
                 if verdict is not None:
                     row["prompt"] = self.judge.prompt.id
@@ -407,6 +425,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     source = verify_shards(cfg.input, cfg.verify_inputs)
     model = resolve_model(cfg.model)
     confirm_model = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
+    zone_model = resolve_model(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
     if cfg.dry_run:
         return dry_run(cfg, model)
     prompt = load_prompt(cfg.prompt_name)
@@ -417,7 +436,7 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
     run = ShardRun(
         cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
-        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {})},
+        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {}), **({"zone": zone_model} if zone_model else {})},
         prompts={prompt.name: prompt.version}, planned_shards=len(plan), overwrite=cfg.overwrite, job=cfg.job,
     )
     failures = FailureLog(run)
@@ -429,15 +448,20 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     if retry:
         log(f"relabel: retrying {retry:,} row(s) that failed in an earlier run")
     if backends is None:
-        backend, (confirm,) = open_backends(cfg, cfg.model, [confirm_model], stage="relabel", log=log)
+        backend, (confirm, cheap) = open_backends(cfg, cfg.model, [confirm_model, zone_model], stage="relabel", log=log)
         model = backend.model
     else:
         backend, confirm = backends
+        cheap = None
     relabeler = Relabeler(cfg, backend, confirm, model, confirm_model)
+    relabeler.cheap = cheap
     schema = _schema_for(cfg.input)
     cache_parts: dict[int, list] = {}
     sent_now = 0
+    audit: dict[str, Any] | None = None
     try:
+        if cfg.audit:  # before any request of the full run
+            audit = run_audit(cfg, relabeler, files, lambda: dry_run(cfg, model), log=log)
         for n, index in enumerate(pending, start=1):
             part = _load_part(files, plan, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
@@ -450,8 +474,11 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
             run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
         if backends is None:
-            close_backends(backend, confirm)
-    return _finish(run, failures, _summary(run.totals(), time.perf_counter() - started, sent_now))
+            close_backends(backend, confirm, cheap)
+    summary = _summary(run.totals(), time.perf_counter() - started, sent_now)
+    if audit is not None:
+        summary["audit"] = audit
+    return _finish(run, failures, summary)
 
 
 def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[str, Any]:

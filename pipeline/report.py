@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from mpr import __version__
+from pipeline.audit import report_lines as audit_report_lines
 from pipeline.redact import redact
 from pipeline.shards import read_manifest, shard_files
 
@@ -92,7 +93,9 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
     lines += ["## What each stage produced", ""]
     for name, folder in (("mine", "mined"), ("relabel", "relabeled"), ("synth", "synth")):
         lines += _stage_section(name, out / folder)
-        if name == "relabel" and (out / folder).exists() and read_manifest(out / folder):
+        if name == "relabel":
+            lines += audit_report_lines(out / folder)
+        if name == "relabel" and (out / folder).exists() and (m := read_manifest(out / folder)) and m.shards:
             lines += _label_changes(out / folder)
     for model_dir in sorted(out.glob("model-*")):
         record_path = model_dir / "mpr" / "train.json"

@@ -36,6 +36,20 @@ VerifyInputs = Annotated[Literal["fast", "full"] | None, typer.Option(help="Chec
 # Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
 # (output complete and resumable: rerun the same command to retry exactly those).
 EXIT_FAILED_ITEMS = 3
+Engine = Annotated[Literal["local", "ray"], typer.Option(help="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm (pip install 'mpr[ray]'; README: running on a cluster).")]
+RayAddress = Annotated[str | None, typer.Option(help="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")]
+RayProcessor = Annotated[Literal["mpr", "ray-llm"], typer.Option(help="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's HttpRequestProcessorConfig (one request in flight per actor).")]
+RayWorkers = Annotated[int, typer.Option(help="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")]
+RayBatchSize = Annotated[int, typer.Option(help="--engine ray: rows per Ray Data batch.")]
+
+
+def _ray_defaults() -> dict[str, Any]:
+    from pipeline.ray_engine import RayOptions
+
+    return {name: field.default for name, field in RayOptions.model_fields.items()}
+
+
+RAY_DEFAULTS = _ray_defaults()  # the defaults are written once, in the pydantic config
 
 
 Encoding = Annotated[str | None, typer.Option(help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1.")]

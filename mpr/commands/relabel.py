@@ -8,11 +8,13 @@ from typing import Annotated, Literal
 import typer
 
 from mpr.commands._common import (
+    RAY_DEFAULTS,
     ApiKeyEnv,
     Backend,
     BaseUrl,
     Concurrency,
     DryRun,
+    Engine,
     HttpClient,
     LLMCache,
     MaxFailureRate,
@@ -20,6 +22,10 @@ from mpr.commands._common import (
     Overwrite,
     QueriesPerShard,
     Quiet,
+    RayAddress,
+    RayBatchSize,
+    RayProcessor,
+    RayWorkers,
     Shard,
     Timeout,
     VerifyInputs,
@@ -29,6 +35,12 @@ from mpr.commands._common import (
     print_dry_run,
     print_summary,
 )
+from pipeline.audit import AuditOptions
+from pipeline.zone import ZoneMode, ZoneOptions
+
+# the defaults are written once, in the pydantic configs
+AUDIT_DEFAULTS = {name: field.default for name, field in AuditOptions.model_fields.items()}
+ZONE_DEFAULTS = {name: field.default for name, field in ZoneOptions.model_fields.items()}
 
 
 @one_line_errors
@@ -50,6 +62,19 @@ def relabel(
     positive_level: Annotated[int, typer.Option(help="Graded mode: grade from which a pair is labelled positive.")] = 2,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token limit per request.")] = None,
     logprobs: Annotated[bool, typer.Option(help="Graded mode: expected grade from the grade tokens' log-probabilities.")] = True,
+    zone: Annotated[ZoneMode, typer.Option(help="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), top (best-ranked), unsure (a cheap judge is not sure they are negative).")] = ZONE_DEFAULTS["zone"],
+    zone_margin: Annotated[float, typer.Option(help="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.")] = ZONE_DEFAULTS["zone_margin"],
+    zone_top: Annotated[int, typer.Option(help="--zone top: judge the R best-ranked candidates.")] = ZONE_DEFAULTS["zone_top"],
+    zone_model: Annotated[str | None, typer.Option(help="--zone unsure: the cheap judge (default: --model).")] = ZONE_DEFAULTS["zone_model"],
+    zone_unsure: Annotated[float, typer.Option(help="--zone unsure: judge candidates the cheap judge gives P(relevant) above this.")] = ZONE_DEFAULTS["zone_unsure"],
+    audit: Annotated[int, typer.Option(help="First judge N known positives and N likely negatives; report precision, recall, Cohen's kappa and the full run's projected tokens.")] = AUDIT_DEFAULTS["audit"],
+    min_agreement: Annotated[float, typer.Option(help="Stop (exit 2) before the full run when the audit's kappa is below this.")] = AUDIT_DEFAULTS["min_agreement"],
+    force: Annotated[bool, typer.Option("--force", help="Run even when the audit is below --min-agreement.")] = AUDIT_DEFAULTS["force"],
+    engine: Engine = RAY_DEFAULTS["engine"],
+    ray_address: RayAddress = RAY_DEFAULTS["ray_address"],
+    ray_processor: RayProcessor = RAY_DEFAULTS["ray_processor"],
+    ray_workers: RayWorkers = RAY_DEFAULTS["ray_workers"],
+    ray_batch_size: RayBatchSize = RAY_DEFAULTS["ray_batch_size"],
     concurrency: Concurrency = 64,
     http_client: HttpClient = "aiohttp",
     timeout: Timeout = 300.0,
@@ -82,5 +107,5 @@ def relabel(
     if isinstance(result, dict):
         print_dry_run("relabel", result)
         return
-    print_summary("relabel", cfg.out, result.summary)
+    print_summary("relabel", cfg.out, {k: v for k, v in result.summary.items() if k != "audit"})  # the audit printed its own line
     exit_on_failures("relabel", cfg.out, result.summary, cfg.max_failure_rate)

@@ -7,24 +7,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from pipeline.llm.base import ChatBackend
-from pipeline.llm.models import resolve_backend
+from pipeline.llm.models import resolve_backend, resolve_model
 from pipeline.llm.types import RunStats
+from pipeline.ray_engine import RAY_KEYS, RayOptions
 from pipeline.redact import USERINFO_HINT, has_userinfo
 
 LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 
 
-class LLMStageConfig(BaseModel):
+class LLMStageConfig(RayOptions):
     """Options every LLM stage takes; `RUNTIME` names those that do not change what the stage writes."""
 
     model_config = ConfigDict(extra="forbid")
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
         "backend", "base_url", "api_key_env", "concurrency", "http_client", "timeout", "max_attempts", "max_invalid_retries",
         "shard", "llm_cache", "dry_run", "overwrite", "progress", "max_failure_rate", "verify_inputs",
-    })
+    }) | RAY_KEYS
 
     backend: Literal["auto", "openai", "vllm"] = "auto"
     base_url: list[str] = Field(default_factory=list)
@@ -78,6 +79,8 @@ def open_backends(
     from pipeline.encode import default_cache_dir
 
     options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
+    if cfg.engine == "ray":
+        return _open_ray(cfg, model, others, options, stage=stage, log=log)
     spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
     if spec.kind == "openai":
         options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts,
@@ -88,6 +91,22 @@ def open_backends(
         for m in others
     ]
     log(f"{stage}: {spec.kind} backend, model {spec.model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    return backend, extra
+
+
+def _open_ray(cfg: LLMStageConfig, model: str, others: list[str | None], options: dict[str, Any], *, stage: str,
+              log: Callable[[str], None]) -> tuple[ChatBackend, list[ChatBackend | None]]:
+    """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.ray_engine)."""
+    from pipeline.ray_engine import create_ray_backend
+
+    if cfg.backend == "vllm":  # the engines run on the cluster's GPU workers: vLLM need not be importable here
+        kind, name, urls = "vllm", resolve_model(model), []
+    else:
+        spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
+        kind, name, urls = spec.kind, spec.model, list(spec.base_urls)
+    backend = create_ray_backend(cfg, kind, name, urls, options)
+    extra = [None if m is None else backend if m == name else create_ray_backend(cfg, kind, m, urls, options) for m in others]
+    log(f"{stage}: ray engine, {kind} backend, model {name}" + (f" at {', '.join(urls)}" if urls else ""))
     return backend, extra
 
 

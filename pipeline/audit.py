@@ -1,0 +1,277 @@
+"""`mpr relabel --audit N`: check the judge against known labels before paying for the full run.
+
+The audit judges N known positives (rows with `source=qrels`, `label=1`) and N likely negatives (mined
+candidates the mining kept as negatives, drawn from the lower half of their query's mined ranks, where
+false negatives are rare), with the same prompt, mode, batching and cascade as the full run. For each
+query the judge sees the audited passages in a seeded shuffled order and, as known positives, only the
+query's other qrels positives (never the passage it is asked about).
+
+Against the known labels it reports precision, recall and Cohen's kappa, with 95% intervals (Wilson
+for precision and recall, a seeded percentile bootstrap for kappa), and the projected requests and
+tokens of the full run (the dry-run count of prompt tokens; completion tokens from the audit's own
+answers, or the request limit when every answer came from the cache). The result goes to `_audit.json`
+in the output folder, into the manifest summary (`audit`) and into the report of `mpr run`. When kappa
+is below `min_agreement` the stage stops before any full-run request is sent (`AuditFailed`, exit code
+2), unless `force` is set.
+
+Relevance is not symmetric here: a "likely negative" can be an unlabelled positive (that is what the
+stage looks for), so precision is a lower bound and kappa is conservative on sparse qrels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from pipeline.errors import MprError
+from pipeline.shards import write_json_atomic
+
+if TYPE_CHECKING:
+    from pipeline.relabel import RelabelConfig, Relabeler, Verdict
+
+AUDIT_FILE = "_audit.json"
+BOOTSTRAP = 1000
+
+
+class AuditOptions(BaseModel):
+    """The audit's options (part of `RelabelConfig`; none of them changes what the stage writes)."""
+
+    audit: int = Field(0, ge=0, description="judge N known positives and N likely negatives first (0: no audit)")
+    min_agreement: float = Field(0.4, ge=-1, le=1, description="stop when the audit's Cohen's kappa is below this")
+    force: bool = Field(False, description="run even when the audit is below --min-agreement")
+    audit_seed: int = 0
+
+
+AUDIT_KEYS = frozenset(AuditOptions.model_fields)
+
+
+class AuditFailed(MprError):
+    """The judge disagrees with the known labels; nothing of the full run was sent."""
+
+
+@dataclass
+class AuditItem:
+    qid: str
+    row: dict[str, Any]
+    truth: int  # 1 known positive, 0 likely negative
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
+def cohen_kappa(pairs: list[tuple[int, int]]) -> float | None:
+    """Cohen's kappa of (truth, verdict) pairs; None when chance agreement is 1 (one class only)."""
+    n = len(pairs)
+    if n == 0:
+        return None
+    agree = sum(a == b for a, b in pairs) / n
+    t1 = sum(a for a, _ in pairs) / n
+    v1 = sum(b for _, b in pairs) / n
+    chance = t1 * v1 + (1 - t1) * (1 - v1)
+    if chance >= 1:
+        return None
+    return (agree - chance) / (1 - chance)
+
+
+def kappa_interval(pairs: list[tuple[int, int]], seed: int) -> tuple[float, float] | None:
+    rng = random.Random(seed)
+    values = []
+    for _ in range(BOOTSTRAP):
+        k = cohen_kappa([pairs[rng.randrange(len(pairs))] for _ in pairs])
+        if k is not None:
+            values.append(k)
+    if len(values) < BOOTSTRAP // 2:
+        return None
+    values.sort()
+    return round(values[int(0.025 * len(values))], 4), round(values[min(len(values) - 1, int(0.975 * len(values)))], 4)
+
+
+def agreement(pairs: list[tuple[int, int]], seed: int = 0) -> dict[str, Any]:
+    """Precision, recall and Cohen's kappa of the verdicts against the known labels, with 95% intervals."""
+    tp = sum(1 for t, v in pairs if t and v)
+    fp = sum(1 for t, v in pairs if not t and v)
+    fn = sum(1 for t, v in pairs if t and not v)
+    tn = sum(1 for t, v in pairs if not t and not v)
+    kappa = cohen_kappa(pairs)
+    return {
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "precision": round(tp / (tp + fp), 4) if tp + fp else None, "precision_ci": wilson(tp, tp + fp),
+        "recall": round(tp / (tp + fn), 4) if tp + fn else None, "recall_ci": wilson(tp, tp + fn),
+        "kappa": round(kappa, 4) if kappa is not None else None, "kappa_ci": kappa_interval(pairs, seed) if pairs else None,
+    }
+
+
+def sample(files: list[Path], n: int, seed: int, negatives_from: str) -> list[AuditItem]:
+    """N known positives and N likely negatives, drawn with `seed`; texts are read for the drawn rows only."""
+    light = ["qid", "source", "label", "rank"]
+    positives: list[tuple[int, int]] = []
+    mined: dict[tuple[int, str], list[tuple[int, int]]] = {}  # (file, qid) -> [(rank, row)]
+    for f, path in enumerate(files):
+        table = pq.read_table(path, columns=light)
+        cols = {c: table.column(c).to_pylist() for c in light}
+        for i, (qid, source, label, rank) in enumerate(zip(cols["qid"], cols["source"], cols["label"], cols["rank"])):
+            if source == "qrels" and label == 1:
+                positives.append((f, i))
+            elif source == "mined" and rank is not None and (label == 0 or (negatives_from == "all" and label is None)):
+                mined.setdefault((f, qid), []).append((rank, i))
+    negatives: list[tuple[int, int]] = []
+    for (f, _), ranked in mined.items():
+        ranked.sort()
+        negatives += [(f, i) for _, i in ranked[len(ranked) // 2 :]]
+    rng = random.Random(f"mpr-audit|{seed}")
+    picked = [(p, 1) for p in rng.sample(positives, min(n, len(positives)))]
+    picked += [(p, 0) for p in rng.sample(negatives, min(n, len(negatives)))]
+    by_file: dict[int, list[int]] = {}
+    for (f, i), _ in picked:
+        by_file.setdefault(f, []).append(i)
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for f, idx in by_file.items():
+        table = pq.read_table(files[f]).take(sorted(idx)).to_pylist()
+        rows.update({(f, i): r for i, r in zip(sorted(idx), table)})
+    return [AuditItem(rows[p]["qid"], rows[p], truth) for p, truth in picked]
+
+
+def _other_positives(files: list[Path], qids: set[str], audited: set[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in files:
+        table = pq.read_table(path, columns=["qid", "pid", "title", "text", "source", "label"])
+        for row in table.to_pylist():
+            if row["qid"] in qids and row["source"] == "qrels" and row["label"] == 1 and (row["qid"], row["pid"]) not in audited:
+                out.setdefault(row["qid"], []).append(row)
+    return out
+
+
+def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_run: Callable[[], dict[str, Any]],
+              *, log: Callable[[str], None]) -> dict[str, Any]:
+    """Judge the sample with the stage's own judge; the result, also written to `_audit.json`.
+    Raises `AuditFailed` when kappa is below `min_agreement` and `force` is not set."""
+    items = sample(files, cfg.audit, cfg.audit_seed, cfg.candidates)
+    if not items:
+        raise MprError(f"{cfg.input}: --audit needs known positives (source=qrels) or mined negatives; found neither")
+    by_query: dict[str, list[AuditItem]] = {}
+    for item in items:
+        by_query.setdefault(item.qid, []).append(item)
+    rng = random.Random(f"mpr-audit-order|{cfg.audit_seed}")
+    for group in by_query.values():
+        rng.shuffle(group)
+    shown = _other_positives(files, set(by_query), {(i.qid, i.row["pid"]) for i in items})
+    judge_items = [(group[0].row["query"], shown.get(qid, []), [i.row for i in group]) for qid, group in by_query.items()]
+    stats: dict[str, int] = {}
+    verdicts = relabeler._ask(relabeler.backend, judge_items, relabeler.model, "audit", stats)
+    if relabeler.confirm is not None:
+        verdicts = _confirm(relabeler, judge_items, verdicts, stats)
+    pairs: list[tuple[int, int]] = []
+    failed = 0
+    for group, vs in zip(by_query.values(), verdicts):
+        for item, verdict in zip(group, vs):
+            if verdict.error is not None or verdict.flagged is None:
+                failed += 1
+            else:
+                pairs.append((item.truth, int(verdict.flagged)))
+    result: dict[str, Any] = {
+        "positives": sum(i.truth for i in items), "negatives": sum(1 - i.truth for i in items), "failed": failed,
+        **agreement(pairs, cfg.audit_seed), "min_agreement": cfg.min_agreement,
+        "requests": stats.get("llm_sent", 0) + stats.get("llm_cache_hits", 0),
+        "sent": stats.get("llm_sent", 0), "projected": _project(full_run(), stats),
+    }
+    kappa = result["kappa"]
+    result["passed"] = kappa is not None and kappa >= cfg.min_agreement
+    result["forced"] = not result["passed"] and cfg.force
+    write_json_atomic(cfg.out / AUDIT_FILE, result)
+    log(describe(result))
+    if not result["passed"] and not cfg.force:
+        raise AuditFailed(
+            f"audit: the judge agrees with the known labels at Cohen's kappa {_fmt(kappa)} (95% CI {result['kappa_ci']}), "
+            f"below --min-agreement {cfg.min_agreement:g}; precision {_fmt(result['precision'])}, recall {_fmt(result['recall'])} "
+            f"on {len(pairs)} judged pairs. Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
+            f"~{result['projected']['total_tokens']:,} tokens). Check the model and prompt, or pass --force. Details: {cfg.out / AUDIT_FILE}"
+        )
+    return result
+
+
+def _confirm(relabeler: Relabeler, items: list[tuple[str, list[dict], list[dict]]], verdicts: list[list[Verdict]],
+             stats: dict[str, int]) -> list[list[Verdict]]:
+    from pipeline.relabel import Verdict
+
+    assert relabeler.confirm is not None
+    again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
+    second = relabeler._ask(relabeler.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)],
+                            relabeler.confirm_model or relabeler.model, "audit (confirm)", stats)
+    for vs, js, ws in zip(verdicts, again, second):
+        for j, w in zip(js, ws):
+            vs[j] = w if w.error is None else Verdict(error=f"confirm: {w.error}", judge=w.judge)
+    return verdicts
+
+
+def _project(estimate: dict[str, Any], stats: dict[str, int]) -> dict[str, Any]:
+    """The full run's requests and tokens: dry-run prompt tokens, completion tokens per request as measured."""
+    requests = int(estimate.get("requests", 0))
+    sent = stats.get("llm_sent", 0)
+    if sent and stats.get("llm_completion_tokens", 0):
+        completion = round(stats["llm_completion_tokens"] / sent * requests)
+        basis = "measured on the audit's answers"
+    else:
+        completion = int(estimate.get("max_completion_tokens", 0))
+        basis = "the request limit (the audit's answers came from the cache)"
+    prompt = int(estimate.get("prompt_tokens", 0))
+    out = {"requests": requests, "candidates": int(estimate.get("candidates", 0)), "prompt_tokens": prompt,
+           "completion_tokens": completion, "total_tokens": prompt + completion, "completion_basis": basis,
+           "token_counts": estimate.get("token_counts")}
+    if estimate.get("note"):
+        out["note"] = estimate["note"]
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def describe(result: dict[str, Any]) -> str:
+    p = result["projected"]
+    verdict = "passed" if result["passed"] else ("below --min-agreement, run forced" if result["forced"] else "FAILED")
+    return (
+        f"audit: {result['positives']} known positives, {result['negatives']} likely negatives, {result['failed']} failed; "
+        f"precision {_fmt(result['precision'])} {result['precision_ci']}, recall {_fmt(result['recall'])} {result['recall_ci']}, "
+        f"kappa {_fmt(result['kappa'])} {result['kappa_ci']} (min {result['min_agreement']:g}): {verdict}. "
+        f"Full run: {p['requests']:,} requests, ~{p['prompt_tokens']:,} prompt + ~{p['completion_tokens']:,} completion tokens"
+    )
+
+
+def read_audit(folder: Path) -> dict[str, Any] | None:
+    path = folder / AUDIT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def report_lines(folder: Path) -> list[str]:
+    """The audit's section of the `mpr run` report (nothing when the stage ran without `--audit`)."""
+    result = read_audit(folder)
+    if result is None:
+        return []
+    p = result["projected"]
+    verdict = "passed" if result["passed"] else ("below the minimum; run forced" if result["forced"] else "**failed: the run stopped before the full run**")
+    rows = [
+        ("known positives / likely negatives judged", f"{result['positives']} / {result['negatives']} ({result['failed']} failed)"),
+        ("precision (95% CI)", f"{_fmt(result['precision'])} {result['precision_ci']}"),
+        ("recall (95% CI)", f"{_fmt(result['recall'])} {result['recall_ci']}"),
+        ("Cohen's kappa (95% CI)", f"{_fmt(result['kappa'])} {result['kappa_ci']}"),
+        ("minimum kappa", f"{result['min_agreement']:g}: {verdict}"),
+        ("full run: requests", f"{p['requests']:,}"),
+        ("full run: prompt + completion tokens", f"{p['prompt_tokens']:,} + {p['completion_tokens']:,} ({p['completion_basis']})"),
+    ]
+    return ["Judge audit against the known labels (`_audit.json`):", "", "| | |", "|---|---|",
+            *[f"| {k} | {v} |" for k, v in rows], ""]
