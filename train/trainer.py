@@ -89,7 +89,7 @@ def _model_card_note(cfg: TrainConfig, memory: str, data: list[dict[str, Any]], 
 
 def _finished_summary(cfg: TrainConfig) -> dict[str, Any] | None:
     record = cfg.out / "mpr" / "train.json"
-    if cfg.resume and not cfg.overwrite and record.is_file() and not _checkpoints(cfg):
+    if cfg.resume and not cfg.overwrite and record.is_file():  # the folder appears only when complete
         return dict(json.loads(record.read_text())["summary"], already_trained=True)
     return None
 
