@@ -261,3 +261,28 @@ def test_a_budget_too_small_for_one_text_is_one_line(mined_slice, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--memory-budget" in result.output and "too small" in result.output
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()
+
+
+def test_train_options_are_the_config_fields():
+    """Every TrainConfig field is a `mpr train` option with the field's default: one definition."""
+    import typer
+
+    from mpr.cli import app
+    from train.config import TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params}
+    for name, field in TrainConfig.model_fields.items():
+        if name == "progress":
+            assert "quiet" in params
+            continue
+        assert name in params, name
+        if field.is_required():
+            assert params[name].required, name
+        else:
+            default = params[name].default
+            expected = field.default
+            if isinstance(expected, list):
+                expected = tuple(expected)
+            assert default == expected or (default in ((), None) and expected in ((), None)), (name, default, expected)
+            assert params[name].help == field.description, name

@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     max_positives: int = Field(4, ge=1, description="Positives per group at most.")
     positive_threshold: float | None = Field(None, ge=0, le=1, description="Also count rows with grade >= this as positives.")
     random_negatives: bool = Field(True, description="Fill groups with random negatives from other queries.")
+    verify_inputs: Literal["fast", "full"] | None = Field(
+        None, description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
+        "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
     batch_size: int = Field(32, ge=1, description="Queries per batch (per device).")
     memory_budget: str | None = Field(
         None, description=f"Memory the run may use, e.g. 2GB: peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "

@@ -104,27 +104,29 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     if finished is not None:
         log(f"train: {cfg.out} is already trained (--overwrite retrains it)")
         return finished
+    from train.groups import GroupConfig, build_groups
+
+    started = time.perf_counter()
+    dataset, stats = build_groups(  # reads and verifies the data before torch is loaded
+        GroupConfig(data=cfg.data, group_size=cfg.group_size, max_positives=cfg.max_positives,
+                    positive_threshold=cfg.positive_threshold, random_negatives=cfg.random_negatives, seed=cfg.seed,
+                    verify=cfg.verify_inputs)
+    )
+    log(f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
+        f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group")
+    if len(dataset) < cfg.batch_size:
+        raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     import torch
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
     from pipeline.encode import load_encoder
     from train.callbacks import LossStateCallback, MemoryProgressCallback, restore_loss_state
-    from train.groups import GroupConfig, build_groups
     from train.losses import build_loss
     from train.memory import peak_rss_bytes, plan_embedding, set_attention_dropout
 
-    started = time.perf_counter()
     if cfg.overwrite and cfg.checkpoints.exists():
         shutil.rmtree(cfg.checkpoints)
-    dataset, stats = build_groups(
-        GroupConfig(data=cfg.data, group_size=cfg.group_size, max_positives=cfg.max_positives,
-                    positive_threshold=cfg.positive_threshold, random_negatives=cfg.random_negatives, seed=cfg.seed)
-    )
-    log(f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
-        f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group")
-    if len(dataset) < cfg.batch_size:
-        raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     model = load_encoder(cfg.model, device=cfg.device, max_seq_length=cfg.max_seq_length)
     if cfg.attention_dropout is not None:
         set_attention_dropout(model, cfg.attention_dropout)
