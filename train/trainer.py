@@ -121,9 +121,16 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     from transformers.trainer_callback import ProgressCallback
 
     from pipeline.encode import load_encoder
-    from train.callbacks import LossStateCallback, MemoryProgressCallback, restore_loss_state
+    from train.callbacks import (
+        LossStateCallback,
+        MemoryGuardCallback,
+        MemoryProgressCallback,
+        restore_loss_state,
+    )
     from train.losses import build_loss
-    from train.memory import peak_rss_bytes, plan_embedding, set_attention_dropout
+    from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
+
+    limit_heap_fragmentation()
 
     if cfg.overwrite and cfg.checkpoints.exists():
         shutil.rmtree(cfg.checkpoints)
@@ -186,7 +193,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         **precision,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
-                                         callbacks=[LossStateCallback(loss), *callbacks])
+                                         callbacks=[LossStateCallback(loss), MemoryGuardCallback(loss, plan.budget, log), *callbacks])
     if cfg.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(MemoryProgressCallback())
