@@ -64,6 +64,7 @@ def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest
         for row in block:
             negatives = row.negatives[: cfg.max_negatives] if cfg.max_negatives is not None else row.negatives
             positive_ids = {p[0] for p in row.positives}
+            entries: list[tuple[tuple[str, str | None, str], str, int | None, int, str | None]]
             entries = [(p, "qrels", None, 1, "qrels") for p in row.positives]
             entries += [(p, "mined", r, 0, None) for r, p in enumerate(negatives, start=1) if p[0] not in positive_ids]
             for (pid, title, text), source, rank, label, judge in entries:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 from pydantic import Field
@@ -301,7 +301,7 @@ def _load_part(files: list[Path], plan: list[tuple[int, int, int]], index: int, 
 
 
 class Relabeler:
-    def __init__(self, cfg: RelabelConfig, backend: ChatBackend | None, confirm: ChatBackend | None, model: str, confirm_model: str | None):
+    def __init__(self, cfg: RelabelConfig, backend: ChatBackend, confirm: ChatBackend | None, model: str, confirm_model: str | None):
         self.cfg = cfg
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
         self.backend, self.confirm = backend, confirm
@@ -319,7 +319,7 @@ class Relabeler:
                 where.append((item, idx))
         n_of = [len(idx) for _, idx in where]
         validators = {n: self.judge.validator(n) for n in set(n_of)}
-        results: list[ChatResult] = []
+        results: list[tuple[int, ChatResult]] = []
         # one validator per candidate count: group requests by it so each run validates its own answers
         for n, check in validators.items():
             picked = [i for i, m in enumerate(n_of) if m == n]
@@ -331,7 +331,7 @@ class Relabeler:
             item, idx = where[i]
             for j, verdict in zip(idx, self.judge.verdicts(result, len(idx), judge_id)):
                 verdicts[item][j] = verdict
-        return verdicts  # type: ignore[return-value]
+        return cast(list[list[Verdict]], verdicts)  # every slot is filled: each candidate is in one request
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
@@ -344,8 +344,9 @@ class Relabeler:
         stats["zone_skipped"] = sum(len(r) for r in reasons)
         verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
+            confirm_id = self.confirm_model or self.confirm.model
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
-            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)", stats)
+            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], confirm_id, desc + " (confirm)", stats)
             for vs, js, ws in zip(verdicts, again, second):
                 for j, w in zip(js, ws):
                     stats["confirmed"] += bool(w.flagged)
@@ -401,7 +402,7 @@ def dry_run(cfg: RelabelConfig, model: str) -> dict[str, Any]:
     judge = Judge(load_prompt(cfg.prompt_name), cfg)
     counter = TokenCounter(model)
     cache: dict[int, list] = {}
-    totals = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
+    totals: dict[str, Any] = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
     for index in range(len(plan)):
         for query, positives, candidates in _judge_items(_load_part(files, plan, index, cache).groups, cfg)[1]:
             totals["queries"] += 1

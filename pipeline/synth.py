@@ -567,8 +567,8 @@ class Synthesizer:
 
             label = desc if len(by_words) == 1 else f"{desc} ({words} words)"
             got = self._run(self.backend, [self.prompt.request(specs[i], cfg) for i in idx], check, label, stats, "llm")
-            for i, result in zip(idx, got):
-                results[i] = result
+            for i, answer in zip(idx, got):
+                results[i] = answer
 
         failures: list[dict[str, Any]] = []
 

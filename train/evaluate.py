@@ -387,12 +387,15 @@ def __getattr__(name: str) -> Any:
 
 @functools.cache
 def _ir_evaluator() -> type:
-    try:  # sentence-transformers >= 6
-        from sentence_transformers.base.evaluation import SentenceEvaluator
-    except ImportError:  # pragma: no cover - sentence-transformers 5.x
-        from sentence_transformers.evaluation import SentenceEvaluator
+    import importlib
 
-    class IREvaluator(SentenceEvaluator):
+    try:  # sentence-transformers >= 6
+        evaluation = importlib.import_module("sentence_transformers.base.evaluation")
+    except ImportError:  # pragma: no cover - sentence-transformers 5.x
+        evaluation = importlib.import_module("sentence_transformers.evaluation")
+    base: Any = evaluation.SentenceEvaluator
+
+    class IREvaluator(base):
         """nDCG@10 (primary), MRR@10, Recall@100 and Recall@1000 on a BEIR split, for SentenceTransformerTrainer.
 
         Each call encodes the corpus and the evaluated queries afresh with the model being trained (no cache)

@@ -105,7 +105,7 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
         except KeyboardInterrupt:
             raise fail("interrupted; rerun the same command to resume") from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _message(exc: BaseException) -> str:
