@@ -76,23 +76,28 @@ GRADES = (0, 1, 2, 3)
 
 
 class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
-    input: Path
-    out: Path
-    model: str
-    mode: Mode = "relabel"
-    confirm_model: str | None = None
-    prompt: str | None = Field(None, description="prompt file name (default: relabel, or graded in graded mode)")
-    candidates: Literal["negatives", "all"] = "negatives"
-    max_candidates: int = Field(20, ge=1, description="candidates judged per query, best-ranked first")
-    batch_candidates: int | None = Field(None, ge=1, description="candidates per request (default 20 listwise, 1 graded)")
-    grade_positives: bool = False
-    max_flagged: int | None = Field(None, ge=0)
-    positive_level: int = Field(2, ge=1, le=3)
-    max_positives_shown: int = Field(3, ge=0)
-    max_passage_chars: int = Field(2000, ge=100)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    logprobs: bool = True
+    input: Path = Field(description="Shard folder from mpr mine or mpr ingest.")
+    out: Path = Field(description="Output shard folder.")
+    model: str = Field(description="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
+    mode: Mode = Field("relabel", description="What to do with flagged false negatives, or grade every pair 0-3.")
+    confirm_model: str | None = Field(None, description="Cascade: a stronger model re-judges what --model flagged.")
+    prompt: str | None = Field(
+        None, description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; default: relabel, "
+        "or graded in graded mode).")
+    candidates: Literal["negatives", "all"] = Field(
+        "negatives", description="Judge the kept hard negatives, or every mined candidate.")
+    max_candidates: int = Field(20, ge=1, description="Candidates judged per query, best-ranked first.")
+    batch_candidates: int | None = Field(
+        None, ge=1, description="Candidates per request: default 20 listwise; graded default 1 (pointwise), more packs "
+        "several pairs into one request.")
+    grade_positives: bool = Field(False, description="Graded mode: grade the qrels positives too.")
+    max_flagged: int | None = Field(None, ge=0, description="Remove a query with more flagged candidates than this (every mode).")
+    positive_level: int = Field(2, ge=1, le=3, description="Graded mode: grade from which a pair is labelled positive.")
+    max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
+    max_passage_chars: int = Field(2000, ge=100, description="Passages are cut to this many characters in a request.")
+    max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
+    logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")
 
     @property
     def per_request(self) -> int:
