@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -20,14 +20,22 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _metavar(annotation: Any) -> str | None:
+    """``<path>`` rather than ``<list[Path]>`` for a repeatable option."""
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        return f"<{getattr(item, '__name__', str(item)).lower()}>"
+    return None
+
+
 def _parameter_info(name: str, field: FieldInfo, flag: str | None, argument: bool) -> Any:
     if argument:
-        return typer.Argument(help=field.description, show_default=False)
+        return typer.Argument(help=field.description, show_default=False, metavar=name.upper())
     if field.annotation is bool and field.default is False:
         return typer.Option(flag or option_name(name), help=field.description)  # a plain flag: --resume
     if field.annotation is bool and flag:
         return typer.Option(f"{flag}/--no-{flag.removeprefix('--')}", help=field.description)
-    return typer.Option(*([flag] if flag else []), help=field.description)
+    return typer.Option(*([flag] if flag else []), help=field.description, metavar=_metavar(field.annotation))
 
 
 def _fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
