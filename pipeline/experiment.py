@@ -198,7 +198,7 @@ class Experiment:
             return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
         from train.evaluate import EvalConfig
 
-        trained = cast(TrainConfig, self.config("train"))
+        trained = cast("TrainConfig", self.config("train"))
         table = {"data": spec.data, "split": "test", **spec.eval}
         return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": self.out / f"eval-{trained.loss}.json",
                              "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
