@@ -125,3 +125,12 @@ def test_report_numbers_by_kind() -> None:
     assert summary_value("rows", 1234567) == "1,234,567"
     assert summary_value("rows", 1234.0) == "1,234"
     assert summary_value("tokens_out_per_passage", 0.123456) == "0.1235"
+
+
+def test_the_configs_load_without_torch() -> None:
+    """The commands import their config models up front: none of them may pull in torch or
+    sentence-transformers, so the input checks still run (and fail) before the heavy imports."""
+    code = "import sys, mpr.cli; print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"
