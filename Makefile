@@ -25,6 +25,7 @@ demo: install
 	bash scripts/demo.sh
 
 test: install
+	$(BIN)/mypy  # [tool.mypy] in pyproject.toml: zero errors
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install

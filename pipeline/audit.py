@@ -44,10 +44,13 @@ BOOTSTRAP = 1000
 class AuditOptions(BaseModel):
     """The audit's options (part of `RelabelConfig`; none of them changes what the stage writes)."""
 
-    audit: int = Field(0, ge=0, description="judge N known positives and N likely negatives first (0: no audit)")
-    min_agreement: float = Field(0.4, ge=-1, le=1, description="stop when the audit's Cohen's kappa is below this")
-    force: bool = Field(False, description="run even when the audit is below --min-agreement")
-    audit_seed: int = 0
+    audit: int = Field(
+        0, ge=0, description="First judge N known positives and N likely negatives; report precision, recall, Cohen's "
+        "kappa and the full run's projected tokens.")
+    min_agreement: float = Field(
+        0.4, ge=-1, le=1, description="Stop (exit 2) before the full run when the audit's kappa is below this.")
+    force: bool = Field(False, description="Run even when the audit is below --min-agreement.")
+    audit_seed: int = Field(0, description="Seed of the audit's sample.")
 
 
 AUDIT_KEYS = frozenset(AuditOptions.model_fields)

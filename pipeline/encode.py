@@ -13,12 +13,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.errors import MprError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHUNK = 2048
@@ -85,7 +88,7 @@ class Encoder:
     """A loaded SentenceTransformer plus what determines its embeddings (the cache identity)."""
 
     name: str
-    model: object
+    model: SentenceTransformer
     similarity: Similarity
     query_prompt: str | None = None
     passage_prompt: str | None = None
@@ -119,7 +122,7 @@ class Encoder:
     def from_model(
         cls,
         name: str,
-        model: object,
+        model: SentenceTransformer,
         *,
         query_prompt: str | None = None,
         query_prompt_name: str | None = None,
@@ -140,7 +143,7 @@ class Encoder:
         fn = str(getattr(model, "similarity_fn_name", None) or "cosine")
         if fn not in ("cosine", "dot"):
             raise MprError(f"model '{name}' uses '{fn}' similarity; mpr supports cosine and dot")
-        return cls(name, model, fn, query_prompt or None, passage_prompt or None, batch_size)
+        return cls(name, model, cast(Similarity, fn), query_prompt or None, passage_prompt or None, batch_size)
 
     def identity(self, role: Literal["query", "passage"]) -> str:
         """What the embeddings of a text depend on: the model (for a local folder, a hash of the content of

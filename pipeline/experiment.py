@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +23,13 @@ from pipeline.audit import AuditFailed
 from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact
 from pipeline.shards import Manifest
+
+if TYPE_CHECKING:
+    from pipeline.mine import MineConfig
+    from pipeline.relabel import RelabelConfig
+    from pipeline.synth import SynthConfig
+    from train.config import TrainConfig
+    from train.evaluate import EvalConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,7 +89,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_run_file(path: Path, overrides: list[str] = ()) -> RunFile:
+def load_run_file(path: Path, overrides: Sequence[str] = ()) -> RunFile:
     if not path.is_file():
         raise MprError(f"{path}: {'is a folder, not an experiment file' if path.is_dir() else 'no such experiment file'}")
     try:
@@ -113,7 +120,7 @@ def load_run_file(path: Path, overrides: list[str] = ()) -> RunFile:
     try:
         return RunFile.model_validate(raw)
     except ValueError as exc:
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        first: Mapping[str, Any] = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         raise key_error(path, [str(p) for p in first["loc"]], first["msg"]) from None
 
 
@@ -191,13 +198,13 @@ class Experiment:
             return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
         from train.evaluate import EvalConfig
 
-        trained = self.config("train")
+        trained = cast("TrainConfig", self.config("train"))
         table = {"data": spec.data, "split": "test", **spec.eval}
         return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": self.out / f"eval-{trained.loss}.json",
                              "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
 
 
-def run_experiment(path: Path, *, only: list[str] | None = None, overrides: list[str] = (), progress: bool = True,
+def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = (), progress: bool = True,
                    log: Callable[[str], None] = print) -> Path:
     """Run the file's stages (or `only` those), then write RUN/report.md; returns the report's path."""
     spec = load_run_file(path, list(overrides))
@@ -246,14 +253,15 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
     if stage == "mine":
         from pipeline.mine import mine
 
-        mine(cfg, log=log)
+        mine(cast("MineConfig", cfg), log=log)
     elif stage in ("relabel", "synth"):
         from pipeline.llm.stage import failure_line
         from pipeline.relabel import relabel
         from pipeline.synth import synth
 
-        manifest = (relabel if stage == "relabel" else synth)(cfg, log=log)
-        line = failure_line(stage, cfg.out, manifest.summary, cfg.max_failure_rate) if isinstance(manifest, Manifest) else None
+        llm_cfg = cast("RelabelConfig | SynthConfig", cfg)
+        manifest = relabel(cast("RelabelConfig", cfg), log=log) if stage == "relabel" else synth(cast("SynthConfig", cfg), log=log)
+        line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate) if isinstance(manifest, Manifest) else None
         if line:  # the later stages would train on what is missing; a rerun retries exactly those items
             raise FailedItems(line)
     elif stage == "train":
@@ -261,6 +269,7 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
 
         from train.trainer import train
 
+        cfg = cast("TrainConfig", cfg)
         record = cfg.out / "mpr" / "train.json"
         if record.exists() and not cfg.overwrite:
             volatile = {"progress", "resume", "overwrite"}
@@ -273,4 +282,4 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
     else:
         from train.evaluate import evaluate, format_table
 
-        log(format_table(evaluate(cfg, log=log)))
+        log(format_table(evaluate(cast("EvalConfig", cfg), log=log)))

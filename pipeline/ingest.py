@@ -21,12 +21,14 @@ from pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
 class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    files: list[Path] = Field(min_length=1)
-    out: Path
-    max_negatives: int | None = Field(None, ge=0)
-    queries_per_shard: int = Field(1000, ge=1)
-    on_empty: OnEmpty = "skip"
-    overwrite: bool = False
+    files: list[Path] = Field(
+        min_length=1, description="Tevatron/RLHN rows: JSONL(.gz) or Parquet with query_id, query, positive_passages, negative_passages.")
+    out: Path = Field(description="Output shard folder.")
+    max_negatives: int | None = Field(None, ge=0, description="Keep at most N negatives per query.")
+    queries_per_shard: int = Field(1000, ge=1, description="Queries per Parquet part.")
+    on_empty: OnEmpty = Field(
+        "skip", description="Empty or blank queries and passages: leave them out and count them, or refuse the file.")
+    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
 
 
 def _blocks(files: list[Path], size: int, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[list[TevatronRow]]:
@@ -64,6 +66,7 @@ def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest
         for row in block:
             negatives = row.negatives[: cfg.max_negatives] if cfg.max_negatives is not None else row.negatives
             positive_ids = {p[0] for p in row.positives}
+            entries: list[tuple[tuple[str, str | None, str], str, int | None, int, str | None]]
             entries = [(p, "qrels", None, 1, "qrels") for p in row.positives]
             entries += [(p, "mined", r, 0, None) for r, p in enumerate(negatives, start=1) if p[0] not in positive_ids]
             for (pid, title, text), source, rank, label, judge in entries:

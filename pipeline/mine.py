@@ -38,37 +38,41 @@ class MineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path
-    split: str = "train"
-    out: Path
-    model: str = DEFAULT_MODEL
-    retriever: Literal["dense", "bm25", "union"] = "dense"
-    depth: int = Field(100, ge=1, description="candidates retrieved per query (range_max)")
-    skip_top: int = Field(0, ge=0, description="ranks 1..skip_top are never negatives (range_min)")
-    num_negatives: int = Field(15, ge=0)
-    sampling: Literal["top", "random"] = "top"
-    absolute_margin: float | None = None
-    relative_margin: float | None = Field(None, ge=0, le=1)
-    max_score: float | None = None
-    min_score: float | None = None
-    keep_candidates: bool = True
-    query_prompt: str | None = None
-    query_prompt_name: str | None = None
-    passage_prompt: str | None = None
-    passage_prompt_name: str | None = None
-    max_seq_length: int | None = Field(None, ge=8)
-    min_relevance: int = 1
-    max_bad_qrels: float = Field(0.05, ge=0, le=1)
-    on_empty: OnEmpty = "skip"
-    max_queries: int | None = Field(None, ge=1)
-    queries_per_shard: int = Field(1000, ge=1)
-    seed: int = 42
-    faiss: bool = False
-    batch_size: int = Field(64, ge=1)
-    device: str | None = None
-    cache_dir: Path | None = None
-    no_cache: bool = False
-    overwrite: bool = False
+    data: Path = Field(description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (.gz accepted).")
+    split: str = Field("train", description="qrels split whose queries are mined.")
+    out: Path = Field(description="Output shard folder.")
+    model: str = Field(DEFAULT_MODEL, description="sentence-transformers model id or local path.")
+    retriever: Literal["dense", "bm25", "union"] = Field(
+        "dense", description="dense, bm25 (bm25s), or their union ranked by reciprocal rank fusion.")
+    depth: int = Field(100, ge=1, description="Candidates retrieved per query (range_max).")
+    skip_top: int = Field(0, ge=0, description="Ranks 1..N are never negatives (range_min).")
+    num_negatives: int = Field(15, ge=0, description="Hard negatives kept per query.")
+    sampling: Literal["top", "random"] = Field(
+        "top", description="Keep the top-ranked eligible candidates or a random sample of them.")
+    absolute_margin: float | None = Field(None, description="Negatives must score <= weakest positive - margin.")
+    relative_margin: float | None = Field(None, ge=0, le=1, description="Negatives must score <= weakest positive x (1 - margin).")
+    max_score: float | None = Field(None, description="Negatives must score <= this.")
+    min_score: float | None = Field(None, description="Negatives must score >= this.")
+    keep_candidates: bool = Field(
+        True, description="Also write the candidates that were not kept as negatives (label null, with the filter that rejected them).")
+    query_prompt: str | None = Field(None, description="Text prepended to queries (e.g. 'query: ').")
+    query_prompt_name: str | None = Field(None, description="Name of a prompt stored in the model's config.")
+    passage_prompt: str | None = Field(None, description="Text prepended to passages.")
+    passage_prompt_name: str | None = Field(None, description="Name of a passage prompt stored in the model's config.")
+    max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens (default: the model's).")
+    min_relevance: int = Field(1, description="qrels score from which a judgment is a positive.")
+    max_bad_qrels: float = Field(0.05, ge=0, le=1, description="Fraction of qrels pointing at unknown ids tolerated (dropped and reported).")
+    on_empty: OnEmpty = Field(
+        "skip", description="Empty or blank documents and queries: leave them out and count them, or refuse the data.")
+    max_queries: int | None = Field(None, ge=1, description="Mine only the first N queries of the split.")
+    queries_per_shard: int = Field(1000, ge=1, description="Queries per Parquet part (the unit of resumption).")
+    seed: int = Field(42, description="Seed for random sampling.")
+    faiss: bool = Field(False, description="Search with FAISS (pip install 'mpr[faiss]').")
+    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, mps ... (default: best available).")
+    cache_dir: Path | None = Field(None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")
+    no_cache: bool = Field(False, description="Do not read or write the embedding cache.")
+    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
     progress: bool = True
 
     def identity(self) -> dict[str, Any]:

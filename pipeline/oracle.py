@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.llm.responders import ResponderAnswer
-from pipeline.readers import find_file, read_corpus, read_qrels, read_queries, split_names
+from pipeline.readers import read_corpus, read_qrels, read_queries, require_file, split_names
 
 PREFIX = 80  # passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
 TAG = r"<{0}(?:\s+number=\"(\d+)\")?>(.*?)</{0}>"
@@ -94,18 +94,18 @@ class Oracle:
         asks; `synth_fail_rate`: this share always does; `synth_mislabel_rate`: this share gets a valid
         answer with the top and bottom passages swapped (what `--verify` should catch)."""
         root = Path(data)
-        corpus = read_corpus(find_file(root, "corpus.jsonl"))
+        corpus = read_corpus(require_file(root, "corpus.jsonl"))
         self.pid_by_text: dict[str, str] = {}
         for i, pid in enumerate(corpus.ids):
             self.pid_by_text[_key(corpus.texts[i])] = pid
             if corpus.titles[i]:
                 self.pid_by_text[_key(f"{corpus.titles[i]}\n{corpus.texts[i]}")] = pid
         self.qids_by_text: dict[str, list[str]] = {}
-        for qid, text in read_queries(find_file(root, "queries.jsonl")).items():
+        for qid, text in read_queries(require_file(root, "queries.jsonl")).items():
             self.qids_by_text.setdefault(_norm(text), []).append(qid)
         self.relevant: set[tuple[str, str]] = set()
         for split in splits or split_names(root):
-            qrels, _ = read_qrels(find_file(root / "qrels", f"{split}.tsv"))
+            qrels, _ = read_qrels(require_file(root / "qrels", f"{split}.tsv"))
             self.relevant |= {(q, p) for q, judged in qrels.items() for p, s in judged.items() if s > 0}
         self.error_rate = float(error_rate)
         self.model_error_rates = {k: float(v) for k, v in (model_error_rates or {}).items()}

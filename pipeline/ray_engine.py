@@ -53,12 +53,16 @@ if TYPE_CHECKING:
 class RayOptions(BaseModel):
     """Where the LLM requests run (part of every LLM stage's config; none changes what is written)."""
 
-    engine: Literal["local", "ray"] = Field("local", description="local: mpr's async client in this process; ray: Ray Data LLM processors")
-    ray_address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm "
+        "(pip install 'mpr[ray]'; README: running on a cluster).")
+    ray_address: str | None = Field(None, description="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
     ray_processor: Literal["mpr", "ray-llm"] = Field(
-        "mpr", description="HTTP path: mpr's async client in Ray Data actors, or ray.data.llm's HttpRequestProcessorConfig")
-    ray_workers: int = Field(2, ge=1, description="Ray actors sending requests (per server with ray-llm), or vLLM engine replicas")
-    ray_batch_size: int = Field(256, ge=1, description="rows per Ray Data batch handed to one actor")
+        "mpr", description="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's "
+        "HttpRequestProcessorConfig (one request in flight per actor).")
+    ray_workers: int = Field(
+        2, ge=1, description="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")
+    ray_batch_size: int = Field(256, ge=1, description="--engine ray: rows per Ray Data batch.")
 
 
 RAY_KEYS = frozenset(RayOptions.model_fields)

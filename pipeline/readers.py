@@ -49,6 +49,14 @@ def find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+def require_file(folder: Path, name: str) -> Path:
+    """`name` or `name.gz` inside `folder`; an InputError when neither is there."""
+    path = find_file(folder, name)
+    if path is None:
+        raise InputError(folder / name, "no such file (nor .gz)")
+    return path
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise InputError(path, "no such file")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 from pydantic import Field
@@ -76,23 +76,28 @@ GRADES = (0, 1, 2, 3)
 
 
 class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
-    input: Path
-    out: Path
-    model: str
-    mode: Mode = "relabel"
-    confirm_model: str | None = None
-    prompt: str | None = Field(None, description="prompt file name (default: relabel, or graded in graded mode)")
-    candidates: Literal["negatives", "all"] = "negatives"
-    max_candidates: int = Field(20, ge=1, description="candidates judged per query, best-ranked first")
-    batch_candidates: int | None = Field(None, ge=1, description="candidates per request (default 20 listwise, 1 graded)")
-    grade_positives: bool = False
-    max_flagged: int | None = Field(None, ge=0)
-    positive_level: int = Field(2, ge=1, le=3)
-    max_positives_shown: int = Field(3, ge=0)
-    max_passage_chars: int = Field(2000, ge=100)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    logprobs: bool = True
+    input: Path = Field(description="Shard folder from mpr mine or mpr ingest.")
+    out: Path = Field(description="Output shard folder.")
+    model: str = Field(description="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
+    mode: Mode = Field("relabel", description="What to do with flagged false negatives, or grade every pair 0-3.")
+    confirm_model: str | None = Field(None, description="Cascade: a stronger model re-judges what --model flagged.")
+    prompt: str | None = Field(
+        None, description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; default: relabel, "
+        "or graded in graded mode).")
+    candidates: Literal["negatives", "all"] = Field(
+        "negatives", description="Judge the kept hard negatives, or every mined candidate.")
+    max_candidates: int = Field(20, ge=1, description="Candidates judged per query, best-ranked first.")
+    batch_candidates: int | None = Field(
+        None, ge=1, description="Candidates per request: default 20 listwise; graded default 1 (pointwise), more packs "
+        "several pairs into one request.")
+    grade_positives: bool = Field(False, description="Graded mode: grade the qrels positives too.")
+    max_flagged: int | None = Field(None, ge=0, description="Remove a query with more flagged candidates than this (every mode).")
+    positive_level: int = Field(2, ge=1, le=3, description="Graded mode: grade from which a pair is labelled positive.")
+    max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
+    max_passage_chars: int = Field(2000, ge=100, description="Passages are cut to this many characters in a request.")
+    max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
+    logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")
 
     @property
     def per_request(self) -> int:
@@ -301,7 +306,7 @@ def _load_part(files: list[Path], plan: list[tuple[int, int, int]], index: int, 
 
 
 class Relabeler:
-    def __init__(self, cfg: RelabelConfig, backend: ChatBackend | None, confirm: ChatBackend | None, model: str, confirm_model: str | None):
+    def __init__(self, cfg: RelabelConfig, backend: ChatBackend, confirm: ChatBackend | None, model: str, confirm_model: str | None):
         self.cfg = cfg
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
         self.backend, self.confirm = backend, confirm
@@ -319,7 +324,7 @@ class Relabeler:
                 where.append((item, idx))
         n_of = [len(idx) for _, idx in where]
         validators = {n: self.judge.validator(n) for n in set(n_of)}
-        results: list[ChatResult] = []
+        results: list[tuple[int, ChatResult]] = []
         # one validator per candidate count: group requests by it so each run validates its own answers
         for n, check in validators.items():
             picked = [i for i, m in enumerate(n_of) if m == n]
@@ -331,7 +336,7 @@ class Relabeler:
             item, idx = where[i]
             for j, verdict in zip(idx, self.judge.verdicts(result, len(idx), judge_id)):
                 verdicts[item][j] = verdict
-        return verdicts  # type: ignore[return-value]
+        return cast(list[list[Verdict]], verdicts)  # every slot is filled: each candidate is in one request
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
@@ -344,8 +349,9 @@ class Relabeler:
         stats["zone_skipped"] = sum(len(r) for r in reasons)
         verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
+            confirm_id = self.confirm_model or self.confirm.model
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
-            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], self.confirm_model, desc + " (confirm)", stats)
+            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], confirm_id, desc + " (confirm)", stats)
             for vs, js, ws in zip(verdicts, again, second):
                 for j, w in zip(js, ws):
                     stats["confirmed"] += bool(w.flagged)
@@ -401,7 +407,7 @@ def dry_run(cfg: RelabelConfig, model: str) -> dict[str, Any]:
     judge = Judge(load_prompt(cfg.prompt_name), cfg)
     counter = TokenCounter(model)
     cache: dict[int, list] = {}
-    totals = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
+    totals: dict[str, Any] = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
     for index in range(len(plan)):
         for query, positives, candidates in _judge_items(_load_part(files, plan, index, cache).groups, cfg)[1]:
             totals["queries"] += 1

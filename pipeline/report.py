@@ -30,7 +30,20 @@ def _hardware() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
+def summary_value(key: str, value: float) -> str:
+    """A stage summary's number by its kind: time in seconds, a rate per second, a count with thousands
+    separators, anything else (a share, a mean) with 4 decimals."""
+    if key == "seconds" or key.endswith("_seconds") or (key.endswith("_s") and not key.endswith("per_s")):
+        return f"{value:,.1f} s"
+    if key.endswith("per_s"):
+        return f"{value:,.1f}/s"
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.4f}"
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> list[str]:
+    """A Markdown table; ints get thousands separators, floats (metrics) 4 decimals."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(f"{c:,}" if isinstance(c, int) else f"{c:.4f}" if isinstance(c, float) else str(c) for c in r) + " |" for r in rows]
     return out
@@ -42,8 +55,12 @@ def _stage_section(name: str, folder: Path) -> list[str]:
         return []
     summary = {k: v for k, v in manifest.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v}
     lines = [f"### {name}: `{folder}`", "", f"{len(manifest.shards)} part(s), complete: {manifest.complete}.", ""]
-    lines += _table([[k, v] for k, v in summary.items()], ["count", "value"])
+    lines += _table([[k, summary_value(k, v)] for k, v in summary.items()], ["count", "value"])
     return [*lines, ""]
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _label_changes(folder: Path) -> list[str]:
@@ -105,7 +122,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         s = record["summary"]
         lines += [f"## Training: `{model_dir.name}`", "",
                   f"Loss `{record['config']['loss']}`, {s['groups']:,} groups, {s['steps']:,} steps, "
-                  f"loss {s['first_loss']} -> {s['final_loss']}, {s['seconds']} s.", ""]
+                  f"loss {_loss(s['first_loss'])} -> {_loss(s['final_loss'])}, {summary_value('seconds', s['seconds'])}.", ""]
         png = out / f"{model_dir.name}-training.png"
         if _training_curve(record, png):
             lines += [f"![training loss]({png.name})", ""]

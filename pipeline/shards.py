@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -190,7 +190,7 @@ class ShardRun:
         stage: str,
         config: dict[str, Any],
         identity: dict[str, Any],
-        inputs: list[InputInfo] = (),
+        inputs: Sequence[InputInfo] = (),
         models: dict[str, str] | None = None,
         prompts: dict[str, str] | None = None,
         planned_shards: int | None = None,

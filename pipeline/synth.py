@@ -125,26 +125,41 @@ def _split_list(value: Any) -> Any:
 class SynthConfig(LLMStageConfig):
     """Every option of `mpr synth` (see the module docstring for what they mean)."""
 
-    out: Path
-    model: str
-    data: Path | None = Field(None, description="BEIR folder")
-    split: str = Field("train", description="qrels split whose queries are used, or 'all' for every query")
-    queries: Path | None = Field(None, description="queries file: JSONL {_id, text} or TSV id<TAB>text")
-    from_shards: Path | None = Field(None, description="shard folder whose qid/query are used")
-    levels: int = Field(4, ge=MIN_LEVELS, le=MAX_LEVELS)
-    per_query: int = Field(1, ge=1, le=100)
-    styles: list[str] = Field(default_factory=lambda: list(DEFAULT_STYLES), min_length=1)
-    lengths: list[int] = Field(default_factory=lambda: list(DEFAULT_LENGTHS), min_length=1)
-    seed: int = 42
-    positive_level: int | None = None
-    with_qrels: bool = False
-    verify: bool = False
-    verify_model: str | None = None
-    verify_tolerance: float = Field(1.0, ge=0)
-    temperature: float = Field(0.7, ge=0)
-    max_tokens: int | None = Field(None, ge=16)
-    max_queries: int | None = Field(None, ge=1)
-    on_empty: OnEmpty = "skip"
+    out: Path = Field(description="Output shard folder.")
+    model: str = Field(description="Generator model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
+    data: Path | None = Field(
+        None, description="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv).")
+    split: str = Field(
+        "train", description="qrels split whose queries get passages, or 'all' for every query of queries.jsonl.")
+    queries: Path | None = Field(
+        None, description='Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).')
+    from_shards: Path | None = Field(None, description="Shard folder instead of --data: its queries (qid, query).")
+    levels: int = Field(
+        4, ge=MIN_LEVELS, le=MAX_LEVELS, description=f"Relevance levels per set, {MIN_LEVELS}-{MAX_LEVELS}: passages for "
+        "levels L-1 down to 0.")
+    per_query: int = Field(1, ge=1, le=100, description="Independent sets (one request each) per query.")
+    styles: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STYLES), min_length=1,
+        description=f"Comma-separated writing styles drawn per set (default: {', '.join(DEFAULT_STYLES[:3])}, ...).")
+    lengths: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_LENGTHS), min_length=1,
+        description=f"Comma-separated target lengths in words drawn per set (default: {','.join(map(str, DEFAULT_LENGTHS))}).")
+    seed: int = Field(42, description="Seed of the style/length draws (a function of seed, query id and set only).")
+    positive_level: int | None = Field(
+        None, description="Lowest level labelled positive (default: the top two levels, at least level 1).")
+    with_qrels: bool = Field(
+        False, description="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).")
+    verify: bool = Field(
+        False, description="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.")
+    verify_model: str | None = Field(None, description="Judge model for --verify (default: --model).")
+    verify_tolerance: float = Field(
+        1.0, ge=0, description="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the generator.")
+    max_tokens: int | None = Field(
+        None, ge=16, description="Completion token limit per request (default: from the levels and the target length).")
+    max_queries: int | None = Field(None, ge=1, description="Only the first N queries.")
+    on_empty: OnEmpty = Field(
+        "skip", description="Empty or blank queries and documents: leave them out and count them, or refuse the data.")
 
     @field_validator("styles", mode="before")
     @classmethod
@@ -567,8 +582,8 @@ class Synthesizer:
 
             label = desc if len(by_words) == 1 else f"{desc} ({words} words)"
             got = self._run(self.backend, [self.prompt.request(specs[i], cfg) for i in idx], check, label, stats, "llm")
-            for i, result in zip(idx, got):
-                results[i] = result
+            for i, answer in zip(idx, got):
+                results[i] = answer
 
         failures: list[dict[str, Any]] = []
 

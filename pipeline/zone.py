@@ -44,11 +44,15 @@ Reasons = dict[int, str]  # row index in its query's group -> why it was not jud
 class ZoneOptions(BaseModel):
     """The zone's options (part of `RelabelConfig`; they change what is judged, so they are in its identity)."""
 
-    zone: ZoneMode = Field("all", description="which candidates go to the judge: all, margin, top or unsure")
-    zone_margin: float = Field(0.1, ge=0, description="margin: judge candidates scoring >= the query's lowest positive score - this")
-    zone_top: int = Field(10, ge=1, description="top: judge the R best-ranked candidates")
-    zone_model: str | None = Field(None, description="unsure: the cheap judge (default: the judge model)")
-    zone_unsure: float = Field(0.2, gt=0, lt=1, description="unsure: judge candidates the cheap judge gives P(relevant) above this")
+    zone: ZoneMode = Field(
+        "all", description="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), "
+        "top (best-ranked), unsure (a cheap judge is not sure they are negative).")
+    zone_margin: float = Field(
+        0.1, ge=0, description="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.")
+    zone_top: int = Field(10, ge=1, description="--zone top: judge the R best-ranked candidates.")
+    zone_model: str | None = Field(None, description="--zone unsure: the cheap judge (default: --model).")
+    zone_unsure: float = Field(
+        0.2, gt=0, lt=1, description="--zone unsure: judge candidates the cheap judge gives P(relevant) above this.")
 
 
 def select(rows: list[dict[str, Any]], picked: list[int], cfg: RelabelConfig) -> tuple[list[int], Reasons]:

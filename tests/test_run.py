@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -55,6 +56,7 @@ def test_example_experiment_end_to_end(tmp_path, cache_dir):
     report = (out / "report.md").read_text()
     for part in ("NOT a language model", "### mine", "### relabel", "0 -> 1", "### synth", "model-lsepair", "ndcg@10"):
         assert part in report, part
+    assert re.search(r"\| seconds \| [\d,]+\.\d s \|", report) and re.search(r"\| rows_out \| [\d,]+ \|", report)  # numbers by kind
     assert (out / "model-lsepair-training.png").exists() and (out / "eval-lsepair.json").exists()
 
     again = runner.invoke(app, [*args, "--only", "mine,relabel,train"])

@@ -57,22 +57,23 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = DEFAULT_MODEL
-    data: Path
-    split: str = "test"
-    baseline: str | None = None
-    max_seq_length: int | None = Field(None, ge=8)
-    query_prompt: str | None = None
-    query_prompt_name: str | None = None
-    passage_prompt: str | None = None
-    passage_prompt_name: str | None = None
-    batch_size: int = Field(64, ge=1)
-    device: str | None = None
-    cache_dir: Path | None = None
-    no_cache: bool = False
-    depth: int = Field(1000, ge=1, description="documents retrieved per query")
-    json_out: Path | None = None
-    run_out: Path | None = None
+    data: Path = Field(description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")
+    model: str = Field(DEFAULT_MODEL, description="Model to evaluate: a folder from mpr train, or any sentence-transformers id/path.")
+    split: str = Field("test", description="qrels split; only the queries judged in it count.")
+    baseline: str | None = Field(
+        None, description="A second model evaluated in the same command, with the differences and paired significance tests.")
+    json_out: Path | None = Field(None, description="Also write the report as JSON to this file.")
+    run_out: Path | None = Field(None, description="Write the model's ranking as a TREC run file.")
+    depth: int = Field(1000, ge=1, description="Passages retrieved per query.")
+    max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens.")
+    query_prompt: str | None = Field(None, description="Text prepended to queries.")
+    query_prompt_name: str | None = Field(None, description="Name of a query prompt in the model's config.")
+    passage_prompt: str | None = Field(None, description="Text prepended to passages.")
+    passage_prompt_name: str | None = Field(None, description="Name of a passage prompt in the model's config.")
+    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
+    device: str | None = Field(None, description="cpu, cuda, ... (default: best available).")
+    cache_dir: Path | None = Field(None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")
+    no_cache: bool = Field(False, description="Do not read or write the embedding cache.")
     progress: bool = True
 
 
@@ -387,12 +388,15 @@ def __getattr__(name: str) -> Any:
 
 @functools.cache
 def _ir_evaluator() -> type:
-    try:  # sentence-transformers >= 6
-        from sentence_transformers.base.evaluation import SentenceEvaluator
-    except ImportError:  # pragma: no cover - sentence-transformers 5.x
-        from sentence_transformers.evaluation import SentenceEvaluator
+    import importlib
 
-    class IREvaluator(SentenceEvaluator):
+    try:  # sentence-transformers >= 6
+        evaluation = importlib.import_module("sentence_transformers.base.evaluation")
+    except ImportError:  # pragma: no cover - sentence-transformers 5.x
+        evaluation = importlib.import_module("sentence_transformers.evaluation")
+    base: Any = evaluation.SentenceEvaluator
+
+    class IREvaluator(base):
         """nDCG@10 (primary), MRR@10, Recall@100 and Recall@1000 on a BEIR split, for SentenceTransformerTrainer.
 
         Each call encodes the corpus and the evaluated queries afresh with the model being trained (no cache)

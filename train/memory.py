@@ -23,12 +23,15 @@ import math
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from pipeline.errors import MprError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from train.config import CPU_MEMORY_BUDGET, GPU_MEMORY_SHARE, parse_size
 from train.losses.core import ChunkPlan
 
@@ -79,11 +82,12 @@ def current_rss_bytes() -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def transformer_of(model: nn.Module) -> nn.Module | None:
+def transformer_of(model: nn.Module) -> PreTrainedModel | None:
     """The Hugging Face model inside a SentenceTransformer (its first module's ``auto_model``)."""
     first = next(iter(model.children()), None) if isinstance(model, nn.Sequential) else None
     auto = getattr(first, "auto_model", None)
-    return auto if isinstance(auto, nn.Module) else None
+    # a PreTrainedModel, or a custom module that quacks like one
+    return cast("PreTrainedModel", auto) if isinstance(auto, nn.Module) else None
 
 
 def use_sdpa(model: nn.Module) -> str:

@@ -190,7 +190,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         disable_tqdm=not cfg.progress,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         use_cpu=cfg.device == "cpu",
-        **precision,
+        bf16=precision["bf16"],
+        fp16=precision["fp16"],
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
                                          callbacks=[LossStateCallback(loss), MemoryGuardCallback(loss, plan.budget, log), *callbacks])

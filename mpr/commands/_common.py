@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors, option types, the end-of-run summary."""
+"""What every command shares: one-line errors, the options that are no config field, the end-of-run summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -18,39 +18,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
-# The options every LLM stage takes (pipeline.llm.stage.LLMStageConfig).
-Backend = Annotated[Literal["auto", "openai", "vllm"], typer.Option(help="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")]
-BaseUrl = Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL; repeat to spread the load over several servers.")]
-ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key (never written anywhere).")]
-Concurrency = Annotated[int, typer.Option(help="Requests in flight.")]
-HttpClient = Annotated[Literal["aiohttp", "openai"], typer.Option(help="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client (4-8x the client CPU per request).")]
-Timeout = Annotated[float, typer.Option(help="Seconds per request before it is retried.")]
-MaxInvalidRetries = Annotated[int, typer.Option(help="Times an answer that does not parse or validate is asked again before it is recorded as failed.")]
-Shard = Annotated[str | None, typer.Option(help="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")]
-QueriesPerShard = Annotated[int, typer.Option(help="Queries per output part (the unit of resumption and of --shard).")]
-LLMCache = Annotated[Path | None, typer.Option(help="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Count requests and tokens, send nothing.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder written with other options.")]
-MaxFailureRate = Annotated[float, typer.Option(help="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.")]
-VerifyInputs = Annotated[Literal["fast", "full"] | None, typer.Option(help="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")]
 # Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
 # (output complete and resumable: rerun the same command to retry exactly those).
 EXIT_FAILED_ITEMS = 3
-Engine = Annotated[Literal["local", "ray"], typer.Option(help="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm (pip install 'mpr[ray]'; README: running on a cluster).")]
-RayAddress = Annotated[str | None, typer.Option(help="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")]
-RayProcessor = Annotated[Literal["mpr", "ray-llm"], typer.Option(help="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's HttpRequestProcessorConfig (one request in flight per actor).")]
-RayWorkers = Annotated[int, typer.Option(help="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")]
-RayBatchSize = Annotated[int, typer.Option(help="--engine ray: rows per Ray Data batch.")]
-
-
-def _ray_defaults() -> dict[str, Any]:
-    from pipeline.ray_engine import RayOptions
-
-    return {name: field.default for name, field in RayOptions.model_fields.items()}
-
-
-RAY_DEFAULTS = _ray_defaults()  # the defaults are written once, in the pydantic config
-
 
 Encoding = Annotated[str | None, typer.Option(help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1.")]
 
@@ -105,7 +75,7 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
         except KeyboardInterrupt:
             raise fail("interrupted; rerun the same command to resume") from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _message(exc: BaseException) -> str:

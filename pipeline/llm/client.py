@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib
 import json
 import logging
 import math
@@ -281,7 +282,7 @@ class OpenAIBackend(ChatBackend):
             else:
                 ready = [s for s in servers if s.blocked_until <= now]
                 if len(ready) > 1 and avoid in ready:
-                    ready.remove(avoid)  # type: ignore[arg-type]
+                    ready.remove(avoid)
                 if ready:
                     return min(ready, key=lambda s: (s.in_flight, s.sent))
                 wait = min(s.blocked_until for s in servers) - now
@@ -364,9 +365,9 @@ class _OpenAIPoster:
         import openai
 
         try:
-            import httpx2 as hx  # the transport of openai >= 3
+            hx = importlib.import_module("httpx2")  # the transport of openai >= 3
         except ImportError:
-            import httpx as hx
+            hx = importlib.import_module("httpx")
 
         limits = hx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
         self.http_client = openai.DefaultAsyncHttpxClient(limits=limits)

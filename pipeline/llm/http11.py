@@ -7,6 +7,7 @@ response, an awaitable of one, or "drop" to cut the connection in the middle of 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeAlias
@@ -77,7 +78,7 @@ class Http11Protocol(asyncio.Protocol):
             else:
                 self.busy = True
                 task = asyncio.ensure_future(out)
-                task.add_done_callback(lambda t, c=close: self._done(t, c))
+                task.add_done_callback(functools.partial(self._done, close=close))
 
     def _done(self, task: asyncio.Future[Response], close: bool) -> None:
         self.busy = False
@@ -143,7 +144,7 @@ class Http11Protocol(asyncio.Protocol):
 
 
 def _dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
-    parts = []
+    parts: list[bytes] = []
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:

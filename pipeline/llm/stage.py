@@ -27,22 +27,32 @@ class LLMStageConfig(RayOptions):
         "shard", "llm_cache", "dry_run", "overwrite", "progress", "max_failure_rate", "verify_inputs",
     }) | RAY_KEYS
 
-    backend: Literal["auto", "openai", "vllm"] = "auto"
-    base_url: list[str] = Field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = Field(64, ge=1)
-    http_client: Literal["aiohttp", "openai"] = "aiohttp"
-    timeout: float = Field(300.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
-    max_invalid_retries: int = Field(2, ge=0)
-    shard: str | None = Field(None, description="K/N: process every N-th part starting at K")
-    queries_per_shard: int = Field(1000, ge=1)
-    llm_cache: Path | None = None
-    dry_run: bool = False
-    overwrite: bool = False
+    backend: Literal["auto", "openai", "vllm"] = Field(
+        "auto", description="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); "
+        "auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")
+    base_url: list[str] = Field(
+        default_factory=list, description="OpenAI-compatible base URL; repeat to spread the load over several servers.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never written anywhere).")
+    concurrency: int = Field(64, ge=1, description="Requests in flight.")
+    http_client: Literal["aiohttp", "openai"] = Field(
+        "aiohttp", description="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client "
+        "(4-8x the client CPU per request).")
+    timeout: float = Field(300.0, gt=0, description="Seconds per request before it is retried.")
+    max_attempts: int = Field(6, ge=1, description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed.")
+    max_invalid_retries: int = Field(
+        2, ge=0, description="Times an answer that does not parse or validate is asked again before it is recorded as failed.")
+    shard: str | None = Field(
+        None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")
+    queries_per_shard: int = Field(1000, ge=1, description="Queries per output part (the unit of resumption and of --shard).")
+    llm_cache: Path | None = Field(None, description="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")
+    dry_run: bool = Field(False, description="Count requests and tokens, send nothing.")
+    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
     progress: bool = True
-    max_failure_rate: float = Field(0.0, ge=0, le=1, description="share of items left failed that still counts as success")
-    verify_inputs: Literal["fast", "full"] | None = Field(None, description="input check: fast, or full (every checksum); default $MPR_VERIFY or fast")
+    max_failure_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.")
+    verify_inputs: Literal["fast", "full"] | None = Field(
+        None, description="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums "
+        "up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
 
     @field_validator("base_url")
     @classmethod

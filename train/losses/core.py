@@ -332,7 +332,7 @@ class RandContext:
         torch.set_rng_state(self.cpu_state)
         set_device_states(self.devices, self.device_states)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         assert self._fork is not None
         self._fork.__exit__(*exc)
         self._fork = None
@@ -634,7 +634,7 @@ class GroupLoss(nn.Module):
 
         leaves = [rep for column in reps for rep in column]
         parameters = self.loss_parameters()
-        grads = torch.autograd.grad(loss, leaves + parameters, allow_unused=True)
+        grads = torch.autograd.grad(loss, [*leaves, *parameters], allow_unused=True)
         rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(leaves, grads[: len(leaves)])]
         cache_grads, position = [], 0
         for column in reps:

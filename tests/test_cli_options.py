@@ -1,0 +1,139 @@
+"""Every option of a stage command is a field of its pydantic config: same name, default and help, so an
+option is defined once. And the help reads literally (no markup eats `[vllm]`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from pydantic import BaseModel, Field, field_validator
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from mpr.cli import app
+from mpr.commands.options import config_options, option_name
+from pipeline.ingest import IngestConfig
+from pipeline.mine import MineConfig
+from pipeline.relabel import RelabelConfig
+from pipeline.report import summary_value
+from pipeline.synth import SynthConfig
+from train.config import TrainConfig
+from train.evaluate import EvalConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Parameters that are no config field: what the command does around the stage, not what the stage does.
+OWN = {"quiet", "encoding", "help"}
+COMMANDS: dict[str, type[BaseModel]] = {
+    "mine": MineConfig, "ingest": IngestConfig, "relabel": RelabelConfig, "synth": SynthConfig,
+    "train": TrainConfig, "eval": EvalConfig,
+}
+RENAMED = {("eval", "json_out"): "--json", ("eval", "run_out"): "--run", ("relabel", "input"): "--in"}
+
+
+def _params(name: str) -> list[Any]:
+    group: Any = get_command(app)  # a TyperGroup (typer's own click)
+    return list(group.commands[name].params)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_option_is_a_config_field(name: str) -> None:
+    fields = COMMANDS[name].model_fields
+    for param in _params(name):
+        if param.name in OWN:
+            continue
+        assert param.name in fields, f"mpr {name}: {param.name} is no field of {COMMANDS[name].__name__}"
+        field = fields[param.name]
+        assert field.description, f"{COMMANDS[name].__name__}.{param.name} has no description (its --help)"
+        if param.param_type_name == "option":
+            assert param.help == field.description
+            assert RENAMED.get((name, param.name), option_name(param.name)) in param.opts
+        if name == "synth" and param.name in {"styles", "lengths"}:
+            assert param.default is None  # one comma-separated value; left out, the config's default
+        elif not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            assert param.default == default or (list(param.default or []) == default == []), (name, param.name)
+
+
+def test_no_default_is_written_in_a_command() -> None:
+    """The stage commands' own signatures hold no option default (they come from the config models)."""
+    for name in COMMANDS:
+        source = (ROOT / "mpr" / "commands" / f"{name}.py").read_text()
+        assert "typer.Option(" not in source, f"mpr/commands/{name}.py declares its own option"
+
+
+def test_help_is_literal_at_80_columns() -> None:
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "mpr", "relabel", "--help"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert "'mpr[vllm]'" in out
+    out = subprocess.run([sys.executable, "-m", "mpr", "mine", "--help"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert "'mpr[faiss]'" in out
+    for name in COMMANDS:
+        out = subprocess.run([sys.executable, "-m", "mpr", name, "--help"], capture_output=True, text=True, env=env,
+                             check=True).stdout
+        assert max(len(line) for line in out.splitlines()) <= 80, name
+
+
+class Toy(BaseModel):
+    items: list[Path] = Field(min_length=1, description="Input files.")
+    json_out: Path | None = Field(None, description="Report file.")
+    sizes: list[int] = Field(default_factory=lambda: [1, 2], description="Comma-separated sizes.")
+    keep: bool = Field(True, description="Keep them.")
+    dry: bool = Field(False, description="Do nothing.")
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [int(x) for x in value.split(",")] if isinstance(value, str) else value
+
+
+def _toy_app(seen: list[Toy]) -> typer.Typer:
+    toy = typer.Typer()
+
+    @toy.command()
+    @config_options(Toy, flags={"json_out": "--json"}, arguments={"items"}, comma_lists={"sizes"})
+    def run(**options: Any) -> None:
+        seen.append(Toy(**options))
+
+    return toy
+
+
+def test_config_options_renames_positionals_and_comma_lists(tmp_path: Path) -> None:
+    seen: list[Toy] = []
+    runner = CliRunner()
+    result = runner.invoke(_toy_app(seen), ["a", "b", "--json", "r.json", "--sizes", "3,4", "--no-keep", "--dry"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == Toy(items=[Path("a"), Path("b")], json_out=Path("r.json"), sizes=[3, 4], keep=False, dry=True)
+    result = runner.invoke(_toy_app(seen), ["a"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == Toy(items=[Path("a")])  # the defaults are the model's
+    assert runner.invoke(_toy_app(seen), ["a", "--json-out", "x"]).exit_code != 0  # only the renamed flag
+
+
+def test_config_options_refuses_unknown_fields() -> None:
+    with pytest.raises(TypeError, match="no field"):
+        config_options(Toy, exclude={"nope"})
+
+
+def test_report_numbers_by_kind() -> None:
+    assert summary_value("seconds", 105.0) == "105.0 s"
+    assert summary_value("train_seconds", 3.25) == "3.2 s"
+    assert summary_value("requests_per_s", 12.34) == "12.3/s"
+    assert summary_value("rows", 1234567) == "1,234,567"
+    assert summary_value("rows", 1234.0) == "1,234"
+    assert summary_value("tokens_out_per_passage", 0.123456) == "0.1235"
+
+
+def test_the_configs_load_without_torch() -> None:
+    """The commands import their config models up front: none of them may pull in torch or
+    sentence-transformers, so the input checks still run (and fail) before the heavy imports."""
+    code = "import sys, mpr.cli; print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"
