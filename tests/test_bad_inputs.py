@@ -217,9 +217,9 @@ CASES: dict[str, Case] = {
     "relabel_in_file": c_cmd(lambda t: ((t / "f").write_text("x"), ["relabel", "--in", str(t / "f"), "--out", str(t / "out"), "--model", "m"])[1], "--in", "is a file"),
     "relabel_in_empty": c_cmd(lambda t: ((t / "e").mkdir(), ["relabel", "--in", str(t / "e"), "--out", str(t / "out"), "--model", "m"])[1], "--in", "no part-*.parquet"),
     "relabel_part_corrupt": c_cmd(lambda t: ["relabel", "--in", str(broken_part("corrupt")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
-    "relabel_part_truncated": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
-    "relabel_part_foreign": c_cmd(lambda t: ["relabel", "--in", str(broken_part("foreign")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "qid"),
-    "relabel_part_text": c_cmd(lambda t: ["relabel", "--in", str(broken_part("text")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "unreadable Parquet"),
+    "relabel_part_truncated": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "truncated"),
+    "relabel_part_foreign": c_cmd(lambda t: ["relabel", "--in", str(broken_part("foreign")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "_manifest.json says"),
+    "relabel_part_text": c_cmd(lambda t: ["relabel", "--in", str(broken_part("text")(t)), "--out", str(t / "out"), "--model", "m", "--dry-run"], "part-00001.parquet", "_manifest.json says"),
     "relabel_part_truncated_run": c_cmd(lambda t: ["relabel", "--in", str(broken_part("truncated")(t)), "--out", str(t / "out"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"], "part-00001.parquet"),
     "train_part_truncated": c_cmd(lambda t: ["train", "--data", str(broken_part("truncated")(t)), "--out", str(t / "out")], "part-00001.parquet"),
     "relabel_cache_is_folder": c_cmd(lambda t: ["relabel", "--in", str(shards(t)), "--out", str(t / "out"), "--model", "m", "--llm-cache", str(shards(t))], "--llm-cache", "is a folder"),
@@ -473,8 +473,8 @@ def test_key_echoed_by_the_server_is_never_stored_or_printed(tmp_path, monkeypat
     if status == 401:  # after the line naming the backend, one error line
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "401" in result.stderr and MARKER in result.stderr
-    else:
-        assert result.exit_code == 0, result.output
+    else:  # every item failed: output complete, exit 3 (the failed-items code)
+        assert result.exit_code == 3, result.output
         stored = _files_text(tmp_path / "out")
         assert MARKER in stored  # the error column / failures file kept the message, key replaced
     assert KEY not in result.output
