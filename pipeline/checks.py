@@ -141,10 +141,8 @@ def _incomplete(folder: Path) -> str | None:
             paths = [str(m["path"]) for m in json.loads(modules.read_text(encoding="utf-8"))]
         except (ValueError, TypeError, KeyError) as exc:
             return f"modules.json is not valid: {str(exc).splitlines()[0]}"
-        for sub in paths:
-            if not (folder / sub).is_dir():
-                return f"module folder '{sub}' listed in modules.json is missing"
-        roots += [folder / sub for sub in paths if sub]
+        # a module without files (Pooling, Normalize) may have no folder: sentence-transformers saves none
+        roots += [folder / sub for sub in paths if sub and (folder / sub).is_dir()]
     for root in roots:
         weights = [root / w for w in WEIGHTS if (root / w).exists()]
         if not weights or not (root / "config.json").exists():

@@ -246,7 +246,7 @@ def test_missing_split_and_model(tmp_path):
     )
     with pytest.raises(MprError, match="split 'dev' does not exist"):
         evaluate(EvalConfig(data=root, split="dev", progress=False), log=lambda _: None)
-    with pytest.raises(MprError, match="cannot load model"):
+    with pytest.raises(MprError, match="no-such-model: no such folder"):
         evaluate(
             EvalConfig(model=str(tmp_path / "no-such-model"), data=root, no_cache=True, progress=False),
             log=lambda _: None,

@@ -42,6 +42,9 @@ BACKWARD_FACTOR = 1.3
 #: matrices, allocator slack), on top of the memory measured before training starts.
 RESERVE_BYTES = 300 * 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+#: Texts of the maximum length a chunk holds at least under the default budget: when the process already
+#: holds more than the default budget leaves room for, the default grows to fit this many.
+MIN_DEFAULT_CHUNK = 4
 
 def format_size(num_bytes: float) -> str:
     if num_bytes >= 2**30:
@@ -264,6 +267,9 @@ def plan_embedding(
         fixed = current_rss_bytes() + _optimizer_bytes(model) + RESERVE_BYTES
     a, b = cost_model(model, max_length, autocast)
     text_bytes = a * max_length + b * max_length**2
+    floor = fixed + BACKWARD_FACTOR * MIN_DEFAULT_CHUNK * text_bytes
+    if source == "default budget" and budget < floor:  # e.g. inside `mpr run`, after other stages
+        budget, source = int(floor), f"default budget raised (the process already holds {format_size(fixed - _optimizer_bytes(model) - RESERVE_BYTES)}) to"
     plan = EmbeddingPlan(None, False, attention, dropout, budget, fixed, text_bytes, texts_per_batch,
                          texts_per_batch, max_length, device.type, source)
     if mini_batch_size is not None:
