@@ -44,7 +44,7 @@ def _stage_section(name: str, folder: Path) -> list[str]:
     return [*lines, ""]
 
 
-def _label_changes(folder: Path) -> list[str]:
+def _label_changes(folder: Path, simulated: bool = False) -> list[str]:
     changes: Counter[tuple[str, str]] = Counter()
     for path in shard_files(folder):
         table = pq.read_table(path, columns=["prior_label", "label", "error"])
@@ -52,7 +52,8 @@ def _label_changes(folder: Path) -> list[str]:
             after = "failed" if error else "null" if label is None else str(label)
             changes[("null" if prior is None else str(prior), after)] += 1
     rows = [[f"{a} -> {b}", n] for (a, b), n in sorted(changes.items())]
-    return ["How the LLM changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
+    judge = "the SIMULATED judge (the test server's oracle, not an LLM)" if simulated else "the LLM"
+    return [f"How {judge} changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
 
 
 def _training_curve(record: dict[str, Any], png: Path) -> bool:
@@ -169,7 +170,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
     for name, folder in (("mine", "mined"), ("relabel", "relabeled"), ("synth", "synth")):
         lines += _stage_section(name, out / folder)
         if name == "relabel" and (out / folder).exists() and read_manifest(out / folder):
-            lines += _label_changes(out / folder)
+            lines += _label_changes(out / folder, simulated=(out / "TEST_SERVER_LABELS").exists())
     for model_dir in sorted(out.glob("model-*")):
         record_path = model_dir / "mpr" / "train.json"
         if not record_path.exists():
