@@ -86,7 +86,7 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
     """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
     from train.evaluate import paired_tests
 
-    qids = sorted(set(a) & set(b))
+    qids = [q for q in a if q in b]  # the order of the evaluation, so that its randomization samples are the same
     xs, ys = [a[q] for q in qids], [b[q] for q in qids]
     mean_a = sum(xs) / len(xs) if xs else float("nan")
     mean_b = sum(ys) / len(ys) if ys else float("nan")
