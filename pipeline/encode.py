@@ -143,7 +143,7 @@ class Encoder:
         weights = ""
         if Path(resolved).is_dir():
             weights = ";".join(
-                f"{p.name}:{p.stat().st_size}" for p in sorted(Path(resolved).glob("*.safetensors")) + sorted(Path(resolved).glob("*.bin"))
+                f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(resolved).glob("*.safetensors")) + sorted(Path(resolved).glob("*.bin"))
             )
         payload = {
             "model": self.name if self.name == DEFAULT_MODEL else resolved,
