@@ -77,6 +77,10 @@ def _training_curve(record: dict[str, Any], png: Path) -> bool:
     return True
 
 
+def _p(value: float | None) -> str:
+    return "-" if value is None else "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
 SATURATED = 0.99  # both scores at or above: the collection is too easy to tell the models apart
 MIN_QUERIES = 10  # fewer paired queries: too few for a test (a randomization test needs 6 to reach p < 0.05 at all)
 ALPHA = 0.05
@@ -94,7 +98,7 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
     p_t, p_r = paired_tests(xs, ys)
     wins, losses = sum(x > y for x, y in zip(xs, ys)), sum(x < y for x, y in zip(xs, ys))
     row = [f"{name_a} vs {name_b}", mean_a, mean_b, f"{delta:+.4f}", f"{wins}/{losses}/{len(qids) - wins - losses}",
-           "-" if p_r is None else f"{p_r:.4f}", "-" if p_t is None else f"{p_t:.4f}"]
+           _p(p_r), _p(p_t)]
     words = f"{name_a} vs {name_b}: nDCG@10 {mean_a:.4f} vs {mean_b:.4f} ({delta:+.4f}) over {len(qids)} held-out queries; "
     if len(qids) < MIN_QUERIES:
         words += f"WARNING: {len(qids)} queries are too few for a paired test (at least {MIN_QUERIES} needed); no conclusion."
