@@ -5,10 +5,20 @@ to a judge that errs.
     python bench/study.py --config cpu      # cisi, folds 0-1 of 5, errors 0/0.2/0.4, every loss, 30 steps (2-core CPU: ~2 h)
     python bench/study.py --config small    # cisi, fold 0 of 5, errors 0 and 0.4, 3 losses, 5 steps, length 64
     python bench/study.py --config small --losses lsepair,bixse --steps 3 --out /tmp/study
+    python bench/study.py --data path/to/beir/collection --data path/to/another     # any BEIR folders, 5 folds
+
+Any collection: `--data DIR` (repeatable) takes any BEIR folder (`corpus.jsonl`, `queries.jsonl`, `qrels/*.tsv`, each
+optionally `.gz`); its name in the report is the folder's name. Without `--config`, `--data` runs the defaults
+below (5 folds, every fold, errors 0/0.2/0.4, every loss, 100 steps); `--folds`, `--losses`, `--error-rates`,
+`--steps`, ... change them. Documents with an empty title and text and queries with an empty text are skipped and
+counted (the report says how many), never a reason to refuse a collection. Before it starts, the study prints an
+estimate of its time; while it runs, one line per cell with its result and the time left.
 
 Protocol (one cell = dataset x fold x error rate x loss):
 
-1. Folds. vaswani and cisi have one judged split (`test`) with many positives per query. Its queries with a
+1. Folds. Every collection is folded (vaswani and cisi have one judged split, `test`, with many positives per
+   query) except those the configuration trains on their own splits (`full`: scifact). The judged queries of
+   all its qrels files together (a query judged in several, with the highest score of each pair) that have a
    positive are sorted by id, shuffled with `fold_seed` and dealt round-robin into k folds. Fold f is written
    as a BEIR folder (corpus and queries are symlinks to the shared files, never copies) whose
    `qrels/test.tsv` holds fold f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other
@@ -63,15 +73,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.encode import DEFAULT_MODEL
 from pipeline.errors import MprError
-from pipeline.readers import find_file, read_qrels
+from pipeline.readers import find_file, open_text, read_qrels, split_names
 from pipeline.shards import write_json_atomic as _write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_LOSSES = ("infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
 GRADED_LOSSES = frozenset({"ws2", "bixse"})
 MULTI_POSITIVE = ("rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
-FOLDED = frozenset({"vaswani", "cisi"})
-OWN_SPLITS = {"scifact": ("train", "test")}
+OWN_SPLITS = ("train", "test")
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "recall@1000": "R@1000"}
 ZERO_SHOT, BASELINE = "zero-shot", "baseline"
@@ -103,20 +112,27 @@ class StudyConfig:
     judge_chars: int = 20_000
     max_queries: int | None = None
     model: str = DEFAULT_MODEL
+    own_splits: tuple[str, ...] = ()  # datasets trained on their own `train` and tested on `test` instead of folded
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine a cell's result (not which cells are run)."""
         chosen = {"name", "datasets", "fold_ids", "error_rates", "losses", "baseline"}
-        return {k: v for k, v in asdict(self).items() if k not in chosen}
+        out = {k: v for k, v in asdict(self).items() if k not in chosen}
+        if not out["own_splits"]:
+            del out["own_splits"]  # as results written before the field existed
+        return out
+
+    def folded(self, dataset: str) -> bool:
+        return dataset not in self.own_splits
 
     def folds_of(self, dataset: str) -> list[int]:
-        if dataset not in FOLDED:
+        if not self.folded(dataset):
             return [0]
         return sorted(self.fold_ids) if self.fold_ids is not None else list(range(self.folds))
 
 
 CONFIGS = {
-    "full": StudyConfig(name="full", datasets=("vaswani", "cisi", "scifact")),
+    "full": StudyConfig(name="full", datasets=("vaswani", "cisi", "scifact"), own_splits=("scifact",)),
     "cpu": StudyConfig(
         name="cpu", datasets=("cisi",), fold_ids=(0, 1), steps=30, batch_size=8, group_size=6, max_positives=3,
         learning_rate=5e-5, max_seq_length=96,
@@ -171,6 +187,19 @@ class Timer:
 
     def add(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+# The time estimate before any cell of a study has finished: seconds measured on the project's 2-core CPU box
+# (bench/results/cpu: cisi, max_seq_length 96, batch 8 x group 6, 30 steps in ~90 s; 1,460 abstracts encoded in
+# ~20 s), scaled linearly by max_seq_length. Rough: the load of the machine moves them by 2x.
+TRAIN_S_PER_TEXT = 0.07
+ENCODE_S_PER_DOC = 0.014
+LOAD_S = 5.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -237,13 +266,68 @@ def _qrels_tsv(rows: list[tuple[str, str, int]]) -> str:
     return "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t{s}\n" for q, p, s in rows)
 
 
+def _blank(obj: Any, fields: tuple[str, ...]) -> bool:
+    return isinstance(obj, dict) and not any(isinstance(obj.get(f), str) and obj[f].strip() for f in fields)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(line, parsed object or None when it does not parse) for every non-blank line; the readers judge the rest."""
+    with open_text(path) as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    yield line, json.loads(line)
+                except ValueError:
+                    yield line, None
+
+
+def prepare_source(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
+    """The collection the study reads: `src` itself, or, when it has documents with an empty title and text or
+    queries with an empty text, a copy under `dst` without them and without the judgments that point at them.
+    Returns (folder, counts of what was skipped)."""
+    corpus, queries = find_file(src, "corpus.jsonl"), find_file(src, "queries.jsonl")
+    if corpus is None or queries is None:
+        raise MprError(f"{src}: not a BEIR folder (needs corpus.jsonl and queries.jsonl, each optionally .gz)")
+    if not split_names(src):
+        raise MprError(f"{src}: no qrels/*.tsv")
+    docs = list(_jsonl_lines(corpus))
+    blank_docs = {str(o.get("_id")) for _, o in docs if _blank(o, ("title", "text"))}
+    qs = list(_jsonl_lines(queries))
+    blank_queries = {str(o.get("_id")) for _, o in qs if _blank(o, ("text",))}
+    counts = {"documents": len(docs) - len(blank_docs), "queries": len(qs) - len(blank_queries),
+              "empty_documents": len(blank_docs), "empty_queries": len(blank_queries), "judgments_dropped": 0}
+    if not blank_docs and not blank_queries:
+        return src, counts
+    _write_if_changed(dst / "corpus.jsonl", "".join(line if line.endswith("\n") else line + "\n" for line, o in docs
+                                                    if not (o is not None and str(o.get("_id")) in blank_docs and _blank(o, ("title", "text")))))
+    _write_if_changed(dst / "queries.jsonl", "".join(line if line.endswith("\n") else line + "\n" for line, o in qs
+                                                     if not (o is not None and str(o.get("_id")) in blank_queries and _blank(o, ("text",)))))
+    for split in split_names(src):
+        qrels, _ = read_qrels(find_file(src / "qrels", f"{split}.tsv"))
+        rows = [(q, p, sc) for q, judged in qrels.items() for p, sc in judged.items()]
+        kept = [(q, p, sc) for q, p, sc in rows if q not in blank_queries and p not in blank_docs]
+        counts["judgments_dropped"] += len(rows) - len(kept)
+        _write_if_changed(dst / "qrels" / f"{split}.tsv", _qrels_tsv(kept))
+    return dst, counts
+
+
+def pooled_qrels(src: Path) -> dict[str, dict[str, int]]:
+    """The judgments of every qrels file of a collection together (the highest score of a pair judged twice)."""
+    pooled: dict[str, dict[str, int]] = {}
+    for split in split_names(src):
+        qrels, _ = read_qrels(find_file(src / "qrels", f"{split}.tsv"))
+        for q, judged in qrels.items():
+            for p, score in judged.items():
+                pooled.setdefault(q, {})[p] = max(score, pooled.get(q, {}).get(p, score))
+    return pooled
+
+
 def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, int]:
     """The BEIR folder of one fold: train = one kept positive per training query, test = the fold's full qrels."""
-    path = find_file(src / "qrels", "test.tsv")
-    if path is None:
-        raise MprError(f"{src}: no qrels/test.tsv to fold")
-    qrels, _ = read_qrels(path)
+    qrels = pooled_qrels(src)
     judged = {q: j for q, j in qrels.items() if any(s >= 1 for s in j.values())}
+    if len(judged) < cfg.folds:
+        raise MprError(f"{src}: {len(judged)} judged queries with a positive, fewer than the {cfg.folds} folds")
     assign = fold_assignment(list(judged), cfg.folds, cfg.fold_seed)
     train: list[tuple[str, str, int]] = []
     test: list[tuple[str, str, int]] = []
@@ -271,8 +355,8 @@ def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, i
 class Oracles:
     """One test server per dataset, started on first use, answering as `oracle-DATASET-eRATE` models."""
 
-    def __init__(self, data_dir: Path, cfg: StudyConfig, stack: ExitStack):
-        self.data_dir, self.cfg, self.stack = data_dir, cfg, stack
+    def __init__(self, sources: dict[str, Path], cfg: StudyConfig, stack: ExitStack):
+        self.sources, self.cfg, self.stack = sources, cfg, stack
         self.urls: dict[str, str] = {}
 
     @staticmethod
@@ -285,16 +369,25 @@ class Oracles:
             from pipeline.oracle import Oracle
 
             rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
-            oracle = Oracle(self.data_dir / dataset, None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
+            oracle = Oracle(self.sources[dataset], None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
             server = self.stack.enter_context(start_server(responder=oracle, models=tuple(rates)))
             self.urls[dataset] = server.url
         return self.urls[dataset]
 
 
 class Study:
-    def __init__(self, cfg: StudyConfig, data_dir: Path, paths: Paths, keep_models: bool, stack: ExitStack):
-        self.cfg, self.data_dir, self.paths, self.keep_models = cfg, data_dir, paths, keep_models
-        self.oracles = Oracles(data_dir, cfg, stack)
+    def __init__(self, cfg: StudyConfig, sources: dict[str, Path], paths: Paths, keep_models: bool, stack: ExitStack):
+        self.cfg, self.paths, self.keep_models = cfg, paths, keep_models
+        self.sources: dict[str, Path] = {}
+        self.skipped: dict[str, dict[str, int]] = {}
+        for dataset, src in sources.items():
+            self.sources[dataset], self.skipped[dataset] = prepare_source(src, paths.work / dataset / "source")
+            counts = self.skipped[dataset]
+            if counts["empty_documents"] or counts["empty_queries"]:
+                log(f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
+                    f"quer{'y' if counts['empty_queries'] == 1 else 'ies'} ({counts['judgments_dropped']} judgment(s) pointing at them); "
+                    f"reading the copy without them in {self.sources[dataset]}")
+        self.oracles = Oracles(self.sources, cfg, stack)
         self.hw = hardware()
         self.timer = Timer()
         self.computed = 0
@@ -312,9 +405,9 @@ class Study:
 
     def fold_data(self, dataset: str, fold: int) -> tuple[Path, str, str]:
         """(BEIR folder, train split, test split) of a fold."""
-        src = self.data_dir / dataset
-        if dataset not in FOLDED:
-            train, test = OWN_SPLITS.get(dataset, ("train", "test"))
+        src = self.sources[dataset]
+        if not self.cfg.folded(dataset):
+            train, test = OWN_SPLITS
             return src, train, test
         started = time.perf_counter()
         dst = self.paths.fold(dataset, fold) / "data"
@@ -402,10 +495,43 @@ class Study:
             "seconds": report.seconds,
         }
 
-    def run_cell(self, cell: Cell) -> None:
+    def estimate(self, cells: list[Cell]) -> tuple[float, str]:
+        """Seconds the missing cells should take: per-cell times measured in this OUT when there are any (per
+        dataset), else the constants measured on the project's 2-core CPU box, scaled by the settings."""
+        measured: dict[tuple[str, bool], list[float]] = {}
+        for cell in cells:
+            path = self.paths.cell(cell)
+            if path.exists():
+                record = json.loads(path.read_text())
+                measured.setdefault((cell.dataset, record.get("train") is not None), []).append(record["seconds"])
+        scale = self.cfg.max_seq_length / 96
+        total, sources = 0.0, set()
+        for cell in cells:
+            if self.paths.cell(cell).exists():
+                continue
+            trained = cell.loss != ZERO_SHOT
+            got = measured.get((cell.dataset, trained))
+            if got:
+                total += statistics.fmean(got)
+                sources.add("measured")
+                continue
+            docs = self.skipped[cell.dataset]["documents"]
+            encode = docs * ENCODE_S_PER_DOC * scale
+            if trained:
+                total += LOAD_S + self.cfg.steps * self.cfg.batch_size * self.cfg.group_size * TRAIN_S_PER_TEXT * scale + encode
+            else:
+                total += encode * 2  # the base model's corpus, for mining and evaluation of the fold
+            sources.add("constants")
+        how = ("from the cells already done here" if sources == {"measured"} else
+               "rough, from per-text constants measured on a 2-core CPU (bench/results/cpu); a GPU is far faster"
+               + ("; partly from the cells already done here" if "measured" in sources else ""))
+        return total, how
+
+    def run_cell(self, cell: Cell) -> float | None:
+        """Compute a missing cell and save it at once; returns its seconds (None when it was already done)."""
         path = self.paths.cell(cell)
         if path.exists():
-            return
+            return None
         started = time.perf_counter()
         data = self.training_data(cell)
         record: dict[str, Any] = {**asdict(cell), "identity": self.cfg.identity(), "train_data": None, "train": None}
@@ -425,6 +551,7 @@ class Study:
         write_json_atomic(path, record)
         self.computed += 1
         log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
+        return record["seconds"]
 
 
 def judge_stats(folder: Path) -> dict[str, Any] | None:
@@ -527,6 +654,8 @@ def _per_query(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: 
 
 
 REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
+ALPHA = 0.05
+MIN_TEST_QUERIES = 10
 
 
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -611,6 +740,25 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
             mean = statistics.fmean(g["mean_delta"] for g in got)
             lines.append(f"- Multi-positive objectives ({', '.join(multi)}) vs the single-positive baseline at error "
                          f"{_err(e)}: better in {wins} of {n} cells, mean Δ nDCG@10 {mean:+.4f}.")
+    for name, title in (("vs_zero_shot", "the zero-shot model"), ("vs_baseline", "single-positive InfoNCE (the baseline)")):
+        significant, not_significant, too_few = [], [], []
+        for loss in losses:
+            for e in errors:
+                got = found[name].get(loss, {}).get(f"{e:.2f}")
+                if not got:
+                    continue
+                what = f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {got['p_randomization']:.3f})" if got["p_randomization"] is not None else loss
+                if got["queries"] < MIN_TEST_QUERIES:
+                    too_few.append(what)
+                elif got["p_randomization"] is not None and got["p_randomization"] < ALPHA:
+                    significant.append(what)
+                else:
+                    not_significant.append(what)
+        if significant or not_significant or too_few:
+            lines.append(f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} (two-sided paired "
+                         f"randomization test, no correction for the {len(significant) + len(not_significant)} tests): "
+                         f"{'; '.join(significant) or 'none'}. Not significant: {'; '.join(not_significant) or 'none'}."
+                         + (f" Too few queries (< {MIN_TEST_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else ""))
     if found["drop"]:
         order = sorted(found["drop"].items(), key=lambda kv: -kv[1]["mean"])
         lines.append(f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}.")
@@ -647,7 +795,13 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
             continue
         folds = cfg.folds_of(dataset)
         how = (f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); train qrels keep "
-               "one positive per query" if dataset in FOLDED else "train on `train`, test on `test` (one split)")
+               "one positive per query" if cfg.folded(dataset) else "train on `train`, test on `test` (one split)")
+        counts = meta.get("collections", {}).get(dataset)
+        if counts:
+            how += (f". {counts['documents']:,} documents, {counts['queries']:,} queries"
+                    + (f"; skipped {counts['empty_documents']:,} empty document(s) and {counts['empty_queries']:,} empty "
+                       f"quer{'y' if counts['empty_queries'] == 1 else 'ies'}, and the {counts['judgments_dropped']:,} "
+                       "judgment(s) pointing at them" if counts["empty_documents"] or counts["empty_queries"] else ""))
         lines += [f"## {dataset}", "", f"{how}. Mean ± sample std over folds.", "",
                   "| model | error rate | folds | " + " | ".join(LABELS[m] for m in METRICS) + " | train s | eval s | hardware |",
                   "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
@@ -739,9 +893,12 @@ def _csv(value: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     head, _, rest = (__doc__ or "").partition("\n\n")
     ap = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="small", choices=sorted(CONFIGS), help="the preset (default: small)")
-    ap.add_argument("--datasets", type=_csv, help="comma-separated: vaswani, cisi, scifact")
-    ap.add_argument("--folds", type=int, help="k of the k-fold split of vaswani and cisi")
+    ap.add_argument("--config", choices=sorted(CONFIGS),
+                    help="the preset (default: small; with --data, the defaults: 5 folds, errors 0/0.2/0.4, every loss, 100 steps)")
+    ap.add_argument("--data", type=Path, action="append",
+                    help="a BEIR folder to study (repeatable); its name in the report is the folder's name")
+    ap.add_argument("--datasets", type=_csv, help="comma-separated names of folders under --data-dir (vaswani, cisi, scifact)")
+    ap.add_argument("--folds", type=int, help="k of the k-fold split over the judged queries (default 5)")
     ap.add_argument("--fold-ids", type=lambda v: [int(x) for x in _csv(v)], help="run only these folds (0-based)")
     ap.add_argument("--losses", type=_csv, help=f"comma-separated, of: {', '.join(ALL_LOSSES)}")
     ap.add_argument("--error-rates", type=lambda v: [float(x) for x in _csv(v)], help="e.g. 0,0.2,0.4")
@@ -752,6 +909,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-positives", type=int, help="positives per training group, at most")
     ap.add_argument("--learning-rate", type=float)
     ap.add_argument("--max-queries", type=int, help="mine (train on) only the first N training queries per fold")
+    ap.add_argument("--depth", type=int, help="candidates mined per training query (default 100)")
+    ap.add_argument("--candidates", type=int, help="hard negatives kept per query and judged (default 20)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="train the single-positive baseline (default: on)")
     ap.add_argument("--graded", action=argparse.BooleanOptionalAction, default=None,
@@ -766,10 +925,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def data_sources(args: argparse.Namespace) -> dict[str, Path]:
+    """Dataset name -> BEIR folder: the --data folders (named by the folder), else --datasets under --data-dir."""
+    if not args.data:
+        return {}
+    sources: dict[str, Path] = {}
+    for folder in args.data:
+        if not folder.is_dir():
+            raise MprError(f"{folder}: no such folder (--data)")
+        name, n = folder.resolve().name, 2
+        while name in sources:
+            name, n = f"{folder.resolve().name}-{n}", n + 1
+        sources[name] = folder.resolve()
+    return sources
+
+
 def build_config(args: argparse.Namespace) -> StudyConfig:
-    cfg = CONFIGS[args.config]
+    if args.data and args.datasets:
+        raise MprError("--data and --datasets: give one of them")
+    if args.config:
+        cfg = CONFIGS[args.config]
+    elif args.data:
+        cfg = StudyConfig(name="custom", datasets=())
+    else:
+        cfg = CONFIGS["small"]
     overrides: dict[str, Any] = {}
-    for name in ("datasets", "folds", "fold_ids", "losses", "error_rates", "steps", "max_seq_length",
+    if args.data:
+        overrides["datasets"] = tuple(data_sources(args))
+        overrides["own_splits"] = ()
+    for name in ("datasets", "folds", "fold_ids", "losses", "error_rates", "steps", "max_seq_length", "depth", "candidates",
                  "batch_size", "group_size", "max_positives", "learning_rate", "max_queries", "baseline", "graded"):
         value = getattr(args, name)
         if value is not None:
@@ -780,6 +964,8 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         raise MprError(f"--losses: unknown {', '.join(bad)} (choose from {', '.join(ALL_LOSSES)})")
     if any(not 0 <= e <= 1 for e in cfg.error_rates):
         raise MprError("--error-rates: every rate must be in [0, 1]")
+    if cfg.folds < 2:
+        raise MprError("--folds: at least 2")
     if cfg.fold_ids is not None and any(not 0 <= f < cfg.folds for f in cfg.fold_ids):
         raise MprError(f"--fold-ids: folds are 0..{cfg.folds - 1}")
     return cfg
@@ -807,9 +993,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or REPO / "bench" / "results" / cfg.name
         work = args.work or (out / "work" if args.out else REPO / "runs" / "study" / cfg.name)
         paths = Paths(out.resolve(), work.resolve())
-        for dataset in cfg.datasets:
-            if not (args.data_dir / dataset).is_dir():
-                raise MprError(f"{args.data_dir / dataset}: no such dataset folder (--data-dir)")
+        sources = data_sources(args) or {dataset: (args.data_dir / dataset).resolve() for dataset in cfg.datasets}
+        for folder in sources.values():
+            if not folder.is_dir():
+                raise MprError(f"{folder}: no such dataset folder (--data-dir)")
         check_identity(paths.out, cfg)
         check_identity(paths.work, cfg)
         if args.threads:
@@ -817,13 +1004,22 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         with ExitStack() as stack:
-            study = Study(cfg, args.data_dir.resolve(), paths, args.keep_models, stack)
+            study = Study(cfg, sources, paths, args.keep_models, stack)
             cells = list(study.cells())
-            log(f"study {cfg.name}: {len(cells)} cells, {sum(paths.cell(c).exists() for c in cells)} already done; "
-                f"out {paths.out}, work {paths.work}; {study.hw['summary']}")
-            if not args.report_only:
-                for cell in cells:
-                    study.run_cell(cell)
+            todo = [c for c in cells if not paths.cell(c).exists()]
+            log(f"study {cfg.name}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
+                f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}")
+            if not args.report_only and todo:
+                estimate, how = study.estimate(cells)
+                log(f"estimate: {len(todo)} cells to compute, about {_duration(estimate)} ({how})")
+                spent: list[float] = []
+                for n, cell in enumerate(todo, start=1):
+                    seconds = study.run_cell(cell)
+                    if seconds is not None:
+                        spent.append(seconds)
+                    left = study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
+                    log(f"progress: cell {n}/{len(todo)} done {cell.label}; {_duration(time.perf_counter() - started)} "
+                        f"elapsed, about {_duration(left)} left")
         meta = {
             "command": " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -831,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": {k: round(v, 1) for k, v in study.timer.seconds.items()},
             "hardware": study.hw["summary"],
+            "collections": {d: {"path": str(sources[d]), **study.skipped[d]} for d in cfg.datasets},
         }
         report = write_report(cfg, paths, cells, meta)
     except MprError as exc:

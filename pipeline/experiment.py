@@ -3,7 +3,10 @@
 Each stage table takes the options of the stage's own command (the same pydantic models, so the file
 and the flags never disagree); paths between stages are filled in: `mine` writes RUN/mined, `relabel`
 reads it and writes RUN/relabeled, `synth` writes RUN/synth, `train` reads what the earlier stages
-wrote and writes RUN/model-LOSS, `eval` evaluates that model against the starting model. Stages skip
+wrote and writes RUN/model-LOSS, `eval` evaluates that model against the starting model. With
+`single_positive = true` the train stage also trains RUN/model-infonce-single (single-positive InfoNCE on the
+mined data, not relabeled, with the same settings) and eval evaluates it too, so the report can test
+relabeled against single-positive training and both against the starting model. Stages skip
 what is complete and resume what is not. Relative paths are relative to the working directory, as on
 the command line. See experiments/example.toml.
 """
@@ -38,11 +41,12 @@ else:  # pragma: no cover
 
 Stage = Literal["mine", "relabel", "synth", "train", "eval"]
 STAGES: tuple[Stage, ...] = ("mine", "relabel", "synth", "train", "eval")
-TEST_SERVER_MODEL = "mpr-test-oracle"
+TEST_SERVER_MODEL = "simulated-judge-from-qrels"
 TEST_SERVER_NOTICE = (
-    "NOTE: no LLM endpoint is configured, so this run starts mpr's local test server: an oracle that answers "
-    "from the data's own qrels. Its labels and passages are NOT a language model's judgments."
+    "NOTE: no LLM endpoint is configured, so this run starts mpr's local test server with a SIMULATED judge: an "
+    "oracle that answers from the data's own qrels. Its labels and passages are NOT a language model's judgments."
 )
+SINGLE_POSITIVE = "infonce-single"
 
 
 class LLMSettings(BaseModel):
@@ -79,6 +83,8 @@ class RunFile(BaseModel):
     synth: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
+    single_positive: bool = Field(
+        False, description="also train single-positive InfoNCE on the mined data (not relabeled) and evaluate it")
 
 
 def parse_value(text: str) -> Any:
@@ -203,6 +209,16 @@ class Experiment:
         return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": self.out / f"eval-{trained.loss}.json",
                              "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
 
+    def single_positive_configs(self) -> tuple[BaseModel, BaseModel]:
+        """(train, eval) configs of the single-positive reference: InfoNCE on the mined data, not relabeled, with
+        the train table's other settings, evaluated on the same split as the main model."""
+        trained = cast("TrainConfig", self.config("train"))
+        evaluated = self.config("eval")
+        train_cfg = trained.model_copy(update={"data": [self.out / "mined"], "loss": "infonce", "out": self.out / f"model-{SINGLE_POSITIVE}"})
+        eval_cfg = evaluated.model_copy(update={"model": str(train_cfg.out), "baseline": None,
+                                                "json_out": self.out / f"eval-{SINGLE_POSITIVE}.json"})
+        return train_cfg, eval_cfg
+
 
 def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = (), progress: bool = True,
                    log: Callable[[str], None] = print) -> Path:
@@ -220,6 +236,8 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
         except ValidationError as exc:
             first = exc.errors()[0]
             raise key_error(path, [stage, *(str(p) for p in first["loc"])], first["msg"]) from None
+    if spec.single_positive and ("train" in stages or "eval" in stages):
+        experiment.single_positive_configs()
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "experiment.toml").write_text(redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n")
     with ExitStack() as stack:
@@ -244,6 +262,9 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
 
                 write_report(experiment, log=log)
                 raise
+            if spec.single_positive and stage in ("train", "eval"):
+                log(f"== {stage}: the single-positive reference (InfoNCE on the mined data, not relabeled)")
+                _run_stage(stage, experiment.single_positive_configs()[stage == "eval"], log)
     from pipeline.report import write_report
 
     return write_report(experiment, log=log)

