@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow.parquet as pq
 
@@ -21,6 +21,7 @@ from pipeline.shards import read_manifest, shard_files
 
 if TYPE_CHECKING:
     from pipeline.experiment import Experiment
+    from train.config import TrainConfig
 
 
 def _hardware() -> str:
@@ -223,7 +224,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
                 lines += _table([[m, v] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])
             lines.append("")
     if spec.single_positive:
-        loss = experiment.config("train").loss
+        loss = cast("TrainConfig", experiment.config("train")).loss
         lines += _comparison_section(out, out / f"eval-{loss}.json")
     path = out / "report.md"
     path.write_text(redact("\n".join(lines)) + "\n")
