@@ -38,8 +38,10 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     from pipeline.encode import load_encoder
     from train.groups import GroupConfig, build_groups
     from train.losses import build_loss
-    from train.memory import peak_rss_bytes, plan_embedding, set_attention_dropout
+    from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
+    if config["kind"] == "mpr":  # as `mpr train` does
+        limit_heap_fragmentation()
     torch.manual_seed(0)
     model = load_encoder("sentence-transformers/all-MiniLM-L6-v2", device="cpu", max_seq_length=config["seq"])
     if config["attention_dropout"] is not None:

@@ -138,11 +138,14 @@ def _incomplete(folder: Path) -> str | None:
     modules = folder / "modules.json"
     if modules.exists():
         try:
-            paths = [str(m["path"]) for m in json.loads(modules.read_text(encoding="utf-8"))]
-        except (ValueError, TypeError, KeyError) as exc:
+            entries = [(str(m["path"]), str(m.get("type", ""))) for m in json.loads(modules.read_text(encoding="utf-8"))]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return f"modules.json is not valid: {str(exc).splitlines()[0]}"
-        # a module without files (Pooling, Normalize) may have no folder: sentence-transformers saves none
-        roots += [folder / sub for sub in paths if sub and (folder / sub).is_dir()]
+        for sub, kind in entries:
+            # Normalize has nothing to save: sentence-transformers writes no folder for it
+            if sub and not (folder / sub).is_dir() and not kind.endswith("Normalize"):
+                return f"module folder '{sub}' listed in modules.json is missing"
+        roots += [folder / sub for sub, _ in entries if sub and (folder / sub).is_dir()]
     for root in roots:
         weights = [root / w for w in WEIGHTS if (root / w).exists()]
         if not weights or not (root / "config.json").exists():
