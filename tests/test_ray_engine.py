@@ -10,7 +10,7 @@ import pytest
 from pipeline.llm.testserver import start_server
 from pipeline.oracle import Oracle
 from pipeline.relabel import RelabelConfig, relabel
-from pipeline.shards import read_manifest, read_shards
+from pipeline.shards import FAILURES, read_manifest, read_shards
 from pipeline.synth import SynthConfig, synth
 
 from .conftest import EXAMPLE
@@ -83,7 +83,7 @@ def test_synth_ray_equals_local_with_invalid_answers_and_verify(tmp_path):
     for key in ("sets_written", "sets_dropped_by_verify", "llm_invalid", "llm_sent", "verify_sent", "passages"):
         assert ray_[1][key] == local[1][key], key
     assert local[1]["llm_invalid"] > 0 and local[1]["sets_dropped_by_verify"] > 0
-    assert (tmp_path / "ray" / "failures.jsonl").read_text() == (tmp_path / "local" / "failures.jsonl").read_text()
+    assert (tmp_path / "ray" / FAILURES).read_text() == (tmp_path / "local" / FAILURES).read_text()
 
 
 def test_postprocess_reads_what_ray_hands_back_from_arrow():
