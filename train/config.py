@@ -41,7 +41,8 @@ def parse_size(text: str) -> int:
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: list[Path] = Field(min_length=1, description="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix.")
+    data: list[Path] = Field(min_length=1, description="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix. Of a folder and one "
+                            "derived from it (mined, relabeled) the later stage wins; queries of different datasets never merge.")
     out: Path = Field(description="Output model folder (loads with SentenceTransformer(out)).")
     model: str = Field(DEFAULT_MODEL, description="Starting sentence-transformers model id or local folder.")
     loss: LossName = Field("lsepair", description="Objective (see the README's table of losses).")
