@@ -436,6 +436,9 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 class EchoServer(ThreadingHTTPServer):
     request_queue_size = 128  # the default backlog of 5 refuses connections on a busy machine
+
+    def handle_error(self, request, client_address):  # a client that hung up after a 401: not mpr's output
+        pass
     daemon_threads = True
 
 
