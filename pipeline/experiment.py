@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.audit import AuditFailed
 from pipeline.errors import FailedItems, MprError
-from pipeline.redact import redact
+from pipeline.redact import redact, refuse_userinfo
 from pipeline.shards import Manifest
 
 if TYPE_CHECKING:
@@ -58,14 +58,7 @@ class LLMSettings(BaseModel):
     test_server: bool = Field(False, description="use mpr's local qrels oracle server when no endpoint is configured")
     test_server_error_rate: float = Field(0.0, ge=0, le=1)
 
-    @field_validator("base_url")
-    @classmethod
-    def _no_userinfo(cls, value: list[str]) -> list[str]:
-        from pipeline.redact import USERINFO_HINT, has_userinfo
-
-        if any(has_userinfo(u) for u in value):
-            raise ValueError(USERINFO_HINT)
-        return value
+    _no_userinfo = field_validator("base_url")(refuse_userinfo)
 
 
 class RunFile(BaseModel):

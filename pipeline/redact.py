@@ -70,3 +70,10 @@ def has_userinfo(url: str) -> bool:
 
 
 USERINFO_HINT = "holds a user:key@ part; put the key in the environment variable named by --api-key-env (default OPENAI_API_KEY) instead"
+
+
+def refuse_userinfo(urls: list[str]) -> list[str]:
+    """A pydantic validator of base URLs: one with a user:key@ part is refused."""
+    if any(has_userinfo(u) for u in urls):
+        raise ValueError(USERINFO_HINT)
+    return urls

@@ -13,7 +13,7 @@ from pipeline.llm.base import ChatBackend
 from pipeline.llm.models import resolve_backend, resolve_model
 from pipeline.llm.types import RunStats
 from pipeline.ray_engine import RAY_KEYS, RayOptions
-from pipeline.redact import USERINFO_HINT, has_userinfo
+from pipeline.redact import refuse_userinfo
 
 LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 
@@ -54,12 +54,7 @@ class LLMStageConfig(RayOptions):
         None, description="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums "
         "up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
 
-    @field_validator("base_url")
-    @classmethod
-    def _no_userinfo(cls, value: list[str]) -> list[str]:
-        if any(has_userinfo(u) for u in value):
-            raise ValueError(USERINFO_HINT)
-        return value
+    _no_userinfo = field_validator("base_url")(refuse_userinfo)
 
     @field_validator("shard")
     @classmethod
