@@ -22,9 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from mpr.simulated_judge.server import start_server
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.client import OpenAIBackend, Transport
-from pipeline.llm.testserver import start_server
 from pipeline.llm.types import ChatRequest, ChatResult
 
 PASSAGE = "Dense retrievers learn from graded relevance labels produced by a judge model. " * 4

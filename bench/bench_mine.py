@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.encode import DEFAULT_MODEL, resolve_model
-    from pipeline.readers import load_beir
+    from pipeline.data.readers import load_beir
+    from pipeline.stages.encode import DEFAULT_MODEL, resolve_model
 
     ds = load_beir(args.data, "train")
     passages = [ds.corpus.full_text(i) for i in range(len(ds.corpus))]
@@ -41,7 +41,7 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
         model.encode(passages, batch_size=args.batch_size, normalize_embeddings=True)
         model.encode([ds.queries[q] for q in ds.qrels], batch_size=args.batch_size, normalize_embeddings=True)
     elif variant in ("mpr-cold", "mpr-warm"):
-        from pipeline.mine import MineConfig, mine
+        from pipeline.stages.mine import MineConfig, mine
 
         manifest = mine(
             MineConfig(

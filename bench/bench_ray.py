@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from mpr.simulated_judge.server import start_server
 from pipeline.llm.client import OpenAIBackend
-from pipeline.llm.testserver import start_server
+from pipeline.llm.ray_engine import RayHttpBackend
 from pipeline.llm.types import ChatRequest
-from pipeline.ray_engine import RayHttpBackend
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.llm.testserver import start_server
-from pipeline.mine import MineConfig, mine
-from pipeline.relabel import RelabelConfig, relabel
+from mpr.simulated_judge.server import start_server
+from pipeline.stages.mine import MineConfig, mine
+from pipeline.stages.relabel import RelabelConfig, relabel
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [("relabel", "relabel", None), ("relabel", "relabel_cot", None), ("graded", "graded", 1), ("graded", "graded_batch", 8)]
@@ -36,7 +36,7 @@ def main() -> None:
         mine(MineConfig(data=args.data, out=mined, retriever="bm25", depth=args.candidates + 10, num_negatives=args.candidates,
                         max_queries=args.max_queries, progress=False), log=lambda _: None)
         rows = []
-        with start_server(responder="pipeline.oracle:oracle", responder_args={"data": str(args.data)},
+        with start_server(responder="mpr.simulated_judge.oracle:oracle", responder_args={"data": str(args.data)},
                           models=("bench-model",), mode="subprocess") as server:
             for mode, prompt, per_request in MODES:
                 for concurrency in args.concurrency:

@@ -35,7 +35,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from pipeline.encode import load_encoder
+    from pipeline.stages.encode import load_encoder
     from train.groups import GroupConfig, build_groups
     from train.losses import build_loss
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout

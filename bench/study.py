@@ -28,7 +28,7 @@ Protocol (one cell = dataset x fold x error rate x loss):
    "fold" 0, whatever `--folds` says).
 2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
    negatives) once per (dataset, fold). `mpr relabel` once per (dataset, fold, error rate): the judge is the
-   test server answering from the dataset's ORIGINAL qrels (every split) through `pipeline.oracle`, which
+   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.simulated_judge.oracle`, which
    flips the verdict of a deterministic share `error` of the (query, passage) pairs (false positives and
    false negatives alike; the pairs flipped at 0.2 are a subset of those flipped at 0.4). It judges the
    `candidates` hard negatives of every query (`--candidates negatives`, mode `relabel`).
@@ -71,10 +71,10 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.encode import DEFAULT_MODEL
+from pipeline.data.readers import find_file, open_text, read_qrels, split_names
+from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
-from pipeline.readers import find_file, open_text, read_qrels, split_names
-from pipeline.shards import write_json_atomic as _write_json_atomic
+from pipeline.stages.encode import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_LOSSES = ("infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
@@ -365,8 +365,8 @@ class Oracles:
 
     def url(self, dataset: str) -> str:
         if dataset not in self.urls:
-            from pipeline.llm.testserver import start_server
-            from pipeline.oracle import Oracle
+            from mpr.simulated_judge.oracle import Oracle
+            from mpr.simulated_judge.server import start_server
 
             rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
             oracle = Oracle(self.sources[dataset], None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
@@ -416,7 +416,7 @@ class Study:
         return dst, "train", "test"
 
     def mined(self, dataset: str, fold: int) -> Path:
-        from pipeline.mine import MineConfig, mine
+        from pipeline.stages.mine import MineConfig, mine
 
         out = self.paths.fold(dataset, fold) / "mined"
         if self.done.get(("mine", dataset, fold)) == out:
@@ -433,7 +433,7 @@ class Study:
         return out
 
     def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
-        from pipeline.relabel import RelabelConfig, relabel
+        from pipeline.stages.relabel import RelabelConfig, relabel
 
         mode = "graded" if graded else "relabel"
         out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
@@ -478,7 +478,7 @@ class Study:
         return out, summary
 
     def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
-        from train.evaluate import EvalConfig, evaluate
+        from pipeline.stages.evaluate import EvalConfig, evaluate
 
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
@@ -556,7 +556,7 @@ class Study:
 
 def judge_stats(folder: Path) -> dict[str, Any] | None:
     """What the judge said about the mined candidates of a relabel run (None for unrelabeled data)."""
-    from pipeline.shards import read_manifest
+    from pipeline.data.shards import read_manifest
 
     manifest = read_manifest(folder)
     if manifest is None or manifest.stage != "relabel":
@@ -661,7 +661,7 @@ MIN_TEST_QUERIES = 10
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The numbers behind the paper's claims (nDCG@10): deltas paired by fold, and a paired test over the held-out
     queries pooled over folds and datasets (every query is held out in exactly one fold)."""
-    from train.evaluate import paired_tests
+    from pipeline.stages.evaluate import paired_tests
 
     errors = sorted(cfg.error_rates)
     losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm.testserver import start_server
-from pipeline.oracle import Oracle
-from pipeline.relabel import RelabelConfig, relabel
-from pipeline.shards import read_shards
+from mpr.simulated_judge.oracle import Oracle
+from mpr.simulated_judge.server import start_server
+from pipeline.data.shards import read_shards
+from pipeline.stages.relabel import RelabelConfig, relabel
 
 MODEL, CHEAP = "judge", "cheap-judge"
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3)

@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.mine import MineConfig, mine
-from pipeline.readers import find_file, read_qrels
+from pipeline.data.readers import find_file, read_qrels
+from pipeline.stages.mine import MineConfig, mine
 
 
 def prepare(data: Path, work: Path, depth: int, cache: Path | None) -> Path:

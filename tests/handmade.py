@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.schema import SCHEMA
-from pipeline.shards import ShardRun
+from pipeline.data.schema import SCHEMA
+from pipeline.data.shards import ShardRun
 
 from .conftest import SHARED_DATA, read_jsonl, write_beir
 

@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from pipeline.audit import AUDIT_FILE, AuditFailed, agreement, cohen_kappa
-from pipeline.llm.testserver import start_server
-from pipeline.oracle import Oracle
-from pipeline.relabel import RelabelConfig, relabel
-from pipeline.shards import read_manifest, read_shards
+from mpr.simulated_judge.oracle import Oracle
+from mpr.simulated_judge.server import start_server
+from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages.audit import AUDIT_FILE, AuditFailed, agreement, cohen_kappa
+from pipeline.stages.relabel import RelabelConfig, relabel
 
 from .handmade import handmade_mined, vaswani_slice
 

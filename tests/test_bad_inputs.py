@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mpr.cli import app
+from pipeline.data.readers import iter_tevatron, read_corpus, read_qrels, read_queries
+from pipeline.data.shards import read_part, write_json_atomic
 from pipeline.errors import MprError
-from pipeline.readers import iter_tevatron, read_corpus, read_qrels, read_queries
 from pipeline.redact import MARKER, redact, redact_logging, register
-from pipeline.shards import read_part, write_json_atomic
 
 from .conftest import REPO, write_beir
 

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from mpr.cli import app
 from mpr.commands.options import config_options, option_name
-from pipeline.ingest import IngestConfig
-from pipeline.mine import MineConfig
-from pipeline.relabel import RelabelConfig
-from pipeline.report import summary_value
-from pipeline.synth import SynthConfig
+from mpr.orchestrate.report import summary_value
+from pipeline.stages.evaluate import EvalConfig
+from pipeline.stages.ingest import IngestConfig
+from pipeline.stages.mine import MineConfig
+from pipeline.stages.relabel import RelabelConfig
+from pipeline.stages.synth import SynthConfig
 from train.config import TrainConfig
-from train.evaluate import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Parameters that are no config field: what the command does around the stage, not what the stage does.

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from pipeline.errors import MprError
-from train.evaluate import (
+from pipeline.stages.evaluate import (
     EvalConfig,
     EvalReport,
     IREvaluator,

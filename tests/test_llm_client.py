@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from mpr.simulated_judge.responders import ResponderAnswer
+from mpr.simulated_judge.server import start_server
 from pipeline.errors import MprError
 from pipeline.llm.base import schema_shape_error
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.client import OpenAIBackend
 from pipeline.llm.jsonparse import parse_json
 from pipeline.llm.models import TokenCounter, load_aliases, resolve_backend, resolve_model
-from pipeline.llm.responders import ResponderAnswer
-from pipeline.llm.testserver import start_server
 from pipeline.llm.types import ChatRequest, ChatResult
 
 SCHEMA = {

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from pipeline.mine import MINE_SCHEMA, MineConfig, mine
-from pipeline.readers import load_beir
-from pipeline.shards import read_manifest, read_shards
+from pipeline.data.readers import load_beir
+from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages.mine import MINE_SCHEMA, MineConfig, mine
 
 from .conftest import SEQ
 

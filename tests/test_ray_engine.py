@@ -7,11 +7,11 @@ import functools
 
 import pytest
 
-from pipeline.llm.testserver import start_server
-from pipeline.oracle import Oracle
-from pipeline.relabel import RelabelConfig, relabel
-from pipeline.shards import FAILURES, read_manifest, read_shards
-from pipeline.synth import SynthConfig, synth
+from mpr.simulated_judge.oracle import Oracle
+from mpr.simulated_judge.server import start_server
+from pipeline.data.shards import FAILURES, read_manifest, read_shards
+from pipeline.stages.relabel import RelabelConfig, relabel
+from pipeline.stages.synth import SynthConfig, synth
 
 from .conftest import EXAMPLE
 from .handmade import handmade_mined, vaswani_slice
@@ -91,8 +91,8 @@ def test_postprocess_reads_what_ray_hands_back_from_arrow():
     answer and its logprobs, and an error body becomes a failed row, not an exception."""
     import numpy as np
 
+    from pipeline.llm.ray_engine import _http_postprocess
     from pipeline.llm.types import ChatResult
-    from pipeline.ray_engine import _http_postprocess
 
     token = {"token": "3", "logprob": -0.1, "top_logprobs": np.array([{"token": "3", "logprob": -0.1}, {"token": "0", "logprob": -2.5}])}
     response = {"choices": np.array([{"message": {"content": '{"grade": 3}'}, "finish_reason": "stop",

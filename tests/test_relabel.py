@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from pipeline.inspection import inspect_shards, validate_shards
-from pipeline.llm.testserver import start_server
-from pipeline.mine import MineConfig, mine
-from pipeline.oracle import Oracle
-from pipeline.readers import load_beir
-from pipeline.relabel import RelabelConfig, expected_grades, relabel
-from pipeline.shards import read_manifest, read_shards
+from mpr.simulated_judge.oracle import Oracle
+from mpr.simulated_judge.server import start_server
+from pipeline.data.inspection import inspect_shards, validate_shards
+from pipeline.data.readers import load_beir
+from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages.mine import MineConfig, mine
+from pipeline.stages.relabel import RelabelConfig, expected_grades, relabel
 
 from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.report import _pair_sentence
+from mpr.orchestrate.report import _pair_sentence
 
 
 def test_a_clear_gain_is_called_significant() -> None:

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from pipeline.mine import MineConfig, mine
-from pipeline.shards import read_manifest, read_shards
+from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages.mine import MineConfig, mine
 
 from .conftest import SEQ
 

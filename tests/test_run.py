@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from pipeline.experiment import load_run_file, parse_value
-from pipeline.shards import read_manifest, read_shards
+from mpr.orchestrate.experiment import load_run_file, parse_value
+from pipeline.data.shards import read_manifest, read_shards
 
 from .conftest import REPO
 

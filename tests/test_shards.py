@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from pipeline.inspection import inspect_shards, validate_shards
-from pipeline.schema import SCHEMA, to_table
-from pipeline.shards import ShardRun, read_manifest, read_shards, sha256_file
+from pipeline.data.inspection import inspect_shards, validate_shards
+from pipeline.data.schema import SCHEMA, to_table
+from pipeline.data.shards import ShardRun, read_manifest, read_shards, sha256_file
 
 runner = CliRunner()
 

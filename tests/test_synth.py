@@ -18,12 +18,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.inspection import inspect_shards, validate_shards
-from pipeline.llm.testserver import start_server
-from pipeline.oracle import SYNTH_MARKERS, Oracle
-from pipeline.readers import load_beir
-from pipeline.shards import read_manifest, read_shards
-from pipeline.synth import (
+from mpr.simulated_judge.oracle import SYNTH_MARKERS, Oracle
+from mpr.simulated_judge.server import start_server
+from pipeline.data.inspection import inspect_shards, validate_shards
+from pipeline.data.readers import load_beir
+from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages.synth import (
     DEFAULT_LENGTHS,
     DEFAULT_STYLES,
     SynthConfig,

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
+from pipeline.data.schema import SCHEMA, to_table
+from pipeline.data.shards import ShardRun
 from pipeline.errors import MprError
-from pipeline.schema import SCHEMA, to_table
-from pipeline.shards import ShardRun
 from train.groups import GroupConfig, build_groups
 
 from .conftest import SEQ, scifact_slice
@@ -82,7 +82,7 @@ def test_groups_refuse_data_without_positives(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_slice(tmp_path_factory, cache_dir):
-    from pipeline.mine import MineConfig, mine
+    from pipeline.stages.mine import MineConfig, mine
 
     data = scifact_slice(tmp_path_factory.mktemp("train-data") / "scifact", n_queries=48, n_docs=300)
     out = tmp_path_factory.mktemp("train-mined") / "mined"
@@ -111,7 +111,7 @@ def mean_loss(model, dataset, loss_name):
 def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.encode import load_encoder
+    from pipeline.stages.encode import load_encoder
     from train.trainer import TrainConfig, train
 
     groups, _ = build_groups(GroupConfig(data=[mined_slice], group_size=4, seed=0))

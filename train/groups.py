@@ -5,7 +5,7 @@ Each group holds one query and k passage slots: its positives first (`label == 1
 then its hard negatives (`label == 0`: mined negatives by rank, synthetic ones by level), then random
 negatives drawn from the other queries' passages to fill. Unjudged candidates (`label` null) are never
 used: they may be false negatives. Every folder is checked against its manifest first
-(`pipeline.shards.verify_shards`; `verify`, default $MPR_VERIFY or fast).
+(`pipeline.data.shards.verify_shards`; `verify`, default $MPR_VERIFY or fast).
 
 Merging: a query is (dataset, qid), the dataset being the query source its manifest records, so queries
 of two datasets that share a qid stay apart. Rows of one query in several folders are merged (a relabeled
@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.shards import VerifyMode, fingerprint_shards, read_shards, verify_shards
 from pipeline.errors import MprError
-from pipeline.shards import VerifyMode, fingerprint_shards, read_shards, verify_shards
 
 POSITIVE, NEGATIVE, PADDING = 1, 0, -1
 SOURCE_ORDER = {"qrels": 0, "mined": 1, "synthetic": 2}

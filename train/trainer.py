@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import train_inputs
+from pipeline.data.checks import train_inputs
+from pipeline.data.shards import fingerprint_shards, read_manifest, write_json_atomic
 from pipeline.errors import MprError
-from pipeline.shards import fingerprint_shards, read_manifest, write_json_atomic
 from train.config import TrainConfig
 
 __all__ = ["TrainConfig", "check_inputs", "train"]
@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
-    from pipeline.encode import load_encoder
+    from pipeline.stages.encode import load_encoder
     from train.callbacks import (
         LossStateCallback,
         MemoryGuardCallback,
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
                       mask_other_positives=cfg.mask_other_positives, **extra)
     evaluator = None
     if cfg.eval_data is not None:
-        from train.evaluate import IREvaluator
+        from pipeline.stages.evaluate import IREvaluator
 
         evaluator = IREvaluator(cfg.eval_data, cfg.eval_split, name=cfg.eval_split, max_queries=cfg.eval_max_queries,
                                 query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt)

@@ -56,7 +56,7 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
         if kwargs.get("quiet"):
             quiet_libraries()
         if kwargs.get("encoding") is not None:
-            from pipeline.readers import use_encoding
+            from pipeline.data.readers import use_encoding
 
             try:
                 use_encoding(kwargs["encoding"])

@@ -1,4 +1,4 @@
-"""`mpr eval`: its options are the fields of `train.evaluate.EvalConfig`."""
+"""`mpr eval`: its options are the fields of `pipeline.stages.evaluate.EvalConfig`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from mpr.commands._common import Encoding, Quiet, log, one_line_errors
 from mpr.commands.options import config_options
-from train.evaluate import EvalConfig
+from pipeline.stages.evaluate import EvalConfig
 
 
 @one_line_errors
@@ -18,7 +18,7 @@ def eval(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> Non
 
     Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2 --data data/example
     """
-    from pipeline import checks
+    from pipeline.data import checks
 
     checks.beir_folder(options["data"], options["split"])
     checks.model(options["model"])
@@ -26,7 +26,7 @@ def eval(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> Non
         checks.model(options["baseline"], "--baseline")
     checks.out_file(options["json_out"], "--json")
     checks.out_file(options["run_out"], "--run")
-    from train.evaluate import evaluate, format_table
+    from pipeline.stages.evaluate import evaluate, format_table
 
     report = evaluate(EvalConfig(**options, progress=not quiet), log=log)
     typer.echo(format_table(report))

@@ -1,4 +1,4 @@
-"""`mpr ingest`: its options are the fields of `pipeline.ingest.IngestConfig`."""
+"""`mpr ingest`: its options are the fields of `pipeline.stages.ingest.IngestConfig`."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ from typing import Any
 
 from mpr.commands._common import Encoding, log, one_line_errors, print_summary
 from mpr.commands.options import config_options
-from pipeline.ingest import IngestConfig
+from pipeline.stages.ingest import IngestConfig
 
 
 @one_line_errors
 @config_options(IngestConfig, arguments={"files"})
 def ingest(encoding: Encoding = None, **options: Any) -> None:
     """Turn Tevatron/RLHN-style training rows into judgment shards, so published data can be relabeled without re-mining."""
-    from pipeline import checks
+    from pipeline.data import checks
 
     for path in options["files"]:
         checks.in_file(path, "FILES")
     checks.out_folder(options["out"])
-    from pipeline.ingest import ingest as run_ingest
+    from pipeline.stages.ingest import ingest as run_ingest
 
     cfg = IngestConfig(**options)
     manifest = run_ingest(cfg, log=log)

@@ -1,4 +1,4 @@
-"""`mpr mine`: its options are the fields of `pipeline.mine.MineConfig`."""
+"""`mpr mine`: its options are the fields of `pipeline.stages.mine.MineConfig`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from mpr.commands._common import Encoding, Quiet, log, one_line_errors, print_summary
 from mpr.commands.options import config_options
-from pipeline.mine import MineConfig
+from pipeline.stages.mine import MineConfig
 
 
 @one_line_errors
@@ -16,13 +16,13 @@ def mine(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> Non
 
     Example: mpr mine --data data/example --split train --out runs/example/mined
     """
-    from pipeline import checks
+    from pipeline.data import checks
 
     checks.beir_folder(options["data"], options["split"])
     checks.out_folder(options["out"])
     if options["retriever"] != "bm25":
         checks.model(options["model"])
-    from pipeline.mine import mine as run_mine
+    from pipeline.stages.mine import mine as run_mine
 
     cfg = MineConfig(**options, progress=not quiet)
     manifest = run_mine(cfg, log=log)

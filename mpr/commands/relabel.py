@@ -1,4 +1,4 @@
-"""`mpr relabel`: its options are the fields of `pipeline.relabel.RelabelConfig` (with the LLM stages'
+"""`mpr relabel`: its options are the fields of `pipeline.stages.relabel.RelabelConfig` (with the LLM stages'
 shared `LLMStageConfig`, and the zone's and the audit's options)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from mpr.commands._common import Quiet, exit_on_failures, log, one_line_errors, print_dry_run, print_summary
 from mpr.commands.options import config_options
-from pipeline.relabel import RelabelConfig
+from pipeline.stages.relabel import RelabelConfig
 
 # Not on the command line (the config's defaults; `mpr run`'s [relabel] table can set them).
 INTERNAL = {"progress", "max_attempts", "max_positives_shown", "max_passage_chars", "temperature", "audit_seed"}
@@ -20,13 +20,13 @@ def relabel(quiet: Quiet = False, **options: Any) -> None:
 
     Example: mpr relabel --in runs/x/mined --out runs/x/relabeled --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
-    from pipeline import checks
+    from pipeline.data import checks
 
     checks.shard_folder(options["input"], "--in")
     checks.out_folder(options["out"])
     checks.distinct(options["input"], options["out"])
     checks.out_file(options["llm_cache"], "--llm-cache")
-    from pipeline.relabel import relabel as run_relabel
+    from pipeline.stages.relabel import relabel as run_relabel
 
     cfg = RelabelConfig(**options, progress=not quiet)
     result = run_relabel(cfg, log=log)

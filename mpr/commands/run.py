@@ -21,7 +21,7 @@ def run(
 
     Example: mpr run experiments/example.toml --only relabel,train --set train.loss=jointlh
     """
-    from pipeline.experiment import run_experiment
+    from mpr.orchestrate.experiment import run_experiment
 
     stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
     report = run_experiment(experiment, only=stages, overrides=set_ or [], progress=not quiet, log=log)

@@ -18,7 +18,7 @@ def inspect(
     samples: Annotated[int, typer.Option(help="Sample rows to show.")] = 3,
 ) -> None:
     """Counts by source and label, positives and candidates per query, grades, levels and sample rows."""
-    from pipeline.inspection import format_report, inspect_shards
+    from pipeline.data.inspection import format_report, inspect_shards
 
     report = inspect_shards(folder, samples=samples)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
@@ -27,7 +27,7 @@ def inspect(
 @one_line_errors
 def validate(folder: Annotated[Path, typer.Argument(help="A shard folder written by any mpr stage.")]) -> None:
     """Check the schema and invariants of a shard folder; exit non-zero on any violation."""
-    from pipeline.inspection import validate_shards
+    from pipeline.data.inspection import validate_shards
 
     errors = validate_shards(folder)
     for line in errors:

@@ -1,4 +1,4 @@
-"""`mpr synth`: its options are the fields of `pipeline.synth.SynthConfig` (with the LLM stages' shared
+"""`mpr synth`: its options are the fields of `pipeline.stages.synth.SynthConfig` (with the LLM stages' shared
 `LLMStageConfig`)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mpr.commands._common import (
     print_summary,
 )
 from mpr.commands.options import config_options
-from pipeline.synth import SynthConfig
+from pipeline.stages.synth import SynthConfig
 
 SHOWN = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropped_by_verify", "passages", "qrels_rows",
          "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",
@@ -29,7 +29,7 @@ def synth(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> No
 
     Example: mpr synth --data data/example --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
     """
-    from pipeline import checks
+    from pipeline.data import checks
 
     data, queries, from_shards, out = options["data"], options["queries"], options["from_shards"], options["out"]
     if data is not None:
@@ -41,7 +41,7 @@ def synth(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> No
         checks.distinct(from_shards, out, "--from-shards")
     checks.out_folder(out)
     checks.out_file(options["llm_cache"], "--llm-cache")
-    from pipeline.synth import synth as run_synth
+    from pipeline.stages.synth import synth as run_synth
 
     cfg = SynthConfig(**options, progress=not quiet)
     result = run_synth(cfg, log=log)

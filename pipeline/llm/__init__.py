@@ -7,12 +7,12 @@ with spec.create(cache="runs/x/llm-cache.sqlite") as llm:
 
 from __future__ import annotations
 
-from .base import ChatBackend, RunContext, WorkItem
-from .cache import ResultCache
-from .client import OpenAIBackend
-from .jsonparse import parse_json
-from .models import BackendSpec, TokenCounter, resolve_backend, resolve_model
-from .types import ChatRequest, ChatResult, Message, RunStats, TokenLogprob
+from pipeline.llm.base import ChatBackend, RunContext, WorkItem
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.client import OpenAIBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import BackendSpec, TokenCounter, resolve_backend, resolve_model
+from pipeline.llm.types import ChatRequest, ChatResult, Message, RunStats, TokenLogprob
 
 __all__ = [
     "BackendSpec",

@@ -15,9 +15,9 @@ from typing import Any, ClassVar, TypeAlias
 
 from tqdm.auto import tqdm
 
-from .cache import ResultCache
-from .jsonparse import parse_json
-from .types import ChatRequest, ChatResult, RunStats
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.types import ChatRequest, ChatResult, RunStats
 
 log = logging.getLogger("mpr.llm")
 

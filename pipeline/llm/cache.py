@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import MprError
-from .types import ChatResult
+from pipeline.errors import MprError
+from pipeline.llm.types import ChatResult
 
 _STORED = {"content", "finish_reason", "logprobs", "prompt_tokens", "completion_tokens"}
 _SCHEMA = """

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from ..errors import MprError
-from ..redact import read_key, redact
-from .base import ChatBackend, RunContext, WorkItem
-from .cache import ResultCache
-from .types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.errors import MprError
+from pipeline.llm.base import ChatBackend, RunContext, WorkItem
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.redact import read_key, redact
 
 log = logging.getLogger("mpr.llm")
 
@@ -327,7 +327,7 @@ class _AiohttpPoster:
     def __init__(self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str):
         import aiohttp
 
-        from mpr import __version__
+        from pipeline import __version__
 
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": f"mpr/{__version__}"}
         if secret:

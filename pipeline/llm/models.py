@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ..errors import MprError
-from ..redact import USERINFO_HINT, has_userinfo, read_key
-from .base import ChatBackend
-from .types import Message
+from pipeline.errors import MprError
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.types import Message
+from pipeline.redact import USERINFO_HINT, has_userinfo, read_key
 
 log = logging.getLogger("mpr.llm")
 
@@ -118,10 +118,10 @@ class BackendSpec(BaseModel):
 
     def create(self, **kwargs: Any) -> ChatBackend:
         if self.kind == "vllm":
-            from .vllm_backend import VLLMBackend
+            from pipeline.llm.vllm_backend import VLLMBackend
 
             return VLLMBackend(self.model, **kwargs)
-        from .client import OpenAIBackend
+        from pipeline.llm.client import OpenAIBackend
 
         return OpenAIBackend(self.model, self.base_urls, **kwargs)
 
@@ -146,7 +146,7 @@ def resolve_backend(
     """Pick the backend. `auto` without base URLs: in-process vLLM when importable and a CUDA GPU is present,
     else the server in $OPENAI_BASE_URL, else vLLM's default local address. Servers are probed with
     `GET /models`; when none answers, one MprError line says what was tried and how to start a server."""
-    from .vllm_backend import INSTALL_HINT, vllm_importable
+    from pipeline.llm.vllm_backend import INSTALL_HINT, vllm_importable
 
     resolved = resolve_model(model) if model else None
     urls = [u.rstrip("/") for u in base_urls]

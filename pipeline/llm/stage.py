@@ -11,8 +11,8 @@ from pydantic import ConfigDict, Field, field_validator
 
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.models import resolve_backend, resolve_model
+from pipeline.llm.ray_engine import RAY_KEYS, RayOptions
 from pipeline.llm.types import RunStats
-from pipeline.ray_engine import RAY_KEYS, RayOptions
 from pipeline.redact import refuse_userinfo
 
 LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
@@ -81,7 +81,7 @@ def open_backends(
     cfg: LLMStageConfig, model: str, others: list[str | None], *, stage: str, log: Callable[[str], None]
 ) -> tuple[ChatBackend, list[ChatBackend | None]]:
     """The backend for `model` and one for each of `others` (None stays None; the same model shares it)."""
-    from pipeline.encode import default_cache_dir
+    from pipeline.stages.encode import default_cache_dir
 
     options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
     if cfg.engine == "ray":
@@ -101,8 +101,8 @@ def open_backends(
 
 def _open_ray(cfg: LLMStageConfig, model: str, others: list[str | None], options: dict[str, Any], *, stage: str,
               log: Callable[[str], None]) -> tuple[ChatBackend, list[ChatBackend | None]]:
-    """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.ray_engine)."""
-    from pipeline.ray_engine import create_ray_backend
+    """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.llm.ray_engine)."""
+    from pipeline.llm.ray_engine import create_ray_backend
 
     if cfg.backend == "vllm":  # the engines run on the cluster's GPU workers: vLLM need not be importable here
         kind, name, urls = "vllm", resolve_model(model), []

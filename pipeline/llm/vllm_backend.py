@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import MprError
-from .base import ChatBackend, RunContext, WorkItem
-from .cache import ResultCache
-from .types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.errors import MprError
+from pipeline.llm.base import ChatBackend, RunContext, WorkItem
+from pipeline.llm.cache import ResultCache
+from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
 
 INSTALL_HINT = (
     'in-process vLLM is not installed: pip install "mpr[vllm]" (or point --base-url at a running server)'

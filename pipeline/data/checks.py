@@ -83,7 +83,7 @@ def train_inputs(data: list[Path], out: Path, model_name: str, eval_data: Path |
 
 def beir_folder(root: Path, split: str | None, option: str = "--data") -> None:
     """The files of a BEIR folder are there, are files and are not empty; `split` (unless None) exists."""
-    from pipeline.readers import find_path, split_names
+    from pipeline.data.readers import find_path, split_names
 
     in_folder(root, option, "data folder")
     for name in ("corpus.jsonl", "queries.jsonl"):
@@ -124,7 +124,7 @@ def model(name: str, option: str = "--model") -> None:
 
 
 def _hub_cached(name: str) -> bool:
-    from pipeline.encode import DEFAULT_MODEL, _in_hf_cache
+    from pipeline.stages.encode import DEFAULT_MODEL, _in_hf_cache
 
     if name == DEFAULT_MODEL:  # resolved to the bundled copy when not cached
         return True

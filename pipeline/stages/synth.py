@@ -60,17 +60,17 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from pipeline.errors import InputError, MprError
-from pipeline.llm.base import ChatBackend
-from pipeline.llm.jsonparse import parse_json
-from pipeline.llm.models import TokenCounter, resolve_model
-from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
-from pipeline.llm.types import ChatRequest, ChatResult
-from pipeline.prompt_files import Prompt, escape, load_prompt
-from pipeline.readers import OnEmpty, find_file, open_text, read_corpus, read_qrels, read_queries, split_names
-from pipeline.relabel import Judge, RelabelConfig
-from pipeline.schema import with_extra
-from pipeline.shards import (
+from pipeline.data.readers import (
+    OnEmpty,
+    find_file,
+    open_text,
+    read_corpus,
+    read_qrels,
+    read_queries,
+    split_names,
+)
+from pipeline.data.schema import with_extra
+from pipeline.data.shards import (
     FAILURES,
     RETRYABLE,
     FailureLog,
@@ -85,6 +85,14 @@ from pipeline.shards import (
     shard_name,
     verify_shards,
 )
+from pipeline.errors import InputError, MprError
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.prompt_files import Prompt, escape, load_prompt
+from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
+from pipeline.llm.types import ChatRequest, ChatResult
+from pipeline.stages.relabel import Judge, RelabelConfig
 
 DEFAULT_STYLES: tuple[str, ...] = (
     "encyclopedia article",

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:
     from pipeline.llm.base import ChatBackend
     from pipeline.llm.types import ChatResult
-    from pipeline.relabel import RelabelConfig, Relabeler
+    from pipeline.stages.relabel import RelabelConfig, Relabeler
 
 ZoneMode = Literal["all", "margin", "top", "unsure"]
 ZONE_FIELD = pa.field("unjudged", pa.string())
@@ -96,9 +96,9 @@ def positive_probability(result: ChatResult, positive_level: int) -> float | Non
 def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, list[dict]]], picked: list[list[int]],
            reasons: list[Reasons], desc: str, stats: dict[str, int]) -> list[list[int]]:
     """`zone=unsure`: keep the candidates the cheap judge may call relevant; fills `reasons` for the rest."""
+    from pipeline.llm.prompt_files import load_prompt
     from pipeline.llm.stage import add_llm_stats
-    from pipeline.prompt_files import load_prompt
-    from pipeline.relabel import Judge
+    from pipeline.stages.relabel import Judge
 
     cfg = relabeler.cfg
     judge = Judge(load_prompt("graded"), cfg.model_copy(update={"mode": "graded", "batch_candidates": 1, "prompt": None, "logprobs": True}))

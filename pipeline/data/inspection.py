@@ -10,9 +10,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import MprError
-from pipeline.schema import SCHEMA, SOURCES
-from pipeline.shards import (
+from pipeline.data.schema import SCHEMA, SOURCES
+from pipeline.data.shards import (
     MANIFEST,
     iter_groups,
     read_manifest,
@@ -21,6 +20,7 @@ from pipeline.shards import (
     shard_files,
     verify_shards,
 )
+from pipeline.errors import MprError
 
 
 def _distribution(values: list[int] | np.ndarray) -> dict[str, float]:

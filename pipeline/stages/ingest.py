@@ -12,10 +12,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.mine import MINE_SCHEMA
-from pipeline.readers import OnEmpty, TevatronRow, iter_tevatron
-from pipeline.schema import to_table
-from pipeline.shards import InputInfo, Manifest, ShardRun, sha256_file
+from pipeline.data.readers import OnEmpty, TevatronRow, iter_tevatron
+from pipeline.data.schema import to_table
+from pipeline.data.shards import InputInfo, Manifest, ShardRun, sha256_file
+from pipeline.stages.mine import MINE_SCHEMA
 
 
 class IngestConfig(BaseModel):

@@ -376,7 +376,7 @@ def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[s
     path = Path(path)
     _check_readable(path)
     if path.suffix == ".parquet":
-        from pipeline.shards import read_part
+        from pipeline.data.shards import read_part
 
         table = read_part(path)
         missing = [f for f in ("query_id", "query") if f not in table.column_names]

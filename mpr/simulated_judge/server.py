@@ -1,6 +1,6 @@
 """A local OpenAI-compatible chat server: for tests, benchmarks and the demo when no LLM endpoint is set.
 
-    python -m pipeline.llm.testserver --port 0 [--responder module:factory --responder-arg k=v ...]
+    python -m mpr.simulated_judge.server --port 0 [--responder module:factory --responder-arg k=v ...]
         [--faults '{"p_500": 0.1, "seed": 1}'] [--model NAME ...]
 
 It prints `READY http://HOST:PORT/v1` on stdout once it listens. From Python: `start_server(...)` runs it in
@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import MprError
-from .http11 import Response, json_error, serve
-from .responders import ResponderAnswer, default_responder, load_responder
+from mpr.simulated_judge.http11 import Response, json_error, serve
+from mpr.simulated_judge.responders import ResponderAnswer, default_responder, load_responder
+from pipeline.errors import MprError
 
 _TOKEN = re.compile(r"\s*[A-Za-z0-9_]+|\s*[^\sA-Za-z0-9_]|\s+")
 
@@ -448,7 +448,7 @@ def _start_subprocess(
     host: str,
     port: int,
 ) -> ServerHandle:
-    cmd = [sys.executable, "-m", "pipeline.llm.testserver", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mpr.simulated_judge.server", "--host", host, "--port", str(port)]
     cmd += ["--faults", faults.model_dump_json()]
     for m in models:
         cmd += ["--model", m]
@@ -479,7 +479,7 @@ def _start_subprocess(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m pipeline.llm.testserver", description=__doc__.split("\n")[0]
+        prog="python -m mpr.simulated_judge.server", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the READY line)")

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from pipeline.data.shards import write_json_atomic
 from pipeline.errors import MprError
-from pipeline.shards import write_json_atomic
 
 if TYPE_CHECKING:
-    from pipeline.relabel import RelabelConfig, Relabeler, Verdict
+    from pipeline.stages.relabel import RelabelConfig, Relabeler, Verdict
 
 AUDIT_FILE = "_audit.json"
 BOOTSTRAP = 1000
@@ -209,7 +209,7 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
 
 def _confirm(relabeler: Relabeler, items: list[tuple[str, list[dict], list[dict]]], verdicts: list[list[Verdict]],
              stats: dict[str, int]) -> list[list[Verdict]]:
-    from pipeline.relabel import Verdict
+    from pipeline.stages.relabel import Verdict
 
     assert relabeler.confirm is not None
     again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]

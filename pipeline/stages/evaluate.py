@@ -29,10 +29,10 @@ import ir_measures
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.data.readers import BeirDataset, load_beir
 from pipeline.errors import MprError
-from pipeline.readers import BeirDataset, load_beir
-from pipeline.search import exact_topk
+from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.search import exact_topk
 
 MEASURES: dict[str, Any] = {
     "ndcg@10": ir_measures.nDCG @ 10,

@@ -59,7 +59,7 @@ def resolve_model(name: str) -> str:
 def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | None = None):
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.checks import model as check_model
+    from pipeline.data.checks import model as check_model
 
     check_model(name, "model")  # a missing or half-written local folder is named, never looked up on a hub
     resolved = resolve_model(name)
@@ -225,7 +225,7 @@ def model_files(folder: Path) -> list[Path]:
 
 @functools.lru_cache(maxsize=256)
 def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    from pipeline.shards import sha256_file
+    from pipeline.data.shards import sha256_file
 
     return sha256_file(path)
 

@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.data.readers import BeirDataset, OnEmpty, load_beir
+from pipeline.data.schema import to_table, with_extra
+from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
-from pipeline.readers import BeirDataset, OnEmpty, load_beir
-from pipeline.schema import to_table, with_extra
-from pipeline.search import BM25Index, FaissIndex, exact_topk
-from pipeline.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
+from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
 MINE_SCHEMA = with_extra(pa.field("filter", pa.string()))
 FILTERS = ("same_text_as_positive", "skip_top", "max_score", "min_score", "absolute_margin", "relative_margin", "not_sampled")

@@ -1,8 +1,8 @@
 """An oracle "LLM" for the local test server: it reads mpr's prompts like a model would (by their tags)
 and answers from a qrels file, wrong on purpose at a settable rate.
 
-Start it with the test server (`python -m pipeline.llm.testserver --responder
-pipeline.oracle:oracle --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end to
+Start it with the test server (`python -m mpr.simulated_judge.server --responder
+mpr.simulated_judge.oracle:oracle --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end to
 end without an LLM. Its labels are the qrels' labels (flipped with probability `error_rate`), not a
 model's judgments.
 """
@@ -19,8 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm.responders import ResponderAnswer
-from pipeline.readers import read_corpus, read_qrels, read_queries, require_file, split_names
+from mpr.simulated_judge.responders import ResponderAnswer
+from pipeline.data.readers import read_corpus, read_qrels, read_queries, require_file, split_names
 
 PREFIX = 80  # passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
 TAG = r"<{0}(?:\s+number=\"(\d+)\")?>(.*?)</{0}>"

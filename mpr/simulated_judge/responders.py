@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from ..errors import MprError
+from pipeline.errors import MprError
 
 # (token, logprob) or (token, logprob, [(alternative, logprob), ...])
 TokenLogprobs: TypeAlias = Sequence[tuple[str, float] | tuple[str, float, Sequence[tuple[str, float]]]]

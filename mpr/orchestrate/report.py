@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow.parquet as pq
 
 from mpr import __version__
-from pipeline.audit import report_lines as audit_report_lines
+from pipeline.data.shards import read_manifest, shard_files
 from pipeline.redact import redact
-from pipeline.shards import read_manifest, shard_files
+from pipeline.stages.audit import report_lines as audit_report_lines
 
 if TYPE_CHECKING:
-    from pipeline.experiment import Experiment
+    from mpr.orchestrate.experiment import Experiment
     from train.config import TrainConfig
 
 
@@ -108,7 +108,7 @@ ALPHA = 0.05
 
 def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int) -> tuple[list[Any], str]:
     """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
-    from train.evaluate import paired_tests
+    from pipeline.stages.evaluate import paired_tests
 
     qids = [q for q in a if q in b]  # the order of the evaluation, so that its randomization samples are the same
     xs, ys = [a[q] for q in qids], [b[q] for q in qids]
@@ -138,7 +138,7 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
 
 def _comparison_section(out: Path, main_eval: Path) -> list[str]:
     """Zero-shot, single-positive and relabeled models on the held-out queries, every pair tested (nDCG@10)."""
-    from pipeline.experiment import SINGLE_POSITIVE
+    from mpr.orchestrate.experiment import SINGLE_POSITIVE
 
     single = out / f"eval-{SINGLE_POSITIVE}.json"
     if not (single.exists() and main_eval.exists()):

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.audit import AuditFailed
+from pipeline.data.shards import Manifest
 from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact, refuse_userinfo
-from pipeline.shards import Manifest
+from pipeline.stages.audit import AuditFailed
 
 if TYPE_CHECKING:
-    from pipeline.mine import MineConfig
-    from pipeline.relabel import RelabelConfig
-    from pipeline.synth import SynthConfig
+    from pipeline.stages.evaluate import EvalConfig
+    from pipeline.stages.mine import MineConfig
+    from pipeline.stages.relabel import RelabelConfig
+    from pipeline.stages.synth import SynthConfig
     from train.config import TrainConfig
-    from train.evaluate import EvalConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,16 +173,16 @@ class Experiment:
     def config(self, stage: Stage, base_url: str | None = None) -> BaseModel:
         spec = self.spec
         if stage == "mine":
-            from pipeline.mine import MineConfig
+            from pipeline.stages.mine import MineConfig
 
             return MineConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "mined", "progress": self.progress, **spec.mine})
         if stage == "relabel":
-            from pipeline.relabel import RelabelConfig
+            from pipeline.stages.relabel import RelabelConfig
 
             table = self._llm(spec.relabel, base_url)
             return RelabelConfig(**{"input": self.out / "mined", "out": self.out / "relabeled", "progress": self.progress, **table})
         if stage == "synth":
-            from pipeline.synth import SynthConfig
+            from pipeline.stages.synth import SynthConfig
 
             table = self._llm(spec.synth, base_url)
             return SynthConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "synth", "progress": self.progress, **table})
@@ -195,7 +195,7 @@ class Experiment:
             data = [self.out / folders[s] for s in sources]
             loss = table.get("loss", "lsepair")
             return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
-        from train.evaluate import EvalConfig
+        from pipeline.stages.evaluate import EvalConfig
 
         trained = cast("TrainConfig", self.config("train"))
         table = {"data": spec.data, "split": "test", **spec.eval}
@@ -237,8 +237,8 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))
         if needs_llm and spec.llm.test_server and not spec.llm.base_url:
-            from pipeline.llm.testserver import start_server
-            from pipeline.oracle import Oracle
+            from mpr.simulated_judge.oracle import Oracle
+            from mpr.simulated_judge.server import start_server
 
             log(TEST_SERVER_NOTICE)
             server = stack.enter_context(start_server(responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),
@@ -251,27 +251,27 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
             try:
                 _run_stage(stage, cfg, log)
             except AuditFailed:  # the report says why the run stopped
-                from pipeline.report import write_report
+                from mpr.orchestrate.report import write_report
 
                 write_report(experiment, log=log)
                 raise
             if spec.single_positive and stage in ("train", "eval"):
                 log(f"== {stage}: the single-positive reference (InfoNCE on the mined data, not relabeled)")
                 _run_stage(stage, experiment.single_positive_configs()[stage == "eval"], log)
-    from pipeline.report import write_report
+    from mpr.orchestrate.report import write_report
 
     return write_report(experiment, log=log)
 
 
 def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None:
     if stage == "mine":
-        from pipeline.mine import mine
+        from pipeline.stages.mine import mine
 
         mine(cast("MineConfig", cfg), log=log)
     elif stage in ("relabel", "synth"):
         from pipeline.llm.stage import failure_line
-        from pipeline.relabel import relabel
-        from pipeline.synth import synth
+        from pipeline.stages.relabel import relabel
+        from pipeline.stages.synth import synth
 
         llm_cfg = cast("RelabelConfig | SynthConfig", cfg)
         manifest = relabel(cast("RelabelConfig", cfg), log=log) if stage == "relabel" else synth(cast("SynthConfig", cfg), log=log)
@@ -294,6 +294,6 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
             return
         train(cfg, log=log)
     else:
-        from train.evaluate import evaluate, format_table
+        from pipeline.stages.evaluate import evaluate, format_table
 
         log(format_table(evaluate(cast("EvalConfig", cfg), log=log)))

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from mpr import __version__
+from pipeline import __version__
 from pipeline.errors import MprError
 from pipeline.redact import redact
 

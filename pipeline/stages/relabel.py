@@ -27,23 +27,8 @@ from typing import Any, Literal, cast
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.audit import AUDIT_KEYS, AuditOptions, run_audit
-from pipeline.errors import MprError
-from pipeline.llm.base import ChatBackend
-from pipeline.llm.jsonparse import parse_json
-from pipeline.llm.models import TokenCounter, resolve_model
-from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
-from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
-from pipeline.prompt_files import (
-    Prompt,
-    escape,
-    known_relevant_block,
-    load_prompt,
-    numbered_block,
-    passage_text,
-)
-from pipeline.schema import with_extra
-from pipeline.shards import (
+from pipeline.data.schema import with_extra
+from pipeline.data.shards import (
     FAILURES,
     RETRYABLE,
     FailureLog,
@@ -58,9 +43,24 @@ from pipeline.shards import (
     shard_name,
     verify_shards,
 )
-from pipeline.zone import ZONE_FIELD, Reasons, ZoneOptions
-from pipeline.zone import select as zone_select
-from pipeline.zone import unsure as zone_unsure
+from pipeline.errors import MprError
+from pipeline.llm.base import ChatBackend
+from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.prompt_files import (
+    Prompt,
+    escape,
+    known_relevant_block,
+    load_prompt,
+    numbered_block,
+    passage_text,
+)
+from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
+from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.stages.audit import AUDIT_KEYS, AuditOptions, run_audit
+from pipeline.stages.zone import ZONE_FIELD, Reasons, ZoneOptions
+from pipeline.stages.zone import select as zone_select
+from pipeline.stages.zone import unsure as zone_unsure
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
 GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
@@ -267,7 +267,7 @@ def _judge_items(
     groups: list[tuple[str, list[dict]]], cfg: RelabelConfig
 ) -> tuple[list[list[int]], list[tuple[str, list[dict], list[dict]]], list[Reasons]]:
     """Per query: the indices of its rows to judge, (query, known positives, those rows) for the judge, and
-    why the candidates outside the ambiguity zone (pipeline.zone) are not judged."""
+    why the candidates outside the ambiguity zone (pipeline.stages.zone) are not judged."""
     picked, reasons = [], []
     for _, rows in groups:
         idx, why = zone_select(rows, _pick_candidates(rows, cfg), cfg)

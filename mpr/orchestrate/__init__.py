@@ -1,0 +1,1 @@
+"""Orchestration above the stages and training: `mpr run` (experiment, report)."""

@@ -1,0 +1,1 @@
+"""The data contract: shard schema, labels, shard folders and their manifests, readers, input checks."""

@@ -1,0 +1,1 @@
+"""The stages: mine (with encode, search), ingest, relabel (with audit, zone), synth, evaluate."""
