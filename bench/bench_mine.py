@@ -6,7 +6,7 @@ Variants, each in its own process (wall time and peak RSS of that process):
   mpr-warm      `mpr mine` again with other filter options and a warm cache (no re-encoding)
   st-mine       sentence_transformers.util.mine_hard_negatives, same model, depth and negatives
 
-    python bench/bench_mine.py [--data ../shared/data/scifact] [--max-seq-length 256]
+    python bench/bench_mine.py [--data data/beir/scifact] [--max-seq-length 256]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scifact")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "beir" / "scifact")
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--negatives", type=int, default=15)

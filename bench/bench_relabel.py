@@ -3,7 +3,7 @@ answering instantly (its own process), in `relabel` (listwise), RLHN-style chain
 (pointwise) mode, at a few concurrency levels; CPU time per judgment; prompt and completion tokens per
 judged candidate (the test server counts ~4 characters per prompt token and word pieces of its answer).
 
-    python bench/bench_relabel.py [--data ../shared/data/scifact] [--concurrency 8 32 128]
+    python bench/bench_relabel.py [--data data/beir/scifact] [--concurrency 8 32 128]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MODES = [("relabel", "relabel", None), ("relabel", "relabel_cot", None), ("grade
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scifact")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "beir" / "scifact")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--candidates", type=int, default=20, help="hard negatives judged per query")
     parser.add_argument("--max-queries", type=int, default=None)

@@ -6,7 +6,7 @@ false negatives. Each setting runs `mpr relabel --candidates all` end to end aga
 judge (the oracle test server answering from the full qrels, error rate 0): judging every candidate
 finds every hidden positive among the candidates, and a zone finds those it sends to the judge.
 
-    python bench/zone.py --work /tmp/zone --shared ../shared/data --datasets cisi vaswani --out bench/results/zone
+    python bench/zone.py --work /tmp/zone --shared data/beir --datasets cisi vaswani --out bench/results/zone
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder of bench/zone_prepare.py runs, one per dataset")
     ap.add_argument("--datasets", nargs="+", default=["cisi", "vaswani"])
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the BEIR folders, one per dataset")
+    ap.add_argument("--shared", type=Path, default=Path("data/beir"), help="the BEIR folders, one per dataset")
     ap.add_argument("--out", type=Path, default=Path("bench/results/zone"))
     args = ap.parse_args()
     results = [bench(args.work, name, args.shared / name, args.out) for name in args.datasets]

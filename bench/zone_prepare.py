@@ -2,7 +2,7 @@
 positive (the first listed), mine candidates with all-MiniLM-L6-v2, and remember the other positives,
 the hidden false negatives.
 
-    python bench/zone_prepare.py --data ../shared/data/cisi --work /tmp/zone/cisi [--depth 30]
+    python bench/zone_prepare.py --data data/beir/cisi --work /tmp/zone/cisi [--depth 30]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mpr import __version__
-from mpr.commands import eval, ingest, mine, relabel, run, shards, synth, train
+from mpr.commands import eval, ingest, mine, relabel, run, shards, study, synth, train
 
 app = typer.Typer(
     name="mpr",
@@ -43,5 +43,6 @@ app.command(rich_help_panel=STAGES)(synth.synth)
 app.command(rich_help_panel=STAGES)(train.train)
 app.command(name="eval", rich_help_panel=STAGES)(eval.eval)
 app.command(rich_help_panel="Experiments")(run.run)
+app.command(rich_help_panel="Experiments")(study.study)
 app.command(rich_help_panel=SHARDS)(shards.inspect)
 app.command(rich_help_panel=SHARDS)(shards.validate)

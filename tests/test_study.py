@@ -1,4 +1,4 @@
-"""The loss study (`bench/study.py`) end to end on its small configuration, cut to stay within a few CPU minutes:
+"""The loss study (`mpr study`) end to end on a small configuration, cut to stay within a few CPU minutes:
 cisi (the whole corpus), fold 0 of 5, error rates 0 and 0.4, one listwise and one graded loss, 2 steps."""
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from .conftest import REPO, SHARED_DATA
 LOSSES = ("lsepair", "bixse")
 ERRORS = (0.0, 0.4)
 ARGS = [
-    "--config", "small", "--losses", ",".join(LOSSES), "--error-rates", ",".join(map(str, ERRORS)),
+    "--folds", "5", "--fold-ids", "0", "--losses", ",".join(LOSSES), "--error-rates", ",".join(map(str, ERRORS)),
     "--steps", "2", "--batch-size", "8", "--max-queries", "16", "--max-seq-length", "32", "--threads", "1",
     "--group-size", "4", "--max-positives", "2", "--learning-rate", "1e-4",
 ]  # fmt: skip
 
 
 def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPR_SHARED_DATA": str(SHARED_DATA)}
-    cmd = [sys.executable, str(REPO / "bench" / "study.py"), *ARGS, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "mpr", "study", "--data", str(SHARED_DATA / "cisi"), *ARGS,
+           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -142,11 +143,11 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
             "--candidates", "4", "--learning-rate", "1e-4", "--threads", "1",
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(REPO / "bench" / "study.py"), *args]
+    cmd = [sys.executable, "-m", "mpr", "study", *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "estimate: 8 cells to compute, about" in done.stdout
-    assert "progress: cell 8/8 done" in done.stdout
+    assert "estimate: 8 cells to compute, about" in done.stderr
+    assert "progress: cell 8/8 done" in done.stderr
 
     out = tmp_path / "out"
     report = json.loads((out / "study.json").read_text())
@@ -178,6 +179,6 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     lost.unlink()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "7 already done" in again.stdout and "estimate: 1 cells to compute" in again.stdout
+    assert "7 already done" in again.stderr and "estimate: 1 cells to compute" in again.stderr
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
     assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept

@@ -249,7 +249,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
             log(f"== {stage}")
             cfg = experiment.config(stage, base_url)
             try:
-                _run_stage(stage, cfg, log)
+                run_stage(stage, cfg, log)
             except AuditFailed:  # the report says why the run stopped
                 from mpr.orchestrate.report import write_report
 
@@ -257,18 +257,20 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
                 raise
             if spec.single_positive and stage in ("train", "eval"):
                 log(f"== {stage}: the single-positive reference (InfoNCE on the mined data, not relabeled)")
-                _run_stage(stage, experiment.single_positive_configs()[stage == "eval"], log)
+                run_stage(stage, experiment.single_positive_configs()[stage == "eval"], log)
     from mpr.orchestrate.report import write_report
 
     return write_report(experiment, log=log)
 
 
-def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None:
+def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> Any:
+    """Run one stage from its config: the runner `mpr run` and `mpr study` share. Returns the stage's manifest
+    (mine, relabel, synth), the training summary (train) or the evaluation report (eval)."""
     if stage == "mine":
         from pipeline.stages.mine import mine
 
-        mine(cast("MineConfig", cfg), log=log)
-    elif stage in ("relabel", "synth"):
+        return mine(cast("MineConfig", cfg), log=log)
+    if stage in ("relabel", "synth"):
         from pipeline.llm.stage import failure_line
         from pipeline.stages.relabel import relabel
         from pipeline.stages.synth import synth
@@ -278,7 +280,8 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
         line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate) if isinstance(manifest, Manifest) else None
         if line:  # the later stages would train on what is missing; a rerun retries exactly those items
             raise FailedItems(line)
-    elif stage == "train":
+        return manifest
+    if stage == "train":
         import json
 
         from train.trainer import train
@@ -291,9 +294,10 @@ def _run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> None
             if done != cfg.model_dump(mode="json", exclude=volatile):
                 raise MprError(f"{cfg.out}: trained with other options; add --set train.overwrite=true to train it again")
             log(f"{cfg.out}: already trained with these options; nothing to do")
-            return
-        train(cfg, log=log)
-    else:
-        from pipeline.stages.evaluate import evaluate, format_table
+            return json.loads(record.read_text())["summary"]
+        return train(cfg, log=log)
+    from pipeline.stages.evaluate import evaluate, format_table
 
-        log(format_table(evaluate(cast("EvalConfig", cfg), log=log)))
+    report = evaluate(cast("EvalConfig", cfg), log=log)
+    log(format_table(report))
+    return report

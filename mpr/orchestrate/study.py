@@ -1,34 +1,26 @@
-"""The loss study: which objective of `mpr train` makes best use of LLM-densified labels, and how robust each is
-to a judge that errs.
+"""`mpr study`: which objective of `mpr train` makes best use of LLM-densified labels, and how robust each is
+to a judge that errs, cross-validated on any BEIR collections.
 
-    python bench/study.py --config full     # vaswani + cisi (5-fold CV) + scifact, errors 0/0.2/0.4, every loss
-    python bench/study.py --config cpu      # cisi, folds 0-1 of 5, errors 0/0.2/0.4, every loss, 30 steps (2-core CPU: ~2 h)
-    python bench/study.py --config small    # cisi, fold 0 of 5, errors 0 and 0.4, 3 losses, 5 steps, length 64
-    python bench/study.py --config small --losses lsepair,bixse --steps 3 --out /tmp/study
-    python bench/study.py --data path/to/beir/collection --data path/to/another     # any BEIR folders, 5 folds
+    mpr study --data path/to/beir/cisi --data path/to/beir/vaswani      # 5 folds, errors 0/0.2/0.4, every loss
+    mpr study --data DIR --folds 5 --fold-ids 0 --losses lsepair,bixse --error-rates 0,0.4 --steps 30
 
-Any collection: `--data DIR` (repeatable) takes any BEIR folder (`corpus.jsonl`, `queries.jsonl`, `qrels/*.tsv`, each
-optionally `.gz`); its name in the report is the folder's name. Without `--config`, `--data` runs the defaults
-below (5 folds, every fold, errors 0/0.2/0.4, every loss, 100 steps); `--folds`, `--losses`, `--error-rates`,
-`--steps`, ... change them. Documents with an empty title and text and queries with an empty text are skipped and
-counted (the report says how many), never a reason to refuse a collection. Before it starts, the study prints an
-estimate of its time; while it runs, one line per cell with its result and the time left.
+Documents with an empty title and text and queries with an empty text are skipped and counted (the report
+says how many), never a reason to refuse a collection. Before it starts, the study prints an estimate of its
+time; while it runs, one line per cell with its result and the time left.
 
 Protocol (one cell = dataset x fold x error rate x loss):
 
-1. Folds. Every collection is folded (vaswani and cisi have one judged split, `test`, with many positives per
-   query) except those the configuration trains on their own splits (`full`: scifact). The judged queries of
-   all its qrels files together (a query judged in several, with the highest score of each pair) that have a
-   positive are sorted by id, shuffled with `fold_seed` and dealt round-robin into k folds. Fold f is written
-   as a BEIR folder (corpus and queries are symlinks to the shared files, never copies) whose
-   `qrels/test.tsv` holds fold f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other
-   query, drawn with `random.Random(f"{fold_seed}:{qid}")` from its sorted positive ids: the same
-   annotator's pick in every fold, as single-positive human annotation would give. SciFact has a train split
-   of its own (1.14 positives per query): it is trained on `train` as it is and tested on `test` (a single
-   "fold" 0, whatever `--folds` says).
+1. Folds. Every collection is folded except those named in `--own-splits` (trained on their own `train` split
+   and tested on `test`, as a single "fold" 0). The judged queries of all its qrels files together (a query
+   judged in several, with the highest score of each pair) that have a positive are sorted by id, shuffled with
+   `fold_seed` and dealt round-robin into k folds, so every judged query is evaluated exactly once. Fold f is
+   written as a BEIR folder (corpus and queries are symlinks, never copies) whose `qrels/test.tsv` holds fold
+   f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other query, drawn with
+   `random.Random(f"{fold_seed}:{qid}")` from its sorted positive ids: the same annotator's pick in every
+   fold, as single-positive human annotation would give.
 2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
    negatives) once per (dataset, fold). `mpr relabel` once per (dataset, fold, error rate): the judge is the
-   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.simulated_judge.oracle`, which
+   SIMULATED judge (`mpr.simulated_judge`) answering from the dataset's ORIGINAL qrels (every split), which
    flips the verdict of a deterministic share `error` of the (query, passage) pairs (false positives and
    false negatives alike; the pairs flipped at 0.2 are a subset of those flipped at 0.4). It judges the
    `candidates` hard negatives of every query (`--candidates negatives`, mode `relabel`).
@@ -37,47 +29,47 @@ Protocol (one cell = dataset x fold x error rate x loss):
    for. The oracle grades from the same flipped verdict (3 or 0, answered with probability 0.85), so the
    graded data carry the same verdicts as the listwise data, only as soft grades (0.9 / 0.1; the kept
    annotated positive stays at 1.0). `--no-graded` trains them on the binary relabel data instead.
-3. Every loss is trained from all-MiniLM-L6-v2 with the same budget (steps, batch, group size, learning
+3. Every loss is trained from the base model with the same budget (steps, batch, group size, learning
    rate, seed, max_seq_length); the baseline is single-positive InfoNCE on the mined data WITHOUT
    relabeling (its hard negatives include the unannotated positives). The zero-shot model is evaluated too.
    Every model is evaluated (`mpr eval`) on the held-out fold's full qrels and then deleted
-   (`--keep-models` keeps it).
+   (`--keep-models` keeps it). The stages run through the runner `mpr run` uses (`run_stage`).
 4. The report (`OUT/study.md`, `OUT/study.json`, `OUT/study.png`): mean and sample std over folds per
-   (dataset, loss, error rate), a pivot of nDCG@10 against the error rate, the numbers behind the paper's
-   claims, and the hardware each cell ran on.
+   (dataset, loss, error rate), a pivot of nDCG@10 against the error rate, paired tests of every loss against
+   zero-shot and against single-positive InfoNCE over the pooled held-out queries, and the hardware each cell
+   ran on.
 
-Resuming: a cell's result is `OUT/cells/DATASET/foldF/NAME.json`; a rerun computes only missing cells and
-reuses each stage's finished output folder under WORK (default `runs/study/CONFIG`, or `OUT/work` when
-`--out` is given). Relabel requests are cached in `WORK/llm.sqlite`; base-model embeddings in
-`WORK/cache`. An OUT or WORK written with other result-determining settings is refused.
+Resuming: a cell's result is `OUT/cells/DATASET/foldF/NAME.json`, written when the cell finishes; a rerun
+computes only missing cells and reuses each stage's finished output folder under WORK (default `OUT/work`).
+Relabel requests are cached in `WORK/llm.sqlite`; base-model embeddings in `WORK/cache`. An OUT or WORK
+written with other result-determining settings is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import random
 import shutil
 import statistics
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mpr.orchestrate.experiment import run_stage
 from pipeline.data.readers import find_file, open_text, read_qrels, split_names
 from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
 from pipeline.stages.encode import DEFAULT_MODEL
+from train.config import LossName, TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
-ALL_LOSSES = ("infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
+ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
 GRADED_LOSSES = frozenset({"ws2", "bixse"})
 MULTI_POSITIVE = ("rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
 OWN_SPLITS = ("train", "test")
@@ -86,40 +78,103 @@ LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "reca
 ZERO_SHOT, BASELINE = "zero-shot", "baseline"
 ROW_NAMES = {ZERO_SHOT: "zero-shot (no training)", BASELINE: "baseline: InfoNCE, 1 positive, not relabeled"}
 PLOT_NAMES = {ZERO_SHOT: "zero-shot", BASELINE: "baseline: InfoNCE,\n1 positive, not relabeled"}
+_TRAINED = TrainConfig.model_fields
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    name: str
-    datasets: tuple[str, ...]
-    folds: int = 5
-    fold_ids: tuple[int, ...] | None = None
-    error_rates: tuple[float, ...] = (0.0, 0.2, 0.4)
-    losses: tuple[str, ...] = ALL_LOSSES
-    baseline: bool = True
-    graded: bool = True
-    steps: int = 100
-    batch_size: int = 16
-    group_size: int = 8
-    max_positives: int = 4
-    learning_rate: float = 2e-5
-    seed: int = 42
-    fold_seed: int = 0
-    oracle_seed: int = 0
-    max_seq_length: int = 256
-    depth: int = 100
-    candidates: int = 20
-    judge_chars: int = 20_000
-    max_queries: int | None = None
-    model: str = DEFAULT_MODEL
-    own_splits: tuple[str, ...] = ()  # datasets trained on their own `train` and tested on `test` instead of folded
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return value
+
+
+class StudyConfig(BaseModel):
+    """Every option of `mpr study`. Training options the study shares with `mpr train` take their defaults
+    from `TrainConfig`, except the batch (16: a study trains hundreds of models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[Path] = Field(min_length=1, description="A BEIR folder to study (repeat for several); the report names it by its folder.")
+    out: Path = Field(Path("runs/study"), description="Report (study.md, study.json, study.png) and one result file per cell.")
+    work: Path | None = Field(None, description="Shards, models and caches (default: OUT/work).")
+    folds: int = Field(5, ge=2, description="k of the k-fold split over the judged queries (each is evaluated exactly once).")
+    fold_ids: list[int] | None = Field(None, description="Run only these folds (0-based, comma-separated).")
+    losses: list[LossName] = Field(list(ALL_LOSSES), min_length=1, description="Losses to train on relabeled data, comma-separated.")
+    error_rates: list[float] = Field([0.0, 0.2, 0.4], min_length=1, description="Simulated judge error rates, comma-separated (each in 0-1).")
+    baseline: bool = Field(True, description="Train single-positive InfoNCE on the mined data (not relabeled) as the baseline.")
+    graded: bool = Field(True, description="Train ws2 and bixse on graded relabel data (else on the binary labels).")
+    own_splits: list[str] = Field([], description="Collections (by folder name) trained on their own train split and tested on test, not folded.")
+    steps: int = Field(100, ge=1, description="Training steps of every model.")
+    batch_size: int = Field(16, ge=1, description="Queries per training batch.")
+    group_size: int = Field(_TRAINED["group_size"].default, ge=2, description=_TRAINED["group_size"].description)
+    max_positives: int = Field(_TRAINED["max_positives"].default, ge=1, description=_TRAINED["max_positives"].description)
+    learning_rate: float = Field(_TRAINED["learning_rate"].default, gt=0, description=_TRAINED["learning_rate"].description)
+    attention_dropout: float | None = Field(None, ge=0, le=1, description=_TRAINED["attention_dropout"].description)
+    seed: int = Field(_TRAINED["seed"].default, description="Seed of training.")
+    fold_seed: int = Field(0, description="Seed of the folds and of the kept positive per training query.")
+    oracle_seed: int = Field(0, description="Seed of the simulated judge's errors.")
+    max_seq_length: int = Field(256, ge=8, description="Truncate texts to this many tokens (mining, training, evaluation).")
+    depth: int = Field(100, ge=1, description="Candidates mined per training query.")
+    candidates: int = Field(20, ge=1, description="Hard negatives kept per query, all of them judged.")
+    judge_chars: int = Field(20_000, ge=1, description="Characters of a passage the judge sees at most.")
+    max_queries: int | None = Field(None, ge=1, description="Mine (train on) only the first N training queries per fold.")
+    model: str = Field(DEFAULT_MODEL, description="Base sentence-transformers model (zero-shot, and the start of every model).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).")
+    keep_models: bool = Field(False, description="Keep every trained model under WORK.")
+    report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
+
+    _lists = field_validator("fold_ids", "losses", "error_rates", "own_splits", mode="before")(_split_list)
+
+    @field_validator("data")
+    @classmethod
+    def _folders(cls, value: list[Path]) -> list[Path]:
+        for folder in value:
+            if not folder.is_dir():
+                raise ValueError(f"{folder}: no such folder")
+        return value
+
+    @field_validator("error_rates")
+    @classmethod
+    def _rates(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= e <= 1 for e in value):
+            raise ValueError("every rate must be in [0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _fold_ids(self) -> StudyConfig:
+        if self.fold_ids is not None and any(not 0 <= f < self.folds for f in self.fold_ids):
+            raise ValueError(f"--fold-ids: folds are 0..{self.folds - 1}")
+        unknown = set(self.own_splits) - set(self.sources)
+        if unknown:
+            raise ValueError(f"--own-splits: no --data folder named {', '.join(sorted(unknown))}")
+        return self
+
+    @property
+    def sources(self) -> dict[str, Path]:
+        """Dataset name (the folder's name, made unique) -> BEIR folder."""
+        out: dict[str, Path] = {}
+        for folder in self.data:
+            base = folder.resolve().name
+            name, n = base, 2
+            while name in out:
+                name, n = f"{base}-{n}", n + 1
+            out[name] = folder.resolve()
+        return out
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return tuple(self.sources)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.work if self.work is not None else self.out / "work"
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine a cell's result (not which cells are run)."""
-        chosen = {"name", "datasets", "fold_ids", "error_rates", "losses", "baseline"}
-        out = {k: v for k, v in asdict(self).items() if k not in chosen}
-        if not out["own_splits"]:
-            del out["own_splits"]  # as results written before the field existed
+        """The settings that determine a cell's result (not which cells are run, nor where)."""
+        chosen = {"data", "out", "work", "fold_ids", "error_rates", "losses", "baseline", "threads", "keep_models", "report_only"}
+        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in chosen}
+        for name in ("own_splits", "attention_dropout"):
+            if not out[name] and out[name] != 0:
+                del out[name]  # unset: as results written before the field existed
         return out
 
     def folded(self, dataset: str) -> bool:
@@ -129,19 +184,6 @@ class StudyConfig:
         if not self.folded(dataset):
             return [0]
         return sorted(self.fold_ids) if self.fold_ids is not None else list(range(self.folds))
-
-
-CONFIGS = {
-    "full": StudyConfig(name="full", datasets=("vaswani", "cisi", "scifact"), own_splits=("scifact",)),
-    "cpu": StudyConfig(
-        name="cpu", datasets=("cisi",), fold_ids=(0, 1), steps=30, batch_size=8, group_size=6, max_positives=3,
-        learning_rate=5e-5, max_seq_length=96,
-    ),
-    "small": StudyConfig(
-        name="small", datasets=("cisi",), fold_ids=(0,), error_rates=(0.0, 0.4),
-        losses=("rand1", "jointlh", "lsepair"), steps=5, max_seq_length=64,
-    ),
-}
 
 
 @dataclass
@@ -303,7 +345,7 @@ def prepare_source(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
     _write_if_changed(dst / "queries.jsonl", "".join(line if line.endswith("\n") else line + "\n" for line, o in qs
                                                      if not (o is not None and str(o.get("_id")) in blank_queries and _blank(o, ("text",)))))
     for split in split_names(src):
-        qrels, _ = read_qrels(find_file(src / "qrels", f"{split}.tsv"))
+        qrels, _ = read_qrels(_qrels_file(src, split))
         rows = [(q, p, sc) for q, judged in qrels.items() for p, sc in judged.items()]
         kept = [(q, p, sc) for q, p, sc in rows if q not in blank_queries and p not in blank_docs]
         counts["judgments_dropped"] += len(rows) - len(kept)
@@ -311,11 +353,18 @@ def prepare_source(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
     return dst, counts
 
 
+def _qrels_file(src: Path, split: str) -> Path:
+    found = find_file(src / "qrels", f"{split}.tsv")
+    if found is None:
+        raise MprError(f"{src}: no qrels/{split}.tsv")
+    return found
+
+
 def pooled_qrels(src: Path) -> dict[str, dict[str, int]]:
     """The judgments of every qrels file of a collection together (the highest score of a pair judged twice)."""
     pooled: dict[str, dict[str, int]] = {}
     for split in split_names(src):
-        qrels, _ = read_qrels(find_file(src / "qrels", f"{split}.tsv"))
+        qrels, _ = read_qrels(_qrels_file(src, split))
         for q, judged in qrels.items():
             for p, score in judged.items():
                 pooled.setdefault(q, {})[p] = max(score, pooled.get(q, {}).get(p, score))
@@ -376,15 +425,16 @@ class Oracles:
 
 
 class Study:
-    def __init__(self, cfg: StudyConfig, sources: dict[str, Path], paths: Paths, keep_models: bool, stack: ExitStack):
-        self.cfg, self.paths, self.keep_models = cfg, paths, keep_models
+    def __init__(self, cfg: StudyConfig, sources: dict[str, Path], paths: Paths, keep_models: bool, stack: ExitStack,
+                 log: Callable[[str], None] = log):
+        self.cfg, self.paths, self.keep_models, self.log = cfg, paths, keep_models, log
         self.sources: dict[str, Path] = {}
         self.skipped: dict[str, dict[str, int]] = {}
         for dataset, src in sources.items():
             self.sources[dataset], self.skipped[dataset] = prepare_source(src, paths.work / dataset / "source")
             counts = self.skipped[dataset]
             if counts["empty_documents"] or counts["empty_queries"]:
-                log(f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
+                self.log(f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
                     f"quer{'y' if counts['empty_queries'] == 1 else 'ies'} ({counts['judgments_dropped']} judgment(s) pointing at them); "
                     f"reading the copy without them in {self.sources[dataset]}")
         self.oracles = Oracles(self.sources, cfg, stack)
@@ -416,24 +466,24 @@ class Study:
         return dst, "train", "test"
 
     def mined(self, dataset: str, fold: int) -> Path:
-        from pipeline.stages.mine import MineConfig, mine
+        from pipeline.stages.mine import MineConfig
 
         out = self.paths.fold(dataset, fold) / "mined"
         if self.done.get(("mine", dataset, fold)) == out:
             return out
         data, train_split, _ = self.fold_data(dataset, fold)
         started = time.perf_counter()
-        mine(MineConfig(
+        run_stage("mine", MineConfig(
             data=data, split=train_split, out=out, model=self.cfg.model, depth=self.cfg.depth,
             num_negatives=self.cfg.candidates, max_seq_length=self.cfg.max_seq_length,
             max_queries=self.cfg.max_queries, cache_dir=self.paths.embeddings, retriever="dense", progress=False,
-        ), log=lambda m: log(f"[{dataset} fold {fold}] {m}"))
+        ), log=lambda m: self.log(f"[{dataset} fold {fold}] {m}"))
         self.timer.add("mine", started)
         self.done[("mine", dataset, fold)] = out
         return out
 
     def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
-        from pipeline.stages.relabel import RelabelConfig, relabel
+        from pipeline.stages.relabel import RelabelConfig
 
         mode = "graded" if graded else "relabel"
         out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
@@ -442,11 +492,11 @@ class Study:
             return out
         mined = self.mined(dataset, fold)
         started = time.perf_counter()
-        relabel(RelabelConfig(
+        run_stage("relabel", RelabelConfig(
             input=mined, out=out, model=Oracles.model(dataset, error_rate), mode=mode,
             base_url=[self.oracles.url(dataset)], candidates="negatives", max_candidates=self.cfg.candidates,
             max_passage_chars=self.cfg.judge_chars, llm_cache=self.paths.llm_cache, progress=False,
-        ), log=lambda m: log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"))
+        ), log=lambda m: self.log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"))
         self.timer.add("relabel", started)
         self.done[key] = out
         return out
@@ -460,32 +510,30 @@ class Study:
         return self.relabeled(cell.dataset, cell.fold, cell.error_rate, graded)
 
     def train(self, cell: Cell, data: Path) -> tuple[Path, dict[str, Any]]:
-        from train.trainer import TrainConfig, train
-
         out = self.paths.fold(cell.dataset, cell.fold) / "models" / cell.file_name
         record = out / "mpr" / "train.json"
         if record.exists():
             return out, json.loads(record.read_text())["summary"]
         started = time.perf_counter()
-        summary = train(TrainConfig(
-            data=[data], out=out, model=self.cfg.model, loss="infonce" if cell.loss == BASELINE else cell.loss,  # type: ignore[arg-type]
+        summary = run_stage("train", TrainConfig(
+            data=[data], out=out, model=self.cfg.model, loss="infonce" if cell.loss == BASELINE else cell.loss,
             group_size=self.cfg.group_size, max_positives=self.cfg.max_positives, batch_size=self.cfg.batch_size,
-            max_steps=self.cfg.steps, learning_rate=self.cfg.learning_rate, max_seq_length=self.cfg.max_seq_length,
+            max_steps=self.cfg.steps, learning_rate=self.cfg.learning_rate, attention_dropout=self.cfg.attention_dropout, max_seq_length=self.cfg.max_seq_length,
             seed=self.cfg.seed, logging_steps=max(1, self.cfg.steps // 10), save_steps=max(500, self.cfg.steps + 1),
             overwrite=True, progress=False,
-        ), log=lambda m: log(f"{cell.label} {m}"))
+        ), log=lambda m: self.log(f"{cell.label} {m}"))
         self.timer.add("train", started)
         return out, summary
 
     def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
-        from pipeline.stages.evaluate import EvalConfig, evaluate
+        from pipeline.stages.evaluate import EvalConfig, EvalReport
 
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
-        report = evaluate(EvalConfig(
+        report: EvalReport = run_stage("eval", EvalConfig(
             model=model, data=data, split=test_split, max_seq_length=self.cfg.max_seq_length,
             cache_dir=self.paths.embeddings, no_cache=not cached, progress=False,
-        ), log=lambda m: log(f"{cell.label} {m}"))
+        ), log=lambda m: self.log(f"{cell.label} {m}"))
         self.timer.add("eval", started)
         return {
             "metrics": report.result.metrics,
@@ -550,7 +598,7 @@ class Study:
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json_atomic(path, record)
         self.computed += 1
-        log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
+        self.log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
         return record["seconds"]
 
 
@@ -584,7 +632,7 @@ def _secs(values: list[float | None]) -> str:
     return f"{statistics.fmean(got):.0f}" if got else "–"
 
 
-def _judge_line(rows: list[dict[str, Any]], error_rates: tuple[float, ...]) -> str:
+def _judge_line(rows: list[dict[str, Any]], error_rates: Sequence[float]) -> str:
     parts = []
     for e in error_rates:
         by_fold: dict[tuple[str, int], dict[str, Any]] = {}
@@ -779,7 +827,7 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
     hardware_ids: dict[str, str] = {}
     for row in rows:
         row["hardware_ids"] = [hardware_ids.setdefault(h, f"hw{len(hardware_ids) + 1}") for h in row["hardware"]]
-    lines = [f"# mpr loss study (`{cfg.name}`)", "", f"Command: `{run['command']}`", "",
+    lines = [f"# mpr loss study ({_title(cfg)})", "", f"Command: `{run['command']}`", "",
              f"Finished {run['finished']}; {run['computed']} cells computed in that run in {run['seconds']:.0f}s "
              f"(stages: {', '.join(f'{k} {v:.0f}s' for k, v in run['stage_seconds'].items()) or 'none'}). "
              f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
@@ -807,12 +855,12 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
                   "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
         order = [(ZERO_SHOT, None), (BASELINE, None)] + [(loss, e) for loss in cfg.losses for e in cfg.error_rates]
         for loss, e in order:
-            row = next((r for r in drows if (r["loss"], r["error_rate"]) == (loss, e)), None)
-            if row is None:
+            got = next((r for r in drows if (r["loss"], r["error_rate"]) == (loss, e)), None)
+            if got is None:
                 continue
-            lines.append(f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(row['folds'])} | "
-                         + " | ".join(_fmt(row["metrics"][m]) for m in METRICS)
-                         + f" | {_secs(row['train_seconds'])} | {_secs(row['eval_seconds'])} | {', '.join(row['hardware_ids'])} |")
+            lines.append(f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(got['folds'])} | "
+                         + " | ".join(_fmt(got["metrics"][m]) for m in METRICS)
+                         + f" | {_secs(got['train_seconds'])} | {_secs(got['eval_seconds'])} | {', '.join(got['hardware_ids'])} |")
         judged = _judge_line(drows, cfg.error_rates)
         if judged:
             lines += ["", f"Judge (oracle over the full qrels), pooled over folds: {judged}."]
@@ -828,11 +876,11 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
             lines.append(f"| {loss} | " + " | ".join(f"{statistics.fmean(v.values()):.4f}" if v else "–" for v in cells_) + " |")
         lines.append("")
     lines += _findings_md(cfg, found)
-    lines += ["Protocol: see the docstring of `bench/study.py`. Zero-shot and baseline do not depend on the error rate."]
+    lines += ["Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. Zero-shot and baseline do not depend on the error rate."]
     markdown = "\n".join(lines) + "\n"
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "study.md").write_text(markdown, encoding="utf-8")
-    payload = {"config": asdict(cfg), "meta": {**meta, "last_compute": None if run is meta else run}, "hardware": {v: k for k, v in hardware_ids.items()},
+    payload = {"config": {**cfg.model_dump(mode="json"), "datasets": list(cfg.datasets)}, "meta": {**meta, "last_compute": None if run is meta else run}, "hardware": {v: k for k, v in hardware_ids.items()},
                "rows": [{k: v for k, v in r.items() if k != "hardware"} for r in rows], "findings": found}
     write_json_atomic(paths.out / "study.json", payload)
     plot(cfg, rows, paths.out / "study.png")
@@ -861,11 +909,11 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
                     es.append(std or 0.0)
             if xs:
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=loss)
-        for loss, style in ((ZERO_SHOT, ":"), (BASELINE, "--")):
-            vals = list(_value(rows, dataset, loss, None).values())
+        for reference, style in ((ZERO_SHOT, ":"), (BASELINE, "--")):
+            vals = list(_value(rows, dataset, reference, None).values())
             if vals:
-                ax.axhline(statistics.fmean(vals), color="grey" if loss == ZERO_SHOT else "black", linestyle=style,
-                           label=PLOT_NAMES[loss])
+                ax.axhline(statistics.fmean(vals), color="grey" if reference == ZERO_SHOT else "black", linestyle=style,
+                           label=PLOT_NAMES[reference])
         folds = max((len(r["folds"]) for r in rows if r["dataset"] == dataset), default=0)
         ax.set_title(f"{dataset} ({folds} fold{'s' if folds != 1 else ''})")
         ax.set_xlabel("judge error rate")
@@ -874,7 +922,7 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"mpr loss study ({cfg.name}): all-MiniLM-L6-v2,\n{cfg.steps} steps x batch {cfg.batch_size}, "
+    fig.suptitle(f"mpr loss study: {cfg.model.split('/')[-1]},\n{cfg.steps} steps x batch {cfg.batch_size}, "
                  f"max_seq_length {cfg.max_seq_length}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / width, 1))
     tmp = path.with_name(path.name + ".tmp.png")
@@ -883,92 +931,11 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-# -- command line ------------------------------------------------------------------------------------------
+# -- the study ----------------------------------------------------------------------------------------------
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    head, _, rest = (__doc__ or "").partition("\n\n")
-    ap = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=sorted(CONFIGS),
-                    help="the preset (default: small; with --data, the defaults: 5 folds, errors 0/0.2/0.4, every loss, 100 steps)")
-    ap.add_argument("--data", type=Path, action="append",
-                    help="a BEIR folder to study (repeatable); its name in the report is the folder's name")
-    ap.add_argument("--datasets", type=_csv, help="comma-separated names of folders under --data-dir (vaswani, cisi, scifact)")
-    ap.add_argument("--folds", type=int, help="k of the k-fold split over the judged queries (default 5)")
-    ap.add_argument("--fold-ids", type=lambda v: [int(x) for x in _csv(v)], help="run only these folds (0-based)")
-    ap.add_argument("--losses", type=_csv, help=f"comma-separated, of: {', '.join(ALL_LOSSES)}")
-    ap.add_argument("--error-rates", type=lambda v: [float(x) for x in _csv(v)], help="e.g. 0,0.2,0.4")
-    ap.add_argument("--steps", type=int, help="training steps of every model")
-    ap.add_argument("--max-seq-length", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--group-size", type=int, help="passages per training group")
-    ap.add_argument("--max-positives", type=int, help="positives per training group, at most")
-    ap.add_argument("--learning-rate", type=float)
-    ap.add_argument("--max-queries", type=int, help="mine (train on) only the first N training queries per fold")
-    ap.add_argument("--depth", type=int, help="candidates mined per training query (default 100)")
-    ap.add_argument("--candidates", type=int, help="hard negatives kept per query and judged (default 20)")
-    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                    help="train the single-positive baseline (default: on)")
-    ap.add_argument("--graded", action=argparse.BooleanOptionalAction, default=None,
-                    help="train ws2/bixse on graded relabel data (default: on)")
-    ap.add_argument("--out", type=Path, help="report and cell results (default: bench/results/CONFIG)")
-    ap.add_argument("--work", type=Path, help="shards, models, caches (default: runs/study/CONFIG, or OUT/work with --out)")
-    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MPR_SHARED_DATA", REPO.parent / "shared" / "data")),
-                    help="the BEIR collections (default: $MPR_SHARED_DATA or ../shared/data)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
-    ap.add_argument("--keep-models", action="store_true", help="keep every trained model under WORK")
-    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from the stored cells")
-    return ap.parse_args(argv)
-
-
-def data_sources(args: argparse.Namespace) -> dict[str, Path]:
-    """Dataset name -> BEIR folder: the --data folders (named by the folder), else --datasets under --data-dir."""
-    if not args.data:
-        return {}
-    sources: dict[str, Path] = {}
-    for folder in args.data:
-        if not folder.is_dir():
-            raise MprError(f"{folder}: no such folder (--data)")
-        name, n = folder.resolve().name, 2
-        while name in sources:
-            name, n = f"{folder.resolve().name}-{n}", n + 1
-        sources[name] = folder.resolve()
-    return sources
-
-
-def build_config(args: argparse.Namespace) -> StudyConfig:
-    if args.data and args.datasets:
-        raise MprError("--data and --datasets: give one of them")
-    if args.config:
-        cfg = CONFIGS[args.config]
-    elif args.data:
-        cfg = StudyConfig(name="custom", datasets=())
-    else:
-        cfg = CONFIGS["small"]
-    overrides: dict[str, Any] = {}
-    if args.data:
-        overrides["datasets"] = tuple(data_sources(args))
-        overrides["own_splits"] = ()
-    for name in ("datasets", "folds", "fold_ids", "losses", "error_rates", "steps", "max_seq_length", "depth", "candidates",
-                 "batch_size", "group_size", "max_positives", "learning_rate", "max_queries", "baseline", "graded"):
-        value = getattr(args, name)
-        if value is not None:
-            overrides[name] = tuple(value) if isinstance(value, list) else value
-    cfg = replace(cfg, **overrides)
-    bad = [loss for loss in cfg.losses if loss not in ALL_LOSSES]
-    if bad:
-        raise MprError(f"--losses: unknown {', '.join(bad)} (choose from {', '.join(ALL_LOSSES)})")
-    if any(not 0 <= e <= 1 for e in cfg.error_rates):
-        raise MprError("--error-rates: every rate must be in [0, 1]")
-    if cfg.folds < 2:
-        raise MprError("--folds: at least 2")
-    if cfg.fold_ids is not None and any(not 0 <= f < cfg.folds for f in cfg.fold_ids):
-        raise MprError(f"--fold-ids: folds are 0..{cfg.folds - 1}")
-    return cfg
+def _title(cfg: StudyConfig) -> str:
+    return ", ".join(cfg.datasets)
 
 
 def check_identity(folder: Path, cfg: StudyConfig) -> None:
@@ -985,58 +952,43 @@ def check_identity(folder: Path, cfg: StudyConfig) -> None:
         write_json_atomic(path, identity)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Compute the missing cells (each saved when it finishes) and write the report; returns
+    {"markdown": ..., "rows": ...}."""
     started = time.perf_counter()
-    try:
-        cfg = build_config(args)
-        out = args.out or REPO / "bench" / "results" / cfg.name
-        work = args.work or (out / "work" if args.out else REPO / "runs" / "study" / cfg.name)
-        paths = Paths(out.resolve(), work.resolve())
-        sources = data_sources(args) or {dataset: (args.data_dir / dataset).resolve() for dataset in cfg.datasets}
-        for folder in sources.values():
-            if not folder.is_dir():
-                raise MprError(f"{folder}: no such dataset folder (--data-dir)")
-        check_identity(paths.out, cfg)
-        check_identity(paths.work, cfg)
-        if args.threads:
-            import torch
+    paths = Paths(cfg.out.resolve(), cfg.work_dir.resolve())
+    check_identity(paths.out, cfg)
+    check_identity(paths.work, cfg)
+    if cfg.threads:
+        import torch
 
-            torch.set_num_threads(args.threads)
-        with ExitStack() as stack:
-            study = Study(cfg, sources, paths, args.keep_models, stack)
-            cells = list(study.cells())
-            todo = [c for c in cells if not paths.cell(c).exists()]
-            log(f"study {cfg.name}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
-                f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}")
-            if not args.report_only and todo:
-                estimate, how = study.estimate(cells)
-                log(f"estimate: {len(todo)} cells to compute, about {_duration(estimate)} ({how})")
-                spent: list[float] = []
-                for n, cell in enumerate(todo, start=1):
-                    seconds = study.run_cell(cell)
-                    if seconds is not None:
-                        spent.append(seconds)
-                    left = study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
-                    log(f"progress: cell {n}/{len(todo)} done {cell.label}; {_duration(time.perf_counter() - started)} "
-                        f"elapsed, about {_duration(left)} left")
-        meta = {
-            "command": " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "computed": study.computed,
-            "seconds": round(time.perf_counter() - started, 1),
-            "stage_seconds": {k: round(v, 1) for k, v in study.timer.seconds.items()},
-            "hardware": study.hw["summary"],
-            "collections": {d: {"path": str(sources[d]), **study.skipped[d]} for d in cfg.datasets},
-        }
-        report = write_report(cfg, paths, cells, meta)
-    except MprError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report["markdown"])
+        torch.set_num_threads(cfg.threads)
+    with ExitStack() as stack:
+        study = Study(cfg, cfg.sources, paths, cfg.keep_models, stack, log=log)
+        cells = list(study.cells())
+        todo = [c for c in cells if not paths.cell(c).exists()]
+        log(f"study {_title(cfg)}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
+            f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}")
+        if not cfg.report_only and todo:
+            estimate, how = study.estimate(cells)
+            log(f"estimate: {len(todo)} cells to compute, about {_duration(estimate)} ({how})")
+            spent: list[float] = []
+            for n, cell in enumerate(todo, start=1):
+                seconds = study.run_cell(cell)
+                if seconds is not None:
+                    spent.append(seconds)
+                left = study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
+                log(f"progress: cell {n}/{len(todo)} done {cell.label}; {_duration(time.perf_counter() - started)} "
+                    f"elapsed, about {_duration(left)} left")
+    meta = {
+        "command": command,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "computed": study.computed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in study.timer.seconds.items()},
+        "hardware": study.hw["summary"],
+        "collections": {d: {"path": str(cfg.sources[d]), **study.skipped[d]} for d in cfg.datasets},
+    }
+    report = write_report(cfg, paths, cells, meta)
     log(f"wrote {paths.out / 'study.md'}, study.json, study.png in {time.perf_counter() - started:.0f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report
