@@ -28,7 +28,7 @@ Protocol (one cell = dataset x fold x error rate x loss):
    "fold" 0, whatever `--folds` says).
 2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
    negatives) once per (dataset, fold). `mpr relabel` once per (dataset, fold, error rate): the judge is the
-   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.simulated_judge.oracle`, which
+   test server answering from the dataset's ORIGINAL qrels (every split) through `mpr.simulated_judge`'s oracle, which
    flips the verdict of a deterministic share `error` of the (query, passage) pairs (false positives and
    false negatives alike; the pairs flipped at 0.2 are a subset of those flipped at 0.4). It judges the
    `candidates` hard negatives of every query (`--candidates negatives`, mode `relabel`).
@@ -365,8 +365,7 @@ class Oracles:
 
     def url(self, dataset: str) -> str:
         if dataset not in self.urls:
-            from mpr.simulated_judge.oracle import Oracle
-            from mpr.simulated_judge.server import start_server
+            from mpr.simulated_judge import Oracle, start_server
 
             rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
             oracle = Oracle(self.sources[dataset], None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)
