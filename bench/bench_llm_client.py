@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import start_server
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.client import OpenAIBackend, Transport
 from pipeline.llm.types import ChatRequest, ChatResult

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import start_server
 from pipeline.llm.client import OpenAIBackend
 from pipeline.llm.ray_engine import RayHttpBackend
 from pipeline.llm.types import ChatRequest

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import start_server
 from pipeline.stages.mine import MineConfig, mine
 from pipeline.stages.relabel import RelabelConfig, relabel
 
@@ -36,7 +36,7 @@ def main() -> None:
         mine(MineConfig(data=args.data, out=mined, retriever="bm25", depth=args.candidates + 10, num_negatives=args.candidates,
                         max_queries=args.max_queries, progress=False), log=lambda _: None)
         rows = []
-        with start_server(responder="mpr.simulated_judge.oracle:oracle", responder_args={"data": str(args.data)},
+        with start_server(responder="mpr.simulated_judge:oracle_responder", responder_args={"data": str(args.data)},
                           models=("bench-model",), mode="subprocess") as server:
             for mode, prompt, per_request in MODES:
                 for concurrency in args.concurrency:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import start_server
 from pipeline.stages.synth import SynthConfig, synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp, start_server(
-        responder="mpr.simulated_judge.oracle:oracle", responder_args={"data": str(EXAMPLE)}, models=(MODEL,), mode="subprocess"
+        responder="mpr.simulated_judge:oracle_responder", responder_args={"data": str(EXAMPLE)}, models=(MODEL,), mode="subprocess"
     ) as server:
         queries = Path(tmp) / "queries.jsonl"
         write_queries(queries, args.queries)

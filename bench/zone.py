@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpr.simulated_judge.oracle import Oracle
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import read_shards
 from pipeline.stages.relabel import RelabelConfig, relabel
 

@@ -8,8 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.simulated_judge.oracle import Oracle
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import read_manifest, read_shards
 from pipeline.stages.audit import AUDIT_FILE, AuditFailed, agreement, cohen_kappa
 from pipeline.stages.relabel import RelabelConfig, relabel

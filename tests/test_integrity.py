@@ -249,8 +249,7 @@ def test_relabel_rerun_retries_exactly_the_failed_rows(mined_example, tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from mpr.simulated_judge.oracle import Oracle
-    from mpr.simulated_judge.server import start_server
+    from mpr.simulated_judge import Oracle, start_server
     from pipeline.data.shards import read_shards
 
     from .conftest import EXAMPLE
@@ -298,8 +297,7 @@ def test_synth_rerun_retries_exactly_the_failed_sets(tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from mpr.simulated_judge.oracle import Oracle
-    from mpr.simulated_judge.server import start_server
+    from mpr.simulated_judge import Oracle, start_server
     from pipeline.data.shards import read_shards
 
     from .conftest import EXAMPLE
@@ -367,8 +365,7 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
     from typer.testing import CliRunner
 
     from mpr.cli import app
-    from mpr.simulated_judge.oracle import Oracle
-    from mpr.simulated_judge.server import start_server
+    from mpr.simulated_judge import Oracle, start_server
 
     from .conftest import EXAMPLE
 
@@ -395,7 +392,7 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
 def test_llm_cache_never_shares_answers_between_servers(tmp_path):
     import sqlite3
 
-    from mpr.simulated_judge.server import start_server
+    from mpr.simulated_judge import start_server
     from pipeline.llm.cache import ResultCache
     from pipeline.llm.client import OpenAIBackend
     from pipeline.llm.types import ChatRequest

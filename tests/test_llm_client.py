@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mpr.simulated_judge.responders import ResponderAnswer
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import ResponderAnswer, start_server
 from pipeline.errors import MprError
 from pipeline.llm.base import schema_shape_error
 from pipeline.llm.cache import ResultCache

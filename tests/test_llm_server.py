@@ -11,8 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from mpr.simulated_judge.responders import ResponderAnswer, load_responder, minimal_instance
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import ResponderAnswer, load_responder, minimal_instance, start_server
 from pipeline.errors import MprError
 
 
@@ -139,7 +138,7 @@ def test_pluggable_responder_by_dotted_path():
 def test_subprocess_mode_with_responder_args():
     with start_server(
         mode="subprocess",
-        responder="mpr.simulated_judge.responders:default_responder",
+        responder="mpr.simulated_judge:default_responder",
         responder_args={"text": "hi"},
     ) as h:
         client = openai.OpenAI(base_url=h.url, api_key="k", max_retries=0)

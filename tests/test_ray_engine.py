@@ -7,8 +7,7 @@ import functools
 
 import pytest
 
-from mpr.simulated_judge.oracle import Oracle
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import FAILURES, read_manifest, read_shards
 from pipeline.stages.relabel import RelabelConfig, relabel
 from pipeline.stages.synth import SynthConfig, synth

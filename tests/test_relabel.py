@@ -12,8 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.simulated_judge.oracle import Oracle
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.inspection import inspect_shards, validate_shards
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards

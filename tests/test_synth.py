@@ -18,8 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mpr.simulated_judge.oracle import SYNTH_MARKERS, Oracle
-from mpr.simulated_judge.server import start_server
+from mpr.simulated_judge import SYNTH_MARKERS, Oracle, start_server
 from pipeline.data.inspection import inspect_shards, validate_shards
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards

@@ -43,8 +43,8 @@ Stage = Literal["mine", "relabel", "synth", "train", "eval"]
 STAGES: tuple[Stage, ...] = ("mine", "relabel", "synth", "train", "eval")
 TEST_SERVER_MODEL = "simulated-judge-from-qrels"
 TEST_SERVER_NOTICE = (
-    "NOTE: no LLM endpoint is configured, so this run starts mpr's local test server with a SIMULATED judge: an "
-    "oracle that answers from the data's own qrels. Its labels and passages are NOT a language model's judgments."
+    "NOTE: no LLM endpoint is configured, so this run starts mpr's SIMULATED judge (a local OpenAI-compatible "
+    "server): an oracle that answers from the data's own qrels. Its labels and passages are NOT a language model's judgments."
 )
 SINGLE_POSITIVE = "infonce-single"
 
@@ -237,8 +237,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))
         if needs_llm and spec.llm.test_server and not spec.llm.base_url:
-            from mpr.simulated_judge.oracle import Oracle
-            from mpr.simulated_judge.server import start_server
+            from mpr.simulated_judge import Oracle, start_server
 
             log(TEST_SERVER_NOTICE)
             server = stack.enter_context(start_server(responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),

@@ -72,7 +72,7 @@ def _label_changes(folder: Path, simulated: bool = False) -> list[str]:
             after = "failed" if error else "null" if label is None else str(label)
             changes[("null" if prior is None else str(prior), after)] += 1
     rows = [[f"{a} -> {b}", n] for (a, b), n in sorted(changes.items())]
-    judge = "the SIMULATED judge (the test server's oracle, not an LLM)" if simulated else "the LLM"
+    judge = "the SIMULATED judge (an oracle over the qrels, not an LLM)" if simulated else "the LLM"
     return [f"How {judge} changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
 
 

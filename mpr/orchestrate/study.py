@@ -414,8 +414,7 @@ class Oracles:
 
     def url(self, dataset: str) -> str:
         if dataset not in self.urls:
-            from mpr.simulated_judge.oracle import Oracle
-            from mpr.simulated_judge.server import start_server
+            from mpr.simulated_judge import Oracle, start_server
 
             rates = {self.model(dataset, e): e for e in self.cfg.error_rates}
             oracle = Oracle(self.sources[dataset], None, 0.0, self.cfg.oracle_seed, model_error_rates=rates)

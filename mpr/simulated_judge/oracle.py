@@ -1,10 +1,16 @@
-"""An oracle "LLM" for the local test server: it reads mpr's prompts like a model would (by their tags)
-and answers from a qrels file, wrong on purpose at a settable rate.
+"""The simulated judge's "LLM": it reads mpr's prompts like a model would and answers from a qrels file,
+wrong on purpose at a settable rate.
 
-Start it with the test server (`python -m mpr.simulated_judge.server --responder
-mpr.simulated_judge.oracle:oracle --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end to
-end without an LLM. Its labels are the qrels' labels (flipped with probability `error_rate`), not a
-model's judgments.
+It knows the prompts from their templates (`prompts/*.toml`): `PromptReader` turns each template into a
+regular expression whose `$fields` are capture groups, finds the template a request was rendered from and
+reads the fields back, so rewording a prompt changes what the oracle reads with it. A request that matches
+no template, or a template whose answer the oracle cannot give, raises `UnknownPrompt` (the server answers
+HTTP 500 with its message) instead of a wrong answer.
+
+Start it with the simulated judge's server (`python -m mpr.simulated_judge --responder
+mpr.simulated_judge:oracle_responder --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end to end
+without an LLM. Its labels are the qrels' labels (flipped with probability `error_rate`), not a model's
+judgments.
 """
 
 from __future__ import annotations
@@ -16,14 +22,19 @@ import math
 import random
 import re
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from mpr.simulated_judge.responders import ResponderAnswer
 from pipeline.data.readers import read_corpus, read_qrels, read_queries, require_file, split_names
+from pipeline.errors import MprError
+from pipeline.llm.prompt_files import Prompt, available, load_prompt, numbered_block
 
 PREFIX = 80  # passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
-TAG = r"<{0}(?:\s+number=\"(\d+)\")?>(.*?)</{0}>"
 
 # Synthetic passages (`mpr synth`): one lead sentence per 0-3 grade, recognisable again when the graded
 # judge (`--verify`) is asked about the passage, plus filler words drawn per request and level.
@@ -69,6 +80,147 @@ def _flip(seed: int, *parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+class UnknownPrompt(MprError):
+    """A request the simulated judge cannot answer: no prompt template matches it, or the oracle does not
+    answer the template's schema."""
+
+
+# What the oracle reads from a template's fields. Data fields are escaped (`prompt_files.escape`), so they
+# hold no "<" or ">"; a field not listed here matches any text.
+_DATA = r"[^<>]*"
+_NUMBER = r"\d+"
+_SENTINEL = "\x00"
+
+
+def _numbered_item(tag: str, capture: bool) -> str:
+    """The pattern of one item of `numbered_block(..., tag)`, from what it renders for a one-item block (so
+    numbered 1): (number, text) groups if `capture`."""
+    head, _, tail = numbered_block([(None, _SENTINEL)], tag).partition(_SENTINEL)
+    number, text = (f"({_NUMBER})", f"({_DATA})") if capture else (_NUMBER, _DATA)
+    return re.escape(head).replace("1", number, 1) + text + re.escape(tail)
+
+
+@cache
+def _item_regex(tag: str) -> re.Pattern[str]:
+    return re.compile(_numbered_item(tag, capture=True), re.S)
+
+
+def _block(tag: str) -> str:
+    item = _numbered_item(tag, capture=False)
+    return rf"{item}(?:\s*{item})*"
+
+
+FIELD_PATTERNS: dict[str, str] = {
+    "query": _DATA,
+    "passage": _DATA,
+    "style": _DATA,
+    "passages": _block("passage"),
+    "candidates": _block("candidate"),
+    "words": _NUMBER,
+    "min_words": _NUMBER,
+    "max_words": _NUMBER,
+    "n": _NUMBER,
+    "top": _NUMBER,
+    "levels": rf"{_NUMBER}(?:\D+{_NUMBER})*",
+}
+_ITEMS = {"passages": "passage", "candidates": "candidate"}
+
+# The schemas the oracle answers and the template fields it needs for each.
+ANSWERED_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "relevance_grade": ("query", "passage"),
+    "relevance_grades": ("query", "passages"),
+    "relevant_candidates": ("query", "candidates"),
+    "relevant_candidates_with_reasoning": ("query", "candidates"),
+    "synthetic_passages": ("query", "words", "levels"),
+}
+
+
+def template_regex(template: str) -> re.Pattern[str]:
+    """A regex that matches exactly what `Template(template).substitute(...)` renders, each `$field` a named
+    group (a field used twice must hold the same text both times)."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    pos = 0
+    for m in Template.pattern.finditer(template):
+        parts.append(re.escape(template[pos : m.start()]))
+        pos = m.end()
+        name = m.group("named") or m.group("braced")
+        if m.group("escaped") is not None:
+            parts.append(re.escape("$"))
+        elif name is None:
+            raise UnknownPrompt(f"invalid placeholder in prompt template at {template[m.start():m.start() + 20]!r}")
+        elif name in seen:
+            parts.append(f"(?P={name})")
+        else:
+            seen.add(name)
+            parts.append(f"(?P<{name}>{FIELD_PATTERNS.get(name, '.*?')})")
+    parts.append(re.escape(template[pos:]))
+    return re.compile("".join(parts), re.S)
+
+
+@dataclass(frozen=True)
+class ReadPrompt:
+    """A request read back: the template it was rendered from and its fields' text (still escaped)."""
+
+    prompt: Prompt
+    fields: dict[str, str]
+
+    def items(self, name: str) -> list[tuple[int, str]]:
+        """(number, text) of each item of a numbered block field (`passages`, `candidates`)."""
+        return [(int(n), text) for n, text in _item_regex(_ITEMS[name]).findall(self.fields[name])]
+
+
+class PromptReader:
+    """Finds which prompt template a chat request was rendered from (system and user message) and reads its
+    fields back."""
+
+    def __init__(self, prompts: Iterable[Prompt]):
+        self.prompts = list(prompts)
+        self._patterns = [(p, template_regex(p.system), template_regex(p.user)) for p in self.prompts]
+        self._by_system: dict[str, list[int]] = {}
+
+    def read(self, messages: Sequence[Mapping[str, Any]]) -> ReadPrompt:
+        system = next((str(m.get("content") or "") for m in messages if m.get("role") == "system"), "")
+        user = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        if system not in self._by_system:
+            if len(self._by_system) > 256:
+                self._by_system.clear()
+            self._by_system[system] = [i for i, (_, s, _) in enumerate(self._patterns) if s.fullmatch(system)]
+        found = []
+        for i in self._by_system[system]:
+            prompt, _, user_re = self._patterns[i]
+            m = user_re.fullmatch(user)
+            if m is not None:
+                found.append(ReadPrompt(prompt, m.groupdict()))
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(p.id for p in self.prompts)
+        if not found:
+            raise UnknownPrompt(
+                f"the simulated judge cannot read this request: it matches none of the prompt templates it "
+                f"knows ({names}); was a prompt changed or written outside prompts/? The user message starts "
+                f"{user[:120]!r}"
+            )
+        raise UnknownPrompt(
+            f"the simulated judge cannot tell which prompt this request uses: it matches "
+            f"{', '.join(r.prompt.id for r in found)}"
+        )
+
+
+def check_answerable(prompt: Prompt) -> None:
+    """Raise UnknownPrompt if the oracle answers the prompt's schema but its user template lacks a field
+    the answer needs."""
+    needed = ANSWERED_SCHEMAS.get(prompt.schema)
+    if needed is None:
+        return
+    missing = [f for f in needed if f not in template_regex(prompt.user).groupindex]
+    if missing:
+        raise UnknownPrompt(
+            f"prompt {prompt.id}: the simulated judge answers schema {prompt.schema!r} from the fields "
+            f"{', '.join('$' + f for f in needed)}, but the user template has no {', '.join('$' + f for f in missing)}"
+        )
+
+
 class Oracle:
     """Answers relabel (listwise) and graded (pointwise) prompts from qrels; synth prompts with
     deterministic passages per level."""
@@ -85,14 +237,20 @@ class Oracle:
         synth_fail_rate: float = 0.0,
         synth_mislabel_rate: float = 0.0,
         error_confidence: float = 0.85,
+        prompts: Iterable[Prompt] | None = None,
     ):
-        """`error_confidence`: the probability a graded answer puts on its grade when the verdict is one of the
+        """`prompts`: the templates it reads requests with (default: every file of prompts/).
+        `error_confidence`: the probability a graded answer puts on its grade when the verdict is one of the
         flipped (wrong) ones (0.85 for right ones, the rest spread over the other grades): below 0.85 the
         oracle is a calibrated judge, less sure where it is wrong (what `--zone unsure` relies on).
         `synth_invalid_rate`: this share of synth requests gets an invalid answer (a missing level,
         duplicate passages, a passage too short, the query copied) on its first `synth_invalid_attempts`
         asks; `synth_fail_rate`: this share always does; `synth_mislabel_rate`: this share gets a valid
         answer with the top and bottom passages swapped (what `--verify` should catch)."""
+        templates = list(prompts) if prompts is not None else [load_prompt(name) for name in available()]
+        for prompt in templates:
+            check_answerable(prompt)
+        self.reader = PromptReader(templates)
         root = Path(data)
         corpus = read_corpus(require_file(root, "corpus.jsonl"))
         self.pid_by_text: dict[str, str] = {}
@@ -130,26 +288,30 @@ class Oracle:
 
     def __call__(self, request: dict[str, Any]) -> ResponderAnswer:
         rate = self.model_error_rates.get(request.get("model", ""), self.error_rate)
-        prompt = "\n".join(m["content"] for m in request["messages"] if m["role"] == "user")
-        query = re.search(TAG.format("query"), prompt, re.S)
-        if query is None:
-            return ResponderAnswer(json.dumps({"error": "no query"}))
-        query_text = query.group(2)
-        if "<target_words>" in prompt:
-            return self._synth(request, html.unescape(query_text), prompt)
-        candidates = re.findall(TAG.format("candidate"), prompt, re.S)
-        if candidates:
-            relevant = [int(n) for n, text in candidates if self.judge(query_text, text, rate)]
-            answer: dict[str, Any] = {"relevant": relevant}
-            if "reasoning" in json.dumps(request.get("response_format") or {}) or '"reasoning"' in prompt:
-                answer = {"reasoning": " ".join(f"Candidate {n} {'answers' if int(n) in relevant else 'does not answer'} the query." for n, _ in candidates), **answer}
-            return ResponderAnswer(json.dumps(answer))
-        passages = re.findall(TAG.format("passage"), prompt, re.S)
-        if len(passages) == 1 and not passages[0][0]:
-            return self._grade(query_text, [passages[0][1]], rate, key="grade")
-        if passages:
-            return self._grade(query_text, [text for _, text in passages], rate, key="grades")
-        return ResponderAnswer(json.dumps({"error": "unknown task"}))
+        read = self.reader.read(request["messages"])
+        schema = read.prompt.schema
+        if schema not in ANSWERED_SCHEMAS:
+            raise UnknownPrompt(
+                f"the simulated judge does not answer prompt {read.prompt.id} (schema {schema!r}; it answers "
+                f"{', '.join(sorted(ANSWERED_SCHEMAS))})"
+            )
+        query = read.fields["query"]
+        if schema == "synthetic_passages":
+            levels = 1 + max(int(k) for k in re.findall(r"\d+", read.fields["levels"]))
+            return self._synth(request, html.unescape(query), levels, int(read.fields["words"]))
+        if schema == "relevance_grade":
+            return self._grade(query, [read.fields["passage"]], rate, key="grade")
+        if schema == "relevance_grades":
+            return self._grade(query, [text for _, text in read.items("passages")], rate, key="grades")
+        candidates = read.items("candidates")
+        relevant = [n for n, text in candidates if self.judge(query, text, rate)]
+        answer: dict[str, Any] = {"relevant": relevant}
+        if schema == "relevant_candidates_with_reasoning":
+            reasoning = " ".join(
+                f"Candidate {n} {'answers' if n in relevant else 'does not answer'} the query." for n, _ in candidates
+            )
+            answer = {"reasoning": reasoning, **answer}
+        return ResponderAnswer(json.dumps(answer))
 
     def _grade(self, query: str, passages: list[str], rate: float, key: str) -> ResponderAnswer:
         """{"grade": g} for one passage or {"grades": [...]} for several, with 0.85 of each grade token's
@@ -169,13 +331,9 @@ class Oracle:
         tokens.append(("]}" if key == "grades" else "}", -0.01))
         return ResponderAnswer("".join(t[0] for t in tokens), token_logprobs=tokens)
 
-
-    def _synth(self, request: dict[str, Any], query: str, prompt: str) -> ResponderAnswer:
-        """Passages for levels L-1 ... 0 of a synth prompt: distinct, of the target length, built from the
-        query's content words (more of them the higher the level; level 0 shares one word only)."""
-        levels = 1 + max((int(k) for k in re.findall(r'"level_(\d+)"', prompt)), default=3)
-        words_match = re.search(r"<target_words>(\d+)</target_words>", prompt)
-        target = int(words_match.group(1)) if words_match else 50
+    def _synth(self, request: dict[str, Any], query: str, levels: int, target: int) -> ResponderAnswer:
+        """Passages for levels L-1 ... 0 of a synth prompt: distinct, of the target length (in words), built
+        from the query's content words (more of them the higher the level; level 0 shares one word only)."""
         key = hashlib.sha256(json.dumps([request.get("model"), request["messages"]], sort_keys=True).encode()).hexdigest()
         with self._lock:
             attempt = self._synth_asks.get(key, 0)
@@ -234,7 +392,7 @@ def synthetic_grade(passage: str) -> int | None:
     return None
 
 
-def oracle(
+def oracle_responder(
     data: str,
     splits: str = "",
     error_rate: float = 0.0,
@@ -246,7 +404,7 @@ def oracle(
     synth_mislabel_rate: float = 0.0,
     error_confidence: float = 0.85,
 ) -> Oracle:
-    """Responder factory for the test server; `splits` is a comma-separated list (default: all)."""
+    """Responder factory for the simulated judge's server; `splits` is a comma-separated list (default: all)."""
     return Oracle(
         data, [s for s in str(splits).split(",") if s] or None, float(error_rate), int(seed), model_error_rates,
         float(synth_invalid_rate), int(synth_invalid_attempts), float(synth_fail_rate), float(synth_mislabel_rate),

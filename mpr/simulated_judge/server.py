@@ -1,15 +1,13 @@
-"""A local OpenAI-compatible chat server: for tests, benchmarks and the demo when no LLM endpoint is set.
+"""The simulated judge's OpenAI-compatible chat server, on aiohttp's web server, with fault injection.
 
-    python -m mpr.simulated_judge.server --port 0 [--responder module:factory --responder-arg k=v ...]
+    python -m mpr.simulated_judge --port 0 [--responder module:factory --responder-arg k=v ...]
         [--faults '{"p_500": 0.1, "seed": 1}'] [--model NAME ...]
 
-It prints `READY http://HOST:PORT/v1` on stdout once it listens. From Python: `start_server(...)` runs it in
-a background thread (or a subprocess) and returns a `ServerHandle` with the URL.
+It prints `READY http://HOST:PORT/v1 (mpr simulated judge)` on stdout once it listens. From Python:
+`start_server(...)` runs it in a background thread (or a subprocess) and returns a `ServerHandle` with the URL.
 
 Endpoints: `POST /v1/chat/completions`, `GET /v1/models` (OpenAI schema); `GET /_stats[?keys=1]`,
 `POST /_control` (JSON: fault settings to change, `"reset_stats": true`), `GET /health`.
-It runs on the raw asyncio HTTP/1.1 server in `http11.py` so that one core answers several thousand
-requests per second and the client, not the server, is what a benchmark measures.
 """
 
 from __future__ import annotations
@@ -26,24 +24,27 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpr.simulated_judge.http11 import Response, json_error, serve
 from mpr.simulated_judge.responders import ResponderAnswer, default_responder, load_responder
 from pipeline.errors import MprError
 
+NAME = "mpr simulated judge"
+_SERVER_HEADER = "mpr-simulated-judge"
 _TOKEN = re.compile(r"\s*[A-Za-z0-9_]+|\s*[^\sA-Za-z0-9_]|\s+")
+_MAX_BODY = 64 * 1024 * 1024
 
 
 class Faults(BaseModel):
     """Fault injection. Each `p_*` is a probability, drawn per request from (seed, request key, attempt no).
 
     delay_s: answer after this long (with probability p_delay); p_500; p_429 with a Retry-After of
-    retry_after_s; p_drop: cut the connection in the middle of the response; p_bad_body: HTTP 200 whose body
+    retry_after_s; p_drop: close the connection without an answer; p_bad_body: HTTP 200 whose body
     is not JSON; p_malformed: answer content that is broken JSON; p_truncate: answer cut in half with
     finish_reason "length"; faulty_attempts > 0: faults hit only each key's first N requests;
     reject_response_format: HTTP 400 for any response_format; require_api_key: HTTP 401 unless
@@ -75,6 +76,16 @@ def request_key(body: dict[str, Any]) -> str:
 def _draw(seed: int, key: str, attempt: int, name: str) -> float:
     h = hashlib.blake2b(f"{seed}|{key}|{attempt}|{name}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64
+
+
+def json_response(status: int, data: bytes, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=data, content_type="application/json", headers=headers)
+
+
+def json_error(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    """An error in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return json_response(status, json.dumps(body).encode(), headers)
 
 
 @dataclass(slots=True)
@@ -114,8 +125,27 @@ class _Stats:
         return out
 
 
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """aiohttp's own errors (no such route, wrong method, body too large) in OpenAI's error format."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = "NotFoundError" if e.status == 404 else "BadRequestError"
+        return json_error(e.status, f"{request.method} {request.path}: {e.reason}", kind)
+
+
+async def _announce(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = _SERVER_HEADER
+
+
 class ChatServer:
-    """The request handling, independent of the transport."""
+    """The simulated judge's HTTP API: `app()` is the aiohttp application that serves it."""
 
     def __init__(
         self, responder: Any = None, faults: Faults | None = None, models: Sequence[str] = ("test-model",)
@@ -126,67 +156,67 @@ class ChatServer:
         self.stats = _Stats()
         self._ids = 0
 
-    # -- routing -------------------------------------------------------------------------------------
-    def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> Response | Awaitable[Response] | Literal["drop"]:
-        route, _, query = path.partition("?")
-        if method == "POST" and route in ("/v1/chat/completions", "/chat/completions"):
-            try:
-                out = self._chat(headers, body)
-            except Exception as e:
-                out = json_error(500, f"{type(e).__name__}: {e}", "InternalServerError")
-            if isinstance(out, tuple):
-                self._count(out)
-            elif out == "drop":
-                self.stats.dropped += 1
-            else:
-                return self._track(out)
-            return out
-        if method == "GET" and route in ("/v1/models", "/models"):
-            refused = self._refuse_key(headers)
-            if refused is not None:
-                return refused
-            data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "mpr-testserver"} for m in self.models
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_openai_errors], client_max_size=_MAX_BODY)
+        app.on_response_prepare.append(_announce)
+        app.add_routes(
+            [
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.post("/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.list_models),
+                web.get("/models", self.list_models),
+                web.get("/_stats", self.get_stats),
+                web.post("/_control", self.post_control),
+                web.get("/health", self.health),
             ]
-            return 200, json.dumps({"object": "list", "data": data}).encode(), ()
-        if method == "GET" and route == "/_stats":
-            return 200, json.dumps(self.stats.as_dict("keys=1" in query)).encode(), ()
-        if method == "POST" and route == "/_control":
-            return self._control(body)
-        if method == "GET" and route == "/health":
-            return 200, b"{}", ()
-        return json_error(404, f"no route {method} {route}", "NotFoundError")
+        )
+        return app
 
-    def _count(self, out: Response) -> None:
-        status = self.stats.status
-        status[out[0]] = status.get(out[0], 0) + 1
-
-    async def _track(self, pending: Awaitable[Response]) -> Response:
+    # -- endpoints -----------------------------------------------------------------------------------
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
         stats = self.stats
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
-            out = await pending
+            out = await self._chat(request.headers, body)
         except Exception as e:
             out = json_error(500, f"{type(e).__name__}: {e}", "InternalServerError")
         finally:
             stats.in_flight -= 1
-        self._count(out)
+        if isinstance(out, str):
+            stats.dropped += 1
+            if request.transport is not None:
+                request.transport.close()
+            # Never sent: aiohttp finds the transport closing and ends the connection quietly.
+            return web.Response()
+        stats.status[out.status] = stats.status.get(out.status, 0) + 1
         return out
 
-    def _control(self, body: bytes) -> Response:
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refuse_key(request.headers)
+        if refused is not None:
+            return refused
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": _SERVER_HEADER} for m in self.models]
+        return json_response(200, json.dumps({"object": "list", "data": data}).encode())
+
+    async def get_stats(self, request: web.Request) -> web.StreamResponse:
+        return json_response(200, json.dumps(self.stats.as_dict(request.query.get("keys") == "1")).encode())
+
+    async def post_control(self, request: web.Request) -> web.StreamResponse:
         try:
-            changes = json.loads(body or b"{}")
+            changes = json.loads(await request.read() or b"{}")
             if changes.pop("reset_stats", False):
                 self.stats = _Stats()
             self.faults = Faults.model_validate({**self.faults.model_dump(), **changes})
         except ValueError as e:
             return json_error(400, str(e), "BadRequestError")
-        return 200, self.faults.model_dump_json().encode(), ()
+        return json_response(200, self.faults.model_dump_json().encode())
 
-    def _refuse_key(self, headers: dict[str, str]) -> Response | None:
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return json_response(200, json.dumps({"server": NAME}).encode())
+
+    def _refuse_key(self, headers: Mapping[str, str]) -> web.Response | None:
         expected = self.faults.require_api_key
         if expected is None:
             return None
@@ -197,7 +227,7 @@ class ChatServer:
         return json_error(401, f"Incorrect API key provided: {presented}.", "invalid_request_error")
 
     # -- chat completions ----------------------------------------------------------------------------
-    def _chat(self, headers: dict[str, str], body: bytes) -> Response | Awaitable[Response] | Literal["drop"]:
+    async def _chat(self, headers: Mapping[str, str], body: bytes) -> web.Response | Literal["drop"]:
         try:
             req = json.loads(body)
         except ValueError:
@@ -233,44 +263,21 @@ class ChatServer:
         if hit(f.p_500, "500"):
             return json_error(500, "injected server error", "InternalServerError")
         if hit(f.p_429, "429"):
-            status, data, _ = json_error(429, "injected rate limit", "rate_limit_exceeded")
-            return status, data, (("retry-after", f"{f.retry_after_s:g}"),)
+            return json_error(429, "injected rate limit", "rate_limit_exceeded", {"Retry-After": f"{f.retry_after_s:g}"})
         content_fault = "malformed" if hit(f.p_malformed, "malformed") else None
         if content_fault is None and hit(f.p_truncate, "truncate"):
             content_fault = "truncate"
         bad_body = hit(f.p_bad_body, "bad_body")
-        delay = f.delay_s if f.delay_s > 0 and hit(f.p_delay, "delay") else 0.0
-
-        if delay:
-            return self._chat_async(req, ks, delay, content_fault, bad_body)
-        answer = self.responder(req)
-        if inspect.isawaitable(answer):
-            return self._finish_async(req, ks, answer, content_fault, bad_body)
-        return self._answer(req, ks, answer, content_fault, bad_body)
-
-    async def _chat_async(
-        self, req: dict[str, Any], ks: _KeyStats, delay: float, content_fault: str | None, bad_body: bool
-    ) -> Response:
-        if delay:
-            await asyncio.sleep(delay)
+        if f.delay_s > 0 and hit(f.p_delay, "delay"):
+            await asyncio.sleep(f.delay_s)
         answer = self.responder(req)
         if inspect.isawaitable(answer):
             answer = await answer
         return self._answer(req, ks, answer, content_fault, bad_body)
 
-    async def _finish_async(
-        self,
-        req: dict[str, Any],
-        ks: _KeyStats,
-        answer: Awaitable[Any],
-        content_fault: str | None,
-        bad_body: bool,
-    ) -> Response:
-        return self._answer(req, ks, await answer, content_fault, bad_body)
-
     def _answer(
         self, req: dict[str, Any], ks: _KeyStats, answer: Any, content_fault: str | None, bad_body: bool
-    ) -> Response:
+    ) -> web.Response:
         if isinstance(answer, str):
             answer = ResponderAnswer(answer)
         elif not isinstance(answer, ResponderAnswer):
@@ -332,7 +339,7 @@ class ChatServer:
         else:
             ks.answered += 1
             self.stats.answered += 1
-        return 200, data, ()
+        return json_response(200, data)
 
 
 def _logprobs(tokens: list[str], given: list[Any] | None, top_n: int) -> list[dict[str, Any]]:
@@ -351,10 +358,24 @@ def _logprobs(tokens: list[str], given: list[Any] | None, top_n: int) -> list[di
 # -- running it -----------------------------------------------------------------------------------------
 
 
-class ServerHandle:
-    """A running test server: `url` is the OpenAI base URL (`http://host:port/v1`)."""
+async def serve(chat: ChatServer, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Listen on host:port (0: a free port); returns the runner (`await runner.cleanup()` stops) and the port."""
+    # A short shutdown: requests still sleeping on an injected delay are cut, not waited for.
+    runner = web.AppRunner(chat.app(), access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
 
-    def __init__(self, host: str, port: int, stop: Any):
+
+class ServerHandle:
+    """A running simulated judge: `url` is the OpenAI base URL (`http://host:port/v1`)."""
+
+    def __init__(self, host: str, port: int, stop: Callable[[], None] | None):
         self.host = host
         self.port = port
         self.url = f"http://{host}:{port}/v1"
@@ -364,7 +385,8 @@ class ServerHandle:
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(f"http://{self.host}:{self.port}{path}", data=data, method=method)
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
+            out: dict[str, Any] = json.loads(resp.read())
+            return out
 
     def stats(self, keys: bool = False) -> dict[str, Any]:
         return self._call("GET", "/_stats?keys=1" if keys else "/_stats")
@@ -394,7 +416,9 @@ def start_server(
     port: int = 0,
     mode: Literal["thread", "subprocess"] = "thread",
 ) -> ServerHandle:
-    """Start a test server and return once it listens. `responder`: a callable (thread mode) or 'module:factory'."""
+    """Start the simulated judge's server and return once it listens.
+
+    `responder`: a callable (thread mode) or 'module:factory'."""
     faults = faults if isinstance(faults, Faults) else Faults.model_validate(faults or {})
     if mode == "subprocess":
         if responder is not None and not isinstance(responder, str):
@@ -403,38 +427,40 @@ def start_server(
     if isinstance(responder, str):
         responder = load_responder(responder, responder_args)
     chat = ChatServer(responder, faults, models)
+    loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, Any] = {}
 
-    def main() -> None:
-        loop = asyncio.new_event_loop()
+    def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            srv = loop.run_until_complete(serve(chat.handle, host, port))
+            box["runner"], box["port"] = loop.run_until_complete(serve(chat, host, port))
         except OSError as e:
             box["error"] = e
-            ready.set()
+            loop.close()
             return
-        box["loop"], box["port"] = loop, srv.sockets[0].getsockname()[1]
-        ready.set()
+        finally:
+            ready.set()
         try:
             loop.run_forever()
         finally:
-            srv.close()
+            loop.run_until_complete(box["runner"].cleanup())
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
-    thread = threading.Thread(target=main, name="mpr-llm-testserver", daemon=True)
+    thread = threading.Thread(target=run, name="mpr-simulated-judge", daemon=True)
     thread.start()
     ready.wait(30)
     if "error" in box:
-        raise MprError(f"test server cannot listen on {host}:{port}: {box['error']}")
+        raise MprError(f"the simulated judge cannot listen on {host}:{port}: {box['error']}")
+    if "port" not in box:
+        raise MprError(f"the simulated judge did not start listening on {host}:{port} within 30 s")
 
     def stop() -> None:
-        box["loop"].call_soon_threadsafe(box["loop"].stop)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
     return ServerHandle(host, box["port"], stop)
@@ -448,7 +474,7 @@ def _start_subprocess(
     host: str,
     port: int,
 ) -> ServerHandle:
-    cmd = [sys.executable, "-m", "mpr.simulated_judge.server", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mpr.simulated_judge", "--host", host, "--port", str(port)]
     cmd += ["--faults", faults.model_dump_json()]
     for m in models:
         cmd += ["--model", m]
@@ -462,7 +488,7 @@ def _start_subprocess(
     line = line_box[0] if line_box else ""
     if not line.startswith("READY "):
         proc.kill()
-        raise MprError(f"test server subprocess did not start (exit {proc.poll()}): {line.strip()!r}")
+        raise MprError(f"the simulated judge's subprocess did not start (exit {proc.poll()}): {line.strip()!r}")
     url = line.split()[1]
     bound_port = int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -479,7 +505,8 @@ def _start_subprocess(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m mpr.simulated_judge.server", description=__doc__.split("\n")[0]
+        prog="python -m mpr.simulated_judge",
+        description=f"The {NAME}: an OpenAI-compatible chat server for tests, demos and benchmarks.",
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the READY line)")
@@ -502,15 +529,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     chat = ChatServer(responder, Faults.model_validate_json(args.faults), args.model or ["test-model"])
 
     async def run() -> None:
-        srv = await serve(chat.handle, args.host, args.port)
-        port = srv.sockets[0].getsockname()[1]
-        print(f"READY http://{args.host}:{port}/v1", flush=True)
-        async with srv:
-            await srv.serve_forever()
+        runner, port = await serve(chat, args.host, args.port)
+        print(f"READY http://{args.host}:{port}/v1 ({NAME})", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from mpr.simulated_judge import main
+
+main()
