@@ -36,7 +36,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
     from pipeline.stages.encode import load_encoder
-    from train.groups import GroupConfig, build_groups
+    from train.config import GroupOptions
+    from train.groups import build_groups
     from train.losses import build_loss
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
@@ -47,7 +48,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     if config["attention_dropout"] is not None:
         set_attention_dropout(model, config["attention_dropout"])
     model.train()
-    groups, _ = build_groups(GroupConfig(data=[Path(config["data"])], group_size=config["group_size"], seed=0))
+    groups, _ = build_groups([Path(config["data"])], GroupOptions(group_size=config["group_size"], seed=0))
     batch_size = config["batch_size"]
     collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
     passage_columns = [f"passage_{j}" for j in range(config["group_size"])]

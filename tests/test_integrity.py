@@ -14,7 +14,8 @@ import pytest
 from pipeline.data.schema import SCHEMA, to_table
 from pipeline.data.shards import InputInfo, ShardRun, fingerprint_shards, read_manifest, verify_shards
 from pipeline.errors import MprError
-from train.groups import GroupConfig, build_groups
+from train.config import GroupOptions
+from train.groups import build_groups
 
 
 def row(qid, pid, source="mined", label=None, rank=None, grade=None, level=None, text=None, query=None):
@@ -65,7 +66,7 @@ def lineage(tmp_path):
 def test_later_stage_wins_whatever_the_order(lineage, order):
     mined, relabeled = lineage
     data = [mined, relabeled] if order == "mined-first" else [relabeled, mined]
-    ds, stats = build_groups(GroupConfig(data=data, group_size=4, random_negatives=False))
+    ds, stats = build_groups(data, GroupOptions(group_size=4, random_negatives=False))
     assert len(ds) == 1
     kinds = texts_and_kinds(ds[0], 4)
     assert kinds["text of r1"] == 1 and kinds["text of p1"] == 1 and kinds["text of n1"] == 0
@@ -80,7 +81,7 @@ def test_what_a_later_stage_dropped_stays_dropped(tmp_path):
     # relabel --mode drop removed the flagged r1; --mode drop-query removed query b
     dropped = folder(tmp_path / "dropped", [row("a", "p1", "qrels", 1), row("a", "n1", label=0, rank=2)],
                      stage="relabel", inputs=[shards_input(mined, "mine")])
-    ds, stats = build_groups(GroupConfig(data=[mined, dropped], group_size=3, random_negatives=False))
+    ds, stats = build_groups([mined, dropped], GroupOptions(group_size=3, random_negatives=False))
     assert len(ds) == 1 and [ds[0][f"passage_{j}"] for j in range(3)] == ["text of p1", "text of n1", ""]
     assert stats.superseded_rows == 5
 
@@ -92,7 +93,7 @@ def test_synth_from_shards_does_not_supersede_its_query_source(tmp_path):
     synth = folder(tmp_path / "synth", [row("a", "s1", "synthetic", 1, grade=1.0, level=1), row("a", "s0", "synthetic", 0, grade=0.0, level=0)],
                    stage="synth", inputs=[queries_only])
     assert read_manifest(synth).dataset == read_manifest(relabeled).dataset and not read_manifest(synth).lineage
-    ds, stats = build_groups(GroupConfig(data=[relabeled, synth], group_size=4, random_negatives=False))
+    ds, stats = build_groups([relabeled, synth], GroupOptions(group_size=4, random_negatives=False))
     assert len(ds) == 1 and stats.superseded_rows == 0
     assert set(texts_and_kinds(ds[0], 4)) == {"text of p1", "text of n1", "text of s1", "text of s0"}
 
@@ -102,7 +103,7 @@ def test_two_datasets_sharing_qids_stay_apart(tmp_path):
                  inputs=[queries_input(tmp_path, "cisi", '{"_id": "1", "text": "cisi query"}\n')])
     two = folder(tmp_path / "vaswani", [row("1", "v1", "qrels", 1, query="vaswani query"), row("1", "v2", label=0, rank=1, query="vaswani query")],
                  inputs=[queries_input(tmp_path, "vaswani", '{"_id": "1", "text": "vaswani query"}\n')])
-    ds, stats = build_groups(GroupConfig(data=[one, two], group_size=3, random_negatives=False))
+    ds, stats = build_groups([one, two], GroupOptions(group_size=3, random_negatives=False))
     assert stats.groups == 2 and sorted(ds["query"]) == ["cisi query", "vaswani query"]
     for example in ds:
         texts = [example[f"passage_{j}"] for j in range(2)]
@@ -115,21 +116,21 @@ def test_unrelated_folders_that_disagree_are_an_error(tmp_path):
     a = folder(tmp_path / "judge-a", [row("a", "p1", "qrels", 1), row("a", "r1", label=1)], inputs=[shards_input(mined, "test")])
     b = folder(tmp_path / "judge-b", [row("a", "p1", "qrels", 1), row("a", "r1", label=0)], inputs=[shards_input(mined, "test")])
     with pytest.raises(MprError, match=r"judge-a.*judge-b") as err:
-        build_groups(GroupConfig(data=[a, b], group_size=3))
+        build_groups([a, b], GroupOptions(group_size=3))
     assert "r1" in str(err.value)
 
 
 def test_duplicate_text_is_never_positive_and_negative(tmp_path):
     data = folder(tmp_path / "d", [row("a", "p1", "qrels", 1, text="same words"), row("a", "n1", label=0, rank=1, text="same words"),
                                    row("a", "n2", label=0, rank=2)])
-    ds, stats = build_groups(GroupConfig(data=[data], group_size=3, random_negatives=False))
+    ds, stats = build_groups([data], GroupOptions(group_size=3, random_negatives=False))
     texts = [ds[0][f"passage_{j}"] for j in range(3)]
     assert texts == ["same words", "text of n2", ""] and stats.duplicate_negatives_dropped == 1
 
 
 def test_max_positives_cap_is_reported(tmp_path):
     data = folder(tmp_path / "d", [row("a", f"p{i}", "qrels", 1) for i in range(5)] + [row("a", "n", label=0, rank=1)])
-    _, stats = build_groups(GroupConfig(data=[data], group_size=4, max_positives=2, random_negatives=False))
+    _, stats = build_groups([data], GroupOptions(group_size=4, max_positives=2, random_negatives=False))
     assert stats.positives == 2 and stats.positives_capped == 3 and stats.as_dict()["positives_capped"] == 3
 
 
@@ -175,10 +176,10 @@ def damage(folder: Path, how: str) -> None:
 def test_damaged_folder_is_refused_by_train(tmp_path, how, message):
     data = two_parts(tmp_path)
     verify_shards(data)
-    build_groups(GroupConfig(data=[data], group_size=3))
+    build_groups([data], GroupOptions(group_size=3))
     damage(data, how)
     with pytest.raises(MprError) as err:
-        build_groups(GroupConfig(data=[data], group_size=3))
+        build_groups([data], GroupOptions(group_size=3))
     assert message in str(err.value) and str(data) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -193,7 +194,7 @@ def test_full_verify_hashes_every_part(tmp_path, monkeypatch):
         verify_shards(data, "full")
     monkeypatch.setenv("MPR_VERIFY", "full")
     with pytest.raises(MprError, match="checksum differs"):
-        build_groups(GroupConfig(data=[data], group_size=3))
+        build_groups([data], GroupOptions(group_size=3))
 
 
 # -- restartable starts --------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_old_manifest_names_are_still_read(tmp_path):
     data = two_parts(tmp_path)
     (data / "_manifest.json").rename(data / "manifest.json")
     assert read_manifest(data).complete and verify_shards(data).shards
-    build_groups(GroupConfig(data=[data], group_size=3))
+    build_groups([data], GroupOptions(group_size=3))
 
 
 # -- failures are retried and counted ------------------------------------------------------------------------

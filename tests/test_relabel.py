@@ -233,6 +233,29 @@ def test_expected_grades_from_logprobs():
     assert expected_grades(None, [3]) == [3.0]
 
 
+def test_graded_label_follows_the_grade_written(tmp_path):
+    """The label is grade >= --positive-threshold on the grade the row gets: the expected grade / 3 with
+    logprobs, so a judge that samples 2 but leans towards 1 gives a negative at the default 2/3."""
+    import math
+
+    from pipeline.llm.prompt_files import load_prompt
+    from pipeline.llm.types import ChatResult, TokenLogprob
+    from pipeline.stages.relabel import Judge
+
+    leaning = [TokenLogprob(token="2", logprob=math.log(0.9), top=[("2", math.log(0.9)), ("1", math.log(0.1))])]
+
+    def verdict(logprobs, **kw):
+        cfg = RelabelConfig(input=tmp_path, out=tmp_path, model=MODEL, mode="graded", **kw)
+        return Judge(load_prompt("graded"), cfg).verdicts(ChatResult(key="k", parsed={"grades": [2]}, logprobs=logprobs), 1, MODEL)[0]
+
+    v = verdict(leaning)
+    assert v.level == 2 and v.grade == pytest.approx(1.9 / 3) and v.flagged is False
+    assert verdict(leaning, positive_threshold=0.6).flagged is True
+    assert verdict(None).grade == pytest.approx(2 / 3) and verdict(None).flagged is True  # the sampled grade
+    with pytest.raises(ValueError, match="positive_threshold"):
+        RelabelConfig(input=tmp_path, out=tmp_path, model=MODEL, positive_threshold=0)
+
+
 def test_unknown_prompt_and_bad_shard_option(hidden, tmp_path):
     mined, _, _ = hidden
     result = runner.invoke(app, ["relabel", "--in", str(mined), "--out", str(tmp_path / "o"), "--model", MODEL, "--prompt", "nope", "--base-url", "http://127.0.0.1:9/v1"])

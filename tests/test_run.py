@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mpr.cli import app
-from mpr.orchestrate.experiment import load_run_file, parse_value
+from mpr.orchestrate.experiment import Experiment, load_run_file, parse_value
 from pipeline.data.shards import read_manifest, read_shards
 
 from .conftest import REPO
@@ -39,6 +39,16 @@ def test_overrides_and_errors(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "depht" in result.output  # a misspelt option is named, not ignored
     assert not (tmp_path / "x").exists()  # and nothing was written
+
+
+def test_one_positive_threshold_in_every_stage_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stages = ("relabel", "synth", "train")
+    spec = load_run_file(EXAMPLE_TOML, [f"{stage}.positive_threshold=0.5" for stage in stages])
+    experiment = Experiment(spec, progress=False)
+    assert [experiment.config(stage, "http://127.0.0.1:9/v1").positive_threshold for stage in stages] == [0.5] * 3
+    result = runner.invoke(app, ["run", str(EXAMPLE_TOML), "--set", "synth.positive_level=2"])
+    assert result.exit_code == 2 and "synth.positive_level" in result.output and not (tmp_path / "runs").exists()
 
 
 def test_example_experiment_end_to_end(tmp_path, cache_dir):

@@ -271,7 +271,8 @@ def test_levels_adapt_the_rubric(levels, tmp_path):
     df = read_shards(tmp_path / "out").to_pandas()
     assert manifest.summary["sets_written"] == 4 and all(sorted(g.level) == list(range(levels)) for g in sets_of(df).values())
     assert ((df.grade - df.level / (levels - 1)).abs() < 1e-6).all()
-    assert (df.label == (df.level >= max(1, levels - 2)).astype(int)).all()
+    lowest_positive = {2: 1, 6: 4}[levels]  # the default threshold 2/3 on level / (L-1): 1/1, and 4/5 (3/5 is below)
+    assert (df.label == (df.level >= lowest_positive).astype(int)).all()
 
 
 def test_verify_drops_sets_the_judge_disagrees_with(tmp_path):
@@ -318,7 +319,8 @@ def test_one_line_errors(server, tmp_path):
         ([], "exactly one of --data, --queries, --from-shards"),
         (["--queries", str(EXAMPLE / "queries.jsonl"), "--with-qrels"], "--with-qrels needs a BEIR folder"),
         (["--data", str(EXAMPLE), "--levels", "7"], "--levels"),
-        (["--data", str(EXAMPLE), "--positive-level", "3", "--levels", "3"], "--positive-level: must be in 1..2"),
+        (["--data", str(EXAMPLE), "--positive-threshold", "0", "--levels", "3"],
+         "--positive-threshold: 0 makes every level positive (grades of the 3 levels: 0, 0.5, 1)"),
         (["--data", str(EXAMPLE), "--lengths", "40,x"], "--lengths"),
         (["--data", str(EXAMPLE), "--split", "dev"], "split 'dev' does not exist"),
     ]

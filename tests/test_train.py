@@ -13,7 +13,8 @@ import torch
 from pipeline.data.schema import SCHEMA, to_table
 from pipeline.data.shards import ShardRun
 from pipeline.errors import MprError
-from train.groups import GroupConfig, build_groups
+from train.config import GroupOptions
+from train.groups import build_groups
 
 from .conftest import SEQ, scifact_slice
 
@@ -49,7 +50,7 @@ def folders(tmp_path):
 
 def test_groups_positives_first_then_hard_then_random(folders):
     relabeled, _ = folders
-    ds, stats = build_groups(GroupConfig(data=[relabeled], group_size=5, max_positives=4, seed=1))
+    ds, stats = build_groups([relabeled], GroupOptions(group_size=5, max_positives=4, seed=1))
     assert stats.groups == 2 and stats.skipped_no_positive == 1
     a = ds[0]
     assert [a[f"passage_{j}"] for j in range(5)][:4] == ["text of p1", "text of r1", "text of n1", "text of n2"]
@@ -57,27 +58,51 @@ def test_groups_positives_first_then_hard_then_random(folders):
     assert a["passage_4"] not in {"text of u1", "text of p1", "text of r1"}  # random fill: never unjudged or own
     b = ds[1]
     assert b["label"][1] == [1, 0, 0, 0, 0] and stats.random_negatives == 1 + 3
-    ds, stats = build_groups(GroupConfig(data=[relabeled], group_size=5, random_negatives=False))
+    ds, stats = build_groups([relabeled], GroupOptions(group_size=5, random_negatives=False))
     assert ds[1]["label"][1] == [1, 0, -1, -1, -1] and ds[1]["passage_2"] == "" and stats.padding == 4
 
 
 def test_groups_merge_folders_and_keep_grades(folders):
     relabeled, synth = folders
-    ds, _ = build_groups(GroupConfig(data=[relabeled, synth], group_size=8, max_positives=3, random_negatives=False))
+    ds, _ = build_groups([relabeled, synth], GroupOptions(group_size=8, max_positives=3, random_negatives=False))
     a = ds[0]
     texts = [a[f"passage_{j}"] for j in range(8)]
     assert texts.count("text of p1") == 1
     grades, kinds = a["label"]
     assert kinds[:3] == [1, 1, 1] and grades[:3] == [1.0, 1.0, 1.0]  # best grade first, capped at 3
     assert "text of s1" in texts and grades[texts.index("text of s1")] == pytest.approx(1 / 3)
-    ds, _ = build_groups(GroupConfig(data=[synth], group_size=4, positive_threshold=0.3, random_negatives=False))
+    ds, _ = build_groups([synth], GroupOptions(group_size=4, positive_threshold=0.3, random_negatives=False))
     assert ds[0]["label"][1] == [1, 1, 1, 0]  # s1 (grade 1/3) counts as positive from the threshold
+
+
+def test_threshold_both_adds_and_removes_positives(tmp_path):
+    folder = shard_folder(tmp_path / "graded", [
+        row("a", "p1", "qrels", 1),  # no grade: keeps its label
+        row("a", "q2", "qrels", 1, grade=1 / 3),  # a graded qrels positive below the threshold
+        row("a", "m1", label=1, rank=1, grade=0.5, level=1),  # relabeled positive below the threshold
+        row("a", "m2", label=0, rank=2, grade=0.9, level=3),  # negative above it
+        row("a", "m3", label=0, rank=3, grade=0.2, level=1),
+        row("a", "s1", "synthetic", 1, grade=2 / 3, level=2),  # exactly at the threshold (stored as float32)
+    ])
+
+    def texts(group):
+        return [group[f"passage_{j}"].removeprefix("text of ") for j in range(8)]
+
+    ds, stats = build_groups([folder], GroupOptions(group_size=8, random_negatives=False))
+    assert texts(ds[0])[:6] == ["p1", "s1", "m1", "q2", "m2", "m3"]  # the labels as written, best grade first
+    assert ds[0]["label"][1] == [1, 1, 1, 1, 0, 0, -1, -1] and stats.threshold_positives == stats.threshold_negatives == 0
+    ds, stats = build_groups([folder], GroupOptions(group_size=8, positive_threshold=2 / 3, random_negatives=False))
+    # positives by grade (p1 counts as 1.0), then negatives: qrels first, mined by rank
+    assert texts(ds[0])[:6] == ["p1", "m2", "s1", "q2", "m1", "m3"]
+    grades, kinds = ds[0]["label"]
+    assert kinds == [1, 1, 1, 0, 0, 0, -1, -1] and grades[:6] == pytest.approx([1.0, 0.9, 2 / 3, 1 / 3, 0.5, 0.2])
+    assert (stats.threshold_positives, stats.threshold_negatives, stats.positives) == (1, 2, 3)
 
 
 def test_groups_refuse_data_without_positives(tmp_path):
     folder = shard_folder(tmp_path / "x", [row("c", "n4", label=0, rank=1)])
     with pytest.raises(MprError, match="has a positive"):
-        build_groups(GroupConfig(data=[folder]))
+        build_groups([folder], GroupOptions())
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +139,7 @@ def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_p
     from pipeline.stages.encode import load_encoder
     from train.trainer import TrainConfig, train
 
-    groups, _ = build_groups(GroupConfig(data=[mined_slice], group_size=4, seed=0))
+    groups, _ = build_groups([mined_slice], GroupOptions(group_size=4, seed=0))
     before = mean_loss(load_encoder("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=64), groups, "lsepair")
     out = tmp_path / "model"
     summary = train(TrainConfig(data=[mined_slice], out=out, loss="lsepair", group_size=4, batch_size=8, epochs=2, learning_rate=1e-4,

@@ -38,21 +38,31 @@ def parse_size(text: str) -> int:
     return int(amount * _UNITS[unit])
 
 
-class TrainConfig(BaseModel):
+class GroupOptions(BaseModel):
+    """How the training groups are built from the --data folders (train.groups.build_groups): part of
+    `TrainConfig`, so each option is written once."""
+
     model_config = ConfigDict(extra="forbid")
 
+    group_size: int = Field(8, ge=2, description="Passages per query: positives first, then hard, then random negatives.")
+    max_positives: int = Field(4, ge=1, description="Positives per group at most.")
+    positive_threshold: float | None = Field(
+        None, ge=0, le=1, description="On the 0-1 grade scale (relabel: 0-3 grade / 3; synth: level / (L-1)): rows with a "
+        "grade >= this are positives and labelled positives with a lower grade are negatives; rows without a grade "
+        "keep their label. Default: the labels as written.")
+    random_negatives: bool = Field(True, description="Fill groups with random negatives from other queries.")
+    verify_inputs: Literal["fast", "full"] | None = Field(
+        None, description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
+        "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
+    seed: int = Field(42, description="Seed of the groups, the data order, the draws of rand1 and the initialisation.")
+
+
+class TrainConfig(GroupOptions):
     data: list[Path] = Field(min_length=1, description="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix. Of a folder and one "
                             "derived from it (mined, relabeled) the later stage wins; queries of different datasets never merge.")
     out: Path = Field(description="Output model folder (loads with SentenceTransformer(out)).")
     model: str = Field(DEFAULT_MODEL, description="Starting sentence-transformers model id or local folder.")
     loss: LossName = Field("lsepair", description="Objective (see the README's table of losses).")
-    group_size: int = Field(8, ge=2, description="Passages per query: positives first, then hard, then random negatives.")
-    max_positives: int = Field(4, ge=1, description="Positives per group at most.")
-    positive_threshold: float | None = Field(None, ge=0, le=1, description="Also count rows with grade >= this as positives.")
-    random_negatives: bool = Field(True, description="Fill groups with random negatives from other queries.")
-    verify_inputs: Literal["fast", "full"] | None = Field(
-        None, description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
-        "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
     batch_size: int = Field(32, ge=1, description="Queries per batch (per device).")
     memory_budget: str | None = Field(
         None, description=f"Memory the run may use, e.g. 2GB: peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "
@@ -81,7 +91,6 @@ class TrainConfig(BaseModel):
     query_prompt: str | None = Field(None, description="Text prepended to queries.")
     passage_prompt: str | None = Field(None, description="Text prepended to passages.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32.")
-    seed: int = Field(42, description="Seed of the groups, the data order, the draws of rand1 and the initialisation.")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps (into OUT.checkpoints/).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept at most.")

@@ -1,11 +1,14 @@
 """Group building: judgment shards -> fixed-size training groups for the losses of `train.losses`.
 
-Each group holds one query and k passage slots: its positives first (`label == 1`, or
-`grade >= positive_threshold` when a threshold is given; at most `max_positives`, best grade first),
-then its hard negatives (`label == 0`: mined negatives by rank, synthetic ones by level), then random
-negatives drawn from the other queries' passages to fill. Unjudged candidates (`label` null) are never
-used: they may be false negatives. Every folder is checked against its manifest first
-(`pipeline.data.shards.verify_shards`; `verify`, default $MPR_VERIFY or fast).
+Each group holds one query and k passage slots: its positives first (at most `max_positives`, best grade
+first), then its hard negatives (mined negatives by rank, synthetic ones by level), then random negatives
+drawn from the other queries' passages to fill. A row's label is its `label`, unless `positive_threshold`
+is given and the row has a grade: then the grade decides (`pipeline.data.labels.is_positive`), which can
+add positives (a graded negative at or above the threshold) and remove them (a labelled positive below
+it; `threshold_positives` and `threshold_negatives` count both); qrels rows without a grade keep their
+label. Unjudged candidates (`label` null, no grade) are never used: they may be false negatives. Every
+folder is checked against its manifest first (`pipeline.data.shards.verify_shards`; `verify_inputs`,
+default $MPR_VERIFY or fast).
 
 Merging: a query is (dataset, qid), the dataset being the query source its manifest records, so queries
 of two datasets that share a qid stay apart. Rows of one query in several folders are merged (a relabeled
@@ -18,7 +21,7 @@ text equals a positive's (a duplicate under another pid) is never a negative of 
 without a positive are skipped, and positives left out by `max_positives` are counted.
 
 The result is a plain `datasets.Dataset` with columns `query`, `passage_0` ... `passage_{k-1}` and
-`label` = [grades, kinds] (shape [2, k]; kind 1 positive, 0 negative, -1 padding), which
+`label` = [grades, kinds] (shape [2, k]; kinds POSITIVE, NEGATIVE, PADDING of pipeline.data.labels), which
 sentence-transformers' own data collator carries to the loss.
 """
 
@@ -31,25 +34,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.labels import NEGATIVE, PADDING, POSITIVE, encoder_text, is_positive
 from pipeline.data.shards import VerifyMode, fingerprint_shards, read_shards, verify_shards
 from pipeline.errors import MprError
+from train.config import GroupOptions
 
-POSITIVE, NEGATIVE, PADDING = 1, 0, -1
 SOURCE_ORDER = {"qrels": 0, "mined": 1, "synthetic": 2}
-
-
-class GroupConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: list[Path] = Field(min_length=1)
-    group_size: int = Field(8, ge=2)
-    max_positives: int = Field(4, ge=1)
-    positive_threshold: float | None = Field(None, ge=0, le=1)
-    random_negatives: bool = True
-    seed: int = 42
-    verify: VerifyMode | None = None
 
 
 @dataclass
@@ -63,6 +54,8 @@ class GroupStats:
     padding: int = 0
     positives_capped: int = 0
     duplicate_negatives_dropped: int = 0
+    threshold_positives: int = 0
+    threshold_negatives: int = 0
     superseded_rows: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -70,11 +63,6 @@ class GroupStats:
         out = {k: v for k, v in self.__dict__.items() if k != "extra"}
         out["positives_per_group"] = round(self.positives / self.groups, 3) if self.groups else 0.0
         return {**out, **self.extra}
-
-
-def passage(title: str | None, text: str) -> str:
-    """A passage as the encoder sees it: title and text joined by a space (as `mpr mine` encodes it)."""
-    return f"{title} {text}" if title else text
 
 
 @dataclass
@@ -118,11 +106,18 @@ def _merge(rows: list[dict], sources: list[Source]) -> list[dict]:
     return list(by_pid.values())
 
 
-def build_groups(cfg: GroupConfig):
-    """The training `Dataset` and what went into it."""
+def training_label(row: dict[str, Any], threshold: float | None) -> int | None:
+    """A row's label in training: with a threshold, its grade decides when it has one; else its `label`."""
+    if threshold is not None and row["grade"] is not None:
+        return POSITIVE if is_positive(row["grade"], threshold) else NEGATIVE
+    return row["label"]
+
+
+def build_groups(data: list[Path], cfg: GroupOptions):
+    """The training `Dataset` of the shard folders `data`, and what went into it."""
     from datasets import Dataset
 
-    table, sources = _load(cfg.data, cfg.verify)
+    table, sources = _load(data, cfg.verify_inputs)
     stats = GroupStats()
     # the later stage wins: a folder whose rows another given folder carries forward (the mining a relabel
     # read) is left out whole, so what the later stage changed, dropped or relabeled stands
@@ -136,34 +131,31 @@ def build_groups(cfg: GroupConfig):
     rows_by_query: dict[tuple[str, str], list[dict]] = {}
     for row in table.to_pylist():
         rows_by_query.setdefault((sources[row["folder"]].dataset, row["qid"]), []).append(row)
-    pool = sorted({(r["pid"], passage(r["title"], r["text"])) for r in table.filter(pc.is_valid(table.column("label"))).to_pylist()})
+    pool = sorted({(r["pid"], encoder_text(r["title"], r["text"])) for r in table.filter(pc.is_valid(table.column("label"))).to_pylist()})
     out: dict[str, list] = {"query": [], **{f"passage_{j}": [] for j in range(k)}, "label": []}
-
-    def is_positive(r: dict) -> bool:
-        if r["label"] == 1:
-            return True
-        return cfg.positive_threshold is not None and r["grade"] is not None and r["grade"] >= cfg.positive_threshold
-
     for rows in rows_by_query.values():
         stats.queries += 1
         unique = _merge(sorted(rows, key=lambda r: r["folder"]), sources)
-        positives = [r for r in unique if is_positive(r)]
+        labels = [training_label(r, cfg.positive_threshold) for r in unique]
+        stats.threshold_positives += sum(r["label"] != POSITIVE and lab == POSITIVE for r, lab in zip(unique, labels))
+        stats.threshold_negatives += sum(r["label"] == POSITIVE and lab == NEGATIVE for r, lab in zip(unique, labels))
+        positives = [r for r, lab in zip(unique, labels) if lab == POSITIVE]
         if not positives:
             stats.skipped_no_positive += 1
             continue
-        positive_texts = {passage(r["title"], r["text"]) for r in positives}
+        positive_texts = {encoder_text(r["title"], r["text"]) for r in positives}
         positives.sort(key=lambda r: (-(r["grade"] if r["grade"] is not None else 1.0), SOURCE_ORDER.get(r["source"], 3)))
         cap = min(cfg.max_positives, k - 1)
         stats.positives_capped += max(0, len(positives) - cap)
         positives = positives[:cap]
-        negatives = [r for r in unique if not is_positive(r) and r["label"] == 0]
-        kept_negatives = [r for r in negatives if passage(r["title"], r["text"]) not in positive_texts]
+        negatives = [r for r, lab in zip(unique, labels) if lab == NEGATIVE]
+        kept_negatives = [r for r in negatives if encoder_text(r["title"], r["text"]) not in positive_texts]
         stats.duplicate_negatives_dropped += len(negatives) - len(kept_negatives)
         negatives = kept_negatives
         negatives.sort(key=lambda r: (SOURCE_ORDER.get(r["source"], 3), r["rank"] if r["rank"] is not None else 1 << 30, -(r["level"] or 0)))
         negatives = negatives[: k - len(positives)]
-        slots = [(passage(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 1.0, POSITIVE) for r in positives]
-        slots += [(passage(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 0.0, NEGATIVE) for r in negatives]
+        slots = [(encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 1.0, POSITIVE) for r in positives]
+        slots += [(encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 0.0, NEGATIVE) for r in negatives]
         stats.positives += len(positives)
         stats.hard_negatives += len(negatives)
         if cfg.random_negatives and len(slots) < k and pool:
@@ -186,5 +178,5 @@ def build_groups(cfg: GroupConfig):
         out["label"].append([[float(g) for _, g, _ in slots], [float(kind) for _, _, kind in slots]])
         stats.groups += 1
     if not stats.groups:
-        raise MprError(f"no training group: none of the {stats.queries} queries in {', '.join(map(str, cfg.data))} has a positive")
+        raise MprError(f"no training group: none of the {stats.queries} queries in {', '.join(map(str, data))} has a positive")
     return Dataset.from_dict(out), stats

@@ -104,16 +104,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     if finished is not None:
         log(f"train: {cfg.out} is already trained (--overwrite retrains it)")
         return finished
-    from train.groups import GroupConfig, build_groups
+    from train.groups import build_groups
 
     started = time.perf_counter()
-    dataset, stats = build_groups(  # reads and verifies the data before torch is loaded
-        GroupConfig(data=cfg.data, group_size=cfg.group_size, max_positives=cfg.max_positives,
-                    positive_threshold=cfg.positive_threshold, random_negatives=cfg.random_negatives, seed=cfg.seed,
-                    verify=cfg.verify_inputs)
-    )
+    dataset, stats = build_groups(cfg.data, cfg)  # reads and verifies the data before torch is loaded
     log(f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
         f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group")
+    if cfg.positive_threshold is not None:
+        log(f"train: --positive-threshold {cfg.positive_threshold:g} made {stats.threshold_positives:,} negative(s) positive and "
+            f"{stats.threshold_negatives:,} positive(s) negative")
     if len(dataset) < cfg.batch_size:
         raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     import torch

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from pipeline.data.labels import encoder_text
 from pipeline.errors import InputError, MprError
 
 ENCODING = "utf-8"  # of every text input unless --encoding says otherwise; a UTF-8 byte-order mark is skipped
@@ -177,9 +178,8 @@ class Corpus:
         self.texts.append(text)
 
     def full_text(self, i: int) -> str:
-        """Title and text joined by a space, as BEIR and sentence-transformers encode passages."""
-        title = self.titles[i]
-        return f"{title} {self.texts[i]}" if title else self.texts[i]
+        """Passage `i` as the encoders see it (`pipeline.data.labels.encoder_text`)."""
+        return encoder_text(self.titles[i], self.texts[i])
 
 
 def read_corpus(path: Path, *, on_empty: OnEmpty = "skip") -> Corpus:

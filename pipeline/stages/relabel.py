@@ -6,7 +6,10 @@ Modes, after RLHN (Thakur et al., 2025) and BiXSE:
 - `drop`: flagged candidates are removed. `drop-query`: a query with any flagged candidate is removed.
 - `graded`: per (query, candidate) pair, a 0-3 rubric grade; `grade` is the expected grade over the
   grade tokens' probabilities when the server returns logprobs (else the sampled grade) divided by 3,
-  `level` the sampled grade, `label` = level >= `positive_level`.
+  `level` the sampled grade, `label` = grade >= `positive_threshold` (pipeline.data.labels; qrels rows
+  keep theirs). The label follows the grade written, not the sampled level, so `mpr train
+  --positive-threshold` with the same value keeps every label: a judge that samples 2 but puts weight
+  on 1 gives a grade under 2/3.
 A query with more than `max_flagged` flags is removed in every mode. With `confirm_model`, what the
 first model flagged is judged again by the second, whose verdict stands (a cascade).
 
@@ -25,8 +28,16 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from pipeline.data.labels import (
+    DEFAULT_POSITIVE_THRESHOLD,
+    NEGATIVE,
+    POSITIVE,
+    check_threshold,
+    is_positive,
+    level_grade,
+)
 from pipeline.data.schema import with_extra
 from pipeline.data.shards import (
     FAILURES,
@@ -92,12 +103,19 @@ class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
         "several pairs into one request.")
     grade_positives: bool = Field(False, description="Graded mode: grade the qrels positives too.")
     max_flagged: int | None = Field(None, ge=0, description="Remove a query with more flagged candidates than this (every mode).")
-    positive_level: int = Field(2, ge=1, le=3, description="Graded mode: grade from which a pair is labelled positive.")
+    positive_threshold: float = Field(
+        DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="Graded mode: a pair whose grade (on the 0-1 scale: the "
+        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.")
     max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
     max_passage_chars: int = Field(2000, ge=100, description="Passages are cut to this many characters in a request.")
     max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
     logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")
+
+    @field_validator("positive_threshold")
+    @classmethod
+    def _threshold(cls, value: float) -> float:
+        return check_threshold(value, len(GRADES))
 
     @property
     def per_request(self) -> int:
@@ -225,7 +243,8 @@ class Judge:
             return [Verdict(flagged=i + 1 in flagged, rationale=rationale, judge=judge) for i in range(n)]
         levels = result.parsed["grades"]
         expected = expected_grades(result.logprobs, levels)
-        return [Verdict(flagged=lv >= self.cfg.positive_level, level=lv, grade=e / 3, judge=judge) for lv, e in zip(levels, expected)]
+        grades = [level_grade(e, len(GRADES)) for e in expected]
+        return [Verdict(flagged=is_positive(g, self.cfg.positive_threshold), level=lv, grade=g, judge=judge) for lv, g in zip(levels, grades)]
 
 
 def _expectation(token: TokenLogprob) -> float | None:
@@ -253,13 +272,13 @@ def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> 
 
 def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
     if cfg.candidates == "negatives":
-        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] == 0]
+        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] == NEGATIVE]
     else:
-        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] != 1]
+        picked = [i for i, r in enumerate(rows) if r["source"] == "mined" and r["label"] != POSITIVE]
     picked.sort(key=lambda i: (rows[i]["rank"] is None, rows[i]["rank"] or 0))
     picked = picked[: cfg.max_candidates]
     if cfg.mode == "graded" and cfg.grade_positives:
-        picked = [i for i, r in enumerate(rows) if r["source"] == "qrels" and r["label"] == 1] + picked
+        picked = [i for i, r in enumerate(rows) if r["source"] == "qrels" and r["label"] == POSITIVE] + picked
     return picked
 
 
@@ -274,7 +293,7 @@ def _judge_items(
         picked.append(idx)
         reasons.append(why)
     items = [
-        (rows[0]["query"], [r for r in rows if r["label"] == 1 and r["source"] != "synthetic"], [rows[i] for i in idx])
+        (rows[0]["query"], [r for r in rows if r["label"] == POSITIVE and r["source"] != "synthetic"], [rows[i] for i in idx])
         for (_, rows), idx in zip(groups, picked)
     ]
     return picked, items, reasons
@@ -383,14 +402,15 @@ class Relabeler:
                         if cfg.mode == "drop" and verdict.flagged:
                             stats["dropped_rows"] += 1
                             continue
-                        row["llm_label"] = int(bool(verdict.flagged))
+                        verdict_label = POSITIVE if verdict.flagged else NEGATIVE
+                        row["llm_label"] = verdict_label
                         row["rationale"] = verdict.rationale
                         row["judge"] = verdict.judge
                         if cfg.mode == "graded":
                             row["grade"], row["level"] = verdict.grade, verdict.level
                         if row["source"] != "qrels":
-                            row["label"] = int(bool(verdict.flagged))
-                            stats["relabeled"] += bool(verdict.flagged) and row["prior_label"] != 1
+                            row["label"] = verdict_label
+                            stats["relabeled"] += verdict_label == POSITIVE and row["prior_label"] != POSITIVE
                 out_rows.append(row)
         stats["rows_out"] = len(out_rows)
         stats[RETRYABLE] = stats["failed"]  # a rerun asks again for these rows; the answered ones come from the cache

@@ -34,12 +34,12 @@ losses learn from the levels. Here:
   judge), error and part; the manifest summary counts them.
 
 Rows: `source=synthetic`, `pid` = `syn-` + sha256(text)[:16], `title` null, `level`, `grade` =
-level/(L-1), `label` = level >= `positive_level` (default max(1, L-2): the top two levels, as in SyCL's
-binary baseline), `judge` = the model id. Added columns: `style`, `target_words`, `set`, `prompt`
-(`synth@version`), `judged_grade` (the verifier's grade in [0, 1], null without `verify`). With
-`with_qrels` (BEIR input) the query's judged positives (qrels score >= 1) come first in its group as
-`source=qrels`, `label=1`, `grade=1.0`, `level=L-1`, `judge=qrels`; then the synthetic rows, highest level
-first, then by set.
+level/(L-1), `label` = grade >= `positive_threshold` (pipeline.data.labels; default 2/3: of 4 levels the
+top two, as in SyCL's binary baseline; of 3 levels the top one), `judge` = the model id. Added columns:
+`style`, `target_words`, `set`, `prompt` (`synth@version`), `judged_grade` (the verifier's grade in
+[0, 1], null without `verify`). With `with_qrels` (BEIR input) the query's judged positives (qrels score
+>= 1) come first in its group as `source=qrels`, `label=1`, `grade=1.0`, `level=L-1`, `judge=qrels`;
+then the synthetic rows, highest level first, then by set.
 """
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
+from pipeline.data.labels import (
+    DEFAULT_POSITIVE_THRESHOLD,
+    NEGATIVE,
+    POSITIVE,
+    check_threshold,
+    is_positive,
+    level_grade,
+)
 from pipeline.data.readers import (
     OnEmpty,
     find_file,
@@ -153,8 +161,9 @@ class SynthConfig(LLMStageConfig):
         default_factory=lambda: list(DEFAULT_LENGTHS), min_length=1,
         description=f"Comma-separated target lengths in words drawn per set (default: {','.join(map(str, DEFAULT_LENGTHS))}).")
     seed: int = Field(42, description="Seed of the style/length draws (a function of seed, query id and set only).")
-    positive_level: int | None = Field(
-        None, description="Lowest level labelled positive (default: the top two levels, at least level 1).")
+    positive_threshold: float = Field(
+        DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="A passage whose grade, level / (L-1) on the 0-1 scale, is "
+        "at least this is labelled positive.")
     with_qrels: bool = Field(
         False, description="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).")
     verify: bool = Field(
@@ -190,24 +199,16 @@ class SynthConfig(LLMStageConfig):
             raise ValueError(f"target lengths must be 10-2000 words, got {bad}")
         return value
 
-    @field_validator("positive_level")
+    @field_validator("positive_threshold")
     @classmethod
-    def _positive_level(cls, value: int | None, info: ValidationInfo) -> int | None:
-        levels = info.data.get("levels", 4)
-        if value is not None and not 1 <= value <= levels - 1:
-            raise ValueError(f"must be in 1..{levels - 1} for --levels {levels}")
-        return value
-
-    @property
-    def positive(self) -> int:
-        """The lowest level labelled positive: the option, else the top two levels (at least level 1)."""
-        return self.positive_level if self.positive_level is not None else max(1, self.levels - 2)
+    def _threshold(cls, value: float, info: ValidationInfo) -> float:
+        return check_threshold(value, info.data.get("levels", 4))
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
         runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model", "on_empty"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
-                "prompt": prompt.id, "positive": self.positive}
+                "prompt": prompt.id}
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -633,14 +634,16 @@ class Synthesizer:
             if cfg.with_qrels:
                 for pid, title, text in positives.get(qid, []):
                     group.append({"qid": qid, "query": query, "pid": pid, "title": title, "text": text, "source": "qrels",
-                                  "label": 1, "grade": 1.0, "level": top, "judge": "qrels"})
+                                  "label": POSITIVE, "grade": 1.0, "level": top, "judge": "qrels"})
                 stats["qrels_rows"] += len(group)
             synthetic = [(level, item, text) for item in by_qid.get(qid, []) for level, text in item.passages.items()]
             synthetic.sort(key=lambda x: (-x[0], x[1].spec.index))
             for level, item, text in synthetic:
+                grade = level_grade(level, levels)
                 group.append({
                     "qid": qid, "query": query, "pid": passage_id(text), "title": None, "text": text, "source": "synthetic",
-                    "label": int(level >= cfg.positive), "grade": level / top, "level": level, "judge": self.model,
+                    "label": POSITIVE if is_positive(grade, cfg.positive_threshold) else NEGATIVE, "grade": grade, "level": level,
+                    "judge": self.model,
                     "style": item.spec.style, "target_words": item.spec.words, "set": item.spec.index,
                     "prompt": self.prompt.prompt.id, "judged_grade": item.judged.get(level),
                 })

@@ -10,7 +10,7 @@ Most mined candidates are plainly negative; the false negatives score close to t
 - `top`: the `zone_top` best-ranked ones.
 - `unsure`: a cheap judge (`zone_model`, default the judge model) grades every candidate pointwise
   (prompt `graded`, with logprobs); the candidates whose probability of a positive grade
-  (grade >= `positive_level`, from the grade tokens' probabilities) is above `zone_unsure` go to the
+  (grade / 3 >= `positive_threshold`, from the grade tokens' probabilities) is above `zone_unsure` go to the
   judge. What the cheap judge is sure is negative is not judged; what it thinks may be positive, or
   cannot grade, is.
 
@@ -26,10 +26,13 @@ of them at 39-42% with a calibrated cheap judge, no `zone_top` reaches 95% below
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
+
+from pipeline.data.labels import positive_levels
 
 if TYPE_CHECKING:
     from pipeline.llm.base import ChatBackend
@@ -75,9 +78,9 @@ def _score(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
 
 
-def positive_probability(result: ChatResult, positive_level: int) -> float | None:
-    """P(grade >= positive_level) from the grade token's probabilities (renormalised over 0-3); the sampled
-    grade as 0/1 without logprobs; None when the answer failed."""
+def positive_probability(result: ChatResult, positive: Collection[int]) -> float | None:
+    """P(the 0-3 grade is one of the `positive` grades) from the grade token's probabilities (renormalised
+    over 0-3); the sampled grade's label as 0/1 without logprobs; None when the answer failed."""
     if not result.ok or result.parsed is None:
         return None
     grade = result.parsed["grades"][0]
@@ -89,8 +92,8 @@ def positive_probability(result: ChatResult, positive_level: int) -> float | Non
                     probs.setdefault(int(alt.strip()), math.exp(lp))
             total = sum(probs.values())
             if total > 0:
-                return sum(p for g, p in probs.items() if g >= positive_level) / total
-    return float(grade >= positive_level)
+                return sum(p for g, p in probs.items() if g in positive) / total
+    return float(grade in positive)
 
 
 def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, list[dict]]], picked: list[list[int]],
@@ -98,7 +101,7 @@ def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, lis
     """`zone=unsure`: keep the candidates the cheap judge may call relevant; fills `reasons` for the rest."""
     from pipeline.llm.prompt_files import load_prompt
     from pipeline.llm.stage import add_llm_stats
-    from pipeline.stages.relabel import Judge
+    from pipeline.stages.relabel import GRADES, Judge
 
     cfg = relabeler.cfg
     judge = Judge(load_prompt("graded"), cfg.model_copy(update={"mode": "graded", "batch_candidates": 1, "prompt": None, "logprobs": True}))
@@ -110,9 +113,10 @@ def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, lis
             where.append((q, i))
     results = cheap.run_sync(requests, validate=judge.validator(1), progress=f"{desc} (zone)" if cfg.progress else False) if requests else []
     add_llm_stats(stats, "zone", cheap.last_stats)
+    positive = positive_levels(cfg.positive_threshold, len(GRADES))
     drop: set[tuple[int, int]] = set()
     for (q, i), result in zip(where, results):
-        p = positive_probability(result, cfg.positive_level)
+        p = positive_probability(result, positive)
         if p is not None and p <= cfg.zone_unsure:
             drop.add((q, i))
             reasons[q][i] = f"zone unsure: the cheap judge gives P(relevant) {p:.3f} <= {cfg.zone_unsure:g}"

@@ -31,10 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-PADDING = -1
-NEGATIVE = 0
-POSITIVE = 1
-
+from pipeline.data.labels import PADDING, POSITIVE
 
 MULTI_POSITIVE_CITATION = """
 @misc{wang2026multipositive,
