@@ -416,14 +416,15 @@ class Study:
         return dst, "train", "test"
 
     def mined(self, dataset: str, fold: int) -> Path:
-        from pipeline.stages.mine import MineConfig, mine
+        from pipeline.stages import mine
+        from pipeline.stages.mine import MineConfig
 
         out = self.paths.fold(dataset, fold) / "mined"
         if self.done.get(("mine", dataset, fold)) == out:
             return out
         data, train_split, _ = self.fold_data(dataset, fold)
         started = time.perf_counter()
-        mine(MineConfig(
+        mine.run(MineConfig(
             data=data, split=train_split, out=out, model=self.cfg.model, depth=self.cfg.depth,
             num_negatives=self.cfg.candidates, max_seq_length=self.cfg.max_seq_length,
             max_queries=self.cfg.max_queries, cache_dir=self.paths.embeddings, retriever="dense", progress=False,
@@ -433,7 +434,8 @@ class Study:
         return out
 
     def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
-        from pipeline.stages.relabel import RelabelConfig, relabel
+        from pipeline.stages import relabel
+        from pipeline.stages.relabel import RelabelConfig
 
         mode = "graded" if graded else "relabel"
         out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
@@ -442,7 +444,7 @@ class Study:
             return out
         mined = self.mined(dataset, fold)
         started = time.perf_counter()
-        relabel(RelabelConfig(
+        relabel.run(RelabelConfig(
             input=mined, out=out, model=Oracles.model(dataset, error_rate), mode=mode,
             base_url=[self.oracles.url(dataset)], candidates="negatives", max_candidates=self.cfg.candidates,
             max_passage_chars=self.cfg.judge_chars, llm_cache=self.paths.llm_cache, progress=False,
@@ -478,11 +480,12 @@ class Study:
         return out, summary
 
     def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
-        from pipeline.stages.evaluate import EvalConfig, evaluate
+        from pipeline.stages import evaluate
+        from pipeline.stages.evaluate import EvalConfig
 
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
-        report = evaluate(EvalConfig(
+        report = evaluate.run(EvalConfig(
             model=model, data=data, split=test_split, max_seq_length=self.cfg.max_seq_length,
             cache_dir=self.paths.embeddings, no_cache=not cached, progress=False,
         ), log=lambda m: log(f"{cell.label} {m}"))
