@@ -41,9 +41,10 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
         model.encode(passages, batch_size=args.batch_size, normalize_embeddings=True)
         model.encode([ds.queries[q] for q in ds.qrels], batch_size=args.batch_size, normalize_embeddings=True)
     elif variant in ("mpr-cold", "mpr-warm"):
-        from pipeline.stages.mine import MineConfig, mine
+        from pipeline.stages import mine
+        from pipeline.stages.mine import MineConfig
 
-        manifest = mine(
+        manifest = mine.run(
             MineConfig(
                 data=args.data, out=work / variant, cache_dir=work / "cache", max_seq_length=args.max_seq_length,
                 depth=args.depth, num_negatives=args.negatives if variant == "mpr-cold" else args.negatives // 2,

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from mpr.simulated_judge import start_server
-from pipeline.stages.mine import MineConfig, mine
-from pipeline.stages.relabel import RelabelConfig, relabel
+from pipeline.stages import mine, relabel
+from pipeline.stages.mine import MineConfig
+from pipeline.stages.relabel import RelabelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [("relabel", "relabel", None), ("relabel", "relabel_cot", None), ("graded", "graded", 1), ("graded", "graded_batch", 8)]
@@ -33,7 +34,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mpr-bench-relabel-"))
     try:
         mined = work / "mined"
-        mine(MineConfig(data=args.data, out=mined, retriever="bm25", depth=args.candidates + 10, num_negatives=args.candidates,
+        mine.run(MineConfig(data=args.data, out=mined, retriever="bm25", depth=args.candidates + 10, num_negatives=args.candidates,
                         max_queries=args.max_queries, progress=False), log=lambda _: None)
         rows = []
         with start_server(responder="mpr.simulated_judge:oracle_responder", responder_args={"data": str(args.data)},
@@ -45,7 +46,7 @@ def main() -> None:
                                         prompt=prompt, batch_candidates=per_request, base_url=[server.url], concurrency=concurrency, llm_cache=cache,
                                         progress=False)
                     cpu0, wall0 = time.process_time(), time.perf_counter()
-                    summary = relabel(cfg, log=lambda _: None).summary
+                    summary = relabel.run(cfg, log=lambda _: None).summary
                     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
                     judged = summary["judged"]
                     rows.append((mode, prompt, concurrency, judged, summary["llm_sent"], wall, judged / wall, 1000 * cpu / judged,

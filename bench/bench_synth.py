@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from mpr.simulated_judge import start_server
-from pipeline.stages.synth import SynthConfig, synth
+from pipeline.stages import synth
+from pipeline.stages.synth import SynthConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example"
@@ -58,7 +59,7 @@ def main() -> None:
         write_queries(queries, args.queries)
         warm = Path(tmp) / "warm.jsonl"
         write_queries(warm, 50)
-        synth(SynthConfig(queries=warm, out=Path(tmp) / "warm", model=MODEL, base_url=[server.url], llm_cache=Path(tmp) / "warm.sqlite",
+        synth.run(SynthConfig(queries=warm, out=Path(tmp) / "warm", model=MODEL, base_url=[server.url], llm_cache=Path(tmp) / "warm.sqlite",
                           progress=False), log=lambda _: None)  # imports and first connections out of the figures
         for c in (int(x) for x in args.concurrency.split(",")):
             best = None
@@ -66,7 +67,7 @@ def main() -> None:
                 cfg = SynthConfig(queries=queries, out=Path(tmp) / f"out-{c}-{r}", model=MODEL, base_url=[server.url], levels=args.levels,
                                   lengths=args.lengths, concurrency=c, llm_cache=Path(tmp) / f"llm-{c}-{r}.sqlite", progress=False)
                 t0 = time.perf_counter()
-                summary = synth(cfg, log=lambda _: None).summary
+                summary = synth.run(cfg, log=lambda _: None).summary
                 wall = time.perf_counter() - t0
                 if best is None or wall < best[0]:
                     best = (wall, summary)

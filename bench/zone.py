@@ -19,7 +19,8 @@ from typing import Any
 
 from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import read_shards
-from pipeline.stages.relabel import RelabelConfig, relabel
+from pipeline.stages import relabel
+from pipeline.stages.relabel import RelabelConfig
 
 MODEL, CHEAP = "judge", "cheap-judge"
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3)
@@ -31,7 +32,7 @@ CHEAP_ERROR = 0.2
 def run_setting(mined: Path, out: Path, url: str, cache: Path, hidden: set[tuple[str, str]], **zone: Any) -> dict[str, Any]:
     cfg = RelabelConfig(input=mined, out=out, model=MODEL, base_url=[url], candidates="all", max_candidates=100, llm_cache=cache,
                         progress=False, overwrite=True, **zone)
-    manifest = relabel(cfg, log=lambda _: None)
+    manifest = relabel.run(cfg, log=lambda _: None)
     df = read_shards(out, columns=["qid", "pid", "source", "label", "llm_label", "unjudged"]).to_pandas()
     cand = df[df.source == "mined"]
     flagged = cand[cand.label == 1]

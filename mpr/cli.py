@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
+from typer._click.formatting import HelpFormatter
+from typer.core import TyperCommand, TyperGroup
 
 from mpr import __version__
 from mpr.commands import eval, ingest, mine, relabel, run, shards, study, synth, train
 
+NO_BREAK_HYPHEN = "\u2011"
+
+
+class Formatter(HelpFormatter):
+    """click's help layout, with lines broken at spaces only: an option (--max-temperature), a model id or
+    multi-positive is never split at its hyphen."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(text.replace("-", NO_BREAK_HYPHEN))
+
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        super().write_dl([(term, text.replace("-", NO_BREAK_HYPHEN)) for term, text in rows], col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(NO_BREAK_HYPHEN, "-")
+
+
+class Context(typer.Context):
+    formatter_class = Formatter
+
+
+class Command(TyperCommand):
+    context_class = Context
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The command list shows the help's whole first paragraph, wrapped, not cut at `limit` with '...'."""
+        return " ".join(inspect.cleandoc(self.short_help or self.help or "").split("\n\n")[0].split())
+
+
+class Group(TyperGroup):
+    context_class = Context
+
+
 app = typer.Typer(
     name="mpr",
+    cls=Group,
     help="Dense supervision for retrieval training: mine hard negatives, relabel them with an LLM, "
     "synthesise graded passages, and train bi-encoders with multi-positive and graded losses.",
     no_args_is_help=True,
@@ -36,13 +74,13 @@ def main(
 
 STAGES = "Stages"
 SHARDS = "Shards"
-app.command(rich_help_panel=STAGES)(mine.mine)
-app.command(rich_help_panel=STAGES)(ingest.ingest)
-app.command(rich_help_panel=STAGES)(relabel.relabel)
-app.command(rich_help_panel=STAGES)(synth.synth)
-app.command(rich_help_panel=STAGES)(train.train)
-app.command(name="eval", rich_help_panel=STAGES)(eval.eval)
-app.command(rich_help_panel="Experiments")(run.run)
-app.command(rich_help_panel="Experiments")(study.study)
-app.command(rich_help_panel=SHARDS)(shards.inspect)
-app.command(rich_help_panel=SHARDS)(shards.validate)
+app.command(cls=Command, rich_help_panel=STAGES)(mine.mine)
+app.command(cls=Command, rich_help_panel=STAGES)(ingest.ingest)
+app.command(cls=Command, rich_help_panel=STAGES)(relabel.relabel)
+app.command(cls=Command, rich_help_panel=STAGES)(synth.synth)
+app.command(cls=Command, rich_help_panel=STAGES)(train.train)
+app.command(name="eval", cls=Command, rich_help_panel=STAGES)(eval.eval)
+app.command(cls=Command, rich_help_panel="Experiments")(run.run)
+app.command(cls=Command, rich_help_panel="Experiments")(study.study)
+app.command(cls=Command, rich_help_panel=SHARDS)(shards.inspect)
+app.command(cls=Command, rich_help_panel=SHARDS)(shards.validate)

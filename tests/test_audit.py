@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from mpr.cli import app
 from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages import relabel
 from pipeline.stages.audit import AUDIT_FILE, AuditFailed, agreement, cohen_kappa
-from pipeline.stages.relabel import RelabelConfig, relabel
+from pipeline.stages.relabel import RelabelConfig
 
 from .handmade import handmade_mined, vaswani_slice
 
@@ -50,7 +51,7 @@ def test_kappa_and_intervals_by_hand():
 
 def test_audit_that_agrees_runs_and_is_recorded(mined, data, tmp_path):
     with start_server(responder=Oracle(data), models=(MODEL,)) as server:
-        manifest = relabel(cfg(mined, tmp_path / "out", server, tmp_path, audit=10), log=lambda _: None)
+        manifest = relabel.run(cfg(mined, tmp_path / "out", server, tmp_path, audit=10), log=lambda _: None)
     audit = manifest.summary["audit"]
     assert audit["positives"] == 10 and audit["negatives"] == 10 and audit["failed"] == 0
     assert audit["recall"] == 1.0 and audit["passed"] and audit["kappa"] >= 0.4
@@ -63,7 +64,7 @@ def test_audit_that_disagrees_stops_before_any_full_run_request(mined, data, tmp
     wrong = Oracle(data, error_rate=1.0)  # every verdict the opposite of the qrels
     with start_server(responder=wrong, models=(MODEL,)) as server:
         with pytest.raises(AuditFailed, match="below --min-agreement"):
-            relabel(cfg(mined, tmp_path / "out", server, tmp_path, audit=10), log=lambda _: None)
+            relabel.run(cfg(mined, tmp_path / "out", server, tmp_path, audit=10), log=lambda _: None)
         received = server.stats()["received"]
         audit = json.loads((tmp_path / "out" / AUDIT_FILE).read_text())
         assert audit["kappa"] < 0 and not audit["passed"]

@@ -1,9 +1,10 @@
 """Every option of a stage command is a field of its pydantic config: same name, default and help, so an
-option is defined once. And the help reads literally (no markup eats `[vllm]`)."""
+option is defined once. And the help reads literally (no markup eats `[vllm]`), whole, at 80 columns."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from typer.testing import CliRunner
 
 from mpr.cli import app
 from mpr.commands.options import config_options, option_name
-from mpr.orchestrate.report import summary_value
 from pipeline.stages.evaluate import EvalConfig
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.mine import MineConfig
@@ -27,7 +27,7 @@ from train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Parameters that are no config field: what the command does around the stage, not what the stage does.
-OWN = {"quiet", "encoding", "help"}
+OWN = {"quiet", "encoding", "dry_run", "help"}
 COMMANDS: dict[str, type[BaseModel]] = {
     "mine": MineConfig, "ingest": IngestConfig, "relabel": RelabelConfig, "synth": SynthConfig,
     "train": TrainConfig, "eval": EvalConfig,
@@ -66,18 +66,25 @@ def test_no_default_is_written_in_a_command() -> None:
         assert "typer.Option(" not in source, f"mpr/commands/{name}.py declares its own option"
 
 
-def test_help_is_literal_at_80_columns() -> None:
+def _help(*argv: str) -> str:
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "mpr", "relabel", "--help"], capture_output=True, text=True, env=env,
-                         check=True).stdout
-    assert "'mpr[vllm]'" in out
-    out = subprocess.run([sys.executable, "-m", "mpr", "mine", "--help"], capture_output=True, text=True, env=env,
-                         check=True).stdout
-    assert "'mpr[faiss]'" in out
-    for name in COMMANDS:
-        out = subprocess.run([sys.executable, "-m", "mpr", name, "--help"], capture_output=True, text=True, env=env,
-                             check=True).stdout
-        assert max(len(line) for line in out.splitlines()) <= 80, name
+    return subprocess.run([sys.executable, "-m", "mpr", *argv, "--help"], capture_output=True, text=True, env=env, check=True).stdout
+
+
+def test_help_is_literal_and_whole_at_80_columns() -> None:
+    assert "'mpr[vllm]'" in _help("relabel")
+    assert "'mpr[faiss]'" in _help("mine")
+    for argv in [(), *((name,) for name in [*COMMANDS, "run", "inspect", "validate"])]:
+        out = _help(*argv)
+        assert max(len(line) for line in out.splitlines()) <= 80, argv
+        assert not [line for line in out.splitlines()[1:] if line.endswith("...")], argv  # nothing cut short
+        split = [line for line in out.splitlines() if re.search(r"\w-$", line)]
+        assert not split, (argv, split)  # an option or a hyphenated word is never broken at its hyphen
+    words = " ".join(_help().split())
+    group: Any = get_command(app)
+    for name, command in group.commands.items():
+        first = " ".join((command.help or "").split("\n\n")[0].split())
+        assert f"{name} {first}" in words, name  # the command list holds each command's whole first paragraph
 
 
 class Toy(BaseModel):
@@ -119,15 +126,6 @@ def test_config_options_renames_positionals_and_comma_lists(tmp_path: Path) -> N
 def test_config_options_refuses_unknown_fields() -> None:
     with pytest.raises(TypeError, match="no field"):
         config_options(Toy, exclude={"nope"})
-
-
-def test_report_numbers_by_kind() -> None:
-    assert summary_value("seconds", 105.0) == "105.0 s"
-    assert summary_value("train_seconds", 3.25) == "3.2 s"
-    assert summary_value("requests_per_s", 12.34) == "12.3/s"
-    assert summary_value("rows", 1234567) == "1,234,567"
-    assert summary_value("rows", 1234.0) == "1,234"
-    assert summary_value("tokens_out_per_passage", 0.123456) == "0.1235"
 
 
 def test_the_configs_load_without_torch() -> None:

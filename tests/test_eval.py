@@ -1,4 +1,4 @@
-"""Evaluation: ir_measures metrics against hand arithmetic, paired tests, and `evaluate` end to end on SciFact."""
+"""Evaluation: ir_measures metrics against hand arithmetic, paired tests, and the `mpr eval` stage end to end on SciFact."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from scipy import stats
 
 from pipeline.errors import MprError
+from pipeline.stages import evaluate
 from pipeline.stages.evaluate import (
     EvalConfig,
     EvalReport,
     IREvaluator,
     compute_metrics,
-    evaluate,
     format_table,
     paired_tests,
     relevant_queries,
@@ -154,7 +154,7 @@ def evaluated(scifact_test_slice, tmp_path_factory) -> tuple[EvalReport, Path, P
         json_out=out / "report.json",
         progress=False,
     )
-    return evaluate(cfg, log=lambda _: None), out / "run.trec", out / "report.json"
+    return evaluate.run(cfg, log=lambda _: None), out / "run.trec", out / "report.json"
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_ir_evaluator_matches_evaluate(encoder_path, tmp_path):
 
     root, _ = write_scifact_test_slice(tmp_path / "small", 10, 80)
     cfg = EvalConfig(data=root, max_seq_length=SEQ, depth=50, no_cache=True, progress=False)
-    expected = evaluate(cfg, log=lambda _: None).result.metrics
+    expected = evaluate.run(cfg, log=lambda _: None).result.metrics
     model = SentenceTransformer(encoder_path, device="cpu")
     model.max_seq_length = SEQ
     evaluator = IREvaluator(root, "test", name="scifact", depth=50)
@@ -245,11 +245,11 @@ def test_missing_split_and_model(tmp_path):
         {"test": [("q1", "d1", 1)]},
     )
     with pytest.raises(MprError, match="split 'dev' does not exist"):
-        evaluate(EvalConfig(data=root, split="dev", progress=False), log=lambda _: None)
+        evaluate.run(EvalConfig(data=root, split="dev", progress=False), log=lambda _: None)
     with pytest.raises(MprError, match="no-such-model: no such folder"):
-        evaluate(
+        evaluate.run(
             EvalConfig(model=str(tmp_path / "no-such-model"), data=root, no_cache=True, progress=False),
             log=lambda _: None,
         )
     with pytest.raises(MprError, match="no such data folder"):
-        evaluate(EvalConfig(data=tmp_path / "absent", progress=False), log=lambda _: None)
+        evaluate.run(EvalConfig(data=tmp_path / "absent", progress=False), log=lambda _: None)

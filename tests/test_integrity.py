@@ -236,12 +236,13 @@ def test_failure_line_and_max_failure_rate(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_example(tmp_path_factory, cache_dir):
-    from pipeline.stages.mine import MineConfig, mine
+    from pipeline.stages import mine
+    from pipeline.stages.mine import MineConfig
 
     from .conftest import EXAMPLE, SEQ
 
     out = tmp_path_factory.mktemp("mined-example") / "mined"
-    mine(MineConfig(data=EXAMPLE, split="train", out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=10, num_negatives=5,
+    mine.run(MineConfig(data=EXAMPLE, split="train", out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=10, num_negatives=5,
                     queries_per_shard=4, progress=False), log=lambda _: None)
     return out
 
@@ -456,7 +457,8 @@ def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_pat
 
 
 def test_eval_of_a_model_retrained_into_the_same_folder_reports_new_numbers(encoder_path, tmp_path):
-    from pipeline.stages.evaluate import EvalConfig, evaluate
+    from pipeline.stages import evaluate
+    from pipeline.stages.evaluate import EvalConfig
 
     from .conftest import EXAMPLE
 
@@ -464,7 +466,7 @@ def test_eval_of_a_model_retrained_into_the_same_folder_reports_new_numbers(enco
     shutil.copytree(encoder_path, model_dir)
 
     def run():
-        return evaluate(EvalConfig(data=EXAMPLE, model=str(model_dir), cache_dir=tmp_path / "emb", max_seq_length=64, progress=False),
+        return evaluate.run(EvalConfig(data=EXAMPLE, model=str(model_dir), cache_dir=tmp_path / "emb", max_seq_length=64, progress=False),
                         log=lambda _: None).result
 
     before = run()

@@ -9,14 +9,15 @@ from sentence_transformers import SentenceTransformer
 
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards
-from pipeline.stages.mine import MINE_SCHEMA, MineConfig, mine
+from pipeline.stages import mine
+from pipeline.stages.mine import MINE_SCHEMA, MineConfig
 
 from .conftest import SEQ
 
 
 def run_mine(data, out, cache_dir, **kw):
     cfg = MineConfig(data=data, out=out, cache_dir=cache_dir, max_seq_length=SEQ, progress=False, **kw)
-    return mine(cfg, log=lambda _: None)
+    return mine.run(cfg, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 
 from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import FAILURES, read_manifest, read_shards
-from pipeline.stages.relabel import RelabelConfig, relabel
-from pipeline.stages.synth import SynthConfig, synth
+from pipeline.stages import relabel, synth
+from pipeline.stages.relabel import RelabelConfig
+from pipeline.stages.synth import SynthConfig
 
 from .conftest import EXAMPLE
 from .handmade import handmade_mined, vaswani_slice
@@ -51,7 +52,7 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
             cfg = RelabelConfig(input=mined, out=tmp_path / engine, model=MODEL, base_url=[server.url],
                                 candidates="all", llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine,
                                 ray_processor="ray-llm")  # ray.data.llm's HTTP processor; synth below uses mpr's client in Ray actors
-            manifest = relabel(cfg, **quiet)
+            manifest = relabel.run(cfg, **quiet)
             sent[engine] = server.stats()["received"]
         outs[engine] = read_shards(tmp_path / engine)
         assert manifest.summary["llm_sent"] == sent[engine] > 0
@@ -62,7 +63,7 @@ def test_relabel_ray_equals_local_and_resumes_per_part(mined, data, tmp_path):
     with start_server(responder=Oracle(data), models=(MODEL,)) as server:
         cfg = RelabelConfig(input=mined, out=tmp_path / "ray", model=MODEL, base_url=[server.url],
                             candidates="all", llm_cache=tmp_path / "ray.sqlite", progress=False, engine="ray", ray_processor="ray-llm")
-        relabel(cfg, **quiet)
+        relabel.run(cfg, **quiet)
         assert server.stats()["received"] == 0
     assert read_shards(tmp_path / "ray").equals(outs["local"])
 
@@ -75,7 +76,7 @@ def test_synth_ray_equals_local_with_invalid_answers_and_verify(tmp_path):
         with start_server(responder=oracle, models=(MODEL,)) as server:
             cfg = SynthConfig(data=EXAMPLE, split="all", out=tmp_path / engine, model=MODEL, base_url=[server.url], lengths=[40],
                               verify=True, queries_per_shard=30, llm_cache=tmp_path / f"{engine}.sqlite", progress=False, engine=engine)
-            manifest = synth(cfg, **quiet)
+            manifest = synth.run(cfg, **quiet)
         outs[engine] = (read_shards(tmp_path / engine), manifest.summary)
     local, ray_ = outs["local"], outs["ray"]
     assert ray_[0].equals(local[0])

@@ -16,8 +16,9 @@ from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.inspection import inspect_shards, validate_shards
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards
-from pipeline.stages.mine import MineConfig, mine
-from pipeline.stages.relabel import RelabelConfig, expected_grades, relabel
+from pipeline.stages import mine, relabel
+from pipeline.stages.mine import MineConfig
+from pipeline.stages.relabel import RelabelConfig, expected_grades
 
 from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 
@@ -50,7 +51,7 @@ def hidden(truth_data, tmp_path_factory, cache_dir):
     kept = [(q, next(iter(judged)), 1) for q, judged in full.qrels.items()]
     data = write_beir(root / "data", read_jsonl(truth_data / "corpus.jsonl"), read_jsonl(truth_data / "queries.jsonl"), {"train": kept})
     mined = root / "mined"
-    mine(MineConfig(data=data, out=mined, cache_dir=cache_dir, max_seq_length=SEQ, depth=30, num_negatives=10, queries_per_shard=8, progress=False), log=lambda _: None)
+    mine.run(MineConfig(data=data, out=mined, cache_dir=cache_dir, max_seq_length=SEQ, depth=30, num_negatives=10, queries_per_shard=8, progress=False), log=lambda _: None)
     table = read_shards(mined).to_pandas()
     hidden_pairs = {(q, p) for q, judged in full.qrels.items() for p in list(judged)[1:]}
     candidates = {(q, p) for q, p in zip(table.qid, table.pid) if (q, p) in hidden_pairs}
@@ -71,7 +72,7 @@ def run(hidden_mined, out, server, tmp_path, **kw):
         kw.setdefault("batch_candidates", 10)
     cfg = RelabelConfig(input=hidden_mined, out=out, model=kw.pop("model", MODEL), base_url=[server.url], candidates="all",
                         max_candidates=100, progress=False, **kw)
-    return relabel(cfg, log=lambda _: None)
+    return relabel.run(cfg, log=lambda _: None)
 
 
 @pytest.mark.parametrize("mode", ["relabel", "drop", "drop-query", "graded"])
@@ -200,7 +201,7 @@ def test_passages_are_data(tmp_path, server):
               {"_id": "other", "title": "", "text": "Volcanoes erupt lava."}]
     data = write_beir(tmp_path / "data", corpus, [{"_id": "q", "text": "How do bees make honey?"}], {"train": [("q", "good", 1)]})
     oracle = Oracle(data)
-    mine(MineConfig(data=data, out=tmp_path / "mined", retriever="bm25", depth=3, num_negatives=2, progress=False), log=lambda _: None)
+    mine.run(MineConfig(data=data, out=tmp_path / "mined", retriever="bm25", depth=3, num_negatives=2, progress=False), log=lambda _: None)
     seen = []
 
     def spy(request):

@@ -9,7 +9,8 @@ import sys
 import time
 
 from pipeline.data.shards import read_manifest, read_shards
-from pipeline.stages.mine import MineConfig, mine
+from pipeline.stages import mine
+from pipeline.stages.mine import MineConfig
 
 from .conftest import SEQ
 
@@ -38,7 +39,7 @@ def kill_when(out, ready, timeout=240.0, *, args):
 
 def test_sigkill_mid_run_then_resume_gives_identical_shards(scifact_small, cache_dir, tmp_path):
     reference = tmp_path / "reference"
-    mine(MineConfig(data=scifact_small, out=reference, cache_dir=cache_dir, max_seq_length=SEQ, queries_per_shard=1, depth=30,
+    mine.run(MineConfig(data=scifact_small, out=reference, cache_dir=cache_dir, max_seq_length=SEQ, queries_per_shard=1, depth=30,
                     num_negatives=4, sampling="random", progress=False), log=lambda _: None)
     out = tmp_path / "killed"
     seen = kill_when(out, lambda m: m is not None and len(m.shards) >= 2 and not m.complete, args=mine_args(scifact_small, out, cache_dir))

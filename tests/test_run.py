@@ -51,6 +51,17 @@ def test_one_positive_threshold_in_every_stage_table(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "synth.positive_level" in result.output and not (tmp_path / "runs").exists()
 
 
+def test_dry_run_plans_the_stages_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(EXAMPLE_TOML), "--dry-run", "--set", f"out={json.dumps(str(out))}"])
+    assert result.exit_code == 0, result.output
+    assert "mine --dry-run" in result.output and re.search(r"^  queries\s+20$", result.output, re.M)
+    assert f"relabel: reads {out / 'mined'}, which mine writes first" in result.output  # planned once mine has run
+    assert "synth --dry-run" in result.output and re.search(r"^  requests\s+20$", result.output, re.M)
+    assert f"train: {out / 'model-lsepair'}" in result.output and "eval --dry-run" in result.output
+    assert not out.exists()
+
+
 def test_example_experiment_end_to_end(tmp_path, cache_dir):
     out = tmp_path / "run"
     args = ["run", str(EXAMPLE_TOML), "-q", "--set", f"out={json.dumps(str(out))}", "--set", f"mine.cache_dir={json.dumps(str(cache_dir))}",
@@ -66,7 +77,7 @@ def test_example_experiment_end_to_end(tmp_path, cache_dir):
     report = (out / "report.md").read_text()
     for part in ("NOT a language model", "### mine", "### relabel", "0 -> 1", "### synth", "model-lsepair", "ndcg@10"):
         assert part in report, part
-    assert re.search(r"\| seconds \| [\d,]+\.\d s \|", report) and re.search(r"\| rows_out \| [\d,]+ \|", report)  # numbers by kind
+    assert re.search(r"\| seconds \| ([\d.]+ s|\d+ min \d\d s) \|", report) and re.search(r"\| rows_out \| [\d,]+ \|", report)  # numbers by kind
     assert (out / "model-lsepair-training.png").exists() and (out / "eval-lsepair.json").exists()
 
     again = runner.invoke(app, [*args, "--only", "mine,relabel,train"])

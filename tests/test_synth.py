@@ -22,6 +22,7 @@ from mpr.simulated_judge import SYNTH_MARKERS, Oracle, start_server
 from pipeline.data.inspection import inspect_shards, validate_shards
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards
+from pipeline.stages import synth
 from pipeline.stages.synth import (
     DEFAULT_LENGTHS,
     DEFAULT_STYLES,
@@ -31,7 +32,6 @@ from pipeline.stages.synth import (
     check_answer,
     plan_sets,
     spearman,
-    synth,
     word_bounds,
 )
 
@@ -67,7 +67,7 @@ def server():
 
 def run(out: Path, url: str, cache: Path, **kw):
     kw.setdefault("data", EXAMPLE)
-    return synth(SynthConfig(out=out, model=MODEL, base_url=[url], llm_cache=cache, progress=False, **kw), log=lambda _: None)
+    return synth.run(SynthConfig(out=out, model=MODEL, base_url=[url], llm_cache=cache, progress=False, **kw), log=lambda _: None)
 
 
 def sets_of(df: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:

@@ -107,11 +107,12 @@ def test_groups_refuse_data_without_positives(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_slice(tmp_path_factory, cache_dir):
-    from pipeline.stages.mine import MineConfig, mine
+    from pipeline.stages import mine
+    from pipeline.stages.mine import MineConfig
 
     data = scifact_slice(tmp_path_factory.mktemp("train-data") / "scifact", n_queries=48, n_docs=300)
     out = tmp_path_factory.mktemp("train-mined") / "mined"
-    mine(MineConfig(data=data, out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=20, num_negatives=6, progress=False), log=lambda _: None)
+    mine.run(MineConfig(data=data, out=out, cache_dir=cache_dir, max_seq_length=SEQ, depth=20, num_negatives=6, progress=False), log=lambda _: None)
     return out
 
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from mpr.cli import app
 from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.shards import read_shards
-from pipeline.stages.relabel import RelabelConfig, relabel
+from pipeline.stages import relabel
+from pipeline.stages.relabel import RelabelConfig
 
 from .handmade import handmade_mined, vaswani_slice
 
@@ -37,7 +38,7 @@ def server(data):
 def run(mined, out, server, tmp_path, **kw):
     cfg = RelabelConfig(input=mined, out=out, model=MODEL, base_url=[server.url], candidates="all", llm_cache=tmp_path / "llm.sqlite",
                         progress=False, **kw)
-    manifest = relabel(cfg, log=lambda _: None)
+    manifest = relabel.run(cfg, log=lambda _: None)
     return manifest, read_shards(out).to_pandas()
 
 

@@ -12,11 +12,16 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.errors import FailedItems, MprError
+from pipeline.formatting import number, summary_value
 from pipeline.redact import read_key, redact, redact_logging
+from pipeline.stages.plan import StagePlan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Print what the command would read and write (queries, parts; for an LLM stage its requests and "
+    "tokens), and stop: nothing is sent, encoded or written.")]
 
 # Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
 # (output complete and resumable: rerun the same command to retry exactly those).
@@ -114,21 +119,30 @@ def log(message: str) -> None:
     typer.echo(redact(message), err=True)
 
 
+def _shown(key: str, value: Any) -> str:
+    return summary_value(key, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def print_summary(stage: str, out: Path, summary: dict[str, Any]) -> None:
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict) and v not in (0, None)}
     typer.echo(redact(f"{stage}: wrote {out}"))
     width = max((len(k) for k in flat), default=0)
     for key, value in flat.items():
-        typer.echo(f"  {key:<{width}}  {value:,}" if isinstance(value, int) else f"  {key:<{width}}  {value}")
+        typer.echo(f"  {key:<{width}}  {_shown(key, value)}")
     for key, value in summary.items():
         if isinstance(value, dict) and value:
             typer.echo(f"  {key:<{width}}  " + ", ".join(f"{k}={v}" for k, v in value.items()))
 
 
-def print_dry_run(stage: str, estimate: dict[str, Any]) -> None:
-    typer.echo(f"{stage} --dry-run: nothing was sent")
-    for key, value in estimate.items():
-        typer.echo(f"  {key:<28} {value:,}" if isinstance(value, int) else f"  {key:<28} {value}")
+def print_plan(plan: StagePlan) -> None:
+    """What `--dry-run` prints: the stage's plan, one `name  value` line each."""
+    typer.echo(f"{plan.stage} --dry-run: nothing was sent or written")
+    for key, value in plan.rows():
+        items = value if isinstance(value, list) else [number(value, "count") if isinstance(value, int) else value]
+        for i, item in enumerate(items):  # a list: one item a line
+            typer.echo(redact(f"  {key if i == 0 else '':<28} {item}"))
+    for note in plan.notes:
+        typer.echo(redact(f"  note: {note}"))
 
 
 def exit_on_failures(stage: str, out: Path, summary: dict[str, Any], max_rate: float) -> None:

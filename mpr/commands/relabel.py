@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpr.commands._common import Quiet, exit_on_failures, log, one_line_errors, print_dry_run, print_summary
+from mpr.commands._common import (
+    DryRun,
+    Quiet,
+    exit_on_failures,
+    log,
+    one_line_errors,
+    print_plan,
+    print_summary,
+)
 from mpr.commands.options import config_options
 from pipeline.stages.relabel import RelabelConfig
 
@@ -15,7 +23,7 @@ INTERNAL = {"progress", "max_attempts", "max_positives_shown", "max_passage_char
 
 @one_line_errors
 @config_options(RelabelConfig, exclude=INTERNAL, flags={"input": "--in"})
-def relabel(quiet: Quiet = False, **options: Any) -> None:
+def relabel(dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> None:
     """Ask an LLM which mined negatives are really relevant: relabel, drop, or grade them.
 
     Example: mpr relabel --in runs/x/mined --out runs/x/relabeled --model Qwen2.5-7B --base-url http://localhost:8000/v1
@@ -26,12 +34,12 @@ def relabel(quiet: Quiet = False, **options: Any) -> None:
     checks.out_folder(options["out"])
     checks.distinct(options["input"], options["out"])
     checks.out_file(options["llm_cache"], "--llm-cache")
-    from pipeline.stages.relabel import relabel as run_relabel
+    from pipeline.stages import relabel as stage
 
     cfg = RelabelConfig(**options, progress=not quiet)
-    result = run_relabel(cfg, log=log)
-    if isinstance(result, dict):
-        print_dry_run("relabel", result)
+    if dry_run:
+        print_plan(stage.plan(cfg))
         return
-    print_summary("relabel", cfg.out, {k: v for k, v in result.summary.items() if k != "audit"})  # the audit printed its own line
-    exit_on_failures("relabel", cfg.out, result.summary, cfg.max_failure_rate)
+    manifest = stage.run(cfg, log=log)
+    print_summary("relabel", cfg.out, {k: v for k, v in manifest.summary.items() if k != "audit"})  # the audit printed its own line
+    exit_on_failures("relabel", cfg.out, manifest.summary, cfg.max_failure_rate)

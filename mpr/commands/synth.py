@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from mpr.commands._common import (
+    DryRun,
     Encoding,
     Quiet,
     exit_on_failures,
     log,
     one_line_errors,
-    print_dry_run,
+    print_plan,
     print_summary,
 )
 from mpr.commands.options import config_options
@@ -24,7 +25,7 @@ SHOWN = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropp
 
 @one_line_errors
 @config_options(SynthConfig, exclude={"progress", "max_attempts"}, comma_lists={"styles", "lengths"})
-def synth(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> None:
+def synth(encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> None:
     """Write synthetic passages at graded relevance levels for each query (after SyCL).
 
     Example: mpr synth --data data/example --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
@@ -41,12 +42,12 @@ def synth(encoding: Encoding = None, quiet: Quiet = False, **options: Any) -> No
         checks.distinct(from_shards, out, "--from-shards")
     checks.out_folder(out)
     checks.out_file(options["llm_cache"], "--llm-cache")
-    from pipeline.stages.synth import synth as run_synth
+    from pipeline.stages import synth as stage
 
     cfg = SynthConfig(**options, progress=not quiet)
-    result = run_synth(cfg, log=log)
-    if isinstance(result, dict):
-        print_dry_run("synth", result)
+    if dry_run:
+        print_plan(stage.plan(cfg))
         return
-    print_summary("synth", cfg.out, {k: result.summary[k] for k in SHOWN if k in result.summary})
-    exit_on_failures("synth", cfg.out, result.summary, cfg.max_failure_rate)
+    manifest = stage.run(cfg, log=log)
+    print_summary("synth", cfg.out, {k: manifest.summary[k] for k in SHOWN if k in manifest.summary})
+    exit_on_failures("synth", cfg.out, manifest.summary, cfg.max_failure_rate)

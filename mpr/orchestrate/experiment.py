@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.data.shards import Manifest
 from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact, refuse_userinfo
 from pipeline.stages.audit import AuditFailed
@@ -30,6 +29,7 @@ from pipeline.stages.audit import AuditFailed
 if TYPE_CHECKING:
     from pipeline.stages.evaluate import EvalConfig
     from pipeline.stages.mine import MineConfig
+    from pipeline.stages.plan import StagePlan
     from pipeline.stages.relabel import RelabelConfig
     from pipeline.stages.synth import SynthConfig
     from train.config import TrainConfig
@@ -213,24 +213,62 @@ class Experiment:
         return train_cfg, eval_cfg
 
 
-def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = (), progress: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
-    """Run the file's stages (or `only` those), then write RUN/report.md; returns the report's path."""
+def _checked(path: Path, only: list[str] | None, overrides: Sequence[str], progress: bool) -> tuple[Experiment, list[Stage]]:
+    """The experiment and the stages to run, every stage's options checked (nothing is written)."""
     spec = load_run_file(path, list(overrides))
     unknown = [s for s in (only or []) if s not in STAGES]
     if unknown:
         raise MprError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
     stages = [s for s in STAGES if s in spec.stages and (not only or s in only)]
     experiment = Experiment(spec, progress=progress)
-    placeholder = "http://127.0.0.1:9/v1" if spec.llm.test_server and not spec.llm.base_url else None
-    for stage in stages:  # every option is checked before anything is written
+    for stage in stages:
         try:
-            experiment.config(stage, placeholder)
+            experiment.config(stage, _placeholder(spec))
         except ValidationError as exc:
             first = exc.errors()[0]
             raise key_error(path, [stage, *(str(p) for p in first["loc"])], first["msg"]) from None
     if spec.single_positive and ("train" in stages or "eval" in stages):
         experiment.single_positive_configs()
+    return experiment, stages
+
+
+def _placeholder(spec: RunFile) -> str | None:
+    """The base URL the configs are checked with before the test server runs (nothing is sent to it)."""
+    return "http://127.0.0.1:9/v1" if spec.llm.test_server and not spec.llm.base_url else None
+
+
+def plan_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = ()) -> list[StagePlan | str]:
+    """What `run_experiment` would do, stage by stage: the stage's plan, or a line where the stage has no plan
+    (train) or reads a folder an earlier stage has yet to write."""
+    from pipeline.stages import evaluate, mine, relabel, synth
+
+    experiment, stages = _checked(path, only, overrides, progress=False)
+    plans: list[StagePlan | str] = []
+    for stage in stages:
+        cfg = experiment.config(stage, _placeholder(experiment.spec))
+        if stage == "mine":
+            plans.append(mine.plan(cast("MineConfig", cfg)))
+        elif stage == "relabel":
+            source = cast("RelabelConfig", cfg).input
+            plans.append(relabel.plan(cast("RelabelConfig", cfg)) if source.is_dir() else
+                         f"relabel: reads {source}, which mine writes first; planned once it exists")
+        elif stage == "synth":
+            plans.append(synth.plan(cast("SynthConfig", cfg)))
+        elif stage == "train":
+            trained = cast("TrainConfig", cfg)
+            plans.append(f"train: {trained.out} from {', '.join(map(str, trained.data))} (loss {trained.loss})")
+        else:
+            plans.append(evaluate.plan(cast("EvalConfig", cfg)))
+        if experiment.spec.single_positive and stage in ("train", "eval"):
+            plans.append(f"{stage}: also the single-positive reference, {experiment.out / f'model-{SINGLE_POSITIVE}'}")
+    return plans
+
+
+def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = (), progress: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Run the file's stages (or `only` those), then write RUN/report.md; returns the report's path."""
+    experiment, stages = _checked(path, only, overrides, progress)
+    spec = experiment.spec
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "experiment.toml").write_text(redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n")
     with ExitStack() as stack:
@@ -266,17 +304,16 @@ def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> Any:
     """Run one stage from its config: the runner `mpr run` and `mpr study` share. Returns the stage's manifest
     (mine, relabel, synth), the training summary (train) or the evaluation report (eval)."""
     if stage == "mine":
-        from pipeline.stages.mine import mine
+        from pipeline.stages import mine
 
-        return mine(cast("MineConfig", cfg), log=log)
+        return mine.run(cast("MineConfig", cfg), log=log)
     if stage in ("relabel", "synth"):
         from pipeline.llm.stage import failure_line
-        from pipeline.stages.relabel import relabel
-        from pipeline.stages.synth import synth
+        from pipeline.stages import relabel, synth
 
         llm_cfg = cast("RelabelConfig | SynthConfig", cfg)
-        manifest = relabel(cast("RelabelConfig", cfg), log=log) if stage == "relabel" else synth(cast("SynthConfig", cfg), log=log)
-        line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate) if isinstance(manifest, Manifest) else None
+        manifest = relabel.run(cast("RelabelConfig", cfg), log=log) if stage == "relabel" else synth.run(cast("SynthConfig", cfg), log=log)
+        line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate)
         if line:  # the later stages would train on what is missing; a rerun retries exactly those items
             raise FailedItems(line)
         return manifest
@@ -295,8 +332,8 @@ def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> Any:
             log(f"{cfg.out}: already trained with these options; nothing to do")
             return json.loads(record.read_text())["summary"]
         return train(cfg, log=log)
-    from pipeline.stages.evaluate import evaluate, format_table
+    from pipeline.stages import evaluate
 
-    report = evaluate(cast("EvalConfig", cfg), log=log)
-    log(format_table(report))
+    report = evaluate.run(cast("EvalConfig", cfg), log=log)
+    log(evaluate.format_table(report))
     return report

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from mpr import __version__
 from pipeline.data.shards import read_manifest, shard_files
+from pipeline.formatting import number, summary_value
 from pipeline.redact import redact
 from pipeline.stages.audit import report_lines as audit_report_lines
 
@@ -31,22 +32,10 @@ def _hardware() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
-def summary_value(key: str, value: float) -> str:
-    """A stage summary's number by its kind: time in seconds, a rate per second, a count with thousands
-    separators, anything else (a share, a mean) with 4 decimals."""
-    if key == "seconds" or key.endswith("_seconds") or (key.endswith("_s") and not key.endswith("per_s")):
-        return f"{value:,.1f} s"
-    if key.endswith("per_s"):
-        return f"{value:,.1f}/s"
-    if isinstance(value, int) or float(value).is_integer():
-        return f"{int(value):,}"
-    return f"{value:.4f}"
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> list[str]:
-    """A Markdown table; ints get thousands separators, floats (metrics) 4 decimals."""
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """A Markdown table of cells already formatted (`pipeline.formatting.number`)."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(f"{c:,}" if isinstance(c, int) else f"{c:.4f}" if isinstance(c, float) else str(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
 
 
@@ -56,12 +45,8 @@ def _stage_section(name: str, folder: Path) -> list[str]:
         return []
     summary = {k: v for k, v in manifest.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v}
     lines = [f"### {name}: `{folder}`", "", f"{len(manifest.shards)} part(s), complete: {manifest.complete}.", ""]
-    lines += _table([[k, summary_value(k, v)] for k, v in summary.items()], ["count", "value"])
+    lines += _table([[k, summary_value(k, v)] for k, v in summary.items()], ["summary", "value"])
     return [*lines, ""]
-
-
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _label_changes(folder: Path, simulated: bool = False) -> list[str]:
@@ -71,7 +56,7 @@ def _label_changes(folder: Path, simulated: bool = False) -> list[str]:
         for prior, label, error in zip(*(table.column(c).to_pylist() for c in ("prior_label", "label", "error"))):
             after = "failed" if error else "null" if label is None else str(label)
             changes[("null" if prior is None else str(prior), after)] += 1
-    rows = [[f"{a} -> {b}", n] for (a, b), n in sorted(changes.items())]
+    rows = [[f"{a} -> {b}", number(n, "count")] for (a, b), n in sorted(changes.items())]
     judge = "the SIMULATED judge (an oracle over the qrels, not an LLM)" if simulated else "the LLM"
     return [f"How {judge} changed the labels (label before -> after; rows the mode dropped are not listed):", "", *_table(rows, ["change", "rows"]), ""]
 
@@ -97,16 +82,12 @@ def _training_curve(record: dict[str, Any], png: Path) -> bool:
     return True
 
 
-def _p(value: float | None) -> str:
-    return "-" if value is None else "<0.0001" if value < 1e-4 else f"{value:.4f}"
-
-
 SATURATED = 0.99  # both scores at or above: the collection is too easy to tell the models apart
 MIN_QUERIES = 10  # fewer paired queries: too few for a test (a randomization test needs 6 to reach p < 0.05 at all)
 ALPHA = 0.05
 
 
-def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int) -> tuple[list[Any], str]:
+def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int) -> tuple[list[str], str]:
     """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
     from pipeline.stages.evaluate import paired_tests
 
@@ -117,19 +98,20 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
     delta = mean_a - mean_b
     p_t, p_r = paired_tests(xs, ys)
     wins, losses = sum(x > y for x, y in zip(xs, ys)), sum(x < y for x, y in zip(xs, ys))
-    row = [f"{name_a} vs {name_b}", mean_a, mean_b, f"{delta:+.4f}", f"{wins}/{losses}/{len(qids) - wins - losses}",
-           _p(p_r), _p(p_t)]
-    words = f"{name_a} vs {name_b}: nDCG@10 {mean_a:.4f} vs {mean_b:.4f} ({delta:+.4f}) over {len(qids)} held-out queries; "
+    row = [f"{name_a} vs {name_b}", number(mean_a, "metric"), number(mean_b, "metric"), number(delta, "delta"),
+           f"{wins}/{losses}/{len(qids) - wins - losses}", number(p_r, "p"), number(p_t, "p")]
+    words = (f"{name_a} vs {name_b}: nDCG@10 {number(mean_a, 'metric')} vs {number(mean_b, 'metric')} ({number(delta, 'delta')}) "
+             f"over {number(len(qids), 'count')} held-out queries; ")
     if len(qids) < MIN_QUERIES:
         words += f"WARNING: {len(qids)} queries are too few for a paired test (at least {MIN_QUERIES} needed); no conclusion."
     elif p_r is not None and p_r < ALPHA:
         better = name_a if delta > 0 else name_b
-        words += (f"the difference is significant (paired randomization test p = {p_r:.4f}): {better} is better"
+        words += (f"the difference is significant (paired randomization test p = {number(p_r, 'p')}): {better} is better"
                   + (f", and it stays significant after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
                      if tests > 1 and p_r < ALPHA / tests else
                      f", though not after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})." if tests > 1 else "."))
     else:
-        words += (f"the difference is NOT significant (p = {p_r:.4f} >= {ALPHA}): this data cannot tell them apart."
+        words += (f"the difference is NOT significant (p = {number(p_r, 'p')} >= {ALPHA}): this data cannot tell them apart."
                   if p_r is not None else "no test possible.")
     if xs and mean_a >= SATURATED and mean_b >= SATURATED:
         words += f" WARNING: both scores are >= {SATURATED}: saturated, the collection is too easy to separate them."
@@ -158,7 +140,7 @@ def _comparison_section(out: Path, main_eval: Path) -> list[str]:
         rows.append(row)
         words.append(f"- {sentence}")
     lines = ["## Does relabeling help? Zero-shot, single-positive and relabeled models", "",
-             f"nDCG@10 on the {ev['queries']:,} held-out queries of `{ev['data']}` ({ev['split']}); wins/losses/ties count "
+             f"nDCG@10 on the {number(ev['queries'], 'count')} held-out queries of `{ev['data']}` ({ev['split']}); wins/losses/ties count "
              "queries; p: two-sided paired randomization test over queries (t-test beside it).", ""]
     lines += _table(rows, ["comparison", "first", "second", "delta", "wins/losses/ties", "p (randomization)", "p (paired t)"])
     return [*lines, "", *words, ""]
@@ -204,24 +186,24 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         record = json.loads(record_path.read_text())
         s = record["summary"]
         lines += [f"## Training: `{model_dir.name}`", "",
-                  f"Loss `{record['config']['loss']}`, {s['groups']:,} groups, {s['steps']:,} steps, "
-                  f"loss {_loss(s['first_loss'])} -> {_loss(s['final_loss'])}, {summary_value('seconds', s['seconds'])}.", ""]
+                  f"Loss `{record['config']['loss']}`, {number(s['groups'], 'count')} groups, {number(s['steps'], 'count')} steps, "
+                  f"loss {number(s['first_loss'], 'metric')} -> {number(s['final_loss'], 'metric')}, {number(s['seconds'], 'seconds')}.", ""]
         png = out / f"{model_dir.name}-training.png"
         if _training_curve(record, png):
             lines += [f"![training loss]({png.name})", ""]
         report = out / f"eval-{record['config']['loss']}.json"
         if report.exists():
             ev = json.loads(report.read_text())
-            lines += [f"### Evaluation on `{ev['data']}` ({ev['split']}, {ev['queries']:,} queries)", ""]
+            lines += [f"### Evaluation on `{ev['data']}` ({ev['split']}, {number(ev['queries'], 'count')} queries)", ""]
             if ev.get("comparison"):
-                rows = [[c["metric"], c["model"], c["baseline"], f"{c['delta']:+.4f}", c["p_ttest"] if c["p_ttest"] is not None else "-"]
-                        for c in ev["comparison"]]
+                rows = [[c["metric"], number(c["model"], "metric"), number(c["baseline"], "metric"), number(c["delta"], "delta"),
+                         number(c["p_ttest"], "p")] for c in ev["comparison"]]
                 lines += _table(rows, ["metric", model_dir.name, f"start ({ev['baseline']['model']})", "delta", "p (paired t)"])
                 ndcg = lambda r: {q: m["ndcg@10"] for q, m in r["per_query"].items()}  # noqa: E731
                 _, sentence = _pair_sentence(model_dir.name, ndcg(ev["result"]), "the starting model", ndcg(ev["baseline"]), 1)
                 lines += ["", sentence]
             else:
-                lines += _table([[m, v] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])
+                lines += _table([[m, number(v, "metric")] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])
             lines.append("")
     if spec.single_positive:
         loss = cast("TrainConfig", experiment.config("train")).loss

@@ -24,7 +24,7 @@ class LLMStageConfig(RayOptions):
     model_config = ConfigDict(extra="forbid")
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
         "backend", "base_url", "api_key_env", "concurrency", "http_client", "timeout", "max_attempts", "max_invalid_retries",
-        "shard", "llm_cache", "dry_run", "overwrite", "progress", "max_failure_rate", "verify_inputs",
+        "shard", "llm_cache", "overwrite", "progress", "max_failure_rate", "verify_inputs",
     }) | RAY_KEYS
 
     backend: Literal["auto", "openai", "vllm"] = Field(
@@ -45,7 +45,6 @@ class LLMStageConfig(RayOptions):
         None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")
     queries_per_shard: int = Field(1000, ge=1, description="Queries per output part (the unit of resumption and of --shard).")
     llm_cache: Path | None = Field(None, description="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")
-    dry_run: bool = Field(False, description="Count requests and tokens, send nothing.")
     overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
     progress: bool = True
     max_failure_rate: float = Field(

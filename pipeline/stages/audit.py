@@ -33,8 +33,10 @@ from pydantic import BaseModel, Field
 
 from pipeline.data.shards import write_json_atomic
 from pipeline.errors import MprError
+from pipeline.formatting import number
 
 if TYPE_CHECKING:
+    from pipeline.stages.plan import StagePlan
     from pipeline.stages.relabel import RelabelConfig, Relabeler, Verdict
 
 AUDIT_FILE = "_audit.json"
@@ -159,7 +161,7 @@ def _other_positives(files: list[Path], qids: set[str], audited: set[tuple[str, 
     return out
 
 
-def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_run: Callable[[], dict[str, Any]],
+def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_run: Callable[[], StagePlan],
               *, log: Callable[[str], None]) -> dict[str, Any]:
     """Judge the sample with the stage's own judge; the result, also written to `_audit.json`.
     Raises `AuditFailed` when kappa is below `min_agreement` and `force` is not set."""
@@ -199,7 +201,7 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     log(describe(result))
     if not result["passed"] and not cfg.force:
         raise AuditFailed(
-            f"audit: the judge agrees with the known labels at Cohen's kappa {_fmt(kappa)} (95% CI {result['kappa_ci']}), "
+            f"audit: the judge agrees with the known labels at Cohen's kappa (95% CI) {_fmt(kappa, result['kappa_ci'])}, "
             f"below --min-agreement {cfg.min_agreement:g}; precision {_fmt(result['precision'])}, recall {_fmt(result['recall'])} "
             f"on {len(pairs)} judged pairs. Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
             f"~{result['projected']['total_tokens']:,} tokens). Check the model and prompt, or pass --force. Details: {cfg.out / AUDIT_FILE}"
@@ -221,27 +223,29 @@ def _confirm(relabeler: Relabeler, items: list[tuple[str, list[dict], list[dict]
     return verdicts
 
 
-def _project(estimate: dict[str, Any], stats: dict[str, int]) -> dict[str, Any]:
-    """The full run's requests and tokens: dry-run prompt tokens, completion tokens per request as measured."""
-    requests = int(estimate.get("requests", 0))
+def _project(estimate: StagePlan, stats: dict[str, int]) -> dict[str, Any]:
+    """The full run's requests and tokens: the plan's prompt tokens, completion tokens per request as measured."""
+    requests = estimate.requests or 0
     sent = stats.get("llm_sent", 0)
     if sent and stats.get("llm_completion_tokens", 0):
         completion = round(stats["llm_completion_tokens"] / sent * requests)
         basis = "measured on the audit's answers"
     else:
-        completion = int(estimate.get("max_completion_tokens", 0))
+        completion = estimate.max_completion_tokens or 0
         basis = "the request limit (the audit's answers came from the cache)"
-    prompt = int(estimate.get("prompt_tokens", 0))
-    out = {"requests": requests, "candidates": int(estimate.get("candidates", 0)), "prompt_tokens": prompt,
+    prompt = estimate.prompt_tokens or 0
+    out = {"requests": requests, "candidates": estimate.candidates or 0, "prompt_tokens": prompt,
            "completion_tokens": completion, "total_tokens": prompt + completion, "completion_basis": basis,
-           "token_counts": estimate.get("token_counts")}
-    if estimate.get("note"):
-        out["note"] = estimate["note"]
+           "token_counts": estimate.token_counts}
+    if estimate.notes:
+        out["note"] = "; ".join(estimate.notes)
     return out
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, interval: list[float] | tuple[float, float] | None = None) -> str:
+    """A metric, with its 95% interval when given; "n/a" where it is undefined."""
+    text = "n/a" if value is None else number(value, "metric")
+    return text if interval is None else f"{text} [{number(interval[0], 'metric')}, {number(interval[1], 'metric')}]"
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -249,8 +253,8 @@ def describe(result: dict[str, Any]) -> str:
     verdict = "passed" if result["passed"] else ("below --min-agreement, run forced" if result["forced"] else "FAILED")
     return (
         f"audit: {result['positives']} known positives, {result['negatives']} likely negatives, {result['failed']} failed; "
-        f"precision {_fmt(result['precision'])} {result['precision_ci']}, recall {_fmt(result['recall'])} {result['recall_ci']}, "
-        f"kappa {_fmt(result['kappa'])} {result['kappa_ci']} (min {result['min_agreement']:g}): {verdict}. "
+        f"precision {_fmt(result['precision'], result['precision_ci'])}, recall {_fmt(result['recall'], result['recall_ci'])}, "
+        f"kappa {_fmt(result['kappa'], result['kappa_ci'])} (min {result['min_agreement']:g}): {verdict}. "
         f"Full run: {p['requests']:,} requests, ~{p['prompt_tokens']:,} prompt + ~{p['completion_tokens']:,} completion tokens"
     )
 
@@ -269,9 +273,9 @@ def report_lines(folder: Path) -> list[str]:
     verdict = "passed" if result["passed"] else ("below the minimum; run forced" if result["forced"] else "**failed: the run stopped before the full run**")
     rows = [
         ("known positives / likely negatives judged", f"{result['positives']} / {result['negatives']} ({result['failed']} failed)"),
-        ("precision (95% CI)", f"{_fmt(result['precision'])} {result['precision_ci']}"),
-        ("recall (95% CI)", f"{_fmt(result['recall'])} {result['recall_ci']}"),
-        ("Cohen's kappa (95% CI)", f"{_fmt(result['kappa'])} {result['kappa_ci']}"),
+        ("precision (95% CI)", f"{_fmt(result['precision'], result['precision_ci'])}"),
+        ("recall (95% CI)", f"{_fmt(result['recall'], result['recall_ci'])}"),
+        ("Cohen's kappa (95% CI)", f"{_fmt(result['kappa'], result['kappa_ci'])}"),
         ("minimum kappa", f"{result['min_agreement']:g}: {verdict}"),
         ("full run: requests", f"{p['requests']:,}"),
         ("full run: prompt + completion tokens", f"{p['prompt_tokens']:,} + {p['completion_tokens']:,} ({p['completion_basis']})"),

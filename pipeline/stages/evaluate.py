@@ -1,4 +1,4 @@
-"""Retrieval evaluation on a BEIR split: `evaluate` (the `mpr eval` stage) and `IREvaluator` (for trainers).
+"""Retrieval evaluation on a BEIR split: `plan` and `run` (the `mpr eval` stage) and `IREvaluator` (for trainers).
 
 The metrics are computed by ir_measures on the queries of the split that have at least one judgment
 >= 1 (queries with only grade-0 judgments have no defined nDCG/MRR/recall and are counted as skipped):
@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.readers import BeirDataset, load_beir
 from pipeline.errors import MprError
+from pipeline.formatting import number
 from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import exact_topk
 
 MEASURES: dict[str, Any] = {
@@ -286,10 +288,7 @@ def _write_text(path: Path, text: str) -> None:
         raise MprError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
-    """Encode the corpus and the evaluated queries of a BEIR split, search exactly to `depth`, score the run;
-    with a baseline, the same for it plus per-metric differences and paired significance tests."""
-    started = time.perf_counter()
+def _load(cfg: EvalConfig) -> tuple[BeirDataset, list[str]]:
     for path in (cfg.json_out, cfg.run_out):
         if path is not None and path.is_dir():
             raise MprError(f"{path}: is a folder; give a file name")
@@ -297,6 +296,25 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     qids = relevant_queries(ds.qrels)
     if not qids:
         raise MprError(f"{ds.files['qrels']}: no query has a judgment >= 1")
+    return ds, qids
+
+
+def plan(cfg: EvalConfig) -> StagePlan:
+    """The queries, corpus and models `run` would evaluate, from the data alone (no model is loaded)."""
+    ds, qids = _load(cfg)
+    skipped = len(ds.qrels) - len(qids)
+    notes = [f"{skipped:,} judged queries without a judgment >= 1 are skipped"] if skipped else []
+    notes += [f"writes {what} to {path}" for what, path in (("the report", cfg.json_out), ("the run", cfg.run_out)) if path is not None]
+    return StagePlan(stage="eval", out=None, inputs=[str(p) for p in ds.files.values()], queries=len(qids), corpus=len(ds.corpus),
+                     models=[m for m in (cfg.model, cfg.baseline) if m is not None], notes=notes)
+
+
+def run(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> EvalReport:
+    """Encode the corpus and the evaluated queries of a BEIR split, search exactly to `depth`, score the run;
+    with a baseline, the same for it plus per-metric differences and paired significance tests. The stage
+    writes no shards, so it returns its report (written to `json_out` as well when that is set)."""
+    started = time.perf_counter()
+    ds, qids = _load(cfg)
     skipped = len(ds.qrels) - len(qids)
     depth = min(cfg.depth, len(ds.corpus))
     log(
@@ -336,32 +354,27 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     return report
 
 
-def _p(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
-
-
 def format_table(report: EvalReport) -> str:
     """Metrics as rows; with a baseline, its column, the delta and both p-values."""
     lines = [
-        f"{report.data} ({report.split}): {report.queries:,} queries, {report.corpus_size:,} passages, depth {report.depth:,}",
+        f"{report.data} ({report.split}): {number(report.queries, 'count')} queries, {number(report.corpus_size, 'count')} passages, "
+        f"depth {number(report.depth, 'count')}",
         f"model     {report.result.model}",
     ]
     if report.baseline is None:
         header = ["metric", "model"]
-        rows = [[LABELS[k], f"{report.result.metrics[k]:.4f}"] for k in MEASURES]
+        rows = [[LABELS[k], number(report.result.metrics[k], "metric")] for k in MEASURES]
     else:
         lines.append(f"baseline  {report.baseline.model}")
         header = ["metric", "model", "baseline", "delta", "p t-test", "p random."]
         rows = [
             [
                 LABELS[c.metric],
-                f"{c.model:.4f}",
-                f"{c.baseline:.4f}",
-                f"{c.delta:+.4f}",
-                _p(c.p_ttest),
-                _p(c.p_randomization),
+                number(c.model, "metric"),
+                number(c.baseline, "metric"),
+                number(c.delta, "delta"),
+                number(c.p_ttest, "p"),
+                number(c.p_randomization, "p"),
             ]
             for c in report.comparison
         ]

@@ -16,6 +16,7 @@ from pipeline.data.readers import OnEmpty, TevatronRow, iter_tevatron
 from pipeline.data.schema import to_table
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, sha256_file
 from pipeline.stages.mine import MINE_SCHEMA
+from pipeline.stages.plan import StagePlan
 
 
 class IngestConfig(BaseModel):
@@ -49,17 +50,33 @@ def _blocks(files: list[Path], size: int, on_empty: OnEmpty = "skip", empty: dic
         yield block
 
 
-def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest:
+def _empty_line(empty: dict[str, int]) -> str:
+    counts = ", ".join(f"{name.replace('_', ' ')}: {n:,}" for name, n in sorted(empty.items()))
+    return f"left out {counts} (--on-empty error refuses them)"
+
+
+def plan(cfg: IngestConfig) -> StagePlan:
+    """The queries and parts `run` would write: one pass over the rows, which are checked as `run` checks them."""
+    empty: dict[str, int] = {}
+    queries = parts = 0
+    for block in _blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty):
+        queries += len(block)
+        parts += 1
+    return StagePlan(stage="ingest", out=cfg.out, inputs=[str(p) for p in cfg.files], queries=queries, parts=parts,
+                     notes=[_empty_line(empty)] if empty else [])
+
+
+def run(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest:
     started = time.perf_counter()
     inputs = [InputInfo(path=str(p.resolve()), kind="tevatron", fingerprint="sha256:" + sha256_file(p)) for p in cfg.files if p.is_file()]
     identity = {**cfg.model_dump(mode="json", exclude={"out", "overwrite", "files", "on_empty"}), "inputs": [i.fingerprint for i in inputs]}
-    run = ShardRun(cfg.out, stage="ingest", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs, overwrite=cfg.overwrite)
-    if run.complete:
-        log(f"{cfg.out}: already complete ({len(run.manifest.shards)} shards); nothing to do")
-        return run.manifest
+    shards = ShardRun(cfg.out, stage="ingest", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs, overwrite=cfg.overwrite)
+    if shards.complete:
+        log(f"{cfg.out}: already complete ({len(shards.manifest.shards)} shards); nothing to do")
+        return shards.manifest
     empty: dict[str, int] = {}
     for index, block in enumerate(_blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty)):
-        if run.done(index):
+        if shards.done(index):
             continue
         cols: dict[str, list] = {name: [] for name in ("qid", "query", "pid", "title", "text", "source", "rank", "label", "judge")}
         stats = {"queries": len(block), "positives": 0, "negatives": 0}
@@ -74,8 +91,7 @@ def ingest(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest
                     cols[key].append(value)
             stats["positives"] += len(row.positives)
             stats["negatives"] += len(entries) - len(row.positives)
-        run.write(index, to_table(cols, MINE_SCHEMA), stats)
+        shards.write(index, to_table(cols, MINE_SCHEMA), stats)
     if empty:
-        counts = ", ".join(f"{name.replace('_', ' ')}: {n:,}" for name, n in sorted(empty.items()))
-        log(f"ingest: left out {counts} (--on-empty error refuses them)")
-    return run.finish({**run.totals(), **empty, "seconds": round(time.perf_counter() - started, 2)})
+        log(f"ingest: {_empty_line(empty)}")
+    return shards.finish({**shards.totals(), **empty, "seconds": round(time.perf_counter() - started, 2)})

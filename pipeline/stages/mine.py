@@ -26,6 +26,7 @@ from pipeline.data.schema import to_table, with_extra
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
 from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
 MINE_SCHEMA = with_extra(pa.field("filter", pa.string()))
@@ -267,21 +268,49 @@ def _rows_for_block(ds: BeirDataset, cfg: MineConfig, qids: list[str], retriever
     return to_table(cols, MINE_SCHEMA), stats
 
 
-def mine(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
+def _load(cfg: MineConfig) -> BeirDataset:
+    return load_beir(cfg.data, cfg.split, max_bad_qrels=cfg.max_bad_qrels, on_empty=cfg.on_empty)
+
+
+def _left_out(ds: BeirDataset, cfg: MineConfig) -> list[str]:
+    """Warnings about what the data loader left out."""
+    lines = []
+    if ds.empty_documents or ds.empty_queries:
+        lines.append(f"{cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
+                     f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)")
+    if ds.dropped_qrels:
+        lines.append(f"{ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents")
+    return lines
+
+
+def _blocks(qids: list[str], size: int) -> list[list[str]]:
+    return [qids[i : i + size] for i in range(0, len(qids), size)]
+
+
+def plan(cfg: MineConfig) -> StagePlan:
+    """The queries and parts `run` would write, from the data alone (no model is loaded)."""
+    ds = _load(cfg)
+    qids, no_positive = plan_queries(ds, cfg)
+    notes = _left_out(ds, cfg) + ([f"{no_positive:,} judged queries without a positive are skipped"] if no_positive else [])
+    return StagePlan(
+        stage="mine", out=cfg.out, inputs=[str(p) for p in ds.files.values()], queries=len(qids),
+        parts=len(_blocks(qids, cfg.queries_per_shard)), corpus=len(ds.corpus),
+        models=[] if cfg.retriever == "bm25" else [cfg.model], notes=notes,
+    )
+
+
+def run(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) mining into `cfg.out`; returns the completed manifest."""
     started = time.perf_counter()
-    ds = load_beir(cfg.data, cfg.split, max_bad_qrels=cfg.max_bad_qrels, on_empty=cfg.on_empty)
-    if ds.empty_documents or ds.empty_queries:
-        log(f"warning: {cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
-            f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)")
-    if ds.dropped_qrels:
-        log(f"warning: {ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents")
+    ds = _load(cfg)
+    for line in _left_out(ds, cfg):
+        log(f"warning: {line}")
     inputs = _inputs(ds)
     qids, no_positive = plan_queries(ds, cfg)
-    blocks = [qids[i : i + cfg.queries_per_shard] for i in range(0, len(qids), cfg.queries_per_shard)]
+    blocks = _blocks(qids, cfg.queries_per_shard)
     identity = {**cfg.identity(), "inputs": [i.fingerprint for i in inputs]}
     previous = read_manifest(cfg.out) if cfg.out.exists() else None
-    run = ShardRun(
+    shards = ShardRun(
         cfg.out,
         stage="mine",
         config=cfg.model_dump(mode="json"),
@@ -291,22 +320,22 @@ def mine(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
         planned_shards=len(blocks),
         overwrite=cfg.overwrite,
     )
-    if run.complete:
-        log(f"{cfg.out}: already complete ({len(run.manifest.shards)} shards); nothing to do")
-        return run.manifest
-    if previous is not None and run.manifest.shards:
-        log(f"{cfg.out}: resuming, {len(run.manifest.shards)} of {len(blocks)} shards already complete")
+    if shards.complete:
+        log(f"{cfg.out}: already complete ({len(shards.manifest.shards)} shards); nothing to do")
+        return shards.manifest
+    if previous is not None and shards.manifest.shards:
+        log(f"{cfg.out}: resuming, {len(shards.manifest.shards)} of {len(blocks)} shards already complete")
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
     retriever = _Retriever(ds, cfg, timings, counts)
     from tqdm.auto import tqdm
 
-    pending = [i for i in range(len(blocks)) if not run.done(i)]
+    pending = [i for i in range(len(blocks)) if not shards.done(i)]
     for index in tqdm(pending, desc="mine", unit="shard", disable=not cfg.progress, dynamic_ncols=True):
         table, stats = _rows_for_block(ds, cfg, blocks[index], retriever)
-        run.write(index, table, stats)
+        shards.write(index, table, stats)
     summary: dict[str, Any] = {
-        **run.totals(),
+        **shards.totals(),
         "queries_without_positive": no_positive,
         "dropped_qrels": ds.dropped_qrels,
         "empty_documents": ds.empty_documents,
@@ -316,4 +345,4 @@ def mine(cfg: MineConfig, *, log: Callable[[str], None] = print) -> Manifest:
         "seconds": round(time.perf_counter() - started, 2),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-    return run.finish(summary)
+    return shards.finish(summary)

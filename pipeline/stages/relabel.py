@@ -69,6 +69,7 @@ from pipeline.llm.prompt_files import (
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
 from pipeline.stages.audit import AUDIT_KEYS, AuditOptions, run_audit
+from pipeline.stages.plan import StagePlan
 from pipeline.stages.zone import ZONE_FIELD, Reasons, ZoneOptions
 from pipeline.stages.zone import select as zone_select
 from pipeline.stages.zone import unsure as zone_unsure
@@ -308,16 +309,16 @@ class Part:
 def plan_parts(folder: Path, queries_per_shard: int) -> tuple[list[Path], list[tuple[int, int, int]]]:
     """Output parts as (input file index, first query, end query); a part never spans two input files."""
     files = shard_files(folder)
-    plan = []
+    parts = []
     for f, path in enumerate(files):
         qids = read_part(path, columns=["qid"]).column("qid").to_pylist()
         n = sum(1 for i, q in enumerate(qids) if i == 0 or qids[i - 1] != q)
-        plan += [(f, s, min(s + queries_per_shard, n)) for s in range(0, n, queries_per_shard)]
-    return files, plan
+        parts += [(f, s, min(s + queries_per_shard, n)) for s in range(0, n, queries_per_shard)]
+    return files, parts
 
 
-def _load_part(files: list[Path], plan: list[tuple[int, int, int]], index: int, cache: dict[int, list]) -> Part:
-    f, start, end = plan[index]
+def _load_part(files: list[Path], parts: list[tuple[int, int, int]], index: int, cache: dict[int, list]) -> Part:
+    f, start, end = parts[index]
     if f not in cache:
         cache.clear()
         cache[f] = [(qid, rows.to_pylist()) for qid, rows in iter_groups(read_part(files[f]))]
@@ -422,55 +423,79 @@ def _schema_for(folder: Path) -> pa.Schema:
     return with_extra(*RELABEL_FIELDS, base=pa.schema([f for f in base if f.name not in {x.name for x in RELABEL_FIELDS}]))
 
 
-def dry_run(cfg: RelabelConfig, model: str) -> dict[str, Any]:
-    files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
-    judge = Judge(load_prompt(cfg.prompt_name), cfg)
-    counter = TokenCounter(model)
-    cache: dict[int, list] = {}
-    totals: dict[str, Any] = {"queries": 0, "candidates": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
-    for index in range(len(plan)):
-        for query, positives, candidates in _judge_items(_load_part(files, plan, index, cache).groups, cfg)[1]:
-            totals["queries"] += 1
-            totals["candidates"] += len(candidates)
-            for request, _ in judge.requests(query, positives, candidates):
-                totals["requests"] += 1
-                totals["prompt_tokens"] += counter.count_messages(request.messages)
-                totals["max_completion_tokens"] += request.max_tokens or 0
-    totals["prompt_tokens_per_candidate"] = round(totals["prompt_tokens"] / max(totals["candidates"], 1), 1)
-    totals["token_counts"] = "exact" if counter.exact else "estimated (~4 characters per token)"
-    if cfg.confirm_model:
-        totals["note"] = f"plus the requests of {cfg.confirm_model} for what the first model flags"
-    return totals
-
-
-def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest | dict[str, Any]:
-    """Run (or resume) relabeling; returns the manifest, or the dry-run estimate with `dry_run`."""
-    started = time.perf_counter()
-    if not cfg.input.is_dir():
-        raise MprError(f"{cfg.input}: no such shard folder (--in)")
-    source = verify_shards(cfg.input, cfg.verify_inputs)
-    model = resolve_model(cfg.model)
-    confirm_model = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
-    zone_model = resolve_model(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
-    if cfg.dry_run:
-        return dry_run(cfg, model)
+def _prompt(cfg: RelabelConfig) -> Prompt:
     prompt = load_prompt(cfg.prompt_name)
     if (prompt.schema in GRADED_SCHEMAS) != (cfg.mode == "graded"):
         raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}")
-    files, plan = plan_parts(cfg.input, cfg.queries_per_shard)
+    return prompt
+
+
+def _models(cfg: RelabelConfig) -> tuple[str, str | None, str | None]:
+    """The judge, the cascade's second judge and the zone's cheap judge, aliases resolved."""
+    confirm = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
+    zone = resolve_model(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
+    return resolve_model(cfg.model), confirm, zone
+
+
+def _verified_input(cfg: RelabelConfig) -> Manifest:
+    if not cfg.input.is_dir():
+        raise MprError(f"{cfg.input}: no such shard folder (--in)")
+    return verify_shards(cfg.input, cfg.verify_inputs)
+
+
+def _estimate(cfg: RelabelConfig, model: str, files: list[Path], parts: list[tuple[int, int, int]]) -> StagePlan:
+    """Build every request of the run (nothing is sent) and count them and their prompt tokens."""
+    judge = Judge(load_prompt(cfg.prompt_name), cfg)
+    counter = TokenCounter(model)
+    cache: dict[int, list] = {}
+    queries = candidates = requests = prompt_tokens = completion_tokens = 0
+    for index in range(len(parts)):
+        for query, positives, judged in _judge_items(_load_part(files, parts, index, cache).groups, cfg)[1]:
+            queries += 1
+            candidates += len(judged)
+            for request, _ in judge.requests(query, positives, judged):
+                requests += 1
+                prompt_tokens += counter.count_messages(request.messages)
+                completion_tokens += request.max_tokens or 0
+    _, confirm, zone = _models(cfg)
+    return StagePlan(
+        stage="relabel", out=cfg.out, inputs=[str(cfg.input)], queries=queries, parts=len(parts),
+        models=[m for m in (model, confirm, zone) if m], candidates=candidates, requests=requests,
+        prompt_tokens=prompt_tokens, max_completion_tokens=completion_tokens,
+        prompt_tokens_per_candidate=round(prompt_tokens / max(candidates, 1), 1),
+        token_counts="exact" if counter.exact else "estimated (~4 characters per token)",
+        notes=[f"plus the requests of {cfg.confirm_model} for what the first model flags"] if cfg.confirm_model else [],
+    )
+
+
+def plan(cfg: RelabelConfig) -> StagePlan:
+    """The queries, parts, candidates, requests and prompt tokens of `run`, counted without sending anything."""
+    _verified_input(cfg)
+    _prompt(cfg)
+    files, parts = plan_parts(cfg.input, cfg.queries_per_shard)
+    return _estimate(cfg, _models(cfg)[0], files, parts)
+
+
+def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest:
+    """Run (or resume) relabeling into `cfg.out`; returns the manifest."""
+    started = time.perf_counter()
+    source = _verified_input(cfg)
+    model, confirm_model, zone_model = _models(cfg)
+    prompt = _prompt(cfg)
+    files, parts = plan_parts(cfg.input, cfg.queries_per_shard)
     inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage}", fingerprint=fingerprint_shards(cfg.input))]
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
-    run = ShardRun(
+    shards = ShardRun(
         cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
         models={"judge": model, **({"confirm": confirm_model} if confirm_model else {}), **({"zone": zone_model} if zone_model else {})},
-        prompts={prompt.name: prompt.version}, planned_shards=len(plan), overwrite=cfg.overwrite, job=cfg.job,
+        prompts={prompt.name: prompt.version}, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
     )
-    failures = FailureLog(run)
-    pending = [i for i in range(len(plan)) if run.owns(i) and not run.done(i)]
-    if run.complete or not pending:
+    failures = FailureLog(shards)
+    pending = [i for i in range(len(parts)) if shards.owns(i) and not shards.done(i)]
+    if shards.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return _finish(run, failures, run.manifest.summary or _summary(run.totals(), 0.0))
-    retry = sum(s.retryable for s in run.manifest.shards)
+        return _finish(shards, failures, shards.manifest.summary or _summary(shards.totals(), 0.0))
+    retry = sum(s.retryable for s in shards.manifest.shards)
     if retry:
         log(f"relabel: retrying {retry:,} row(s) that failed in an earlier run")
     if backends is None:
@@ -487,9 +512,9 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
     audit: dict[str, Any] | None = None
     try:
         if cfg.audit:  # before any request of the full run
-            audit = run_audit(cfg, relabeler, files, lambda: dry_run(cfg, model), log=log)
+            audit = run_audit(cfg, relabeler, files, lambda: _estimate(cfg, model, files, parts), log=log)
         for n, index in enumerate(pending, start=1):
-            part = _load_part(files, plan, index, cache_parts)
+            part = _load_part(files, parts, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
             sent_now += stats.get("llm_sent", 0)
             failures.add(shard_name(index), [
@@ -497,14 +522,14 @@ def relabel(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends:
                  "error": r["error"]}
                 for r in rows if r["error"] is not None
             ])
-            run.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
+            shards.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
         if backends is None:
             close_backends(backend, confirm, cheap)
-    summary = _summary(run.totals(), time.perf_counter() - started, sent_now)
+    summary = _summary(shards.totals(), time.perf_counter() - started, sent_now)
     if audit is not None:
         summary["audit"] = audit
-    return _finish(run, failures, summary)
+    return _finish(shards, failures, summary)
 
 
 def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[str, Any]:
@@ -517,9 +542,9 @@ def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[
     return summary
 
 
-def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
-    manifest = run.finish(summary)
-    if run.job is not None and manifest is not run.manifest:  # the last of the N jobs
+def _finish(shards: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
+    manifest = shards.finish(summary)
+    if shards.job is not None and manifest is not shards.manifest:  # the last of the N jobs
         failures.merge_jobs()
     return manifest
 

@@ -100,6 +100,7 @@ from pipeline.llm.models import TokenCounter, resolve_model
 from pipeline.llm.prompt_files import Prompt, escape, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult
+from pipeline.stages.plan import StagePlan
 from pipeline.stages.relabel import Judge, RelabelConfig
 
 DEFAULT_STYLES: tuple[str, ...] = (
@@ -702,28 +703,46 @@ class Synthesizer:
         return out
 
 
-# -- failure records -------------------------------------------------------------------------------------
-
-
 # -- the stage ---------------------------------------------------------------------------------------------
 
 
-def dry_run(cfg: SynthConfig, queries: Queries, model: str) -> dict[str, Any]:
+def _estimate(cfg: SynthConfig, queries: Queries, model: str, verify_model: str | None) -> StagePlan:
+    """Build every generation request (nothing is sent) and count them and their prompt tokens."""
     prompt = SynthPrompt(cfg.levels)
     counter = TokenCounter(model)
-    totals: dict[str, Any] = {"queries": len(queries.items), "sets": 0, "requests": 0, "prompt_tokens": 0, "max_completion_tokens": 0}
+    sets = prompt_tokens = completion_tokens = 0
     for qid, query in queries.items:
         for spec in plan_sets(cfg, qid, query):
             request = prompt.request(spec, cfg)
-            totals["sets"] += 1
-            totals["requests"] += 1
-            totals["prompt_tokens"] += counter.count_messages(request.messages)
-            totals["max_completion_tokens"] += request.max_tokens or 0
-    totals["passages"] = totals["sets"] * cfg.levels
-    if cfg.verify:
-        totals["verify_requests_max"] = totals["passages"]
-    totals["token_counts"] = "exact" if counter.exact else "estimated (~4 characters per token)"
-    return totals
+            sets += 1
+            prompt_tokens += counter.count_messages(request.messages)
+            completion_tokens += request.max_tokens or 0
+    passages = sets * cfg.levels
+    return StagePlan(
+        stage="synth", out=cfg.out, inputs=[i.path for i in queries.inputs], queries=len(queries.items),
+        parts=len(_parts(queries, cfg.queries_per_shard)), models=list(dict.fromkeys(m for m in (model, verify_model) if m)),
+        sets=sets, passages=passages, requests=sets, verify_requests_max=passages if cfg.verify else None,
+        prompt_tokens=prompt_tokens, max_completion_tokens=completion_tokens,
+        token_counts="exact" if counter.exact else "estimated (~4 characters per token)",
+        notes=[f"{key.replace('_', ' ')}: {value:,} (left out)" for key, value in queries.notes.items()],
+    )
+
+
+def _models(cfg: SynthConfig) -> tuple[str, str | None]:
+    """The generator and the --verify judge (None without --verify), aliases resolved."""
+    model = resolve_model(cfg.model)
+    return model, (resolve_model(cfg.verify_model) if cfg.verify_model else model) if cfg.verify else None
+
+
+def _parts(queries: Queries, size: int) -> list[list[tuple[str, str]]]:
+    return [queries.items[s : s + size] for s in range(0, len(queries.items), size)]
+
+
+def plan(cfg: SynthConfig) -> StagePlan:
+    """The queries, parts, sets, requests and prompt tokens of `run`, counted without sending anything."""
+    model, verify_model = _models(cfg)
+    SynthPrompt(cfg.levels)  # a broken rubric fails here, before anything is read
+    return _estimate(cfg, load_queries(cfg), model, verify_model)
 
 
 def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now: int) -> dict[str, Any]:
@@ -755,33 +774,29 @@ def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now
     return summary
 
 
-def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
-          backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest | dict[str, Any]:
-    """Run (or resume) `mpr synth`; returns the manifest, or the dry-run estimate with `dry_run`."""
+def run(cfg: SynthConfig, *, log: Callable[[str], None] = print,
+        backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest:
+    """Run (or resume) `mpr synth` into `cfg.out`; returns the manifest."""
     started = time.perf_counter()
-    model = resolve_model(cfg.model)
-    verify_model = (resolve_model(cfg.verify_model) if cfg.verify_model else model) if cfg.verify else None
+    model, verify_model = _models(cfg)
     prompt = SynthPrompt(cfg.levels)  # a broken rubric fails here, before anything is read or sent
     queries = load_queries(cfg)
-    if cfg.dry_run:
-        return dry_run(cfg, queries, model)
-    n = cfg.queries_per_shard
-    parts = [queries.items[s : s + n] for s in range(0, len(queries.items), n)]
+    parts = _parts(queries, cfg.queries_per_shard)
     identity = {**cfg.identity(model, verify_model, prompt.prompt), "inputs": [i.fingerprint for i in queries.inputs]}
     prompts = {prompt.prompt.name: prompt.prompt.version}
     if cfg.verify:
         graded = load_prompt("graded")
         prompts[graded.name] = graded.version
-    run = ShardRun(
+    shards = ShardRun(
         cfg.out, stage="synth", config=cfg.model_dump(mode="json"), identity=identity, inputs=queries.inputs,
         models={"generator": model, **({"verifier": verify_model} if verify_model else {})},
         prompts=prompts, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
     )
-    failures = FailureLog(run)
-    pending = [i for i in range(len(parts)) if run.owns(i) and not run.done(i)]
-    if run.complete or not pending:
+    failures = FailureLog(shards)
+    pending = [i for i in range(len(parts)) if shards.owns(i) and not shards.done(i)]
+    if shards.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return _finish(run, failures, run.manifest.summary or {**summarize(run.totals(), cfg, 0.0, 0), **queries.notes})
+        return _finish(shards, failures, shards.manifest.summary or {**summarize(shards.totals(), cfg, 0.0, 0), **queries.notes})
     for key, value in queries.notes.items():
         log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
     owned = backends is None
@@ -800,15 +815,15 @@ def synth(cfg: SynthConfig, *, log: Callable[[str], None] = print,
             rows, stats, failed = synthesizer.process(parts[index], queries.positives, f"synth part {count}/{len(pending)}")
             sent_now += stats.get("llm_sent", 0) + stats.get("verify_sent", 0)
             failures.add(shard_name(index), failed)
-            run.write(index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
+            shards.write(index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
     finally:
         if owned:
             close_backends(backend, verifier)
-    return _finish(run, failures, {**summarize(run.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes})
+    return _finish(shards, failures, {**summarize(shards.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes})
 
 
-def _finish(run: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
-    manifest = run.finish(summary)
-    if run.job is not None and manifest is not run.manifest:  # the last of the N jobs
+def _finish(shards: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:
+    manifest = shards.finish(summary)
+    if shards.job is not None and manifest is not shards.manifest:  # the last of the N jobs
         failures.merge_jobs()
     return manifest
