@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.stages.encode import DEFAULT_MODEL
 
+#: Defaults the loss classes (train/losses/) share with the command line.
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_TEMPERATURE_RANGE = (0.01, 1.0)
+
 LossName = Literal["infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse"]
 
 #: The memory budget on CPU when none is given: the process's peak resident memory.
@@ -78,10 +82,10 @@ class TrainConfig(GroupOptions):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     similarity: Literal["cos", "dot"] = Field("cos", description="Score by cosine, or by raw dot product (as the multi-positive paper and SyCL).")
-    temperature: float = Field(0.05, gt=0, description="τ: scores are similarities divided by τ (not used by bixse).")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="τ: scores are similarities divided by τ (not used by bixse).")
     learn_temperature: bool = Field(False, description="Learn τ, within --min-temperature and --max-temperature.")
-    min_temperature: float = Field(0.01, gt=0, description="Lower bound of a learned τ.")
-    max_temperature: float = Field(1.0, gt=0, description="Upper bound of a learned τ.")
+    min_temperature: float = Field(DEFAULT_TEMPERATURE_RANGE[0], gt=0, description="Lower bound of a learned τ.")
+    max_temperature: float = Field(DEFAULT_TEMPERATURE_RANGE[1], gt=0, description="Upper bound of a learned τ.")
     ws2_target_temperature: float = Field(1 / 3, gt=0, description="ws2: temperature of the target softmax over the grades.")
     bixse_scale: float = Field(10.0, gt=0, description="bixse: initial logit scale t (SigLIP's 10).")
     bixse_bias: float = Field(-10.0, description="bixse: initial logit bias b (SigLIP's -10).")

@@ -35,7 +35,9 @@ def _parameter_info(name: str, field: FieldInfo, flag: str | None, argument: boo
         return typer.Option(flag or option_name(name), help=field.description)  # a plain flag: --resume
     if field.annotation is bool and flag:
         return typer.Option(f"{flag}/--no-{flag.removeprefix('--')}", help=field.description)
-    return typer.Option(*([flag] if flag else []), help=field.description, metavar=_metavar(field.annotation))
+    long_float = isinstance(field.default, float) and len(repr(field.default)) > 8
+    shown: bool | str = f"{field.default:.4g}" if long_float else True  # 2/3 reads 0.6667
+    return typer.Option(*([flag] if flag else []), help=field.description, metavar=_metavar(field.annotation), show_default=shown)
 
 
 def _fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from pipeline.data.labels import PADDING, POSITIVE
+from train.config import DEFAULT_TEMPERATURE, DEFAULT_TEMPERATURE_RANGE
 
 MULTI_POSITIVE_CITATION = """
 @misc{wang2026multipositive,
@@ -439,7 +440,7 @@ class GroupLoss(nn.Module):
         self,
         model: nn.Module,
         *,
-        temperature: float = 0.05,
+        temperature: float = DEFAULT_TEMPERATURE,
         learn_temperature: bool = False,
         mask_duplicates: bool = True,
         mask_other_positives: bool = False,
@@ -447,7 +448,7 @@ class GroupLoss(nn.Module):
         chunk_plan: ChunkPlan | None = None,
         gather_across_devices: bool = True,
         similarity: Literal["cos", "dot"] = "cos",
-        temperature_range: tuple[float, float] = (0.01, 1.0),
+        temperature_range: tuple[float, float] = DEFAULT_TEMPERATURE_RANGE,
     ) -> None:
         super().__init__()
         if not temperature > 0:
