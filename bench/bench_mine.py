@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
+    from pipeline.data.locations import DEFAULT_MODEL, resolve_model
     from pipeline.data.readers import load_beir
-    from pipeline.stages.encode import DEFAULT_MODEL, resolve_model
 
     ds = load_beir(args.data, "train")
     passages = [ds.corpus.full_text(i) for i in range(len(ds.corpus))]

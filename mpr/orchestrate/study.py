@@ -63,10 +63,10 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mpr.orchestrate.experiment import run_stage
+from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import find_file, open_text, read_qrels, split_names
 from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
-from pipeline.stages.encode import DEFAULT_MODEL
 from train.config import LossName, TrainConfig
 
 ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)

@@ -124,11 +124,11 @@ def model(name: str, option: str = "--model") -> None:
 
 
 def _hub_cached(name: str) -> bool:
-    from pipeline.stages.encode import DEFAULT_MODEL, _in_hf_cache
+    from pipeline.data.locations import DEFAULT_MODEL, in_hf_cache
 
     if name == DEFAULT_MODEL:  # resolved to the bundled copy when not cached
         return True
-    return _in_hf_cache(name)
+    return in_hf_cache(name)
 
 
 def _incomplete(folder: Path) -> str | None:

@@ -80,7 +80,7 @@ def open_backends(
     cfg: LLMStageConfig, model: str, others: list[str | None], *, stage: str, log: Callable[[str], None]
 ) -> tuple[ChatBackend, list[ChatBackend | None]]:
     """The backend for `model` and one for each of `others` (None stays None; the same model shares it)."""
-    from pipeline.stages.encode import default_cache_dir
+    from pipeline.data.locations import default_cache_dir
 
     options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
     if cfg.engine == "ray":

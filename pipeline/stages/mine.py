@@ -21,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import BeirDataset, OnEmpty, load_beir
 from pipeline.data.schema import to_table, with_extra
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
-from pipeline.stages.encode import DEFAULT_MODEL, Encoder, embedding_cache_dir
+from pipeline.stages.encode import Encoder, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
