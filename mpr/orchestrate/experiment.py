@@ -60,6 +60,11 @@ class LLMSettings(BaseModel):
 
     _no_userinfo = field_validator("base_url")(refuse_userinfo)
 
+    @property
+    def simulated(self) -> bool:
+        """The simulated judge answers: `test_server` is on and no endpoint (nor in-process vLLM) is set."""
+        return self.test_server and not self.base_url and self.backend != "vllm"
+
 
 class RunFile(BaseModel):
     """The experiment file."""
@@ -234,7 +239,7 @@ def _checked(path: Path, only: list[str] | None, overrides: Sequence[str], progr
 
 def _placeholder(spec: RunFile) -> str | None:
     """The base URL the configs are checked with before the test server runs (nothing is sent to it)."""
-    return "http://127.0.0.1:9/v1" if spec.llm.test_server and not spec.llm.base_url else None
+    return "http://127.0.0.1:9/v1" if spec.llm.simulated else None
 
 
 def plan_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = ()) -> list[StagePlan | str]:
@@ -274,7 +279,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
     with ExitStack() as stack:
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))
-        if needs_llm and spec.llm.test_server and not spec.llm.base_url:
+        if needs_llm and spec.llm.simulated:
             from mpr.simulated_judge import Oracle, start_server
 
             log(TEST_SERVER_NOTICE)
