@@ -8,9 +8,10 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from pipeline.data.readers import load_beir
+from pipeline.data.schema import MINE_SCHEMA
 from pipeline.data.shards import read_manifest, read_shards
 from pipeline.stages import mine
-from pipeline.stages.mine import MINE_SCHEMA, MineConfig
+from pipeline.stages.mine import MineConfig
 
 from .conftest import SEQ
 

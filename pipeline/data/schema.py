@@ -37,6 +37,10 @@ def with_extra(*fields: pa.Field, base: pa.Schema = SCHEMA) -> pa.Schema:
     return schema
 
 
+#: What `mpr mine` and `mpr ingest` write: the base schema plus `filter` (why a mined candidate was left out).
+MINE_SCHEMA = with_extra(pa.field("filter", pa.string()))
+
+
 def to_table(rows: dict[str, list], schema: pa.Schema) -> pa.Table:
     """Build a table from column lists; columns of `schema` that are missing are filled with nulls."""
     n = len(rows["qid"]) if "qid" in rows else 0

@@ -13,9 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.readers import OnEmpty, TevatronRow, iter_tevatron
-from pipeline.data.schema import to_table
+from pipeline.data.schema import MINE_SCHEMA, to_table
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, sha256_file
-from pipeline.stages.mine import MINE_SCHEMA
 from pipeline.stages.plan import StagePlan
 
 

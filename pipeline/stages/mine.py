@@ -23,14 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import BeirDataset, OnEmpty, load_beir
-from pipeline.data.schema import to_table, with_extra
+from pipeline.data.schema import MINE_SCHEMA, to_table
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
 from pipeline.stages.encode import Encoder, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
-MINE_SCHEMA = with_extra(pa.field("filter", pa.string()))
 FILTERS = ("same_text_as_positive", "skip_top", "max_score", "min_score", "absolute_margin", "relative_margin", "not_sampled")
 RRF_K = 60
 
