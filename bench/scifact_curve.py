@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from pipeline.data.locations import DEFAULT_MODEL
-from pipeline.stages.evaluate import EvalConfig, evaluate
+from pipeline.stages import evaluate
+from pipeline.stages.evaluate import EvalConfig
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         target = dest / f"step-{step}.json"
         if target.exists():
             continue
-        evaluate(EvalConfig(model=str(folder), baseline=DEFAULT_MODEL, data=args.data, split="test", json_out=target, progress=False))
+        evaluate.run(EvalConfig(model=str(folder), baseline=DEFAULT_MODEL, data=args.data, split="test", json_out=target, progress=False))
         print(f"step {step}: {json.dumps(_row(target))}", flush=True)
     print(write_table(args.out))
     return 0
