@@ -60,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="the model folder of mpr train (its checkpoints are RUN.checkpoints/)")
     ap.add_argument("--data", type=Path, default=Path("data/beir/scifact"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/scifact"))
+    ap.add_argument("--steps", type=lambda v: {int(x) for x in v.split(",")}, help="evaluate only these checkpoints, e.g. 5,15,25")
     args = ap.parse_args(argv)
     dest = args.out / args.run.name
     dest.mkdir(parents=True, exist_ok=True)
     for step, folder in _checkpoints(args.run):
         target = dest / f"step-{step}.json"
-        if target.exists():
+        if target.exists() or (args.steps and step not in args.steps):
             continue
         evaluate.run(EvalConfig(model=str(folder), baseline=DEFAULT_MODEL, data=args.data, split="test", json_out=target, progress=False))
         print(f"step {step}: {json.dumps(_row(target))}", flush=True)
