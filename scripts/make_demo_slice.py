@@ -13,7 +13,7 @@ Deterministic (no choice depends on any model or result):
 - corpus: every judged document plus `--distractors` documents drawn at random from the unjudged rest,
   in the collection's order; gzipped.
 
-The rules are those of bench/study.py's folds (`fold_assignment`, `kept_positive`).
+The rules are those of `mpr study`'s folds (mpr/orchestrate/study.py: `fold_assignment`, `kept_positive`).
 """
 
 from __future__ import annotations
