@@ -87,6 +87,11 @@ MIN_QUERIES = 10  # fewer paired queries: too few for a test (a randomization te
 ALPHA = 0.05
 
 
+def _ndcg(result: dict[str, Any]) -> dict[str, float]:
+    """nDCG@10 per query of one model's result in an `mpr eval` JSON report."""
+    return {q: m["ndcg@10"] for q, m in result["per_query"].items()}
+
+
 def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int) -> tuple[list[str], str]:
     """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
     from pipeline.stages.evaluate import paired_tests
@@ -128,10 +133,9 @@ def _comparison_section(out: Path, main_eval: Path) -> list[str]:
     ev, sp = json.loads(main_eval.read_text()), json.loads(single.read_text())
     if not ev.get("baseline"):
         return []
-    ndcg = lambda r: {q: m["ndcg@10"] for q, m in r["per_query"].items()}  # noqa: E731
     loss = main_eval.stem.removeprefix("eval-")
-    models = {"zero-shot": ndcg(ev["baseline"]), "single-positive InfoNCE": ndcg(sp["result"]),
-              f"relabeled ({loss})": ndcg(ev["result"])}
+    models = {"zero-shot": _ndcg(ev["baseline"]), "single-positive InfoNCE": _ndcg(sp["result"]),
+              f"relabeled ({loss})": _ndcg(ev["result"])}
     names = list(models)
     pairs = [(names[2], names[1]), (names[2], names[0]), (names[1], names[0])]
     rows, words = [], []
@@ -199,8 +203,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
                 rows = [[c["metric"], number(c["model"], "metric"), number(c["baseline"], "metric"), number(c["delta"], "delta"),
                          number(c["p_ttest"], "p")] for c in ev["comparison"]]
                 lines += _table(rows, ["metric", model_dir.name, f"start ({ev['baseline']['model']})", "delta", "p (paired t)"])
-                ndcg = lambda r: {q: m["ndcg@10"] for q, m in r["per_query"].items()}  # noqa: E731
-                _, sentence = _pair_sentence(model_dir.name, ndcg(ev["result"]), "the starting model", ndcg(ev["baseline"]), 1)
+                _, sentence = _pair_sentence(model_dir.name, _ndcg(ev["result"]), "the starting model", _ndcg(ev["baseline"]), 1)
                 lines += ["", sentence]
             else:
                 lines += _table([[m, number(v, "metric")] for m, v in ev["result"]["metrics"].items()], ["metric", model_dir.name])

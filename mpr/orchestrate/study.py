@@ -63,10 +63,13 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mpr.orchestrate.experiment import run_stage
+from mpr.orchestrate.report import ALPHA, MIN_QUERIES
 from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import find_file, open_text, read_qrels, split_names
 from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
+from pipeline.formatting import number
+from pipeline.stages.synth import split_list
 from train.config import LossName, TrainConfig
 
 ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
@@ -79,12 +82,6 @@ ZERO_SHOT, BASELINE = "zero-shot", "baseline"
 ROW_NAMES = {ZERO_SHOT: "zero-shot (no training)", BASELINE: "baseline: InfoNCE, 1 positive, not relabeled"}
 PLOT_NAMES = {ZERO_SHOT: "zero-shot", BASELINE: "baseline: InfoNCE,\n1 positive, not relabeled"}
 _TRAINED = TrainConfig.model_fields
-
-
-def _split_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [x.strip() for x in value.split(",") if x.strip()]
-    return value
 
 
 class StudyConfig(BaseModel):
@@ -122,7 +119,7 @@ class StudyConfig(BaseModel):
     keep_models: bool = Field(False, description="Keep every trained model under WORK.")
     report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
 
-    _lists = field_validator("fold_ids", "losses", "error_rates", "own_splits", mode="before")(_split_list)
+    _lists = field_validator("fold_ids", "losses", "error_rates", "own_splits", mode="before")(split_list)
 
     @field_validator("data")
     @classmethod
@@ -237,11 +234,6 @@ class Timer:
 TRAIN_S_PER_TEXT = 0.07
 ENCODE_S_PER_DOC = 0.014
 LOAD_S = 5.0
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -701,8 +693,6 @@ def _per_query(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: 
 
 
 REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
-ALPHA = 0.05
-MIN_TEST_QUERIES = 10
 
 
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -795,7 +785,7 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
                 if not got:
                     continue
                 what = f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {got['p_randomization']:.3f})" if got["p_randomization"] is not None else loss
-                if got["queries"] < MIN_TEST_QUERIES:
+                if got["queries"] < MIN_QUERIES:
                     too_few.append(what)
                 elif got["p_randomization"] is not None and got["p_randomization"] < ALPHA:
                     significant.append(what)
@@ -805,7 +795,7 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
             lines.append(f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} (two-sided paired "
                          f"randomization test, no correction for the {len(significant) + len(not_significant)} tests): "
                          f"{'; '.join(significant) or 'none'}. Not significant: {'; '.join(not_significant) or 'none'}."
-                         + (f" Too few queries (< {MIN_TEST_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else ""))
+                         + (f" Too few queries (< {MIN_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else ""))
     if found["drop"]:
         order = sorted(found["drop"].items(), key=lambda kv: -kv[1]["mean"])
         lines.append(f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}.")
@@ -970,15 +960,15 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
             f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}")
         if not cfg.report_only and todo:
             estimate, how = study.estimate(cells)
-            log(f"estimate: {len(todo)} cells to compute, about {_duration(estimate)} ({how})")
+            log(f"estimate: {len(todo)} cells to compute, about {number(estimate, 'seconds')} ({how})")
             spent: list[float] = []
             for n, cell in enumerate(todo, start=1):
                 seconds = study.run_cell(cell)
                 if seconds is not None:
                     spent.append(seconds)
                 left = study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
-                log(f"progress: cell {n}/{len(todo)} done {cell.label}; {_duration(time.perf_counter() - started)} "
-                    f"elapsed, about {_duration(left)} left")
+                log(f"progress: cell {n}/{len(todo)} done {cell.label}; {number(time.perf_counter() - started, 'seconds')} "
+                    f"elapsed, about {number(left, 'seconds')} left")
     meta = {
         "command": command,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

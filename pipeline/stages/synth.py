@@ -131,11 +131,12 @@ _WORD = re.compile(r"\w+")
 _LEVEL_KEY = re.compile(r'"level_(\d+)"\s*:')
 
 
-def _split_list(value: Any) -> Any:
+def split_list(value: Any) -> Any:
+    """A comma-separated option value (`--lengths 40,80`) as a list; anything else as it is."""
     if isinstance(value, str):
         return [x.strip() for x in value.split(",") if x.strip()]
     if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
-        return _split_list(value[0])
+        return split_list(value[0])
     return value
 
 
@@ -182,12 +183,12 @@ class SynthConfig(LLMStageConfig):
     @field_validator("styles", mode="before")
     @classmethod
     def _styles(cls, value: Any) -> Any:
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("lengths", mode="before")
     @classmethod
     def _lengths(cls, value: Any) -> Any:
-        value = _split_list(value)
+        value = split_list(value)
         if isinstance(value, list) and not all(isinstance(x, int) or str(x).strip().isdigit() for x in value):
             raise ValueError("expected comma-separated word counts, e.g. 40,80,120")
         return value
