@@ -173,12 +173,13 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert "blank" not in (tmp_path / "work" / "tiny" / "source" / "corpus.jsonl").read_text()
     assert "qblank" in (data / "queries.jsonl").read_text()
 
-    # a run stopped after some cells: the rerun computes only the missing one
+    # a run stopped after some cells: the rerun computes only the missing one (a memory budget changes how, not what)
     lost = out / "cells" / "tiny" / "fold1" / "lsepair@e0.40.json"
     kept = (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text()
     lost.unlink()
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run([*cmd, "--memory-budget", "3GB"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "memory: --memory-budget 3.00 GB" in again.stderr
     assert "7 already done" in again.stderr and "estimate: 1 cells to compute" in again.stderr
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
     assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept

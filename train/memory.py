@@ -149,16 +149,20 @@ def saved_bytes(model: Any, texts: int, length: int, autocast: torch.dtype | Non
     device = next(model.parameters()).device
     features = _dummy_features(model, texts, length, device)
     storages: dict[tuple[int, str], int] = {}
+    held: list[torch.Tensor] = []  # alive until the measurement ends, so that no two storages share an address
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> int:
         storage = tensor.untyped_storage()
         storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
-        return tensor
+        held.append(tensor)
+        # Not the tensor itself: the graph would then hold its own outputs, a cycle Python's collector cannot
+        # see, which kept the model alive after training. There is no backward pass to unpack for.
+        return len(held)
 
     was_training = model.training
     model.train()
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, held.__getitem__):
             if autocast is not None:
                 with torch.autocast(device.type, dtype=autocast):
                     model(features)
@@ -166,6 +170,7 @@ def saved_bytes(model: Any, texts: int, length: int, autocast: torch.dtype | Non
                 model(features)
     finally:
         model.train(was_training)
+        held.clear()
     return sum(storages.values())
 
 

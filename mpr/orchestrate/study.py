@@ -70,7 +70,7 @@ from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
 from pipeline.formatting import number
 from pipeline.stages.synth import split_list
-from train.config import LossName, TrainConfig
+from train.config import LossName, TrainConfig, parse_size
 
 ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
 GRADED_LOSSES = frozenset({"ws2", "bixse"})
@@ -115,6 +115,7 @@ class StudyConfig(BaseModel):
     judge_chars: int = Field(20_000, ge=1, description="Characters of a passage the judge sees at most.")
     max_queries: int | None = Field(None, ge=1, description="Mine (train on) only the first N training queries per fold.")
     model: str = Field(DEFAULT_MODEL, description="Base sentence-transformers model (zero-shot, and the start of every model).")
+    memory_budget: str | None = Field(None, description=_TRAINED["memory_budget"].description)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).")
     keep_models: bool = Field(False, description="Keep every trained model under WORK.")
     report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
@@ -127,6 +128,13 @@ class StudyConfig(BaseModel):
         for folder in value:
             if not folder.is_dir():
                 raise ValueError(f"{folder}: no such folder")
+        return value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
         return value
 
     @field_validator("error_rates")
@@ -167,7 +175,8 @@ class StudyConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine a cell's result (not which cells are run, nor where)."""
-        chosen = {"data", "out", "work", "fold_ids", "error_rates", "losses", "baseline", "threads", "keep_models", "report_only"}
+        chosen = {"data", "out", "work", "fold_ids", "error_rates", "losses", "baseline", "memory_budget", "threads", "keep_models",
+                  "report_only"}
         out = {k: v for k, v in self.model_dump(mode="json").items() if k not in chosen}
         for name in ("own_splits", "attention_dropout"):
             if not out[name] and out[name] != 0:
@@ -510,7 +519,7 @@ class Study:
             data=[data], out=out, model=self.cfg.model, loss="infonce" if cell.loss == BASELINE else cell.loss,
             group_size=self.cfg.group_size, max_positives=self.cfg.max_positives, batch_size=self.cfg.batch_size,
             max_steps=self.cfg.steps, learning_rate=self.cfg.learning_rate, attention_dropout=self.cfg.attention_dropout, max_seq_length=self.cfg.max_seq_length,
-            seed=self.cfg.seed, logging_steps=max(1, self.cfg.steps // 10), save_steps=max(500, self.cfg.steps + 1),
+            memory_budget=self.cfg.memory_budget, seed=self.cfg.seed, logging_steps=max(1, self.cfg.steps // 10), save_steps=max(500, self.cfg.steps + 1),
             overwrite=True, progress=False,
         ), log=lambda m: self.log(f"{cell.label} {m}"))
         self.timer.add("train", started)
