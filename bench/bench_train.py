@@ -41,8 +41,6 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     from train.losses import build_loss
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
-    if config["kind"] == "mpr":  # as `mpr train` does
-        limit_heap_fragmentation()
     torch.manual_seed(0)
     model = load_encoder("sentence-transformers/all-MiniLM-L6-v2", device="cpu", max_seq_length=config["seq"])
     if config["attention_dropout"] is not None:
@@ -78,6 +76,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         plan = plan_embedding(model, texts_per_batch=batch_size * (1 + config["group_size"]),
                               budget=config["budget"], mini_batch_size=config["chunk"])
+        limit_heap_fragmentation(plan.chunk_plan is not None)  # as `mpr train` does
         plan_line = plan.describe()
         loss = build_loss(config["loss"], model, chunk_plan=plan.chunk_plan, **({"seed": 0} if config["loss"] == "rand1" else {}))
     optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=1e-5)

@@ -129,8 +129,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     from train.losses import build_loss
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
-    limit_heap_fragmentation()
-
     if cfg.overwrite and cfg.checkpoints.exists():
         shutil.rmtree(cfg.checkpoints)
     model = load_encoder(cfg.model, device=cfg.device, max_seq_length=cfg.max_seq_length)
@@ -142,6 +140,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         mini_batch_size=cfg.mini_batch_size, autocast=torch.bfloat16 if precision["bf16"] else None,
     )
     log(f"train: {plan.describe()}")
+    if plan.device == "cpu":
+        limit_heap_fragmentation(plan.chunk_plan is not None)
     extra: dict[str, Any] = {"similarity": cfg.similarity, "chunk_plan": plan.chunk_plan}
     if cfg.loss == "rand1":
         extra["seed"] = cfg.seed
