@@ -35,6 +35,12 @@ def number(value: float | None, kind: Kind) -> str:
     return f"{minutes // 60:,} h {minutes % 60:02d} min"
 
 
+def p_clause(value: float) -> str:
+    """A p-value inside a sentence: "p = 0.0123", or "p <0.0001"."""
+    text = number(value, "p")
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
 def kind_of(key: str, value: float) -> Kind:
     """The kind of a stage summary's number, from its key: `seconds` and `*_seconds` are durations,
     `*_per_s` rates, whole numbers counts, anything else (a share, a mean) a metric."""

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from mpr import __version__
 from pipeline.data.shards import read_manifest, shard_files
-from pipeline.formatting import number, summary_value
+from pipeline.formatting import number, p_clause, summary_value
 from pipeline.redact import redact
 from pipeline.stages.audit import report_lines as audit_report_lines
 
@@ -111,12 +111,12 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
         words += f"WARNING: {len(qids)} queries are too few for a paired test (at least {MIN_QUERIES} needed); no conclusion."
     elif p_r is not None and p_r < ALPHA:
         better = name_a if delta > 0 else name_b
-        words += (f"the difference is significant (paired randomization test p = {number(p_r, 'p')}): {better} is better"
+        words += (f"the difference is significant (paired randomization test {p_clause(p_r)}): {better} is better"
                   + (f", and it stays significant after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
                      if tests > 1 and p_r < ALPHA / tests else
                      f", though not after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})." if tests > 1 else "."))
     else:
-        words += (f"the difference is NOT significant (p = {number(p_r, 'p')} >= {ALPHA}): this data cannot tell them apart."
+        words += (f"the difference is NOT significant ({p_clause(p_r)} >= {ALPHA}): this data cannot tell them apart."
                   if p_r is not None else "no test possible.")
     if xs and mean_a >= SATURATED and mean_b >= SATURATED:
         words += f" WARNING: both scores are >= {SATURATED}: saturated, the collection is too easy to separate them."

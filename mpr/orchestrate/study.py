@@ -751,7 +751,7 @@ def _delta_cell(got: dict[str, Any] | None) -> str:
     if not got:
         return "–"
     p = got["p_randomization"]
-    return f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']}" + (f", p {p:.3f})" if p is not None else ")")
+    return f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']}" + (f", p {number(p, 'p')})" if p is not None else ")")
 
 
 def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
@@ -793,7 +793,7 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
                 got = found[name].get(loss, {}).get(f"{e:.2f}")
                 if not got:
                     continue
-                what = f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {got['p_randomization']:.3f})" if got["p_randomization"] is not None else loss
+                what = f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {number(got['p_randomization'], 'p')})" if got["p_randomization"] is not None else loss
                 if got["queries"] < MIN_QUERIES:
                     too_few.append(what)
                 elif got["p_randomization"] is not None and got["p_randomization"] < ALPHA:
