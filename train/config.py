@@ -42,6 +42,13 @@ def parse_size(text: str) -> int:
     return int(amount * _UNITS[unit])
 
 
+def check_size(value: str | None) -> str | None:
+    """A validator: an optional size that `parse_size` reads."""
+    if value is not None:
+        parse_size(value)
+    return value
+
+
 class GroupOptions(BaseModel):
     """How the training groups are built from the --data folders (train.groups.build_groups): part of
     `TrainConfig`, so each option is written once."""
@@ -108,12 +115,7 @@ class TrainConfig(GroupOptions):
     overwrite: bool = Field(False, description="Replace an existing model folder (the old one stays until the new one is complete).")
     progress: bool = True
 
-    @field_validator("memory_budget")
-    @classmethod
-    def _size(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_size(value)
-        return value
+    _size = field_validator("memory_budget")(check_size)
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainConfig:

@@ -70,7 +70,7 @@ from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
 from pipeline.formatting import number
 from pipeline.stages.synth import split_list
-from train.config import LossName, TrainConfig, parse_size
+from train.config import LossName, TrainConfig, check_size
 
 ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
 GRADED_LOSSES = frozenset({"ws2", "bixse"})
@@ -121,6 +121,7 @@ class StudyConfig(BaseModel):
     report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
 
     _lists = field_validator("fold_ids", "losses", "error_rates", "own_splits", mode="before")(split_list)
+    _size = field_validator("memory_budget")(check_size)
 
     @field_validator("data")
     @classmethod
@@ -128,13 +129,6 @@ class StudyConfig(BaseModel):
         for folder in value:
             if not folder.is_dir():
                 raise ValueError(f"{folder}: no such folder")
-        return value
-
-    @field_validator("memory_budget")
-    @classmethod
-    def _size(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_size(value)
         return value
 
     @field_validator("error_rates")
