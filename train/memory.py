@@ -159,9 +159,9 @@ def saved_bytes(model: Any, texts: int, length: int, autocast: torch.dtype | Non
         storage = tensor.untyped_storage()
         storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
         held.append(tensor)
-        # Not the tensor itself: the graph would then hold its own outputs, a cycle Python's collector cannot
-        # see, which kept the model alive after training. There is no backward pass to unpack for.
-        return len(held)
+        # Its index, not the tensor itself: the graph would then hold its own outputs, a cycle Python's
+        # collector cannot see, which kept the model alive after training. There is no backward pass to unpack for.
+        return len(held) - 1
 
     was_training = model.training
     model.train()
