@@ -16,9 +16,10 @@ from mpr.simulated_judge import Oracle, start_server
 from pipeline.data.inspection import inspect_shards, validate_shards
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards
+from pipeline.llm.judge import expected_grades
 from pipeline.stages import mine, relabel
 from pipeline.stages.mine import MineConfig
-from pipeline.stages.relabel import RelabelConfig, expected_grades
+from pipeline.stages.relabel import RelabelConfig
 
 from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 
@@ -239,9 +240,9 @@ def test_graded_label_follows_the_grade_written(tmp_path):
     logprobs, so a judge that samples 2 but leans towards 1 gives a negative at the default 2/3."""
     import math
 
+    from pipeline.llm.judge import Judge
     from pipeline.llm.prompt_files import load_prompt
     from pipeline.llm.types import ChatResult, TokenLogprob
-    from pipeline.stages.relabel import Judge
 
     leaning = [TokenLogprob(token="2", logprob=math.log(0.9), top=[("2", math.log(0.9)), ("1", math.log(0.1))])]
 

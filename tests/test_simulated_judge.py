@@ -14,8 +14,9 @@ import openai
 import pytest
 
 from mpr.simulated_judge import ANSWERED_SCHEMAS, Oracle, UnknownPrompt, start_server, synthetic_grade
+from pipeline.llm.judge import Judge
 from pipeline.llm.prompt_files import Prompt, available, load_prompt
-from pipeline.stages.relabel import Judge, RelabelConfig
+from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import SetSpec, SynthPrompt
 
 from .conftest import REPO, write_beir

@@ -36,8 +36,9 @@ from pipeline.errors import MprError
 from pipeline.formatting import number
 
 if TYPE_CHECKING:
+    from pipeline.llm.judge import Verdict
     from pipeline.stages.plan import StagePlan
-    from pipeline.stages.relabel import RelabelConfig, Relabeler, Verdict
+    from pipeline.stages.relabel import RelabelConfig, Relabeler
 
 AUDIT_FILE = "_audit.json"
 BOOTSTRAP = 1000
@@ -211,7 +212,7 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
 
 def _confirm(relabeler: Relabeler, items: list[tuple[str, list[dict], list[dict]]], verdicts: list[list[Verdict]],
              stats: dict[str, int]) -> list[list[Verdict]]:
-    from pipeline.stages.relabel import Verdict
+    from pipeline.llm.judge import Verdict
 
     assert relabeler.confirm is not None
     again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]

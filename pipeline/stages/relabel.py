@@ -20,23 +20,18 @@ judged; its label is then left as it was), `prompt` (`name@version` of the promp
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from pipeline.data.labels import (
-    DEFAULT_POSITIVE_THRESHOLD,
     NEGATIVE,
     POSITIVE,
-    check_threshold,
-    is_positive,
-    level_grade,
 )
 from pipeline.data.schema import with_extra
 from pipeline.data.shards import (
@@ -56,18 +51,11 @@ from pipeline.data.shards import (
 )
 from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend
-from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.judge import GRADED_SCHEMAS, Judge, JudgeOptions, Verdict
 from pipeline.llm.models import TokenCounter, resolve_model
-from pipeline.llm.prompt_files import (
-    Prompt,
-    escape,
-    known_relevant_block,
-    load_prompt,
-    numbered_block,
-    passage_text,
-)
+from pipeline.llm.prompt_files import Prompt, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
-from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.llm.types import ChatResult
 from pipeline.stages.audit import AUDIT_KEYS, AuditOptions, run_audit
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.zone import ZONE_FIELD, Reasons, ZoneOptions
@@ -75,7 +63,6 @@ from pipeline.stages.zone import select as zone_select
 from pipeline.stages.zone import unsure as zone_unsure
 
 Mode = Literal["relabel", "drop", "drop-query", "graded"]
-GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
 RELABEL_FIELDS = (
     pa.field("prior_label", pa.int8()),
     pa.field("llm_label", pa.int8()),
@@ -84,10 +71,9 @@ RELABEL_FIELDS = (
     pa.field("prompt", pa.string()),
     ZONE_FIELD,
 )
-GRADES = (0, 1, 2, 3)
 
 
-class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
+class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
     input: Path = Field(description="Shard folder from mpr mine or mpr ingest.")
     out: Path = Field(description="Output shard folder.")
     model: str = Field(description="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
@@ -99,176 +85,20 @@ class RelabelConfig(LLMStageConfig, AuditOptions, ZoneOptions):
     candidates: Literal["negatives", "all"] = Field(
         "negatives", description="Judge the kept hard negatives, or every mined candidate.")
     max_candidates: int = Field(20, ge=1, description="Candidates judged per query, best-ranked first.")
-    batch_candidates: int | None = Field(
-        None, ge=1, description="Candidates per request: default 20 listwise; graded default 1 (pointwise), more packs "
-        "several pairs into one request.")
     grade_positives: bool = Field(False, description="Graded mode: grade the qrels positives too.")
     max_flagged: int | None = Field(None, ge=0, description="Remove a query with more flagged candidates than this (every mode).")
-    positive_threshold: float = Field(
-        DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="Graded mode: a pair whose grade (on the 0-1 scale: the "
-        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.")
-    max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
-    max_passage_chars: int = Field(2000, ge=100, description="Passages are cut to this many characters in a request.")
-    max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
-    logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")
-
-    @field_validator("positive_threshold")
-    @classmethod
-    def _threshold(cls, value: float) -> float:
-        return check_threshold(value, len(GRADES))
-
-    @property
-    def per_request(self) -> int:
-        return self.batch_candidates or (1 if self.mode == "graded" else 20)
 
     @property
     def prompt_name(self) -> str:
         if self.prompt:
             return self.prompt
         if self.mode == "graded":
-            return "graded" if self.per_request == 1 else "graded_batch"
+            return "graded" if self.per_request(graded=True) == 1 else "graded_batch"
         return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
         runtime = {*self.RUNTIME, *AUDIT_KEYS, "input", "out", "model", "confirm_model", "prompt"}
         return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
-
-
-@dataclass
-class Verdict:
-    flagged: bool | None = None
-    level: int | None = None
-    grade: float | None = None
-    rationale: str | None = None
-    error: str | None = None
-    judge: str | None = None
-
-
-@dataclass
-class Judge:
-    """Builds the requests of one prompt and reads its answers."""
-
-    prompt: Prompt
-    cfg: RelabelConfig
-    listwise: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.graded = self.prompt.schema in GRADED_SCHEMAS
-        self.listwise = not self.graded
-        self.pointwise = self.prompt.schema == "relevance_grade"
-        self.reasoning = "reasoning" in self.prompt.schema
-
-    def _clip(self, row: dict[str, Any]) -> tuple[str | None, str]:
-        return row["title"], row["text"][: self.cfg.max_passage_chars]
-
-    def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
-        """(request, indices into `candidates` it judges)."""
-        if self.pointwise:
-            return [
-                (self._request(self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row))), self._grade_schema(1), 1), [i])
-                for i, row in enumerate(candidates)
-            ]
-        shown = known_relevant_block([self._clip(r) for r in positives[: self.cfg.max_positives_shown]]) or "(no known relevant passage)"
-        out = []
-        step = self.cfg.per_request
-        for start in range(0, len(candidates), step):
-            chunk = list(range(start, min(start + step, len(candidates))))
-            clipped = [self._clip(candidates[i]) for i in chunk]
-            if self.graded:
-                messages = self.prompt.render(query=escape(query), passages=numbered_block(clipped, "passage"))
-                out.append((self._request(messages, self._grade_schema(len(chunk)), len(chunk)), chunk))
-            else:
-                messages = self.prompt.render(query=escape(query), positives=shown, candidates=numbered_block(clipped))
-                out.append((self._request(messages, self._list_schema(len(chunk)), len(chunk)), chunk))
-        return out
-
-    def _request(self, messages: list[dict[str, str]], schema: dict[str, Any], n: int) -> ChatRequest:
-        default_tokens = 16 + 4 * n if self.graded else (64 * n + 128 if self.reasoning else 8 + 4 * n)
-        return ChatRequest(
-            messages=messages,
-            json_schema=schema,
-            schema_name=self.prompt.schema,
-            max_tokens=self.cfg.max_tokens or default_tokens,
-            temperature=self.cfg.temperature,
-            logprobs=self.graded and self.cfg.logprobs,
-            top_logprobs=5 if self.graded and self.cfg.logprobs else 0,
-        )
-
-    def _list_schema(self, n: int) -> dict[str, Any]:
-        props: dict[str, Any] = {}
-        if self.reasoning:
-            props["reasoning"] = {"type": "string"}
-        props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))}, "uniqueItems": True}
-        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
-
-    def _grade_schema(self, n: int) -> dict[str, Any]:
-        grade = {"type": "integer", "enum": list(GRADES)}
-        if self.pointwise:
-            return {"type": "object", "properties": {"grade": grade}, "required": ["grade"], "additionalProperties": False}
-        grades = {"type": "array", "items": grade, "minItems": n, "maxItems": n}
-        return {"type": "object", "properties": {"grades": grades}, "required": ["grades"], "additionalProperties": False}
-
-    def validator(self, n: int) -> Callable[[str], Any]:
-        """Parse an answer or raise, so the client asks again; an answer is never guessed."""
-
-        def check(content: str) -> Any:
-            value = parse_json(content)
-            if not isinstance(value, dict):
-                raise ValueError("the answer is not a JSON object")
-            if self.listwise:
-                numbers = value.get("relevant")
-                if not isinstance(numbers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers):
-                    raise ValueError("'relevant' must be a list of candidate numbers")
-                bad = [x for x in numbers if not 1 <= x <= n]
-                if bad:
-                    raise ValueError(f"candidate number(s) {bad} out of range 1..{n}")
-                return {"relevant": sorted(set(numbers)), "reasoning": value.get("reasoning")}
-            grades = [value.get("grade")] if self.pointwise else value.get("grades")
-            if not isinstance(grades, list) or len(grades) != n:
-                raise ValueError(f"expected {n} grade(s), got {grades!r}")
-            grades = [int(g.strip()) if isinstance(g, str) and g.strip().isdigit() else g for g in grades]
-            bad = [g for g in grades if isinstance(g, bool) or g not in GRADES]
-            if bad:
-                raise ValueError(f"grades must be 0, 1, 2 or 3, got {bad!r}")
-            return {"grades": grades}
-
-        return check
-
-    def verdicts(self, result: ChatResult, n: int, judge: str) -> list[Verdict]:
-        if not result.ok:
-            return [Verdict(error=result.error or "failed", judge=judge) for _ in range(n)]
-        if self.listwise:
-            flagged = set(result.parsed["relevant"])
-            rationale = result.parsed.get("reasoning")
-            return [Verdict(flagged=i + 1 in flagged, rationale=rationale, judge=judge) for i in range(n)]
-        levels = result.parsed["grades"]
-        expected = expected_grades(result.logprobs, levels)
-        grades = [level_grade(e, len(GRADES)) for e in expected]
-        return [Verdict(flagged=is_positive(g, self.cfg.positive_threshold), level=lv, grade=g, judge=judge) for lv, g in zip(levels, grades)]
-
-
-def _expectation(token: TokenLogprob) -> float | None:
-    probs: dict[int, float] = {}
-    for alt, lp in [(token.token, token.logprob), *token.top]:
-        text = alt.strip()
-        if text in {"0", "1", "2", "3"}:
-            probs.setdefault(int(text), math.exp(lp))
-    total = sum(probs.values())
-    return sum(g * p for g, p in probs.items()) / total if total > 0 else None
-
-
-def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[float]:
-    """Per grade, the expectation over the grade tokens' probabilities at the position where it was
-    generated (renormalised over 0-3). The grade tokens are the generated single-digit tokens, in order;
-    when they cannot be lined up with the answer (no logprobs, or a tokenizer that merges a digit with
-    other characters), the sampled grades are used."""
-    if logprobs:
-        digits = [t for t in logprobs if t.token.strip() in {"0", "1", "2", "3"}]
-        if [int(t.token.strip()) for t in digits] == list(sampled):
-            expected = [_expectation(t) for t in digits]
-            return [e if e is not None else float(g) for e, g in zip(expected, sampled)]
-    return [float(g) for g in sampled]
 
 
 def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:

@@ -96,12 +96,12 @@ from pipeline.data.shards import (
 from pipeline.errors import InputError, MprError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.judge import Judge, JudgeOptions
 from pipeline.llm.models import TokenCounter, resolve_model
 from pipeline.llm.prompt_files import Prompt, escape, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult
 from pipeline.stages.plan import StagePlan
-from pipeline.stages.relabel import Judge, RelabelConfig
 
 DEFAULT_STYLES: tuple[str, ...] = (
     "encyclopedia article",
@@ -564,8 +564,7 @@ class Synthesizer:
         self.model, self.verify_model = model, verify_model
         self.judge: Judge | None = None
         if cfg.verify:
-            judge_cfg = RelabelConfig(input=cfg.out, out=cfg.out, model=verify_model or model, mode="graded", max_passage_chars=50_000)
-            self.judge = Judge(load_prompt("graded"), judge_cfg)
+            self.judge = Judge(load_prompt("graded"), JudgeOptions(max_passage_chars=50_000))
 
     def _run(self, backend: ChatBackend, requests: list[ChatRequest], check: Callable[[str], Any], desc: str,
              stats: dict[str, int], prefix: str) -> list[ChatResult]:

@@ -99,12 +99,12 @@ def positive_probability(result: ChatResult, positive: Collection[int]) -> float
 def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, list[dict]]], picked: list[list[int]],
            reasons: list[Reasons], desc: str, stats: dict[str, int]) -> list[list[int]]:
     """`zone=unsure`: keep the candidates the cheap judge may call relevant; fills `reasons` for the rest."""
+    from pipeline.llm.judge import GRADES, Judge
     from pipeline.llm.prompt_files import load_prompt
     from pipeline.llm.stage import add_llm_stats
-    from pipeline.stages.relabel import GRADES, Judge
 
     cfg = relabeler.cfg
-    judge = Judge(load_prompt("graded"), cfg.model_copy(update={"mode": "graded", "batch_candidates": 1, "prompt": None, "logprobs": True}))
+    judge = Judge(load_prompt("graded"), cfg.model_copy(update={"batch_candidates": 1, "logprobs": True}))
     requests, where = [], []
     for q, ((_, rows), idx) in enumerate(zip(groups, picked)):
         for i in idx:
