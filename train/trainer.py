@@ -185,6 +185,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         eval_steps=cfg.eval_steps or cfg.save_steps,
         report_to="none",
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
         prompts=prompts or None,
         disable_tqdm=not cfg.progress,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,

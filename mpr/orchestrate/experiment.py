@@ -305,9 +305,10 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
     return write_report(experiment, log=log)
 
 
-def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> Any:
+def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None], *, show_table: bool = True) -> Any:
     """Run one stage from its config: the runner `mpr run` and `mpr study` share. Returns the stage's manifest
-    (mine, relabel, synth), the training summary (train) or the evaluation report (eval)."""
+    (mine, relabel, synth), the training summary (train) or the evaluation report (eval, whose metrics table
+    is logged unless `show_table` is off)."""
     if stage == "mine":
         from pipeline.stages import mine
 
@@ -340,5 +341,6 @@ def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None]) -> Any:
     from pipeline.stages import evaluate
 
     report = evaluate.run(cast("EvalConfig", cfg), log=log)
-    log(evaluate.format_table(report))
+    if show_table:
+        log(evaluate.format_table(report))
     return report

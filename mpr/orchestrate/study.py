@@ -527,7 +527,7 @@ class Study:
         report: EvalReport = run_stage("eval", EvalConfig(
             model=model, data=data, split=test_split, max_seq_length=self.cfg.max_seq_length,
             cache_dir=self.paths.embeddings, no_cache=not cached, progress=False,
-        ), log=lambda m: self.log(f"{cell.label} {m}"))
+        ), log=lambda m: self.log(f"{cell.label} {m}"), show_table=False)
         self.timer.add("eval", started)
         return {
             "metrics": report.result.metrics,
