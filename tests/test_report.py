@@ -86,3 +86,37 @@ def test_rendered_report_formats_by_kind(tmp_path: Path, monkeypatch: pytest.Mon
     table = format_table(report)  # `mpr eval` prints the same numbers the same way
     assert re.search(r"nDCG@10\s+0\.6000\s+0\.5000\s+\+0\.1000\s+<0\.0001\s+<0\.0001", table)
     assert "1,500 passages" in table
+
+
+def _trained(out: Path, name: str, loss: str) -> None:
+    (out / f"model-{name}" / "mpr").mkdir(parents=True)
+    (out / f"model-{name}" / "mpr" / "train.json").write_text(json.dumps({
+        "config": {"loss": loss, "seed": 42}, "log_history": [],
+        "summary": {"groups": 10, "steps": 5, "first_loss": 2.0, "final_loss": 1.0, "seconds": 60.0}}))
+
+
+def _evaluated(out: Path, name: str, ndcg: float, baseline: float | None) -> None:
+    per_query = {f"q{i}": {"ndcg@10": ndcg} for i in range(12)}
+    start = None if baseline is None else ModelResult(
+        model="start", metrics={"ndcg@10": baseline}, per_query={q: {"ndcg@10": baseline} for q in per_query})
+    report = EvalReport(
+        data="data/x", split="test", queries=12, skipped_queries=0, dropped_qrels=0, corpus_size=100, depth=100, max_seq_length=None,
+        result=ModelResult(model=f"run/model-{name}", metrics={"ndcg@10": ndcg}, per_query=per_query), baseline=start,
+        comparison=[] if baseline is None else [_comparison("ndcg@10", ndcg, baseline, 0.01)])
+    (out / f"eval-{name}.json").write_text(report.model_dump_json())
+
+
+def test_single_positive_reference_shows_its_own_evaluation_when_the_main_loss_is_infonce(tmp_path: Path) -> None:
+    """Both models train with loss infonce; each section must read its own eval file (the reference's
+    section used to show the main model's, found by loss name)."""
+    out = tmp_path / "run"
+    _trained(out, "infonce", "infonce")
+    _trained(out, "infonce-single", "infonce")
+    _evaluated(out, "infonce", 0.6, baseline=0.5)
+    _evaluated(out, "infonce-single", 0.3, baseline=None)
+    spec = RunFile(out=out, data=tmp_path / "data", stages=["mine", "train", "eval"], train={"loss": "infonce"}, single_positive=True)
+    text = write_report(Experiment(spec), log=lambda _: None).read_text()
+    single = text.split("## Training: `model-infonce-single`")[1].split("\n## ")[0]
+    assert "| ndcg@10 | 0.3000 |" in single and "0.6000" not in single
+    comparison = text.split("## Does relabeling help?")[1]
+    assert "| relabeled (infonce) vs single-positive InfoNCE | 0.6000 | 0.3000 | +0.3000 | 12/0/0 |" in comparison

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_folder
 from pipeline.errors import FailedItems, MprError
 from pipeline.redact import redact, refuse_userinfo
 from pipeline.stages.audit import AuditFailed
@@ -46,7 +47,6 @@ TEST_SERVER_NOTICE = (
     "NOTE: no LLM endpoint is configured, so this run starts mpr's SIMULATED judge (a local OpenAI-compatible "
     "server): an oracle that answers from the data's own qrels. Its labels and passages are NOT a language model's judgments."
 )
-SINGLE_POSITIVE = "infonce-single"
 
 
 class LLMSettings(BaseModel):
@@ -198,13 +198,13 @@ class Experiment:
             sources = table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
             folders = {"mine": "mined", "relabel": "relabeled", "synth": "synth"}
             data = [self.out / folders[s] for s in sources]
-            loss = table.get("loss", "lsepair")
-            return TrainConfig(**{"data": data, "out": self.out / f"model-{loss}", "progress": self.progress, "resume": True, **table})
+            loss = table.get("loss", TrainConfig.model_fields["loss"].default)
+            return TrainConfig(**{"data": data, "out": model_folder(self.out, loss), "progress": self.progress, "resume": True, **table})
         from pipeline.stages.evaluate import EvalConfig
 
         trained = cast("TrainConfig", self.config("train"))
         table = {"data": spec.data, "split": "test", **spec.eval}
-        return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": self.out / f"eval-{trained.loss}.json",
+        return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": eval_file(self.out, trained.loss),
                              "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
 
     def single_positive_configs(self) -> tuple[BaseModel, BaseModel]:
@@ -212,9 +212,9 @@ class Experiment:
         the train table's other settings, evaluated on the same split as the main model."""
         trained = cast("TrainConfig", self.config("train"))
         evaluated = self.config("eval")
-        train_cfg = trained.model_copy(update={"data": [self.out / "mined"], "loss": "infonce", "out": self.out / f"model-{SINGLE_POSITIVE}"})
+        train_cfg = trained.model_copy(update={"data": [self.out / "mined"], "loss": "infonce", "out": model_folder(self.out, SINGLE_POSITIVE)})
         eval_cfg = evaluated.model_copy(update={"model": str(train_cfg.out), "baseline": None,
-                                                "json_out": self.out / f"eval-{SINGLE_POSITIVE}.json"})
+                                                "json_out": eval_file(self.out, SINGLE_POSITIVE)})
         return train_cfg, eval_cfg
 
 
@@ -265,7 +265,7 @@ def plan_experiment(path: Path, *, only: list[str] | None = None, overrides: Seq
         else:
             plans.append(evaluate.plan(cast("EvalConfig", cfg)))
         if experiment.spec.single_positive and stage in ("train", "eval"):
-            plans.append(f"{stage}: also the single-positive reference, {experiment.out / f'model-{SINGLE_POSITIVE}'}")
+            plans.append(f"{stage}: also the single-positive reference, {model_folder(experiment.out, SINGLE_POSITIVE)}")
     return plans
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow.parquet as pq
 
 from mpr import __version__
+from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_name
 from pipeline.data.shards import read_manifest, shard_files
 from pipeline.formatting import number, p_clause, summary_value
 from pipeline.redact import redact
@@ -123,17 +124,14 @@ def _pair_sentence(name_a: str, a: dict[str, float], name_b: str, b: dict[str, f
     return row, words
 
 
-def _comparison_section(out: Path, main_eval: Path) -> list[str]:
+def _comparison_section(out: Path, loss: str) -> list[str]:
     """Zero-shot, single-positive and relabeled models on the held-out queries, every pair tested (nDCG@10)."""
-    from mpr.orchestrate.experiment import SINGLE_POSITIVE
-
-    single = out / f"eval-{SINGLE_POSITIVE}.json"
+    main_eval, single = eval_file(out, loss), eval_file(out, SINGLE_POSITIVE)
     if not (single.exists() and main_eval.exists()):
         return []
     ev, sp = json.loads(main_eval.read_text()), json.loads(single.read_text())
     if not ev.get("baseline"):
         return []
-    loss = main_eval.stem.removeprefix("eval-")
     models = {"zero-shot": _ndcg(ev["baseline"]), "single-positive InfoNCE": _ndcg(sp["result"]),
               f"relabeled ({loss})": _ndcg(ev["result"])}
     names = list(models)
@@ -195,7 +193,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         png = out / f"{model_dir.name}-training.png"
         if _training_curve(record, png):
             lines += [f"![training loss]({png.name})", ""]
-        report = out / f"eval-{record['config']['loss']}.json"
+        report = eval_file(out, model_name(model_dir))
         if report.exists():
             ev = json.loads(report.read_text())
             lines += [f"### Evaluation on `{ev['data']}` ({ev['split']}, {number(ev['queries'], 'count')} queries)", ""]
@@ -210,7 +208,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
             lines.append("")
     if spec.single_positive:
         loss = cast("TrainConfig", experiment.config("train")).loss
-        lines += _comparison_section(out, out / f"eval-{loss}.json")
+        lines += _comparison_section(out, loss)
     path = out / "report.md"
     path.write_text(redact("\n".join(lines)) + "\n")
     log(f"report: {path}")
