@@ -183,3 +183,32 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert "7 already done" in again.stderr and "estimate: 1 cells to compute" in again.stderr
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
     assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept
+
+
+def test_plot_gives_a_loss_one_colour_in_every_panel() -> None:
+    """The second collection ran only some losses; its points must keep their loss's colour and the legend
+    must name each loss once (the colours used to follow the order of the losses drawn in each panel)."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from mpr.orchestrate.study import figure
+
+    cfg = SimpleNamespace(datasets=["a", "b"], losses=["infonce", "rand1", "lsepair"], error_rates=[0.0, 0.4],
+                          model="org/m", steps=30, batch_size=8, max_seq_length=96)
+
+    def row(dataset: str, loss: str, error_rate: float | None, value: float) -> dict:
+        return {"dataset": dataset, "loss": loss, "error_rate": error_rate, "folds": [0, 1], "metrics": {"ndcg@10": [value, value + 0.01]}}
+
+    rows = [row("a", "infonce", 0.0, 0.3), row("a", "rand1", 0.0, 0.4), row("a", "lsepair", 0.0, 0.45),
+            row("b", "lsepair", 0.0, 0.5), row("b", "rand1", 0.4, 0.6), row("b", "zero-shot", None, 0.42)]
+    fig = figure(cfg, rows)  # type: ignore[arg-type]
+    colour = {}
+    for ax in fig.axes:
+        for container in ax.containers:
+            line = container.lines[0]
+            colour.setdefault(container.get_label(), set()).add(line.get_color())
+    assert colour == {"infonce": {"C0"}, "rand1": {"C1"}, "lsepair": {"C2"}}
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["zero-shot", "infonce", "rand1", "lsepair"]
+    plt.close(fig)

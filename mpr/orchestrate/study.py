@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,6 +71,9 @@ from pipeline.errors import MprError
 from pipeline.formatting import number
 from pipeline.stages.synth import split_list
 from train.config import LossName, TrainConfig, check_size
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
 GRADED_LOSSES = frozenset({"ws2", "bixse"})
@@ -879,12 +882,14 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
     return {"markdown": markdown, "rows": rows}
 
 
-def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
+def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
+    """nDCG@10 against the judge's error rate, one panel per collection; a loss has one colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {loss: f"C{i % 10}" for i, loss in enumerate(cfg.losses)}
     datasets = [d for d in cfg.datasets if any(r["dataset"] == d for r in rows)] or list(cfg.datasets)
     width = 4.6 * len(datasets) + 2.8
     fig, axes = plt.subplots(1, len(datasets), figsize=(width, 4.4), squeeze=False)
@@ -900,7 +905,7 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
                     ys.append(mean)
                     es.append(std or 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=loss)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=loss, color=colours[loss])
         for reference, style in ((ZERO_SHOT, ":"), (BASELINE, "--")):
             vals = list(_value(rows, dataset, reference, None).values())
             if vals:
@@ -912,11 +917,23 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("nDCG@10 (mean ± std over folds)")
         ax.set_xticks(errors)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    legend: dict[str, Any] = {}  # every loss and reference of any panel, once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = [PLOT_NAMES[ZERO_SHOT], PLOT_NAMES[BASELINE], *cfg.losses]
+    labels = sorted(legend, key=lambda label: order.index(label) if label in order else len(order))
+    fig.legend([legend[label] for label in labels], labels, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"mpr loss study: {cfg.model.split('/')[-1]},\n{cfg.steps} steps x batch {cfg.batch_size}, "
                  f"max_seq_length {cfg.max_seq_length}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / width, 1))
+    return fig
+
+
+def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(cfg, rows)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
