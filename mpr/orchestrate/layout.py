@@ -17,6 +17,11 @@ def eval_file(out: Path, name: str) -> Path:
     return out / f"eval-{name}.json"
 
 
+def model_folders(out: Path) -> list[Path]:
+    """Every RUN/model-NAME, sorted."""
+    return sorted(out.glob("model-*"))
+
+
 def model_name(folder: Path) -> str:
     """NAME of RUN/model-NAME."""
     return folder.name.removeprefix("model-")

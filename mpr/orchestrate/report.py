@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow.parquet as pq
 
 from mpr import __version__
-from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_name
+from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_folders, model_name
 from pipeline.data.shards import read_manifest, shard_files
 from pipeline.formatting import number, p_clause, summary_value
 from pipeline.redact import redact
@@ -150,7 +150,7 @@ def _comparison_section(out: Path, loss: str) -> list[str]:
 
 def _seed_line(out: Path) -> list[str]:
     seeds = {}
-    for model_dir in sorted(out.glob("model-*")):
+    for model_dir in model_folders(out):
         record = model_dir / "mpr" / "train.json"
         if record.exists():
             seeds[model_dir.name] = json.loads(record.read_text())["config"].get("seed")
@@ -181,7 +181,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
             lines += audit_report_lines(out / folder)
         if name == "relabel" and (out / folder).exists() and (m := read_manifest(out / folder)) and m.shards:
             lines += _label_changes(out / folder, simulated=(out / "TEST_SERVER_LABELS").exists())
-    for model_dir in sorted(out.glob("model-*")):
+    for model_dir in model_folders(out):
         record_path = model_dir / "mpr" / "train.json"
         if not record_path.exists():
             continue
