@@ -921,8 +921,7 @@ def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    order = [PLOT_NAMES[ZERO_SHOT], PLOT_NAMES[BASELINE], *cfg.losses]
-    labels = sorted(legend, key=lambda label: order.index(label) if label in order else len(order))
+    labels = [label for label in (PLOT_NAMES[ZERO_SHOT], PLOT_NAMES[BASELINE], *cfg.losses) if label in legend]
     fig.legend([legend[label] for label in labels], labels, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"mpr loss study: {cfg.model.split('/')[-1]},\n{cfg.steps} steps x batch {cfg.batch_size}, "
                  f"max_seq_length {cfg.max_seq_length}", fontsize=10)
