@@ -212,3 +212,23 @@ def test_plot_gives_a_loss_one_colour_in_every_panel() -> None:
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["zero-shot", "infonce", "rand1", "lsepair"]
     plt.close(fig)
+
+
+def test_findings_name_only_the_losses_run_at_each_error_rate() -> None:
+    """At e=0.4 only lsepair ran: the summary line for e=0.4 must not claim rand1 and bixse (it used to list
+    every multi-positive loss that ran at any error rate)."""
+    from types import SimpleNamespace
+
+    from mpr.orchestrate.study import _findings_md
+
+    def got(delta: float) -> dict:
+        return {"mean_delta": delta, "wins": 2, "n": 2, "p_randomization": 0.01, "queries": 40}
+
+    cfg = SimpleNamespace(error_rates=[0.0, 0.4], losses=["rand1", "lsepair", "bixse"])
+    found = {"vs_baseline": {"rand1": {"0.00": got(0.1)}, "lsepair": {"0.00": got(0.2), "0.40": got(0.3)}, "bixse": {"0.00": got(0.3)}},
+             "vs_zero_shot": {}, "drop": {}, "mean_rank": {}}
+    summary = [line for line in _findings_md(cfg, found) if line.startswith("- Multi-positive")]  # type: ignore[arg-type]
+    assert summary == [
+        "- Multi-positive objectives (rand1, lsepair, bixse) vs the single-positive baseline at error 0.0: better in 6 of 6 cells, mean Δ nDCG@10 +0.2000.",
+        "- Multi-positive objectives (lsepair) vs the single-positive baseline at error 0.4: better in 2 of 2 cells, mean Δ nDCG@10 +0.3000.",
+    ]

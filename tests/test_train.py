@@ -333,3 +333,18 @@ def test_train_options_are_the_config_fields():
                 expected = tuple(expected)
             assert default == expected or (default in ((), None) and expected in ((), None)), (name, default, expected)
             assert params[name].help == field.description, name
+
+
+def test_without_progress_the_logged_values_are_lines(mined_slice, tmp_path, capsys):
+    """progress=False used to print the library's raw dicts ({'loss': '1.1', ...}) to stdout."""
+    from train.trainer import TrainConfig, train
+
+    lines: list[str] = []
+    train(TrainConfig(data=[mined_slice], out=tmp_path / "m", loss="infonce", group_size=4, batch_size=8, max_steps=2,
+                      logging_steps=1, max_seq_length=32, progress=False), log=lines.append)
+    assert "{'loss'" not in capsys.readouterr().out
+    steps = [line for line in lines if line.startswith("train: step ")]
+    assert [line.split(":")[1] for line in steps[:2]] == [" step 1/2", " step 2/2"]
+    record = json.loads((tmp_path / "m" / "mpr" / "train.json").read_text())
+    first_loss = record["log_history"][0]["loss"]
+    assert f"loss {first_loss:.4g}," in steps[0]

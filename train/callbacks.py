@@ -1,4 +1,5 @@
-"""Trainer callbacks of `mpr train`: the loss's state in every checkpoint, and a progress bar with memory."""
+"""Trainer callbacks of `mpr train`: the loss's state in every checkpoint, a progress bar with memory, and
+without a bar the logged values as lines."""
 
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ class MemoryProgressCallback(ProgressCallback):
         if bar is not None and state.is_world_process_zero:
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
             bar.set_postfix_str(f"peak {format_size(peak)}", refresh=False)
+
+
+class LogLinesCallback(TrainerCallback):
+    """Without a progress bar: each logging step as one line through `log` (in place of the library's
+    PrinterCallback, which prints the raw dict)."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
+                          if k not in ("epoch", "total_flos"))
+        self.log(f"train: step {state.global_step}/{state.max_steps}: {shown}")
 
 
 class MemoryGuardCallback(TrainerCallback):

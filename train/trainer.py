@@ -117,10 +117,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     import torch
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from pipeline.stages.encode import load_encoder
     from train.callbacks import (
+        LogLinesCallback,
         LossStateCallback,
         MemoryGuardCallback,
         MemoryProgressCallback,
@@ -198,6 +199,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     if cfg.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(MemoryProgressCallback())
+    else:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(LogLinesCallback(log))
     checkpoints = _checkpoints(cfg) if cfg.resume else []
     if checkpoints:
         restore_loss_state(loss, checkpoints[-1])

@@ -777,11 +777,12 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
         lines.append("")
     multi = [loss for loss in MULTI_POSITIVE if loss in found["vs_baseline"]]
     for e in errors:
-        got = [found["vs_baseline"][loss][f"{e:.2f}"] for loss in multi if f"{e:.2f}" in found["vs_baseline"][loss]]
+        ran = [loss for loss in multi if f"{e:.2f}" in found["vs_baseline"][loss]]
+        got = [found["vs_baseline"][loss][f"{e:.2f}"] for loss in ran]
         if got:
             wins, n = sum(g["wins"] for g in got), sum(g["n"] for g in got)
             mean = statistics.fmean(g["mean_delta"] for g in got)
-            lines.append(f"- Multi-positive objectives ({', '.join(multi)}) vs the single-positive baseline at error "
+            lines.append(f"- Multi-positive objectives ({', '.join(ran)}) vs the single-positive baseline at error "
                          f"{_err(e)}: better in {wins} of {n} cells, mean Δ nDCG@10 {mean:+.4f}.")
     for name, title in (("vs_zero_shot", "the zero-shot model"), ("vs_baseline", "single-positive InfoNCE (the baseline)")):
         significant, not_significant, too_few = [], [], []

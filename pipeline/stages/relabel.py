@@ -4,10 +4,9 @@ Modes, after RLHN (Thakur et al., 2025) and BiXSE:
 - `relabel`: per query, the LLM sees the query, its known positives and up to `batch_candidates`
   numbered candidates and names the relevant ones; those become positives (`label=1`).
 - `drop`: flagged candidates are removed. `drop-query`: a query with any flagged candidate is removed.
-- `graded`: per (query, candidate) pair, a 0-3 rubric grade; `grade` is the expected grade over the
-  grade tokens' probabilities when the server returns logprobs (else the sampled grade) divided by 3,
-  `level` the sampled grade, `label` = grade >= `positive_threshold` (pipeline.data.labels; qrels rows
-  keep theirs). The label follows the grade written, not the sampled level, so `mpr train
+- `graded`: per (query, candidate) pair, a 0-3 rubric grade, read as `pipeline.llm.judge` says: `grade`
+  on the 0-1 scale, `level` the sampled grade, `label` = grade >= `positive_threshold` (qrels rows keep
+  theirs). The label follows the grade written, not the sampled level, so `mpr train
   --positive-threshold` with the same value keeps every label: a judge that samples 2 but puts weight
   on 1 gives a grade under 2/3.
 A query with more than `max_flagged` flags is removed in every mode. With `confirm_model`, what the
