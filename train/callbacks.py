@@ -4,6 +4,7 @@ without a bar the logged values as lines."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class LogLinesCallback(TrainerCallback):
     """Without a progress bar: each logging step as one line through `log` (in place of the library's
     PrinterCallback, which prints the raw dict)."""
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -76,7 +77,7 @@ class MemoryGuardCallback(TrainerCallback):
     peak memory rises past the budget, the GradCache chunks shrink by the excess (never below one text),
     once per rise, with one line saying so."""
 
-    def __init__(self, loss: nn.Module, budget: int, log: Any) -> None:
+    def __init__(self, loss: nn.Module, budget: int, log: Callable[[str], None]) -> None:
         self.loss, self.budget, self.log = loss, budget, log
         self.seen = budget
 
