@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,12 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert "7 already done" in again.stderr and "estimate: 1 cells to compute" in again.stderr
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
     assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept
+    # the report names the command that computed each cell, not only the last one
+    first, second = shlex.join(["mpr", "study", *args]), shlex.join(["mpr", "study", *args, "--memory-budget", "3GB"])
+    markdown = (out / "study.md").read_text()
+    assert f"by `{second}`; it computed 1 cell in" in markdown
+    assert f"- `{first}`: 7 cells," in markdown and f"- `{second}`: 1 cell," in markdown
+    assert json.loads(lost.read_text())["command"] == second
 
 
 def test_plot_gives_a_loss_one_colour_in_every_panel() -> None:

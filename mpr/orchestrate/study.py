@@ -423,8 +423,8 @@ class Oracles:
 
 class Study:
     def __init__(self, cfg: StudyConfig, sources: dict[str, Path], paths: Paths, keep_models: bool, stack: ExitStack,
-                 log: Callable[[str], None] = log):
-        self.cfg, self.paths, self.keep_models, self.log = cfg, paths, keep_models, log
+                 command: str, log: Callable[[str], None] = log):
+        self.cfg, self.paths, self.keep_models, self.command, self.log = cfg, paths, keep_models, command, log
         self.sources: dict[str, Path] = {}
         self.skipped: dict[str, dict[str, int]] = {}
         for dataset, src in sources.items():
@@ -593,6 +593,7 @@ class Study:
         record["load_average"] = [round(x, 2) for x in os.getloadavg()]
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        record["command"] = self.command
         write_json_atomic(path, record)
         self.computed += 1
         self.log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
@@ -662,7 +663,7 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
         row = rows.setdefault(key, {"dataset": cell.dataset, "loss": cell.loss, "error_rate": cell.error_rate,
                                     "folds": [], "metrics": {m: [] for m in METRICS}, "hardware": [],
                                     "train_seconds": [], "eval_seconds": [], "cell_seconds": [], "judge": {},
-                                    "per_query": {}})
+                                    "per_query": {}, "computed_by": []})
         row["folds"].append(cell.fold)
         row["per_query"][cell.fold] = record["eval"]["per_query_ndcg@10"]
         for m in METRICS:
@@ -673,6 +674,7 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
             row["train_seconds"].append(record["train"].get("seconds"))
         row["eval_seconds"].append(record["eval"]["seconds"])
         row["cell_seconds"].append(record["seconds"])
+        row["computed_by"].append({"command": record.get("command"), "finished": record["finished"]})
         if record.get("judge"):
             row["judge"][cell.fold] = record["judge"]
     out = []
@@ -809,26 +811,37 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _provenance(rows: list[dict[str, Any]]) -> list[str]:
+    """The commands that computed the cells of `rows`: cells, their wall time and when they finished, per command."""
+    by: dict[str | None, dict[str, Any]] = {}
+    for row in rows:
+        for who, seconds in zip(row["computed_by"], row["cell_seconds"]):
+            got = by.setdefault(who["command"], {"cells": 0, "seconds": 0.0, "finished": []})
+            got["cells"] += 1
+            got["seconds"] += seconds
+            got["finished"].append(who["finished"].replace("T", " "))
+    lines = []
+    for command, got in sorted(by.items(), key=lambda kv: min(kv[1]["finished"])):
+        what = f"`{command}`" if command else "a run that did not record its command"
+        lines.append(f"- {what}: {got['cells']} cell{'s' if got['cells'] != 1 else ''}, {got['seconds']:.0f}s, finished "
+                     f"{min(got['finished'])} to {max(got['finished'])}")
+    return lines
+
+
 def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` describes this invocation; the header describes the last one that computed cells."""
-    previous = paths.out / "study.json"
-    run = meta
-    if not meta["computed"] and previous.exists():
-        old = json.loads(previous.read_text()).get("meta", {})
-        last = old.get("last_compute") or old
-        if last.get("computed"):
-            run = last
+    """`meta` describes this invocation; each cell names the command that computed it."""
     rows = collect(cfg, paths, cells)
     found = findings(cfg, rows)
     hardware_ids: dict[str, str] = {}
     for row in rows:
         row["hardware_ids"] = [hardware_ids.setdefault(h, f"hw{len(hardware_ids) + 1}") for h in row["hardware"]]
-    lines = [f"# mpr loss study ({_title(cfg)})", "", f"Command: `{run['command']}`", "",
-             f"Finished {run['finished']}; {run['computed']} cells computed in that run in {run['seconds']:.0f}s "
-             f"(stages: {', '.join(f'{k} {v:.0f}s' for k, v in run['stage_seconds'].items()) or 'none'}). "
+    computed = meta["computed"]
+    this_run = (f"; it computed {computed} cell{'s' if computed != 1 else ''} in {meta['seconds']:.0f}s (stages: "
+                f"{', '.join(f'{k} {v:.0f}s' for k, v in meta['stage_seconds'].items()) or 'none'})" if computed else "")
+    lines = [f"# mpr loss study ({_title(cfg)})", "", f"Report written {meta['finished']} by `{meta['command']}`{this_run}.", "",
              f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
-             "to compute (each cell's wall time, including the mining and relabeling it triggered)."
-             + (f" Report rebuilt {meta['finished']}." if run is not meta else ""), "",
+             "to compute (each cell's wall time, including the mining and relabeling it triggered)"
+             + (", by:" if rows else "."), "", *_provenance(rows), *([""] if rows else []),
              "Settings (the same for every trained row): " + ", ".join(
                  f"{k} {v}" for k, v in cfg.identity().items() if k not in ("fold_seed", "oracle_seed")), "",
              "Hardware each figure was measured on:", ""]
@@ -876,7 +889,7 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
     markdown = "\n".join(lines) + "\n"
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "study.md").write_text(markdown, encoding="utf-8")
-    payload = {"config": {**cfg.model_dump(mode="json"), "datasets": list(cfg.datasets)}, "meta": {**meta, "last_compute": None if run is meta else run}, "hardware": {v: k for k, v in hardware_ids.items()},
+    payload = {"config": {**cfg.model_dump(mode="json"), "datasets": list(cfg.datasets)}, "meta": meta, "hardware": {v: k for k, v in hardware_ids.items()},
                "rows": [{k: v for k, v in r.items() if k != "hardware"} for r in rows], "findings": found}
     write_json_atomic(paths.out / "study.json", payload)
     plot(cfg, rows, paths.out / "study.png")
@@ -973,7 +986,7 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
 
         torch.set_num_threads(cfg.threads)
     with ExitStack() as stack:
-        study = Study(cfg, cfg.sources, paths, cfg.keep_models, stack, log=log)
+        study = Study(cfg, cfg.sources, paths, cfg.keep_models, stack, command, log=log)
         cells = list(study.cells())
         todo = [c for c in cells if not paths.cell(c).exists()]
         log(f"study {_title(cfg)}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
