@@ -239,3 +239,20 @@ def test_findings_name_only_the_losses_run_at_each_error_rate() -> None:
         "- Multi-positive objectives (rand1, lsepair, bixse) vs the single-positive baseline at error 0.0: better in 6 of 6 cells, mean Δ nDCG@10 +0.2000.",
         "- Multi-positive objectives (lsepair) vs the single-positive baseline at error 0.4: better in 2 of 2 cells, mean Δ nDCG@10 +0.3000.",
     ]
+
+
+def test_mean_rank_is_among_the_losses_run_in_each_cell() -> None:
+    """bixse ran only at e=0: rand1 and lsepair are still ranked against each other at e=0.4 (the rank used to need
+    every configured loss in a cell, so a partly run grid had no ranks at e=0.4)."""
+    from types import SimpleNamespace
+
+    from mpr.orchestrate.study import findings
+
+    ndcg = {("rand1", 0.0): [0.5, 0.3], ("lsepair", 0.0): [0.4, 0.4], ("bixse", 0.0): [0.3, 0.5],
+            ("rand1", 0.4): [0.3, 0.1], ("lsepair", 0.4): [0.2, 0.2]}  # fmt: skip
+    rows = [{"dataset": "d", "loss": loss, "error_rate": e, "folds": [0, 1], "metrics": {"ndcg@10": v}, "per_query": {}}
+            for (loss, e), v in ndcg.items()]
+    cfg = SimpleNamespace(error_rates=[0.0, 0.4], losses=["rand1", "lsepair", "bixse"], datasets=["d"])
+    ranks = findings(cfg, rows)["mean_rank"]  # type: ignore[arg-type]
+    # e=0: fold 0 rand1 > lsepair > bixse, fold 1 bixse > lsepair > rand1; e=0.4: fold 0 rand1 > lsepair, fold 1 lsepair > rand1
+    assert ranks == {"rand1": (1 + 3 + 1 + 2) / 4, "lsepair": (2 + 2 + 2 + 1) / 4, "bixse": (3 + 1) / 2}

@@ -737,10 +737,12 @@ def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ranks: dict[str, list[int]] = {loss: [] for loss in losses}
     for dataset in cfg.datasets:
         for e in errors:
-            folds = set.intersection(*(set(_value(rows, dataset, loss, e)) for loss in losses)) if losses else set()
-            for f in folds:
-                ordered = sorted(losses, key=lambda loss: -_value(rows, dataset, loss, e)[f])
-                for rank, loss in enumerate(ordered, start=1):
+            values = {loss: _value(rows, dataset, loss, e) for loss in losses}
+            for f in sorted({f for v in values.values() for f in v}):
+                ran = [loss for loss in losses if f in values[loss]]
+                if len(ran) < 2:
+                    continue
+                for rank, loss in enumerate(sorted(ran, key=lambda loss: -values[loss][f]), start=1):
                     ranks[loss].append(rank)
     out["mean_rank"] = {loss: statistics.fmean(r) for loss, r in ranks.items() if r}
     return out
