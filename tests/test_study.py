@@ -149,6 +149,7 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "estimate: 8 cells to compute, about" in done.stderr
     assert "progress: cell 8/8 done" in done.stderr
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr  # one line per cell, no bars
 
     out = tmp_path / "out"
     report = json.loads((out / "study.json").read_text())

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mpr.commands._common import log, one_line_errors
+from mpr.commands._common import log, one_line_errors, quiet_libraries
 from mpr.commands.options import config_options
 from mpr.orchestrate.study import StudyConfig
 
@@ -22,6 +22,7 @@ def study(**options: Any) -> None:
     Example: mpr study --data data/beir/cisi --folds 5 --losses lsepair,bixse --error-rates 0,0.4 --steps 30
     """
     cfg = StudyConfig(**options)
+    quiet_libraries()  # its stages run without bars; the study logs one line per cell instead
     from mpr.orchestrate.study import run_study
 
     report = run_study(cfg, command=shlex.join(["mpr", *sys.argv[1:]]), log=log)
