@@ -259,6 +259,44 @@ def test_bixse_matches_reference(seed: int, dup: bool, other: bool) -> None:
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
+def test_bixse_bias_starts_at_the_first_batch_prior_once(eval_model: Any) -> None:
+    """σ(t·s̄ + b) equals the first batch's share of relevant pairs; later batches and a given bias leave b
+    alone, and a loss restored from a saved state keeps the saved b instead of starting again."""
+    model = eval_model
+    loss = BiXSELoss(model)
+    capture = Capture(model)
+    with torch.no_grad():
+        loss(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
+        capture(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
+    scores, targets, _, valid = capture.seen  # Capture has temperature 0.05: back to cosines
+    cosines, y = (scores * 0.05).double()[valid], targets.double()[valid]
+    start = loss.bias.item()
+    assert torch.sigmoid(10.0 * cosines.mean() + start).item() == pytest.approx(y.mean().item(), rel=1e-5)
+    assert 0 < y.mean().item() < 0.5
+    with torch.no_grad():
+        loss(features_of(model, QUERIES[::-1], [c[::-1] for c in PASSAGE_COLUMNS]), LABELS.flip(0))
+    assert loss.bias.item() == start
+
+    with torch.no_grad():
+        loss.bias.fill_(start + 1.5)  # as after some training steps
+    restored = BiXSELoss(model)
+    restored.load_state_dict({k: v for k, v in loss.state_dict().items() if not k.startswith("model.")}, strict=False)
+    with torch.no_grad():
+        restored(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
+    assert restored.bias.item() == pytest.approx(start + 1.5) and float(restored.start_bias) == pytest.approx(start)
+
+    older = BiXSELoss(model)  # a state saved before start_bias existed: its b is kept too
+    older.load_state_dict({"log_scale": loss.log_scale.detach().clone(), "bias": torch.tensor(-3.0)}, strict=False)
+    with torch.no_grad():
+        older(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
+    assert older.bias.item() == -3.0
+
+    given = BiXSELoss(model, bias=-10.0)
+    with torch.no_grad():
+        given(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
+    assert given.bias.item() == -10.0
+
+
 @pytest.mark.parametrize("target_temperature", [1.0, 0.25])
 @pytest.mark.parametrize(("seed", "dup", "other"), CASES)
 def test_ws2_matches_reference(seed: int, dup: bool, other: bool, target_temperature: float) -> None:
@@ -466,7 +504,11 @@ def test_loss_equals_objective_on_expected_matrices(eval_model: Any, name: str) 
     if name == "rand1":
         expected = rand1_objective(scores, targets, positives, valid, Rand1Loss(model, seed=1).draw(3))
     elif name == "bixse":
-        expected = bixse_objective(scores, targets, positives, valid, scale=10.0, bias=-10.0)
+        # b starts at the log prior of the valid pairs less t times their mean cosine (numpy, float64)
+        y, s = targets.double().numpy()[valid.numpy()], scores.numpy()[valid.numpy()]
+        start = math.log(y.mean() / (1 - y.mean())) - 10.0 * s.mean()
+        assert loss.bias.item() == pytest.approx(start, rel=1e-5) == float(loss.start_bias)
+        expected = bixse_objective(scores, targets, positives, valid, scale=10.0, bias=start)
     else:
         expected = loss.objective(scores, targets, positives, valid)
     torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
@@ -665,7 +707,9 @@ def test_build_loss_and_config(eval_model: Any) -> None:
     assert learned.temperature == pytest.approx(0.1)
     assert [n for n, _ in learned.named_parameters() if not n.startswith("model.")] == ["log_temperature"]
     bixse = build_loss("bixse", model)
-    assert bixse.scale == pytest.approx(10.0) and bixse.bias.item() == -10.0
+    assert bixse.scale == pytest.approx(10.0) and math.isnan(float(bixse.start_bias))  # set by the first batch
+    siglip = build_loss("bixse", model, bias=-10.0)
+    assert siglip.bias.item() == -10.0 and float(siglip.start_bias) == -10.0
     with pytest.raises(ValueError, match="Unknown loss"):
         build_loss("nope", model)
     with pytest.raises(ValueError, match="labels of shape"):

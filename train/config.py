@@ -95,7 +95,8 @@ class TrainConfig(GroupOptions):
     max_temperature: float = Field(DEFAULT_TEMPERATURE_RANGE[1], gt=0, description="Upper bound of a learned τ.")
     ws2_target_temperature: float = Field(1 / 3, gt=0, description="ws2: temperature of the target softmax over the grades.")
     bixse_scale: float = Field(10.0, gt=0, description="bixse: initial logit scale t (SigLIP's 10).")
-    bixse_bias: float = Field(-10.0, description="bixse: initial logit bias b (SigLIP's -10).")
+    bixse_bias: float | None = Field(None, description="bixse: initial logit bias b (default: the first batch's log prior of relevance less t times its "
+                                     "mean similarity; SigLIP's -10 suits from-scratch training on huge batches).")
     mask_duplicates: bool = Field(True, description="Mask in-batch copies of a query's own passages (a copy of a positive is no negative).")
     mask_other_positives: bool = Field(False, description="Mask other queries' positives as likely false negatives.")
     max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens (default: the model's limit).")

@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         MemoryProgressCallback,
         restore_loss_state,
     )
-    from train.losses import build_loss
+    from train.losses import BiXSELoss, build_loss
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
     if cfg.overwrite and cfg.checkpoints.exists():
@@ -221,6 +221,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         "peak_memory_mb": round(peak / 2**20),
         "seconds": round(seconds, 1),
     }
+    if isinstance(loss, BiXSELoss):  # where t and b started and ended (b starts from the first batch by default)
+        summary.update(bixse_start_bias=round(float(loss.start_bias), 4), bixse_bias=round(float(loss.bias), 4),
+                       bixse_scale=round(loss.scale, 4))
     if trainer.is_world_process_zero():
         staging = _staging(cfg)
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,10 +6,11 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import ChunkPlan, GroupLoss
+from .core import ChunkPlan, GroupLoss, world
 
 
 def bixse_objective(
@@ -42,15 +43,22 @@ class BiXSELoss(GroupLoss):
 
     Averaging follows SigLIP: summed over each query's valid pairs, averaged over the queries (so it
     decomposes over queries and DDP ranks exactly; its scale grows with the number of in-batch passages).
-    The scale :math:`t` (stored as ``log_scale``) and bias :math:`b` are learnable, initialised as in
-    SigLIP at :math:`t = 10`, :math:`b = -10`, which starts every pair near the in-batch prior of being
-    irrelevant. Because the scale plays the role of 1/τ, this loss has no separate temperature: the
-    similarity fed to it is the raw cosine.
+    The scale :math:`t` (stored as ``log_scale``) and bias :math:`b` are learnable. :math:`t` starts at
+    SigLIP's 10. SigLIP starts :math:`b` at -10, the log-odds of one relevant pair among tens of thousands
+    in a from-scratch model's batch; a fine-tuning batch holds a few percent relevant pairs and a pretrained
+    encoder scores them all well above 0, so there -10 starts every pair at :math:`\sigma \approx 0`, the
+    positives pull all similarities up while the negatives push back with almost no gradient, and at
+    fine-tuning learning rates :math:`b` hardly moves from where it starts. By default (``bias=None``)
+    :math:`b` therefore starts at the first batch's prior: with :math:`\bar y` the mean target and
+    :math:`\bar s` the mean similarity over its valid pairs (all ranks' under DDP),
+    :math:`b_0 = \log\frac{\bar y}{1-\bar y} - t\,\bar s`, so that :math:`\sigma(t\bar s + b_0) = \bar y`
+    (the usual initialisation of a classifier's bias at the log prior). Because the scale plays the role
+    of 1/τ, this loss has no separate temperature: the similarity fed to it is the raw cosine.
 
     Args:
         model: the SentenceTransformer to train.
         scale: initial t.
-        bias: initial b.
+        bias: initial b; None: the first batch's log prior less t times its mean similarity (above).
         learn_scale: learn t (as a log-parameter).
         learn_bias: learn b.
         mask_duplicates: mask token-identical copies of the query's own passages outside its group.
@@ -90,12 +98,14 @@ class BiXSELoss(GroupLoss):
             trainer.train()
     """
 
+    start_bias: Tensor
+
     def __init__(
         self,
         model: nn.Module,
         *,
         scale: float = 10.0,
-        bias: float = -10.0,
+        bias: float | None = None,
         learn_scale: bool = True,
         learn_bias: bool = True,
         mask_duplicates: bool = True,
@@ -121,13 +131,17 @@ class BiXSELoss(GroupLoss):
         self.learn_scale = learn_scale
         self.learn_bias = learn_bias
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
-        self.bias = nn.Parameter(torch.tensor(float(bias)), requires_grad=learn_bias)
+        self.bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)), requires_grad=learn_bias)
+        # b's starting value, NaN until the first batch sets it; saved with the loss's state, so a resumed run keeps b
+        self.register_buffer("start_bias", torch.tensor(math.nan if bias is None else float(bias), dtype=torch.float64))
 
     @property
     def scale(self) -> float:
         return float(self.log_scale.detach().exp())
 
     def objective(self, scores: Tensor, targets: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
+        if self.start_bias.isnan():
+            self._start_at_prior(scores, targets, valid)
         return bixse_objective(
             scores,
             targets,
@@ -137,6 +151,25 @@ class BiXSELoss(GroupLoss):
             bias=self._synced(self.bias),
         )
 
+    @torch.no_grad()
+    def _start_at_prior(self, scores: Tensor, targets: Tensor, valid: Tensor) -> None:
+        mask = valid.to(torch.float64)
+        sums = torch.stack([mask.sum(), (targets.to(torch.float64) * mask).sum(), (scores.detach().to(torch.float64) * mask).sum()])
+        if world()[0] > 1:
+            dist.all_reduce(sums)  # every rank starts at the same b
+        pairs, relevant, similarity = sums.tolist()
+        if pairs == 0:
+            return
+        prior = min(max(relevant / pairs, 1e-4), 1 - 1e-4)
+        start = math.log(prior / (1 - prior)) - self.scale * similarity / pairs
+        self.bias.fill_(start)
+        self.start_bias.fill_(start)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "bias" in state_dict and prefix + "start_bias" not in state_dict:  # saved before start_bias existed
+            state_dict[prefix + "start_bias"] = state_dict[prefix + "bias"].detach().to(torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_config_dict(self) -> dict[str, Any]:
         config = super().get_config_dict()
         del config["temperature"], config["learn_temperature"]
@@ -144,6 +177,7 @@ class BiXSELoss(GroupLoss):
             **config,
             "scale": self.scale,
             "bias": float(self.bias.detach()),
+            "start_bias": float(self.start_bias),
             "learn_scale": self.learn_scale,
             "learn_bias": self.learn_bias,
         }
