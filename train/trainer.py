@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         "seconds": round(seconds, 1),
     }
     if isinstance(loss, BiXSELoss):  # where t and b started and ended (b starts from the first batch by default)
-        summary.update(bixse_start_bias=round(float(loss.start_bias), 4), bixse_bias=round(float(loss.bias), 4),
+        summary.update(bixse_start_bias=round(float(loss.start_bias), 4), bixse_bias=round(float(loss.bias.detach()), 4),
                        bixse_scale=round(loss.scale, 4))
     if trainer.is_world_process_zero():
         staging = _staging(cfg)
