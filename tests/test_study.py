@@ -257,3 +257,30 @@ def test_mean_rank_is_among_the_losses_run_in_each_cell() -> None:
     ranks = findings(cfg, rows)["mean_rank"]  # type: ignore[arg-type]
     # e=0: fold 0 rand1 > lsepair > bixse, fold 1 bixse > lsepair > rand1; e=0.4: fold 0 rand1 > lsepair, fold 1 lsepair > rand1
     assert ranks == {"rand1": (1 + 3 + 1 + 2) / 4, "lsepair": (2 + 2 + 2 + 1) / 4, "bixse": (3 + 1) / 2}
+
+
+def test_a_cell_missing_folds_is_marked_in_the_table_and_left_out_of_the_plot() -> None:
+    """A run stopped part-way leaves a (loss, error rate) with fewer folds: its mean (here fold 0 alone) used to
+    stand in the table and the plot beside five-fold means as if comparable."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from mpr.orchestrate.study import _by_error_rate, figure
+
+    cfg = SimpleNamespace(datasets=["d"], losses=["infonce", "lsepair"], error_rates=[0.0, 0.2], model="org/m", steps=30,
+                          batch_size=8, max_seq_length=96)
+
+    def row(loss: str, e: float | None, values: list[float]) -> dict:
+        return {"dataset": "d", "loss": loss, "error_rate": e, "folds": list(range(len(values))), "metrics": {"ndcg@10": values}}
+
+    rows = [row("zero-shot", None, [0.4, 0.5, 0.6]), row("infonce", 0.0, [0.3, 0.4, 0.5]), row("infonce", 0.2, [0.7]),
+            row("lsepair", 0.0, [0.5, 0.5, 0.8]), row("lsepair", 0.2, [0.4, 0.5, 0.6])]
+    table = _by_error_rate(cfg, rows, "d")  # type: ignore[arg-type]
+    assert table[-2:] == ["| infonce | 0.4000 | 0.7000 (1 of 3 folds) |", "| lsepair | 0.6000 | 0.5000 |"]
+    assert table[-3] == "| zero-shot | 0.5000 | 0.5000 |"
+    fig = figure(cfg, rows)  # type: ignore[arg-type]
+    drawn = {c.get_label(): list(c.lines[0].get_xdata()) for c in fig.axes[0].containers}
+    assert drawn == {"infonce": [0.0], "lsepair": [0.0, 0.2]}
+    assert "cells missing folds not drawn" in fig.axes[0].get_title()
+    plt.close(fig)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from pipeline.data.schema import SCHEMA, to_table
 from pipeline.data.shards import ShardRun
@@ -155,6 +156,8 @@ def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_p
     assert (out / "mpr" / "manifests" / "0-mined.json").exists()
     card = (out / "README.md").read_text()
     assert "Trained with mpr" in card and "lsepair" in card and str(mined_slice) in card
+    widget = yaml.safe_load(card.split("---")[1])["widget"]  # the card's metadata: its example is the first group
+    assert widget == [{"source_sentence": groups[0]["query"], "sentences": [groups[0][f"passage_{j}"] for j in range(4)]}]
 
 
 def test_refuses_to_overwrite_a_model(mined_slice, tmp_path):
@@ -342,7 +345,9 @@ def test_without_progress_the_logged_values_are_lines(mined_slice, tmp_path, cap
     lines: list[str] = []
     train(TrainConfig(data=[mined_slice], out=tmp_path / "m", loss="infonce", group_size=4, batch_size=8, max_steps=2,
                       logging_steps=1, max_seq_length=32, progress=False), log=lines.append)
-    assert "{'loss'" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "{'loss'" not in printed.out
+    assert "Computing widget examples" not in printed.err  # sentence-transformers' model-card bar
     steps = [line for line in lines if line.startswith("train: step ")]
     assert [line.split(":")[1] for line in steps[:2]] == [" step 1/2", " step 2/2"]
     record = json.loads((tmp_path / "m" / "mpr" / "train.json").read_text())

@@ -194,6 +194,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         bf16=precision["bf16"],
         fp16=precision["fp16"],
     )
+    # The model card's example is the first group; sentence-transformers would otherwise draw one from the global
+    # RNG behind a progress bar of its own.
+    first = dataset[0]
+    texts = [first["query"], *(first[f"passage_{j}"] for j in range(cfg.group_size))]
+    model.model_card_data.widget = [{"source_sentence": texts[0], "sentences": texts[1:]}]
+    model.model_card_data.usage_examples = texts[:4]
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
                                          callbacks=[LossStateCallback(loss), MemoryGuardCallback(loss, plan.budget, log), *callbacks])
     if cfg.progress:
@@ -222,8 +228,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         "seconds": round(seconds, 1),
     }
     if isinstance(loss, BiXSELoss):  # where t and b started and ended (b starts from the first batch by default)
-        summary.update(bixse_start_bias=round(float(loss.start_bias), 4), bixse_bias=round(float(loss.bias.detach()), 4),
-                       bixse_scale=round(loss.scale, 4))
+        config = loss.get_config_dict()
+        summary.update({f"bixse_{key}": round(config[key], 4) for key in ("start_bias", "bias", "scale")})
     if trainer.is_world_process_zero():
         staging = _staging(cfg)
         shutil.rmtree(staging, ignore_errors=True)

@@ -875,17 +875,7 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
         judged = _judge_line(drows, cfg.error_rates)
         if judged:
             lines += ["", f"Judge (oracle over the full qrels), pooled over folds: {judged}."]
-        lines += ["", f"nDCG@10 against the judge's error rate ({dataset}):", "",
-                  "| loss | " + " | ".join(f"e={_err(e)}" for e in cfg.error_rates) + " |",
-                  "|---|" + "---|" * len(cfg.error_rates)]
-        for loss in [ZERO_SHOT, BASELINE]:
-            vals = _value(rows, dataset, loss, None)
-            if vals:
-                lines.append(f"| {loss} | " + " | ".join(f"{statistics.fmean(vals.values()):.4f}" for _ in cfg.error_rates) + " |")
-        for loss in cfg.losses:
-            cells_ = [_value(rows, dataset, loss, e) for e in cfg.error_rates]
-            lines.append(f"| {loss} | " + " | ".join(f"{statistics.fmean(v.values()):.4f}" if v else "–" for v in cells_) + " |")
-        lines.append("")
+        lines += ["", *_by_error_rate(cfg, rows, dataset), ""]
     lines += _findings_md(cfg, found)
     lines += ["Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. Zero-shot and baseline do not depend on the error rate."]
     markdown = "\n".join(lines) + "\n"
@@ -896,6 +886,31 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
     write_json_atomic(paths.out / "study.json", payload)
     plot(cfg, rows, paths.out / "study.png")
     return {"markdown": markdown, "rows": rows}
+
+
+def _all_folds(rows: list[dict[str, Any]], dataset: str) -> int:
+    """The folds a cell of `dataset` has once it is complete: the most any of its cells has."""
+    return max((len(r["folds"]) for r in rows if r["dataset"] == dataset), default=0)
+
+
+def _by_error_rate(cfg: StudyConfig, rows: list[dict[str, Any]], dataset: str) -> list[str]:
+    """The table of mean nDCG@10 per loss and error rate; a cell still missing folds says how many it has."""
+    full = _all_folds(rows, dataset)
+
+    def mean(vals: dict[int, float]) -> str:
+        if not vals:
+            return "–"
+        return f"{statistics.fmean(vals.values()):.4f}" + ("" if len(vals) == full else f" ({len(vals)} of {full} folds)")
+
+    lines = [f"nDCG@10 against the judge's error rate ({dataset}):", "",
+             "| loss | " + " | ".join(f"e={_err(e)}" for e in cfg.error_rates) + " |", "|---|" + "---|" * len(cfg.error_rates)]
+    for loss in [ZERO_SHOT, BASELINE]:
+        vals = _value(rows, dataset, loss, None)
+        if vals:
+            lines.append(f"| {loss} | " + " | ".join(mean(vals) for _ in cfg.error_rates) + " |")
+    for loss in cfg.losses:
+        lines.append(f"| {loss} | " + " | ".join(mean(_value(rows, dataset, loss, e)) for e in cfg.error_rates) + " |")
+    return lines
 
 
 def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
@@ -911,11 +926,14 @@ def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
     fig, axes = plt.subplots(1, len(datasets), figsize=(width, 4.4), squeeze=False)
     errors = sorted(cfg.error_rates)
     for ax, dataset in zip(axes[0], datasets):
+        folds = _all_folds(rows, dataset)
+        partial = False  # a mean over fewer folds is not comparable with its neighbours: not drawn
         for loss in cfg.losses:
             xs, ys, es = [], [], []
             for e in errors:
                 vals = list(_value(rows, dataset, loss, e).values())
-                if vals:
+                partial |= 0 < len(vals) < folds
+                if len(vals) == folds:
                     mean, std = _mean_std(vals)
                     xs.append(e)
                     ys.append(mean)
@@ -927,8 +945,8 @@ def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
             if vals:
                 ax.axhline(statistics.fmean(vals), color="grey" if reference == ZERO_SHOT else "black", linestyle=style,
                            label=PLOT_NAMES[reference])
-        folds = max((len(r["folds"]) for r in rows if r["dataset"] == dataset), default=0)
-        ax.set_title(f"{dataset} ({folds} fold{'s' if folds != 1 else ''})")
+        ax.set_title(f"{dataset} ({folds} fold{'s' if folds != 1 else ''}" + ("; cells missing folds not drawn)" if partial else ")"),
+                     fontsize=10 if partial else None)
         ax.set_xlabel("judge error rate")
         ax.set_ylabel("nDCG@10 (mean ± std over folds)")
         ax.set_xticks(errors)

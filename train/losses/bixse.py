@@ -154,7 +154,7 @@ class BiXSELoss(GroupLoss):
     @torch.no_grad()
     def _start_at_prior(self, scores: Tensor, targets: Tensor, valid: Tensor) -> None:
         mask = valid.to(torch.float64)
-        sums = torch.stack([mask.sum(), (targets.to(torch.float64) * mask).sum(), (scores.detach().to(torch.float64) * mask).sum()])
+        sums = torch.stack([mask.sum(), (targets.to(torch.float64) * mask).sum(), (scores.to(torch.float64) * mask).sum()])
         if world()[0] > 1:
             dist.all_reduce(sums)  # every rank starts at the same b
         pairs, relevant, similarity = sums.tolist()
