@@ -239,13 +239,29 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(mined_slice, 
     assert again["already_trained"] is True
 
 
+def test_loss_learning_rate_moves_the_loss_parameters(mined_slice, tmp_path):
+    """bixse's scale and bias barely move at the model's fine-tuning rate; at a rate of their own they do."""
+    from train.trainer import TrainConfig, train
+
+    def run(name, **kw):
+        summary = train(TrainConfig(data=[mined_slice], out=tmp_path / name, loss="bixse", group_size=4, batch_size=8,
+                                    max_steps=3, warmup_ratio=0, learning_rate=1e-4, max_seq_length=32, progress=False,
+                                    seed=3, **kw), log=lambda _: None)
+        return abs(summary["bixse_bias"] - summary["bixse_start_bias"]), abs(summary["bixse_scale"] - 10.0)
+
+    slow, fast = run("shared"), run("own", loss_learning_rate=0.05)
+    assert slow[0] < 0.01 and slow[1] < 0.01, slow  # Adam moves a parameter by about its rate per step: 3e-4
+    assert fast[0] > 0.03 and fast[1] > 0.03, fast  # ... and at 0.05 by about 0.15 (t = exp(log t) moves more)
+
+
 def test_memory_plan_is_logged_and_recorded(mined_slice, tmp_path):
     from train.trainer import TrainConfig, train
 
     lines = []
     out = tmp_path / "planned"
     train(TrainConfig(data=[mined_slice], out=out, loss="infonce", group_size=4, batch_size=8, max_steps=1,
-                      max_seq_length=32, progress=False, memory_budget="20GB"), log=lines.append)
+                      max_seq_length=32, progress=False, memory_budget="20GB", loss_learning_rate=1e-3), log=lines.append)
+    assert any("infonce has no parameters of its own" in line and "--loss-learning-rate is not used" in line for line in lines)
     plan_line = next(line for line in lines if line.startswith("train: memory:"))
     record = json.loads((out / "mpr" / "train.json").read_text())
     plan = record["memory_plan"]

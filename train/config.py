@@ -83,7 +83,10 @@ class TrainConfig(GroupOptions):
     attention_dropout: float | None = Field(
         None, ge=0, le=1, description="Dropout on attention probabilities (default: the model's own). 0 lets PyTorch's "
         "fused attention kernel run in training: about half the time and memory per text on CPU.")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (with linear warm-up and decay).")
+    loss_learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate of the loss's own parameters: bixse's scale t and bias b, a learned τ "
+        "(default: --learning-rate, at which these few scalars hardly move in a fine-tuning run).")
     epochs: float = Field(1.0, gt=0, description="Epochs over the groups.")
     max_steps: int = Field(-1, description="Stop after N steps (overrides --epochs).")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -157,6 +158,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         log("train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); --temperature is not used")
     loss = build_loss(cfg.loss, model, mask_duplicates=cfg.mask_duplicates,
                       mask_other_positives=cfg.mask_other_positives, **extra)
+    own = loss.named_loss_parameters()
+    rates: dict[str, float] = {}
+    if cfg.loss_learning_rate is not None and own:
+        rates = {"^(" + "|".join(map(re.escape, own)) + ")$": cfg.loss_learning_rate}
+    elif cfg.loss_learning_rate is not None:
+        log(f"train: {cfg.loss} has no parameters of its own (bixse has, and any loss with --learn-temperature); "
+            "--loss-learning-rate is not used")
     evaluator = None
     if cfg.eval_data is not None:
         from pipeline.stages.evaluate import IREvaluator
@@ -174,6 +182,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
+        learning_rate_mapping=rates,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a ratio
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,

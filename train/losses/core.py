@@ -517,9 +517,12 @@ class GroupLoss(nn.Module):
     def citation(self) -> str:
         return ""
 
+    def named_loss_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters owned by the loss itself (not the model's), by name."""
+        return {name: p for name, p in self.named_parameters() if not name.startswith("model.") and p.requires_grad}
+
     def loss_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters owned by the loss itself (not the model's)."""
-        return [p for name, p in self.named_parameters() if not name.startswith("model.") and p.requires_grad]
+        return list(self.named_loss_parameters().values())
 
     def _synced(self, parameter: Tensor) -> Tensor:
         """``parameter`` as used in the forward pass: its gradient is averaged across DDP ranks."""

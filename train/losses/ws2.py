@@ -70,6 +70,12 @@ class WS2Loss(GroupLoss):
     grade-1 passage weighs e³ against an in-batch negative's e⁰ as in the paper. Very large batches still
     flatten the target (every in-batch passage keeps weight e⁰).
 
+    Caveat: the distance compares the *set* of predicted rows with the set of target rows (only their means
+    and covariances enter), so it is unchanged when the predicted rows are permuted among the queries, and
+    nothing in it ties a query to its own passages. On SciFact (binary labels, batch 32 × 8) it lowered
+    nDCG@10 step after step while the loss fell (bench/results/scifact/gpu-h200); SyCL trains it on large
+    batches of graded synthetic lists at a learning rate of 1e-5.
+
     Args:
         model: the SentenceTransformer to train.
         temperature: τ of the predicted distribution.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SciFact on one GPU: mine once, then train/eval several recipes; results appended as each finishes.
 set -u
+# Ran when mpr train's default learning rate was 2e-5 (now 5e-5): runs that used that default pass it explicitly here.
 exec > >(tee -a "$OUT/log") 2>&1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 3
@@ -36,11 +37,11 @@ print("RESULT", name, opts, "ndcg@10", ev["result"]["metrics"]["ndcg@10"], "zs",
 PY
   el "done $name"
 }
-run lsepair-e1 --loss lsepair --save-steps 5 --eval-steps 5
-run lsepair-e2 --loss lsepair --epochs 2 --save-steps 25 --eval-steps 5
-run bixse-e1 --loss bixse --save-steps 25 --eval-steps 5
+run lsepair-e1 --loss lsepair --learning-rate 2e-5 --save-steps 5 --eval-steps 5
+run lsepair-e2 --loss lsepair --epochs 2 --learning-rate 2e-5 --save-steps 25 --eval-steps 5
+run bixse-e1 --loss bixse --learning-rate 2e-5 --save-steps 25 --eval-steps 5
 run lsepair-e1-lr5 --loss lsepair --learning-rate 5e-5 --save-steps 25 --eval-steps 5
-run bixse-e2 --loss bixse --epochs 2 --save-steps 25 --eval-steps 5
-run infonce-e2 --loss infonce --epochs 2 --save-steps 25 --eval-steps 5
-run lsepair-e3 --loss lsepair --epochs 3 --save-steps 25 --eval-steps 5
+run bixse-e2 --loss bixse --epochs 2 --learning-rate 2e-5 --save-steps 25 --eval-steps 5
+run infonce-e2 --loss infonce --epochs 2 --learning-rate 2e-5 --save-steps 25 --eval-steps 5
+run lsepair-e3 --loss lsepair --epochs 3 --learning-rate 2e-5 --save-steps 25 --eval-steps 5
 el ALLDONE
