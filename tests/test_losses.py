@@ -319,6 +319,21 @@ def test_ws2_single_row_and_identical_rows_are_finite() -> None:
         assert torch.isfinite(value) and torch.isfinite(grad).all()
 
 
+def test_ws2_does_not_tie_a_query_to_its_own_passages() -> None:
+    """The caveat in WS2Loss's docstring: permuting the predicted rows among the queries leaves the loss as it
+    is, so a model that gives every query another query's targets is at the minimum; LSEPair is not blind."""
+    scores, targets, positives, valid = random_case(2, duplicates=False, other_positives=False)
+    valid = torch.ones_like(valid)
+    swap = torch.roll(torch.arange(len(scores)), 1)
+    assert ws2_objective(scores[swap], targets, positives, valid).item() == pytest.approx(
+        ws2_objective(scores, targets, positives, valid).item(), rel=1e-9)
+    stolen = targets[swap].to(scores.dtype)  # each row predicts exactly another query's target distribution
+    assert ws2_objective(stolen, targets, positives, valid).item() == pytest.approx(0.0, abs=1e-9)
+    assert ws2_objective(targets.to(scores.dtype), targets, positives, valid).item() == pytest.approx(0.0, abs=1e-9)
+    lsepair = OBJECTIVES["lsepair"][0]
+    assert lsepair(scores[swap], targets, positives, valid) != pytest.approx(lsepair(scores, targets, positives, valid).item())
+
+
 def test_objectives_ignore_masked_scores() -> None:
     scores, targets, positives, valid = random_case(1, duplicates=True, other_positives=True)
     noisy = scores.masked_fill(~valid, 1e4)
