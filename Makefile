@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-real-llm lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 test: install
 	$(BIN)/mypy  # [tool.mypy] in pyproject.toml: zero errors
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The real-model tests, building llama-server (once, cached; 20-40 min on 2 cores) and fetching SmolLM2 if missing.
+test-real-llm: install
+	MPR_REAL_LLM=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m real_llm
 
 lint: install
 	$(BIN)/ruff check .

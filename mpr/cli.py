@@ -12,7 +12,7 @@ from typer._click.formatting import HelpFormatter
 from typer.core import TyperCommand, TyperGroup
 
 from mpr import __version__
-from mpr.commands import eval, ingest, mine, relabel, run, shards, study, synth, train
+from mpr.commands import eval, ingest, mine, relabel, run, serve, shards, study, synth, train
 
 NO_BREAK_HYPHEN = "\u2011"
 
@@ -84,3 +84,4 @@ app.command(cls=Command, rich_help_panel="Experiments")(run.run)
 app.command(cls=Command, rich_help_panel="Experiments")(study.study)
 app.command(cls=Command, rich_help_panel=SHARDS)(shards.inspect)
 app.command(cls=Command, rich_help_panel=SHARDS)(shards.validate)
+app.command(cls=Command, rich_help_panel="Tools")(serve.serve)

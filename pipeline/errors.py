@@ -8,6 +8,8 @@ from pathlib import Path
 class MprError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
 
+    keeps_output = False  # the CLI leaves what the command wrote (a report the message points to)
+
 
 class InputError(MprError):
     """Bad input data, located by file and (where known) line."""

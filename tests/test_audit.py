@@ -105,3 +105,28 @@ def test_mpr_run_audits_and_reports(mined, data, tmp_path, error_rate):
     else:
         assert result.exit_code == 0, result.output
         assert read_manifest(run_dir / "relabeled").summary["audit"]["passed"]
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory):
+    """40 Vaswani queries, one qrels positive kept each: the other relevant passages sit among the mined negatives."""
+    data = vaswani_slice(tmp_path_factory.mktemp("sparse") / "vaswani", n_queries=40)
+    return data, handmade_mined(data, tmp_path_factory.mktemp("sparse-mined") / "mined")
+
+
+def test_audit_measures_the_judge_not_the_labels(sparse, tmp_path):
+    data, mined = sparse
+    with start_server(responder=Oracle(data), models=(MODEL,)) as server:  # knows every qrels positive: no errors
+        manifest = relabel.run(cfg(mined, tmp_path / "ok", server, tmp_path, audit=40, min_agreement=0.8),
+                               log=lambda _: None)
+    audit = manifest.summary["audit"]
+    assert (audit["positives"], audit["negatives"], audit["likely_negatives"]) == (40, 40, 40)
+    assert audit["recall"] == 1.0 and audit["false_positive_rate"] == 0.0 and audit["kappa"] == 1.0 and audit["passed"]
+    # what the judge flags among the likely negatives are the unlabelled positives hidden there, counted exactly
+    hidden = audit["likely_flag_rate"]
+    assert hidden is not None and audit["unlabelled_positive_estimate"] == hidden
+    with start_server(responder=Oracle(data, error_rate=0.4), models=(MODEL,)) as server:
+        with pytest.raises(AuditFailed, match="below --min-agreement 0.4"):
+            relabel.run(cfg(mined, tmp_path / "wrong", server, tmp_path, audit=40), log=lambda _: None)
+    wrong = json.loads((tmp_path / "wrong" / AUDIT_FILE).read_text())
+    assert 0.45 <= wrong["recall"] <= 0.75 and 0.25 <= wrong["false_positive_rate"] <= 0.55 and wrong["kappa"] < 0.4

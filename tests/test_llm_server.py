@@ -233,14 +233,16 @@ def test_stats_count_per_request_key(server):
     client = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0)
     for content in ["a", "b", "a"]:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}])
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], temperature=0.5)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], logprobs=True)
+    # sampling parameters do not make another question: a retry that samples is the same key asked again
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "b"}], temperature=0.7, seed=1)
     stats = server.stats(keys=True)
-    assert stats["received"] == 4 and stats["unique_keys"] == 3
-    assert stats["repeated_keys"] == 1 and stats["max_answered_per_key"] == 2
+    assert stats["received"] == 5 and stats["unique_keys"] == 3
+    assert stats["repeated_keys"] == 2 and stats["max_answered_per_key"] == 2
     assert sorted((v["label"], v["received"]) for v in stats["keys"].values()) == [
         ("a", 1),
         ("a", 2),
-        ("b", 1),
+        ("b", 2),
     ]
 
 

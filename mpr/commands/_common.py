@@ -74,7 +74,7 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
             typer.echo(redact(str(exc)), err=True)
             raise typer.Exit(EXIT_FAILED_ITEMS) from None
         except (MprError, ValidationError, OSError, UnicodeError, EOFError) as exc:
-            if cleanup and not kwargs.get("shard"):  # parallel --shard jobs share the folder
+            if cleanup and not kwargs.get("shard") and not getattr(exc, "keeps_output", False):  # --shard jobs share the folder
                 _remove(fresh)
             raise fail(_message(exc)) from None
         except KeyboardInterrupt:

@@ -68,9 +68,14 @@ class Faults(BaseModel):
     require_api_key: str | None = None
 
 
+SAMPLING = frozenset({"temperature", "top_p", "seed", "max_tokens"})
+
+
 def request_key(body: dict[str, Any]) -> str:
-    """Hash of the request body: model, messages and every parameter."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """Hash of the question: the request body less its sampling parameters, so a retry that samples (or asks
+    with a larger token limit) is the same request asked again."""
+    question = {k: v for k, v in body.items() if k not in SAMPLING}
+    return hashlib.sha256(json.dumps(question, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _draw(seed: int, key: str, attempt: int, name: str) -> float:

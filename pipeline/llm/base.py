@@ -11,13 +11,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from tqdm.auto import tqdm
 
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.jsonparse import parse_json
 from pipeline.llm.types import ChatRequest, ChatResult, RunStats
+
+if TYPE_CHECKING:
+    from pipeline.llm.endpoint import ContextFit, EndpointInfo
 
 log = logging.getLogger("mpr.llm")
 
@@ -109,6 +112,7 @@ class RunContext:
         if result.ok:
             if not result.cached:
                 stats.answered += 1
+                stats.first_try_valid += result.attempts <= 1
                 if cache is not None:
                     cache.put(result, item.request.model, self.backend.cache_scope)
         else:
@@ -156,6 +160,8 @@ class ChatBackend(ABC):
         self.max_invalid_retries = max_invalid_retries
         self.last_stats = RunStats()
         self.stats = RunStats()
+        self.endpoint: EndpointInfo | None = None  # what the server supports, when it was asked (pipeline.llm.endpoint)
+        self.fit: ContextFit | None = None  # its context window and tokenizer, for fitting prompts
 
     @property
     def cache_scope(self) -> str:

@@ -16,7 +16,8 @@ of backoff, while a long batch needs a retry that may move to another base URL, 
 pauses that server for every in-flight request (not only the one that got it), and attempt counts in the
 results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies; Retry-After and
 Retry-After-Ms are honoured (capped at `max_retry_after_s`, 120 s like the SDK) by pausing that server,
-otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache).
+otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache),
+sampled rather than greedy, and with twice the token limit when it was cut at `max_tokens` (`_retry_sampling`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class OpenAIBackend(ChatBackend):
         stats = ctx.stats
         messages = [{"role": m.role, "content": m.content} for m in item.request.messages]
         attempts = failures = invalid = 0
+        overrides: dict[str, Any] = {}  # after an invalid answer: sample, and give a cut answer more room
         last: _Server | None = None
         schema_refused_by: _Server | None = None
         while True:
@@ -180,7 +182,7 @@ class OpenAIBackend(ChatBackend):
                 stats.retries += 1
             stats.sent += 1
             stats.per_server[server.url] = stats.per_server.get(server.url, 0) + 1
-            out = await self._attempt(server, poster, item, messages, with_schema, secret)
+            out = await self._attempt(server, poster, item, messages, with_schema, secret, overrides)
             last = server
             if out.schema_refused:
                 schema_refused_by = server
@@ -205,6 +207,7 @@ class OpenAIBackend(ChatBackend):
                     result.parsed = None
                     await ctx.finish(item, result)
                     return
+                overrides.update(_retry_sampling(item.request, invalid, result.finish_reason, overrides))
                 continue
             schema_refused_by = None
             failures += 1
@@ -228,9 +231,10 @@ class OpenAIBackend(ChatBackend):
         messages: list[dict[str, str]],
         with_schema: bool,
         secret: str,
+        overrides: Mapping[str, Any] | None = None,
     ) -> _Outcome:
         """One HTTP request, its failure classified."""
-        body = self._body(item.request, messages, with_schema)
+        body = {**self._body(item.request, messages, with_schema), **(overrides or {})}
         server.sent += 1
         server.in_flight += 1
         try:
@@ -420,6 +424,19 @@ def _parse(key: str, raw: bytes) -> ChatResult:
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
     )
+
+
+RETRY_TEMPERATURE = 0.7
+
+
+def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None, now: Mapping[str, Any]) -> dict[str, Any]:
+    """How the next ask after an invalid answer differs: a greedy (temperature 0) model gives the same invalid
+    answer again, so it samples (`RETRY_TEMPERATURE`, a new seed each time); an answer cut at `max_tokens`
+    gets twice the limit."""
+    out: dict[str, Any] = {"temperature": max(req.temperature, RETRY_TEMPERATURE), "seed": (req.seed or 0) + invalid}
+    if finish_reason == "length" and req.max_tokens is not None:
+        out["max_tokens"] = 2 * int(now.get("max_tokens", req.max_tokens))
+    return out
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

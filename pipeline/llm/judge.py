@@ -15,16 +15,20 @@ verdicts = judge.verdicts(backend.run_sync([request], validate=judge.validator(l
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from pipeline.data.labels import DEFAULT_POSITIVE_THRESHOLD, check_threshold, is_positive, level_grade
 from pipeline.llm.jsonparse import parse_json
 from pipeline.llm.prompt_files import Prompt, escape, known_relevant_block, numbered_block, passage_text
-from pipeline.llm.types import ChatRequest, ChatResult, TokenLogprob
+from pipeline.llm.types import ChatRequest, ChatResult, Message, TokenLogprob
+
+if TYPE_CHECKING:
+    from pipeline.llm.endpoint import ContextFit
 
 GRADED_SCHEMAS = ("relevance_grade", "relevance_grades")
 GRADES = (0, 1, 2, 3)
@@ -74,37 +78,81 @@ class Judge:
     listwise: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.fit: ContextFit | None = None  # the server's context window and tokenizer (pipeline.llm.endpoint)
+        # trimmed_passages: cut below max_passage_chars to fit the context window; logprobs_read / logprobs_unusable:
+        # graded answers whose grade came from the grade tokens' probabilities, or from the sampled grade instead
+        self.counts: Counter[str] = Counter()
         self.graded = self.prompt.schema in GRADED_SCHEMAS
         self.listwise = not self.graded
         self.pointwise = self.prompt.schema == "relevance_grade"
         self.reasoning = "reasoning" in self.prompt.schema
 
-    def _clip(self, row: dict[str, Any]) -> tuple[str | None, str]:
-        return row["title"], row["text"][: self.cfg.max_passage_chars]
+    def _clip(self, row: dict[str, Any], limit: int | None = None) -> tuple[str | None, str]:
+        return row["title"], row["text"][: self.cfg.max_passage_chars if limit is None else limit]
 
     def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
         """(request, indices into `candidates` it judges)."""
         if self.pointwise:
             return [
-                (self._request(self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row))), self._grade_schema(1), 1), [i])
+                (self._fitted(lambda lim, row=row: self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row, lim))),
+                              [row], self._grade_schema(1), 1), [i])
                 for i, row in enumerate(candidates)
             ]
-        shown = known_relevant_block([self._clip(r) for r in positives[: self.cfg.max_positives_shown]]) or "(no known relevant passage)"
+        shown_rows = positives[: self.cfg.max_positives_shown]
+
+        def shown(limit: int | None) -> str:
+            return known_relevant_block([self._clip(r, limit) for r in shown_rows]) or "(no known relevant passage)"
+
         out = []
         step = self.cfg.per_request(self.graded)
         for start in range(0, len(candidates), step):
             chunk = list(range(start, min(start + step, len(candidates))))
-            clipped = [self._clip(candidates[i]) for i in chunk]
+            rows = [candidates[i] for i in chunk]
             if self.graded:
-                messages = self.prompt.render(query=escape(query), passages=numbered_block(clipped, "passage"))
-                out.append((self._request(messages, self._grade_schema(len(chunk)), len(chunk)), chunk))
+                def build(lim: int | None, rows: list[dict] = rows) -> list[dict[str, str]]:
+                    return self.prompt.render(query=escape(query), passages=numbered_block([self._clip(r, lim) for r in rows], "passage"))
+
+                out.append((self._fitted(build, rows, self._grade_schema(len(chunk)), len(chunk)), chunk))
             else:
-                messages = self.prompt.render(query=escape(query), positives=shown, candidates=numbered_block(clipped))
-                out.append((self._request(messages, self._list_schema(len(chunk)), len(chunk)), chunk))
+                def build(lim: int | None, rows: list[dict] = rows) -> list[dict[str, str]]:
+                    return self.prompt.render(query=escape(query), positives=shown(lim),
+                                              candidates=numbered_block([self._clip(r, lim) for r in rows]))
+
+                out.append((self._fitted(build, [*shown_rows, *rows], self._list_schema(len(chunk)), len(chunk)), chunk))
         return out
 
+    def _fitted(self, build: Callable[[int | None], list[dict[str, str]]], rows: list[dict], schema: dict[str, Any],
+                n: int) -> ChatRequest:
+        """The request with every passage cut to `max_passage_chars`, and, when the prompt would not fit the
+        server's context window next to the completion limit, cut further (the same limit for every passage
+        of the request) until it does, counting the passages cut below `max_passage_chars`."""
+        messages = build(None)
+        request = self._request(messages, schema, n)
+        fit = self.fit
+        room = fit.room(request.max_tokens) if fit is not None else None
+        if fit is None or room is None:
+            return request
+        limit = self.cfg.max_passage_chars
+        fixed: int | None = None
+        for _ in range(8):
+            used = fit.count_messages(messages)
+            if used <= room:
+                break
+            if fixed is None:
+                fixed = fit.count_messages(build(0))
+            longest = max((min(len(r["text"]), limit) for r in rows), default=0)
+            if fixed >= room or longest == 0:
+                break  # the instructions and the query alone fill the context: the server will refuse it
+            limit = int(longest * (room - fixed) / (used - fixed) * 0.95)
+            messages = build(limit)
+        if limit < self.cfg.max_passage_chars:
+            self.counts["trimmed_passages"] += sum(1 for r in rows if len(r["text"]) > limit)
+            return request.model_copy(update={"messages": [Message(**m) for m in messages]})
+        return request
+
     def _request(self, messages: list[dict[str, str]], schema: dict[str, Any], n: int) -> ChatRequest:
-        default_tokens = 16 + 4 * n if self.graded else (64 * n + 128 if self.reasoning else 8 + 4 * n)
+        # Room for each grade or candidate number with its separator and JSON's whitespace.
+        default_tokens = 16 + 4 * n if self.graded else (64 * n + 128 if self.reasoning else 16 + 5 * n)
         return ChatRequest(
             messages=messages,
             json_schema=schema,
@@ -119,7 +167,8 @@ class Judge:
         props: dict[str, Any] = {}
         if self.reasoning:
             props["reasoning"] = {"type": "string"}
-        props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))}, "uniqueItems": True}
+        props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))},
+                              "uniqueItems": True, "maxItems": n}  # a grammar without uniqueItems still stops after n
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
     def _grade_schema(self, n: int) -> dict[str, Any]:
@@ -164,6 +213,8 @@ class Judge:
             return [Verdict(flagged=i + 1 in flagged, rationale=rationale, judge=judge) for i in range(n)]
         levels = result.parsed["grades"]
         expected = expected_grades(result.logprobs, levels)
+        if self.cfg.logprobs:
+            self.counts["logprobs_read" if logprobs_usable(result.logprobs, levels) else "logprobs_unusable"] += len(levels)
         grades = [level_grade(e, len(GRADES)) for e in expected]
         return [Verdict(flagged=is_positive(g, self.cfg.positive_threshold), level=lv, grade=g, judge=judge) for lv, g in zip(levels, grades)]
 
@@ -176,6 +227,14 @@ def _expectation(token: TokenLogprob) -> float | None:
             probs.setdefault(int(text), math.exp(lp))
     total = sum(probs.values())
     return sum(g * p for g, p in probs.items()) / total if total > 0 else None
+
+
+def logprobs_usable(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> bool:
+    """Whether `expected_grades` reads these grades from probabilities: the grade tokens line up with the
+    answer and each has another grade among its alternatives."""
+    digits = [t for t in logprobs or () if t.token.strip() in {"0", "1", "2", "3"}]
+    return bool(digits) and [int(t.token.strip()) for t in digits] == list(sampled) and all(
+        sum(a.strip() in {"0", "1", "2", "3"} for a, _ in t.top) >= 2 for t in digits)
 
 
 def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[float]:

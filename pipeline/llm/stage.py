@@ -15,7 +15,7 @@ from pipeline.llm.ray_engine import RAY_KEYS, RayOptions
 from pipeline.llm.types import RunStats
 from pipeline.redact import refuse_userinfo
 
-LLM_KEYS = ("sent", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
+LLM_KEYS = ("sent", "first_try_valid", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
 
 
 class LLMStageConfig(RayOptions):
@@ -95,7 +95,35 @@ def open_backends(
         for m in others
     ]
     log(f"{stage}: {spec.kind} backend, model {spec.model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    if spec.kind == "openai":
+        know_endpoint([backend, *extra], cfg, stage=stage, log=log)
     return backend, extra
+
+
+def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, stage: str, log: Callable[[str], None]) -> None:
+    """Ask the (first) server what it supports before any work is sent, say in one line what will be used, and
+    set the backends up for it: prompts fitted to its context window, no schema where it refuses one, and
+    no more requests in flight than a llama.cpp server's slots can start within the timeout."""
+    from pipeline.llm.client import OpenAIBackend
+    from pipeline.llm.endpoint import probe_endpoint
+    from pipeline.redact import read_key
+
+    clients = [b for b in {id(b): b for b in backends if b is not None}.values() if isinstance(b, OpenAIBackend)]
+    if not clients:
+        return
+    info, fit = probe_endpoint(clients[0].servers[0].url, clients[0].model, read_key(cfg.api_key_env), timeout_s=cfg.timeout)
+    note = ""
+    for client in clients:
+        client.endpoint, client.fit = info, fit
+        if info.json_schema is False:
+            for server in client.servers:
+                server.response_format = False
+        if info.server == "llama.cpp" and info.slots:
+            limit = 2 * info.slots * len(client.servers)
+            if client.concurrency > limit:
+                client.concurrency = limit
+                note = f"; {limit} request(s) in flight (2 per slot: more would wait in its queue past --timeout)"
+    log(f"{stage}: endpoint: {info.line()}{note}")
 
 
 def _open_ray(cfg: LLMStageConfig, model: str, others: list[str | None], options: dict[str, Any], *, stage: str,

@@ -81,6 +81,7 @@ class RunStats(BaseModel):
     cache_hits: int = 0
     sent: int = 0
     answered: int = 0
+    first_try_valid: int = 0  # answered validly by the first attempt (cache hits not counted)
     retries: int = 0
     invalid: int = 0
     failures: int = 0

@@ -1,21 +1,26 @@
-"""`mpr relabel --audit N`: check the judge against known labels before paying for the full run.
+"""`mpr relabel --audit N`: measure the judge before paying for the full run.
 
-The audit judges N known positives (rows with `source=qrels`, `label=1`) and N likely negatives (mined
-candidates the mining kept as negatives, drawn from the lower half of their query's mined ranks, where
-false negatives are rare), with the same prompt, mode, batching and cascade as the full run. For each
-query the judge sees the audited passages in a seeded shuffled order and, as known positives, only the
-query's other qrels positives (never the passage it is asked about).
+What is known is kept apart from what is only likely. The audit judges, with the same prompt, mode,
+batching and cascade as the full run:
+- N known positives (rows with `source=qrels`, `label=1`): the judge's **recall**;
+- N known negatives: judged negatives of the qrels (`source=qrels`, `label=0`) where there are any,
+  else passages drawn at random from *other* queries' rows that the query's own rows do not hold. A
+  random passage of the collection is negative with high confidence even on sparse qrels: the judge's
+  **false-positive rate**;
+- N likely negatives (mined candidates kept as negatives, from the lower half of their query's ranks):
+  on sparsely labelled data these hold unlabelled positives (26-31% of CISI's and Vaswani's mined hard
+  negatives are relevant), so their flag rate is reported as an **estimate of unlabelled positives**
+  (and corrected for the judge's recall and false-positive rate, Rogan-Gladen), never held against it.
 
-Against the known labels it reports precision, recall and Cohen's kappa, with 95% intervals (Wilson
-for precision and recall, a seeded percentile bootstrap for kappa), and the projected requests and
-tokens of the full run (the dry-run count of prompt tokens; completion tokens from the audit's own
-answers, or the request limit when every answer came from the cache). The result goes to `_audit.json`
-in the output folder, into the manifest summary (`audit`) and into the report of `mpr run`. When kappa
-is below `min_agreement` the stage stops before any full-run request is sent (`AuditFailed`, exit code
-2), unless `force` is set.
-
-Relevance is not symmetric here: a "likely negative" can be an unlabelled positive (that is what the
-stage looks for), so precision is a lower bound and kappa is conservative on sparse qrels.
+For each query the judge sees the audited passages in a seeded shuffled order and, as known positives,
+only the query's other qrels positives (never the passage it is asked about). Cohen's kappa is computed
+on the known positives and known negatives only, so a judge without errors scores 1; `--min-agreement`
+applies to it (a judge wrong on a share e of its answers gets about 1 - 2e). Intervals are 95% (Wilson for
+rates, a seeded percentile bootstrap for kappa). The projected requests and tokens of the full run come
+with it (the dry-run count of prompt tokens; completion tokens from the audit's own answers, or the
+request limit when every answer came from the cache). The result goes to `_audit.json` in the output
+folder, into the manifest summary (`audit`) and into the report of `mpr run`. Below `min_agreement` the
+stage stops before any full-run request is sent (`AuditFailed`, exit code 2), unless `force` is set.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
@@ -48,10 +53,12 @@ class AuditOptions(BaseModel):
     """The audit's options (part of `RelabelConfig`; none of them changes what the stage writes)."""
 
     audit: int = Field(
-        0, ge=0, description="First judge N known positives and N likely negatives; report precision, recall, Cohen's "
-        "kappa and the full run's projected tokens.")
+        0, ge=0, description="First judge N known positives, N known negatives (random passages of other queries) and N "
+        "likely negatives; report recall, false-positive rate, Cohen's kappa, the estimated share of unlabelled "
+        "positives and the full run's projected tokens.")
     min_agreement: float = Field(
-        0.4, ge=-1, le=1, description="Stop (exit 2) before the full run when the audit's kappa is below this.")
+        0.4, ge=-1, le=1, description="Stop (exit 2) before the full run when the audit's kappa on the known positives "
+        "and negatives is below this.")
     force: bool = Field(False, description="Run even when the audit is below --min-agreement.")
     audit_seed: int = Field(0, description="Seed of the audit's sample.")
 
@@ -60,14 +67,19 @@ AUDIT_KEYS = frozenset(AuditOptions.model_fields)
 
 
 class AuditFailed(MprError):
-    """The judge disagrees with the known labels; nothing of the full run was sent."""
+    """The judge disagrees with the known labels; nothing of the full run was sent (`_audit.json` stays)."""
+
+    keeps_output = True
+
+
+Kind = Literal["positive", "negative", "likely_negative"]
 
 
 @dataclass
 class AuditItem:
     qid: str
     row: dict[str, Any]
-    truth: int  # 1 known positive, 0 likely negative
+    kind: Kind  # a known positive, a known negative, or a likely negative (maybe an unlabelled positive)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -122,34 +134,72 @@ def agreement(pairs: list[tuple[int, int]], seed: int = 0) -> dict[str, Any]:
     }
 
 
+def unlabelled_share(flag_rate: float | None, recall: float | None, fpr: float | None) -> float | None:
+    """The share of positives among the likely negatives, from their flag rate corrected for the judge's
+    recall and false-positive rate (Rogan and Gladen, 1978), clipped to [0, 1]; None when the judge does
+    not tell positives from negatives (recall <= false-positive rate)."""
+    if flag_rate is None or recall is None or fpr is None or recall <= fpr:
+        return None
+    return round(min(1.0, max(0.0, (flag_rate - fpr) / (recall - fpr))), 4)
+
+
 def sample(files: list[Path], n: int, seed: int, negatives_from: str) -> list[AuditItem]:
-    """N known positives and N likely negatives, drawn with `seed`; texts are read for the drawn rows only."""
-    light = ["qid", "source", "label", "rank"]
+    """N known positives, N known negatives and N likely negatives, drawn with `seed`; texts are read for
+    the drawn rows only. A random negative is another query's passage, shown as a candidate of a query
+    that has drawn positives (so the judge sees it next to that query's other known positives)."""
+    light = ["qid", "pid", "source", "label", "rank"]
     positives: list[tuple[int, int]] = []
+    positive_qid: dict[tuple[int, int], str] = {}
+    judged_negatives: list[tuple[int, int]] = []
     mined: dict[tuple[int, str], list[tuple[int, int]]] = {}  # (file, qid) -> [(rank, row)]
+    rows_of: dict[str, tuple[int, int]] = {}  # qid -> one of its rows (for its query text)
+    pids_of: dict[str, set[str]] = {}
+    everything: list[tuple[int, int, str, str]] = []  # (file, row, qid, pid)
     for f, path in enumerate(files):
         table = pq.read_table(path, columns=light)
         cols = {c: table.column(c).to_pylist() for c in light}
-        for i, (qid, source, label, rank) in enumerate(zip(cols["qid"], cols["source"], cols["label"], cols["rank"])):
+        for i, (qid, pid, source, label, rank) in enumerate(zip(*(cols[c] for c in light))):
+            rows_of.setdefault(qid, (f, i))
+            pids_of.setdefault(qid, set()).add(pid)
+            everything.append((f, i, qid, pid))
             if source == "qrels" and label == 1:
                 positives.append((f, i))
+                positive_qid[(f, i)] = qid
+            elif source == "qrels" and label == 0:
+                judged_negatives.append((f, i))
             elif source == "mined" and rank is not None and (label == 0 or (negatives_from == "all" and label is None)):
                 mined.setdefault((f, qid), []).append((rank, i))
-    negatives: list[tuple[int, int]] = []
+    likely: list[tuple[int, int]] = []
     for (f, _), ranked in mined.items():
         ranked.sort()
-        negatives += [(f, i) for _, i in ranked[len(ranked) // 2 :]]
+        likely += [(f, i) for _, i in ranked[len(ranked) // 2 :]]
     rng = random.Random(f"mpr-audit|{seed}")
-    picked = [(p, 1) for p in rng.sample(positives, min(n, len(positives)))]
-    picked += [(p, 0) for p in rng.sample(negatives, min(n, len(negatives)))]
+    picked: list[tuple[tuple[int, int], Kind, str | None]] = [(p, "positive", None) for p in rng.sample(positives, min(n, len(positives)))]
+    picked += [(p, "negative", None) for p in rng.sample(judged_negatives, min(n, len(judged_negatives)))]
+    hosts = sorted({positive_qid[p] for p, kind, _ in picked if kind == "positive"}) or sorted(pids_of)
+    for _ in range(n - len(picked) + min(n, len(positives))):
+        for _try in range(50):
+            host = rng.choice(hosts)
+            f, i, qid, pid = everything[rng.randrange(len(everything))]
+            if qid != host and pid not in pids_of[host]:
+                picked.append(((f, i), "negative", host))
+                break
+    picked += [(p, "likely_negative", None) for p in rng.sample(likely, min(n, len(likely)))]
+    need = {p for p, _, _ in picked} | {rows_of[h] for _, _, h in picked if h is not None}
     by_file: dict[int, list[int]] = {}
-    for (f, i), _ in picked:
+    for f, i in need:
         by_file.setdefault(f, []).append(i)
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for f, idx in by_file.items():
         table = pq.read_table(files[f]).take(sorted(idx)).to_pylist()
         rows.update({(f, i): r for i, r in zip(sorted(idx), table)})
-    return [AuditItem(rows[p]["qid"], rows[p], truth) for p, truth in picked]
+    items = []
+    for p, kind, host in picked:
+        row = rows[p]
+        if host is not None:  # another query's passage, asked about for `host`
+            row = {**row, "qid": host, "query": rows[rows_of[host]]["query"], "source": "audit", "label": 0, "rank": None}
+        items.append(AuditItem(row["qid"], row, kind))
+    return items
 
 
 def _other_positives(files: list[Path], qids: set[str], audited: set[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
@@ -181,17 +231,28 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     verdicts = relabeler._ask(relabeler.backend, judge_items, relabeler.model, "audit", stats)
     if relabeler.confirm is not None:
         verdicts = _confirm(relabeler, judge_items, verdicts, stats)
-    pairs: list[tuple[int, int]] = []
+    pairs: list[tuple[int, int]] = []  # (truth, verdict) on the known positives and negatives
+    likely: list[int] = []
     failed = 0
     for group, vs in zip(by_query.values(), verdicts):
         for item, verdict in zip(group, vs):
             if verdict.error is not None or verdict.flagged is None:
                 failed += 1
+            elif item.kind == "likely_negative":
+                likely.append(int(verdict.flagged))
             else:
-                pairs.append((item.truth, int(verdict.flagged)))
+                pairs.append((int(item.kind == "positive"), int(verdict.flagged)))
+    known = agreement(pairs, cfg.audit_seed)
     result: dict[str, Any] = {
-        "positives": sum(i.truth for i in items), "negatives": sum(1 - i.truth for i in items), "failed": failed,
-        **agreement(pairs, cfg.audit_seed), "min_agreement": cfg.min_agreement,
+        "positives": sum(i.kind == "positive" for i in items), "negatives": sum(i.kind == "negative" for i in items),
+        "likely_negatives": sum(i.kind == "likely_negative" for i in items), "failed": failed, **known,
+        "false_positive_rate": round(known["fp"] / (known["fp"] + known["tn"]), 4) if known["fp"] + known["tn"] else None,
+        "false_positive_rate_ci": wilson(known["fp"], known["fp"] + known["tn"]),
+        "likely_flag_rate": round(sum(likely) / len(likely), 4) if likely else None,
+        "likely_flag_rate_ci": wilson(sum(likely), len(likely)),
+        "unlabelled_positive_estimate": unlabelled_share(sum(likely) / len(likely) if likely else None, known["recall"],
+                                                         known["fp"] / (known["fp"] + known["tn"]) if known["fp"] + known["tn"] else None),
+        "min_agreement": cfg.min_agreement,
         "requests": stats.get("llm_sent", 0) + stats.get("llm_cache_hits", 0),
         "sent": stats.get("llm_sent", 0), "projected": _project(full_run(), stats),
     }
@@ -203,8 +264,8 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     if not result["passed"] and not cfg.force:
         raise AuditFailed(
             f"audit: the judge agrees with the known labels at Cohen's kappa (95% CI) {_fmt(kappa, result['kappa_ci'])}, "
-            f"below --min-agreement {cfg.min_agreement:g}; precision {_fmt(result['precision'])}, recall {_fmt(result['recall'])} "
-            f"on {len(pairs)} judged pairs. Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
+            f"below --min-agreement {cfg.min_agreement:g}; recall {_fmt(result['recall'])}, false-positive rate "
+            f"{_fmt(result['false_positive_rate'])} on {len(pairs)} known pairs. Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
             f"~{result['projected']['total_tokens']:,} tokens). Check the model and prompt, or pass --force. Details: {cfg.out / AUDIT_FILE}"
         )
     return result
@@ -253,9 +314,13 @@ def describe(result: dict[str, Any]) -> str:
     p = result["projected"]
     verdict = "passed" if result["passed"] else ("below --min-agreement, run forced" if result["forced"] else "FAILED")
     return (
-        f"audit: {result['positives']} known positives, {result['negatives']} likely negatives, {result['failed']} failed; "
-        f"precision {_fmt(result['precision'], result['precision_ci'])}, recall {_fmt(result['recall'], result['recall_ci'])}, "
-        f"kappa {_fmt(result['kappa'], result['kappa_ci'])} (min {result['min_agreement']:g}): {verdict}. "
+        f"audit: {result['positives']} known positives, {result['negatives']} known negatives, "
+        f"{result.get('likely_negatives', 0)} likely negatives, {result['failed']} failed; "
+        f"recall {_fmt(result['recall'], result['recall_ci'])}, false-positive rate "
+        f"{_fmt(result.get('false_positive_rate'), result.get('false_positive_rate_ci'))}, "
+        f"kappa {_fmt(result['kappa'], result['kappa_ci'])} (min {result['min_agreement']:g}): {verdict}; "
+        f"likely negatives flagged {_fmt(result.get('likely_flag_rate'), result.get('likely_flag_rate_ci'))} "
+        f"(unlabelled positives estimated at {_fmt(result.get('unlabelled_positive_estimate'))}). "
         f"Full run: {p['requests']:,} requests, ~{p['prompt_tokens']:,} prompt + ~{p['completion_tokens']:,} completion tokens"
     )
 
@@ -273,10 +338,14 @@ def report_lines(folder: Path) -> list[str]:
     p = result["projected"]
     verdict = "passed" if result["passed"] else ("below the minimum; run forced" if result["forced"] else "**failed: the run stopped before the full run**")
     rows = [
-        ("known positives / likely negatives judged", f"{result['positives']} / {result['negatives']} ({result['failed']} failed)"),
-        ("precision (95% CI)", f"{_fmt(result['precision'], result['precision_ci'])}"),
-        ("recall (95% CI)", f"{_fmt(result['recall'], result['recall_ci'])}"),
-        ("Cohen's kappa (95% CI)", f"{_fmt(result['kappa'], result['kappa_ci'])}"),
+        ("known positives / known negatives / likely negatives judged",
+         f"{result['positives']} / {result['negatives']} / {result.get('likely_negatives', 0)} ({result['failed']} failed)"),
+        ("recall on known positives (95% CI)", f"{_fmt(result['recall'], result['recall_ci'])}"),
+        ("false-positive rate on known negatives (95% CI)",
+         f"{_fmt(result.get('false_positive_rate'), result.get('false_positive_rate_ci'))}"),
+        ("Cohen's kappa, known pairs (95% CI)", f"{_fmt(result['kappa'], result['kappa_ci'])}"),
+        ("likely negatives flagged (95% CI)", f"{_fmt(result.get('likely_flag_rate'), result.get('likely_flag_rate_ci'))}"),
+        ("unlabelled positives among them (estimate)", _fmt(result.get("unlabelled_positive_estimate"))),
         ("minimum kappa", f"{result['min_agreement']:g}: {verdict}"),
         ("full run: requests", f"{p['requests']:,}"),
         ("full run: prompt + completion tokens", f"{p['prompt_tokens']:,} + {p['completion_tokens']:,} ({p['completion_basis']})"),

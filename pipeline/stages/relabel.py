@@ -158,6 +158,7 @@ class Relabeler:
     def __init__(self, cfg: RelabelConfig, backend: ChatBackend, confirm: ChatBackend | None, model: str, confirm_model: str | None):
         self.cfg = cfg
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
+        self.judge.fit = backend.fit
         self.backend, self.confirm = backend, confirm
         self.model, self.confirm_model = model, confirm_model
         self.cheap: ChatBackend | None = None  # zone=unsure: the cheap judge (default: `backend`)
@@ -185,6 +186,9 @@ class Relabeler:
             item, idx = where[i]
             for j, verdict in zip(idx, self.judge.verdicts(result, len(idx), judge_id)):
                 verdicts[item][j] = verdict
+        for key, n in self.judge.counts.items():
+            stats[key] = stats.get(key, 0) + n
+        self.judge.counts.clear()
         return cast(list[list[Verdict]], verdicts)  # every slot is filled: each candidate is in one request
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
@@ -356,6 +360,8 @@ def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tup
         if backends is None:
             close_backends(backend, confirm, cheap)
     summary = _summary(shards.totals(), time.perf_counter() - started, sent_now)
+    if backend.endpoint is not None:
+        summary["endpoint"] = backend.endpoint.model_dump(exclude={"url"})
     if audit is not None:
         summary["audit"] = audit
     return _finish(shards, failures, summary)

@@ -118,6 +118,9 @@ MIN_LEVELS, MAX_LEVELS = 2, 6
 MAX_JACCARD = 0.9
 VERBATIM_MIN_WORDS = 4
 TOKENS_PER_WORD = 1.5
+# Characters per word bounding a passage in the schema: at least 7 per word of the lower bound (English
+# prose averages ~6 with its space, so the words are enough), at most 5 per word of the upper bound.
+CHARS_PER_WORD = (7, 5)
 SYNTH_FIELDS = (
     pa.field("style", pa.string()),
     pa.field("target_words", pa.int32()),
@@ -441,11 +444,18 @@ class SynthPrompt:
         )
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
+    def schema_for(self, words: int) -> dict[str, Any]:
+        """The answer's schema, with each passage's accepted length in characters (`CHARS_PER_WORD`), so a
+        server that enforces the schema keeps a model inside the word bounds `check_answer` applies."""
+        lo, hi = word_bounds(words)
+        passage = {"type": "string", "minLength": CHARS_PER_WORD[0] * lo, "maxLength": CHARS_PER_WORD[1] * hi}
+        return {**self.schema, "properties": {k: passage for k in self.keys}}
+
     def request(self, spec: SetSpec, cfg: SynthConfig) -> ChatRequest:
         budget = math.ceil(self.levels * 2 * spec.words * TOKENS_PER_WORD) + 16 * self.levels + 16
         return ChatRequest(
             messages=self.messages(spec),
-            json_schema=self.schema,
+            json_schema=self.schema_for(spec.words),
             schema_name=self.prompt.schema,
             max_tokens=cfg.max_tokens or budget,
             temperature=cfg.temperature,
@@ -565,6 +575,19 @@ class Synthesizer:
         self.judge: Judge | None = None
         if cfg.verify:
             self.judge = Judge(load_prompt("graded"), JudgeOptions(max_passage_chars=50_000))
+            self.judge.fit = (verifier or backend).fit
+
+    def _fitted(self, request: ChatRequest, stats: dict[str, int]) -> ChatRequest:
+        """The request with its completion limit cut to what the server's context window leaves after the
+        prompt (counted in `capped_requests`); the answer may then be cut short and fail validation."""
+        fit = self.backend.fit
+        if fit is None or fit.info.context_length is None or request.max_tokens is None:
+            return request
+        room = fit.info.context_length - fit.count_messages(request.messages) - fit.SAFETY
+        if request.max_tokens <= room:
+            return request
+        stats["capped_requests"] = stats.get("capped_requests", 0) + 1
+        return request.model_copy(update={"max_tokens": max(16, room)})
 
     def _run(self, backend: ChatBackend, requests: list[ChatRequest], check: Callable[[str], Any], desc: str,
              stats: dict[str, int], prefix: str) -> list[ChatResult]:
@@ -591,7 +614,8 @@ class Synthesizer:
                 return check_answer(content, levels, words, verbatim)
 
             label = desc if len(by_words) == 1 else f"{desc} ({words} words)"
-            got = self._run(self.backend, [self.prompt.request(specs[i], cfg) for i in idx], check, label, stats, "llm")
+            requests = [self._fitted(self.prompt.request(specs[i], cfg), stats) for i in idx]
+            got = self._run(self.backend, requests, check, label, stats, "llm")
             for i, answer in zip(idx, got):
                 results[i] = answer
 
@@ -819,7 +843,10 @@ def run(cfg: SynthConfig, *, log: Callable[[str], None] = print,
     finally:
         if owned:
             close_backends(backend, verifier)
-    return _finish(shards, failures, {**summarize(shards.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes})
+    summary = {**summarize(shards.totals(), cfg, time.perf_counter() - started, sent_now), **queries.notes}
+    if backend.endpoint is not None:
+        summary["endpoint"] = backend.endpoint.model_dump(exclude={"url"})
+    return _finish(shards, failures, summary)
 
 
 def _finish(shards: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> Manifest:

@@ -105,6 +105,7 @@ def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, lis
 
     cfg = relabeler.cfg
     judge = Judge(load_prompt("graded"), cfg.model_copy(update={"batch_candidates": 1, "logprobs": True}))
+    judge.fit = cheap.fit
     requests, where = [], []
     for q, ((_, rows), idx) in enumerate(zip(groups, picked)):
         for i in idx:
