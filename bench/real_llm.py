@@ -127,16 +127,73 @@ def errors(folder: Path, full: dict[str, set[str]]) -> dict[str, Any]:
     return {"overall": rates(rows), "by_rank": {k: v for k, v in by_rank.items() if v["n"]}, "by_score": by_score}
 
 
+def _f(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+
+
+def report(results: Path) -> str:
+    """bench/results/real_llm/results.md, written from the JSON files alone."""
+    lines = ["# A real model: SmolLM2-135M-Instruct behind llama-server", "",
+             "Written by `python bench/real_llm.py --report` from the JSON files beside it (one per run; each holds its command).", ""]
+    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
+        runs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+        lines += [f"## {folder.name}", "", "| run | exit | requests | valid 1st try | valid after retries | prompt tok/item | "
+                  "completion tok/item | requests/s | items/s | flagged / judged | trimmed | logprobs read / unusable |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            if name == "audit":
+                continue
+            flagged = f"{_f(r.get('flagged'))} / {_f(r.get('items'))}" if "flagged" in r else (
+                f"{_f(r.get('sets_written'))} of {_f(r.get('sets_requested'))} sets written" if name == "synth" else "-")
+            lines.append(
+                f"| {name} | {r['exit_code']} | {_f(r.get('requests'))} | {_f(r.get('first_try_valid_share'))} | "
+                f"{_f(r.get('valid_after_retries_share'))} | {_f(r.get('prompt_tokens_per_item'), 1)} | "
+                f"{_f(r.get('completion_tokens_per_item'), 1)} | {_f(r.get('requests_per_s'))} | {_f(r.get('items_per_s'))} | "
+                f"{flagged} | {_f(r.get('trimmed_passages'))} | {_f(r.get('logprobs_read'))} / {_f(r.get('logprobs_unusable'))} |")
+        lines.append("")
+        # drop and drop-query remove what was flagged: their rows cannot show the judge's errors
+        errs = {k: r["errors"] for k, r in runs.items() if r.get("errors") and k not in ("drop", "drop_query")}
+        if errs:
+            lines += ["Judge errors against the full qrels (FNR: hidden positives not flagged; FPR: negatives flagged), by mined "
+                      "rank and by retrieval-score tercile. Uniform flips, as the loss study assumes, would give one rate "
+                      "for both and in every bin.", "", "| run | overall FNR / FPR | " + " | ".join(
+                          f"rank {b}" for b in ("1-5", "6-10", "11-20")) + " | score low | mid | high |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for name, e in errs.items():
+                def cell(x: dict[str, Any] | None) -> str:
+                    return "-" if not x else f"{_f(x['false_negative_rate'], 2)} / {_f(x['false_positive_rate'], 2)}"
+                lines.append(f"| {name} | {cell(e['overall'])} | " + " | ".join(cell(e["by_rank"].get(b)) for b in ("1-5", "6-10", "11-20"))
+                             + " | " + " | ".join(cell(e["by_score"].get(b)) for b in ("low", "mid", "high")) + " |")
+            lines.append("")
+        audit = (runs.get("audit") or {}).get("audit")
+        if audit:
+            def ci(k: str, audit: dict[str, Any] = audit) -> str:
+                interval = audit.get(k + "_ci")
+                return f"{_f(audit[k])} [{_f(interval[0])}, {_f(interval[1])}]" if interval else _f(audit.get(k))
+
+            lines += [f"Audit (`{runs['audit']['command']} --audit {audit['positives']}`, exit {runs['audit']['exit_code']}): "
+                      f"{audit['positives']} known positives, {audit['negatives']} known negatives, {audit['likely_negatives']} likely "
+                      f"negatives, {audit['failed']} failed; recall {ci('recall')}, false-positive rate {ci('false_positive_rate')}, "
+                      f"κ {ci('kappa')}; likely negatives flagged {ci('likely_flag_rate')}, unlabelled positives estimated at "
+                      f"{_f(audit.get('unlabelled_positive_estimate'))}; " + ("passed" if audit["passed"] else
+                      f"stopped by --min-agreement {audit['min_agreement']}") + ".", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--name", required=True)
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--name")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--audit", type=int, default=20)
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/mpr-real-llm"))
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "real_llm")
+    ap.add_argument("--report", action="store_true", help="only rewrite results.md from the JSON files")
     args = ap.parse_args()
+    if args.report:
+        (args.results / "results.md").write_text(report(args.results))
+        return
     work, results = args.work / args.name, args.results / args.name
     results.mkdir(parents=True, exist_ok=True)
     subset_data, subset, mined_all, full = prepare(args.data, work, args.queries)

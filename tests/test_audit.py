@@ -125,8 +125,8 @@ def test_audit_measures_the_judge_not_the_labels(sparse, tmp_path):
     # what the judge flags among the likely negatives are the unlabelled positives hidden there, counted exactly
     hidden = audit["likely_flag_rate"]
     assert hidden is not None and audit["unlabelled_positive_estimate"] == hidden
-    with start_server(responder=Oracle(data, error_rate=0.4), models=(MODEL,)) as server:
-        with pytest.raises(AuditFailed, match="below --min-agreement 0.4"):
-            relabel.run(cfg(mined, tmp_path / "wrong", server, tmp_path, audit=40), log=lambda _: None)
+    with start_server(responder=Oracle(data, error_rate=0.4), models=(MODEL,)) as server, \
+            pytest.raises(AuditFailed, match=r"below --min-agreement 0\.4"):
+        relabel.run(cfg(mined, tmp_path / "wrong", server, tmp_path, audit=40), log=lambda _: None)
     wrong = json.loads((tmp_path / "wrong" / AUDIT_FILE).read_text())
     assert 0.45 <= wrong["recall"] <= 0.75 and 0.25 <= wrong["false_positive_rate"] <= 0.55 and wrong["kappa"] < 0.4

@@ -10,7 +10,7 @@ from pathlib import Path
 from .conftest import REPO
 
 LAYERS = {"pipeline.data": 0, "pipeline.llm": 1, "pipeline.stages": 2, "train": 3,
-          "mpr.simulated_judge": 4, "mpr.orchestrate": 4, "mpr.commands": 5}
+          "mpr.simulated_judge": 4, "mpr.orchestrate": 4, "mpr.llama": 4, "mpr.commands": 5}
 
 
 def _layer(module: str) -> str | None:

@@ -21,7 +21,7 @@ import pytest
 from mpr.llama.build import default_model_path, ensure_binary, ensure_default_model, find_binary
 from mpr.llama.server import LlamaServer, served_name
 from pipeline.data.inspection import validate_shards
-from pipeline.data.shards import read_manifest, read_shards
+from pipeline.data.shards import read_shards
 from pipeline.errors import MprError
 from pipeline.llm.endpoint import probe_endpoint
 from pipeline.stages import relabel, synth

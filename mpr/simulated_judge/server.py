@@ -47,7 +47,8 @@ class Faults(BaseModel):
     retry_after_s; p_drop: close the connection without an answer; p_bad_body: HTTP 200 whose body
     is not JSON; p_malformed: answer content that is broken JSON; p_truncate: answer cut in half with
     finish_reason "length"; faulty_attempts > 0: faults hit only each key's first N requests;
-    reject_response_format: HTTP 400 for any response_format; require_api_key: HTTP 401 unless
+    reject_response_format: HTTP 400 for any response_format; reject_schema_keywords: HTTP 400 for a
+    response_format whose JSON schema uses any of them (a grammar engine without, say, uniqueItems); require_api_key: HTTP 401 unless
     `Authorization: Bearer <it>`.
     """
 
@@ -65,6 +66,7 @@ class Faults(BaseModel):
     p_truncate: float = Field(default=0.0, ge=0, le=1)
     faulty_attempts: int = Field(default=0, ge=0)
     reject_response_format: bool = False
+    reject_schema_keywords: list[str] = Field(default_factory=list)
     require_api_key: str | None = None
 
 
@@ -76,6 +78,15 @@ def request_key(body: dict[str, Any]) -> str:
     with a larger token limit) is the same request asked again."""
     question = {k: v for k, v in body.items() if k not in SAMPLING}
     return hashlib.sha256(json.dumps(question, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _keywords(value: Any) -> set[str]:
+    """Every key used anywhere in a (response_format) JSON value."""
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keywords(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keywords(v)}
+    return set()
 
 
 def _draw(seed: int, key: str, attempt: int, name: str) -> float:
@@ -257,6 +268,9 @@ class ChatServer:
         rf = req.get("response_format")
         if f.reject_response_format and isinstance(rf, dict) and rf.get("type") != "text":
             return json_error(400, "response_format is not supported by this server", "BadRequestError")
+        unsupported = sorted(set(f.reject_schema_keywords) & _keywords(rf))
+        if unsupported:
+            return json_error(400, f"JSON schema keyword(s) {', '.join(unsupported)} not supported", "BadRequestError")
 
         faulty = f.faulty_attempts == 0 or attempt < f.faulty_attempts
 

@@ -51,7 +51,7 @@ _PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "ws_prox
 @dataclass
 class _Server:
     url: str
-    response_format: bool = True
+    schema_level: int = 2  # 2: the request's JSON schema; 1: its core (`core_schema`); 0: no response_format
     in_flight: int = 0
     sent: int = 0
     blocked_until: float = 0.0
@@ -171,30 +171,29 @@ class OpenAIBackend(ChatBackend):
         attempts = failures = invalid = 0
         overrides: dict[str, Any] = {}  # after an invalid answer: sample, and give a cut answer more room
         last: _Server | None = None
-        schema_refused_by: _Server | None = None
+        refused_by: _Server | None = None  # the server that answered HTTP 400 to this request's schema
+        refused = 0  # schema levels stepped down on it
         while True:
-            server = schema_refused_by or await self._pick(last if failures else None)
-            with_schema = (
-                item.request.json_schema is not None and server.response_format and schema_refused_by is None
-            )
+            server = refused_by or await self._pick(last if failures else None)
+            level = max(0, server.schema_level - refused) if item.request.json_schema is not None else 0
             attempts += 1
             if attempts > 1:
                 stats.retries += 1
             stats.sent += 1
             stats.per_server[server.url] = stats.per_server.get(server.url, 0) + 1
-            out = await self._attempt(server, poster, item, messages, with_schema, secret, overrides)
+            out = await self._attempt(server, poster, item, messages, level, secret, overrides)
             last = server
             if out.schema_refused:
-                schema_refused_by = server
+                refused_by, refused = server, refused + 1
                 continue
             if out.result is not None:
                 result = out.result
-                if schema_refused_by is not None and server.response_format:
-                    server.response_format = False
-                    log.warning(
-                        "%s rejects response_format; parsing JSON answers leniently instead", server.url
-                    )
-                schema_refused_by = None
+                if refused_by is not None and server.schema_level > level:
+                    server.schema_level = level
+                    log.warning("%s rejects the JSON schema; %s", server.url,
+                                "sending its core (no length, count or uniqueness keywords)" if level else
+                                "parsing JSON answers leniently instead")
+                refused_by, refused = None, 0
                 result.attempts = attempts
                 problem = ctx.check(item, result)
                 if problem is None:
@@ -209,7 +208,7 @@ class OpenAIBackend(ChatBackend):
                     return
                 overrides.update(_retry_sampling(item.request, invalid, result.finish_reason, overrides))
                 continue
-            schema_refused_by = None
+            refused_by, refused = None, 0
             failures += 1
             log.debug("request %s attempt %d on %s: %s", item.key[:12], attempts, server.url, out.error)
             if not out.retryable or failures >= self.max_attempts:
@@ -229,12 +228,12 @@ class OpenAIBackend(ChatBackend):
         poster: _Poster,
         item: WorkItem,
         messages: list[dict[str, str]],
-        with_schema: bool,
+        schema_level: int,
         secret: str,
         overrides: Mapping[str, Any] | None = None,
     ) -> _Outcome:
         """One HTTP request, its failure classified."""
-        body = {**self._body(item.request, messages, with_schema), **(overrides or {})}
+        body = {**self._body(item.request, messages, schema_level), **(overrides or {})}
         server.sent += 1
         server.in_flight += 1
         try:
@@ -253,8 +252,8 @@ class OpenAIBackend(ChatBackend):
         status = reply.status
         if status >= 400:
             message = redact(_status_message(reply.body))
-            if status == 400 and with_schema:
-                log.debug("%s: HTTP 400 with response_format; retrying without it", server.url)
+            if status == 400 and schema_level:
+                log.debug("%s: HTTP 400 with response_format; retrying with less of the schema", server.url)
                 return _Outcome(schema_refused=True)
             if status in (401, 403):
                 raise _Fatal(f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}")
@@ -292,7 +291,7 @@ class OpenAIBackend(ChatBackend):
                 wait = min(s.blocked_until for s in servers) - now
             await asyncio.sleep(wait)
 
-    def _body(self, req: ChatRequest, messages: list[dict[str, str]], with_schema: bool) -> dict[str, Any]:
+    def _body(self, req: ChatRequest, messages: list[dict[str, str]], schema_level: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": req.model,
             "messages": messages,
@@ -309,8 +308,9 @@ class OpenAIBackend(ChatBackend):
             body["logprobs"] = True
             if req.top_logprobs:
                 body["top_logprobs"] = req.top_logprobs
-        if with_schema:
-            spec: dict[str, Any] = {"name": req.schema_name, "schema": req.json_schema}
+        if schema_level and req.json_schema is not None:
+            schema = req.json_schema if schema_level >= 2 else core_schema(req.json_schema)
+            spec: dict[str, Any] = {"name": req.schema_name, "schema": schema}
             if self.strict_schema:
                 spec["strict"] = True
             body["response_format"] = {"type": "json_schema", "json_schema": spec}
@@ -427,6 +427,18 @@ def _parse(key: str, raw: bytes) -> ChatResult:
 
 
 RETRY_TEMPERATURE = 0.7
+# What a JSON-schema grammar is most often without (OpenAI's strict mode, some xgrammar and llama.cpp versions).
+EXTRA_KEYWORDS = frozenset({"uniqueItems", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"})
+
+
+def core_schema(schema: Any) -> Any:
+    """The schema without `EXTRA_KEYWORDS`: types, properties, required and enums only (the answer's validator
+    still checks everything)."""
+    if isinstance(schema, dict):
+        return {k: core_schema(v) for k, v in schema.items() if k not in EXTRA_KEYWORDS}
+    if isinstance(schema, list):
+        return [core_schema(v) for v in schema]
+    return schema
 
 
 def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None, now: Mapping[str, Any]) -> dict[str, Any]:

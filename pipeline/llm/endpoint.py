@@ -55,7 +55,7 @@ class EndpointInfo(BaseModel):
 
     def line(self) -> str:
         """One line: what the stage will use."""
-        parts = [self.server if self.server != "other" else "OpenAI-compatible server"]
+        parts: list[str] = [self.server if self.server != "other" else "OpenAI-compatible server"]
         parts.append(f"context {self.context_length:,} tokens" if self.context_length else "context unknown")
         if self.slots:
             parts.append(f"{self.slots} slot(s)")

@@ -14,6 +14,7 @@ verdicts = judge.verdicts(backend.run_sync([request], validate=judge.validator(l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -93,11 +94,11 @@ class Judge:
     def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
         """(request, indices into `candidates` it judges)."""
         if self.pointwise:
-            return [
-                (self._fitted(lambda lim, row=row: self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row, lim))),
-                              [row], self._grade_schema(1), 1), [i])
-                for i, row in enumerate(candidates)
-            ]
+            def one(limit: int | None, row: dict) -> list[dict[str, str]]:
+                return self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row, limit)))
+
+            return [(self._fitted(functools.partial(one, row=row), [row], self._grade_schema(1), 1), [i])
+                    for i, row in enumerate(candidates)]
         shown_rows = positives[: self.cfg.max_positives_shown]
 
         def shown(limit: int | None) -> str:

@@ -117,7 +117,7 @@ def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, st
         client.endpoint, client.fit = info, fit
         if info.json_schema is False:
             for server in client.servers:
-                server.response_format = False
+                server.schema_level = 0
         if info.server == "llama.cpp" and info.slots:
             limit = 2 * info.slots * len(client.servers)
             if client.concurrency > limit:

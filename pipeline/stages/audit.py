@@ -194,10 +194,10 @@ def sample(files: list[Path], n: int, seed: int, negatives_from: str) -> list[Au
         table = pq.read_table(files[f]).take(sorted(idx)).to_pylist()
         rows.update({(f, i): r for i, r in zip(sorted(idx), table)})
     items = []
-    for p, kind, host in picked:
+    for p, kind, asked_for in picked:
         row = rows[p]
-        if host is not None:  # another query's passage, asked about for `host`
-            row = {**row, "qid": host, "query": rows[rows_of[host]]["query"], "source": "audit", "label": 0, "rank": None}
+        if asked_for is not None:  # another query's passage, asked about for `asked_for`
+            row = {**row, "qid": asked_for, "query": rows[rows_of[asked_for]]["query"], "source": "audit", "label": 0, "rank": None}
         items.append(AuditItem(row["qid"], row, kind))
     return items
 
