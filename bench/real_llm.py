@@ -106,10 +106,15 @@ def figures(s: dict[str, Any], seconds: float, prefix: str = "llm") -> dict[str,
 def errors(folder: Path, full: dict[str, set[str]]) -> dict[str, Any]:
     """False-positive and false-negative rates of the judge against the full qrels, by mined rank and by score."""
     rows = [r for f in sorted(folder.glob("part-*.parquet"))
-            for r in pq.read_table(f, columns=["qid", "pid", "rank", "score", "llm_label", "source"]).to_pylist()
+            for r in pq.read_table(f, columns=["qid", "pid", "rank", "score", "llm_label", "source", "grade"]).to_pylist()
             if r["llm_label"] is not None and r["source"] == "mined"]
     if not rows:
         return {}
+    graded = [(r["grade"], r["pid"] in full.get(r["qid"], ())) for r in rows if r["grade"] is not None]
+    pos = [g for g, t in graded if t]
+    neg = [g for g, t in graded if not t]
+    # how well the expected grade ranks hidden positives above negatives, whatever the threshold (0.5: chance)
+    auc = (sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))) if pos and neg else None
     scores = sorted(r["score"] for r in rows)
     cuts = [scores[len(scores) // 3], scores[2 * len(scores) // 3]]
 
@@ -124,7 +129,9 @@ def errors(folder: Path, full: dict[str, set[str]]) -> dict[str, Any]:
     by_score = {"low": rates([r for r in rows if r["score"] < cuts[0]]),
                 "mid": rates([r for r in rows if cuts[0] <= r["score"] < cuts[1]]),
                 "high": rates([r for r in rows if r["score"] >= cuts[1]])}
-    return {"overall": rates(rows), "by_rank": {k: v for k, v in by_rank.items() if v["n"]}, "by_score": by_score}
+    return {"overall": rates(rows), "grade_auc": round(auc, 3) if auc is not None else None,
+            "mean_grade": {"positives": round(sum(pos) / len(pos), 3) if pos else None,
+                           "negatives": round(sum(neg) / len(neg), 3) if neg else None}, "by_rank": {k: v for k, v in by_rank.items() if v["n"]}, "by_score": by_score}
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -156,14 +163,15 @@ def report(results: Path) -> str:
         if errs:
             lines += ["Judge errors against the full qrels (FNR: hidden positives not flagged; FPR: negatives flagged), by mined "
                       "rank and by retrieval-score tercile. Uniform flips, as the loss study assumes, would give one rate "
-                      "for both and in every bin.", "", "| run | overall FNR / FPR | " + " | ".join(
-                          f"rank {b}" for b in ("1-5", "6-10", "11-20")) + " | score low | mid | high |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "for both and in every bin. Grade AUC: how often the expected grade ranks a hidden positive above a negative (0.5: chance).", "", "| run | overall FNR / FPR | " + " | ".join(
+                          f"rank {b}" for b in ("1-5", "6-10", "11-20")) + " | score low | mid | high | grade AUC |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for name, e in errs.items():
                 def cell(x: dict[str, Any] | None) -> str:
                     return "-" if not x else f"{_f(x['false_negative_rate'], 2)} / {_f(x['false_positive_rate'], 2)}"
                 lines.append(f"| {name} | {cell(e['overall'])} | " + " | ".join(cell(e["by_rank"].get(b)) for b in ("1-5", "6-10", "11-20"))
-                             + " | " + " | ".join(cell(e["by_score"].get(b)) for b in ("low", "mid", "high")) + " |")
+                             + " | " + " | ".join(cell(e["by_score"].get(b)) for b in ("low", "mid", "high"))
+                             + f" | {_f(e.get('grade_auc'))} |")
             lines.append("")
         audit = (runs.get("audit") or {}).get("audit")
         if audit:

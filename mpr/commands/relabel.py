@@ -18,7 +18,7 @@ from mpr.commands.options import config_options
 from pipeline.stages.relabel import RelabelConfig
 
 # Not on the command line (the config's defaults; `mpr run`'s [relabel] table can set them).
-INTERNAL = {"progress", "max_attempts", "max_positives_shown", "max_passage_chars", "temperature", "audit_seed"}
+INTERNAL = {"progress", "max_attempts", "max_positives_shown", "temperature", "audit_seed"}
 
 
 @one_line_errors

@@ -221,6 +221,12 @@ def check_answerable(prompt: Prompt) -> None:
         )
 
 
+def asked(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The request as first asked: the turns before the first answer (a re-ask appends the answer and a note)."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return list(messages[:first])
+
+
 class Oracle:
     """Answers relabel (listwise) and graded (pointwise) prompts from qrels; synth prompts with
     deterministic passages per level."""
@@ -288,7 +294,7 @@ class Oracle:
 
     def __call__(self, request: dict[str, Any]) -> ResponderAnswer:
         rate = self.model_error_rates.get(request.get("model", ""), self.error_rate)
-        read = self.reader.read(request["messages"])
+        read = self.reader.read(asked(request["messages"]))
         schema = read.prompt.schema
         if schema not in ANSWERED_SCHEMAS:
             raise UnknownPrompt(
@@ -334,7 +340,7 @@ class Oracle:
     def _synth(self, request: dict[str, Any], query: str, levels: int, target: int) -> ResponderAnswer:
         """Passages for levels L-1 ... 0 of a synth prompt: distinct, of the target length (in words), built
         from the query's content words (more of them the higher the level; level 0 shares one word only)."""
-        key = hashlib.sha256(json.dumps([request.get("model"), request["messages"]], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([request.get("model"), asked(request["messages"])], sort_keys=True).encode()).hexdigest()
         with self._lock:
             attempt = self._synth_asks.get(key, 0)
             self._synth_asks[key] = attempt + 1

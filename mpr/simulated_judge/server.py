@@ -74,9 +74,14 @@ SAMPLING = frozenset({"temperature", "top_p", "seed", "max_tokens"})
 
 
 def request_key(body: dict[str, Any]) -> str:
-    """Hash of the question: the request body less its sampling parameters, so a retry that samples (or asks
-    with a larger token limit) is the same request asked again."""
+    """Hash of the question: the request body less its sampling parameters and any turns after the first
+    answer, so a retry that samples, asks with a larger token limit or re-asks after showing the model its
+    invalid answer is the same request asked again."""
     question = {k: v for k, v in body.items() if k not in SAMPLING}
+    messages = question.get("messages")
+    if isinstance(messages, list):
+        first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+        question["messages"] = messages if first is None else messages[:first]
     return hashlib.sha256(json.dumps(question, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

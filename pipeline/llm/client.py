@@ -16,8 +16,10 @@ of backoff, while a long batch needs a retry that may move to another base URL, 
 pauses that server for every in-flight request (not only the one that got it), and attempt counts in the
 results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies; Retry-After and
 Retry-After-Ms are honoured (capped at `max_retry_after_s`, 120 s like the SDK) by pausing that server,
-otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache),
-sampled rather than greedy, and with twice the token limit when it was cut at `max_tokens` (`_retry_sampling`).
+otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache):
+the model is shown its answer and what was wrong with it (`reask`), sampled rather than greedy, and given twice
+the token limit when the answer was cut at `max_tokens` (`_retry_sampling`). The cache keeps the answer
+under the original request.
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ class OpenAIBackend(ChatBackend):
     async def _answer(self, item: WorkItem, ctx: RunContext, poster: _Poster, secret: str) -> None:
         """Ask until the answer validates, a retry budget is spent, or the error is not worth retrying."""
         stats = ctx.stats
-        messages = [{"role": m.role, "content": m.content} for m in item.request.messages]
+        asked = [{"role": m.role, "content": m.content} for m in item.request.messages]
+        messages = asked
         attempts = failures = invalid = 0
         overrides: dict[str, Any] = {}  # after an invalid answer: sample, and give a cut answer more room
         last: _Server | None = None
@@ -207,6 +210,7 @@ class OpenAIBackend(ChatBackend):
                     await ctx.finish(item, result)
                     return
                 overrides.update(_retry_sampling(item.request, invalid, result.finish_reason, overrides))
+                messages = reask(asked, result.content or "", problem)
                 continue
             refused_by, refused = None, 0
             failures += 1
@@ -439,6 +443,14 @@ def core_schema(schema: Any) -> Any:
     if isinstance(schema, list):
         return [core_schema(v) for v in schema]
     return schema
+
+
+def reask(messages: list[dict[str, str]], answer: str, problem: str) -> list[dict[str, str]]:
+    """The conversation asked again after an invalid answer: the answer (cut to 2,000 characters) and what
+    was wrong with it, so the model can correct it rather than guess again (as `instructor` re-asks)."""
+    return [*messages, {"role": "assistant", "content": answer[:2000]},
+            {"role": "user", "content": f"That answer was not accepted: {problem.removeprefix('ValueError: ')}. "
+                                        "Answer the same request again, correctly, with JSON only."}]
 
 
 def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None, now: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,9 @@ class JudgeOptions(BaseModel):
         DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="Graded mode: a pair whose grade (on the 0-1 scale: the "
         "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.")
     max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
-    max_passage_chars: int = Field(2000, ge=100, description="Passages are cut to this many characters in a request.")
+    max_passage_chars: int = Field(
+        2000, ge=100, description="Passages are cut to this many characters in a request, and further (counted as "
+        "trimmed_passages) where the prompt would not fit the server's context window.")
     max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
     logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")

@@ -119,10 +119,10 @@ def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, st
             for server in client.servers:
                 server.schema_level = 0
         if info.server == "llama.cpp" and info.slots:
-            limit = 2 * info.slots * len(client.servers)
+            limit = info.slots * len(client.servers)
             if client.concurrency > limit:
                 client.concurrency = limit
-                note = f"; {limit} request(s) in flight (2 per slot: more would wait in its queue past --timeout)"
+                note = f"; {limit} request(s) in flight (one per slot: more would wait in its queue, on --timeout's clock)"
     log(f"{stage}: endpoint: {info.line()}{note}")
 
 

@@ -118,9 +118,6 @@ MIN_LEVELS, MAX_LEVELS = 2, 6
 MAX_JACCARD = 0.9
 VERBATIM_MIN_WORDS = 4
 TOKENS_PER_WORD = 1.5
-# Characters per word bounding a passage in the schema: at least 7 per word of the lower bound (English
-# prose averages ~6 with its space, so the words are enough), at most 5 per word of the upper bound.
-CHARS_PER_WORD = (7, 5)
 SYNTH_FIELDS = (
     pa.field("style", pa.string()),
     pa.field("target_words", pa.int32()),
@@ -444,18 +441,11 @@ class SynthPrompt:
         )
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
-    def schema_for(self, words: int) -> dict[str, Any]:
-        """The answer's schema, with each passage's accepted length in characters (`CHARS_PER_WORD`), so a
-        server that enforces the schema keeps a model inside the word bounds `check_answer` applies."""
-        lo, hi = word_bounds(words)
-        passage = {"type": "string", "minLength": CHARS_PER_WORD[0] * lo, "maxLength": CHARS_PER_WORD[1] * hi}
-        return {**self.schema, "properties": {k: passage for k in self.keys}}
-
     def request(self, spec: SetSpec, cfg: SynthConfig) -> ChatRequest:
         budget = math.ceil(self.levels * 2 * spec.words * TOKENS_PER_WORD) + 16 * self.levels + 16
         return ChatRequest(
             messages=self.messages(spec),
-            json_schema=self.schema_for(spec.words),
+            json_schema=self.schema,
             schema_name=self.prompt.schema,
             max_tokens=cfg.max_tokens or budget,
             temperature=cfg.temperature,
