@@ -209,7 +209,7 @@ class OpenAIBackend(ChatBackend):
                     result.parsed = None
                     await ctx.finish(item, result)
                     return
-                overrides.update(_retry_sampling(item.request, invalid, result.finish_reason, overrides))
+                overrides.update(_retry_sampling(item.request, invalid, result.finish_reason))
                 messages = reask(asked, result.content or "", problem)
                 continue
             refused_by, refused = None, 0
@@ -453,13 +453,13 @@ def reask(messages: list[dict[str, str]], answer: str, problem: str) -> list[dic
                                         "Answer the same request again, correctly, with JSON only."}]
 
 
-def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None, now: Mapping[str, Any]) -> dict[str, Any]:
+def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None) -> dict[str, Any]:
     """How the next ask after an invalid answer differs: a greedy (temperature 0) model gives the same invalid
     answer again, so it samples (`RETRY_TEMPERATURE`, a new seed each time); an answer cut at `max_tokens`
-    gets twice the limit."""
+    gets twice the request's limit."""
     out: dict[str, Any] = {"temperature": max(req.temperature, RETRY_TEMPERATURE), "seed": (req.seed or 0) + invalid}
     if finish_reason == "length" and req.max_tokens is not None:
-        out["max_tokens"] = 2 * int(now.get("max_tokens", req.max_tokens))
+        out["max_tokens"] = 2 * req.max_tokens  # once: a model that rambles past twice the limit rambles on
     return out
 
 
