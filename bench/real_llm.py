@@ -144,6 +144,7 @@ def report(results: Path) -> str:
              "Written by `python bench/real_llm.py --report` from the JSON files beside it (one per run; each holds its command).", ""]
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         runs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+        simulated = runs.pop("audit_simulated", None)
         lines += [f"## {folder.name}", "", "| run | exit | requests | valid 1st try | valid after retries | prompt tok/item | "
                   "completion tok/item | requests/s | items/s | flagged / judged | trimmed | logprobs read / unusable |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -179,12 +180,20 @@ def report(results: Path) -> str:
                 interval = audit.get(k + "_ci")
                 return f"{_f(audit[k])} [{_f(interval[0])}, {_f(interval[1])}]" if interval else _f(audit.get(k))
 
-            lines += [f"Audit (`{runs['audit']['command']} --audit {audit['positives']}`, exit {runs['audit']['exit_code']}): "
+            lines += [f"Audit (`{runs['audit']['command']}`, exit {runs['audit']['exit_code']}): "
                       f"{audit['positives']} known positives, {audit['negatives']} known negatives, {audit['likely_negatives']} likely "
                       f"negatives, {audit['failed']} failed; recall {ci('recall')}, false-positive rate {ci('false_positive_rate')}, "
                       f"κ {ci('kappa')}; likely negatives flagged {ci('likely_flag_rate')}, unlabelled positives estimated at "
                       f"{_f(audit.get('unlabelled_positive_estimate'))}; " + ("passed" if audit["passed"] else
                       f"stopped by --min-agreement {audit['min_agreement']}") + ".", ""]
+        if simulated:
+            lines += [f"The audit with the simulated judge, whose errors are known (`{simulated['command']}`), on the same "
+                      "sparse collection:", "", "| judge | recall | false-positive rate | κ | min | verdict |", "|---|---|---|---|---|---|"]
+            for name, a in simulated.items():
+                if name != "command":
+                    lines.append(f"| {name.replace('error_rate=', 'wrong on ')} | {_f(a['recall'])} | {_f(a['false_positive_rate'])} | "
+                                 f"{_f(a['kappa'])} | {a['min_agreement']} | {'passed' if a['passed'] else 'stopped'} |")
+            lines.append("")
     return "\n".join(lines)
 
 

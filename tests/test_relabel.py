@@ -297,3 +297,25 @@ def test_clipped_passages_are_still_judged(hidden, server, tmp_path):
     out = read_shards(tmp_path / "clipped").to_pandas()
     flagged = out[(out.source == "mined") & (out.label == 1)]
     assert set(zip(flagged.qid, flagged.pid)) == truth
+
+
+def test_requests_are_fitted_to_the_context_window():
+    """20 candidates of 2,000 characters do not fit a 1,024-token context: every passage of the request is cut to
+    one length until the prompt leaves room for the answer, and the cut passages are counted. Short passages
+    and an unknown context are left alone."""
+    from pipeline.llm.endpoint import ContextFit, EndpointInfo
+    from pipeline.llm.judge import Judge, JudgeOptions
+    from pipeline.llm.prompt_files import load_prompt
+
+    rows = [{"title": None, "text": f"passage {i} " + "word " * 400} for i in range(20)]
+    judge = Judge(load_prompt("relabel"), JudgeOptions())
+    (full, _), = judge.requests("a query", [], rows)
+    judge.fit = ContextFit(EndpointInfo(url="x", context_length=1024), None)  # ~4 characters a token
+    (fitted, idx), = judge.requests("a query", [], rows)
+    room = judge.fit.room(fitted.max_tokens)
+    assert idx == list(range(20)) and judge.fit.count_messages(full.messages) > room
+    assert room is not None and room - 200 < judge.fit.count_messages(fitted.messages) <= room
+    assert judge.counts["trimmed_passages"] == 20 and fitted.key != full.key
+    short = [{"title": None, "text": "short"}] * 3
+    (unchanged, _), = judge.requests("a query", [], short)
+    assert judge.counts["trimmed_passages"] == 20 and unchanged.messages == Judge(load_prompt("relabel"), JudgeOptions()).requests("a query", [], short)[0][0].messages

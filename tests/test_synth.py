@@ -327,3 +327,24 @@ def test_one_line_errors(server, tmp_path):
     for extra, message in cases:
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_the_token_limit_is_cut_to_what_the_context_window_leaves(tmp_path):
+    """A server whose context cannot hold the prompt and the full token budget gets a request that fits;
+    the cut is counted. Without a known context nothing changes."""
+    from pipeline.llm.client import OpenAIBackend
+    from pipeline.llm.endpoint import ContextFit, EndpointInfo
+    from pipeline.stages.synth import SetSpec, Synthesizer
+
+    cfg = SynthConfig(out=tmp_path / "out", model=MODEL, data=EXAMPLE, progress=False)
+    backend = OpenAIBackend(MODEL, "http://127.0.0.1:9/v1")
+    maker = Synthesizer(cfg, backend, None, MODEL, None)
+    request = maker.prompt.request(SetSpec("q", "Why does my coffee taste bitter?", 0, "blog post", 120, 1), cfg)
+    stats: dict[str, int] = {}
+    assert maker._fitted(request, stats) is request and not stats
+    fit = ContextFit(EndpointInfo(url="x", context_length=1024), None)  # ~4 characters a token
+    backend.fit = fit
+    prompt = fit.count_messages(request.messages)
+    cut = maker._fitted(request, stats)
+    assert request.max_tokens is not None and request.max_tokens > 1024 - prompt
+    assert cut.max_tokens == 1024 - prompt - fit.SAFETY and stats == {"capped_requests": 1}
