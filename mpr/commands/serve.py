@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,11 @@ def serve(
     from mpr.llama.build import ensure_binary, ensure_default_model
     from mpr.llama.server import LlamaServer
 
+    if gguf is not None and not gguf.expanduser().is_file():  # before a build that can take half an hour
+        raise fail(f"{gguf}: no such GGUF file (--gguf)")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise fail(f"127.0.0.1:{port} is already in use (--port)")
     binary = ensure_binary(llama_server, build=build, log=log)
     model = gguf.expanduser() if gguf is not None else ensure_default_model(log)
     server = LlamaServer(binary, model, port=port, ctx_size=ctx_size, parallel=parallel, threads=threads, log_path=log_file)
