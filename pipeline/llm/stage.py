@@ -103,7 +103,7 @@ def open_backends(
 def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, stage: str, log: Callable[[str], None]) -> None:
     """Ask the (first) server what it supports before any work is sent, say in one line what will be used, and
     set the backends up for it: prompts fitted to its context window, no schema where it refuses one, and
-    no more requests in flight than a llama.cpp server's slots can start within the timeout."""
+    one request in flight per slot of a llama.cpp server (more would wait in its queue on the timeout's clock)."""
     from pipeline.llm.client import OpenAIBackend
     from pipeline.llm.endpoint import probe_endpoint
     from pipeline.redact import read_key
