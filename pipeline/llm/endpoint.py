@@ -18,16 +18,16 @@ queue within the timeout, and record it in their manifest.
 from __future__ import annotations
 
 import json
-import math
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from pipeline.llm.jsonparse import parse_json
+from pipeline.llm.models import TokenCounter
 from pipeline.llm.types import Message
 
 ServerKind = Literal["llama.cpp", "vllm", "other"]
@@ -122,9 +122,7 @@ class ContextFit:
     def __init__(self, info: EndpointInfo, tokenizer: ServerTokenizer | None):
         self.info, self.tokenizer = info, tokenizer
         self.template_tokens = info.template_tokens if info.template_tokens is not None else 8
-
-    def count_text(self, text: str) -> int:
-        return self.tokenizer.count(text) if self.tokenizer is not None else math.ceil(len(text) / 4)
+        self.count_text: Callable[[str], int] = tokenizer.count if tokenizer is not None else TokenCounter().count
 
     def count_messages(self, messages: Iterable[Message | Mapping[str, str]]) -> int:
         total = 0
@@ -136,6 +134,10 @@ class ContextFit:
         """Prompt tokens a request with this completion limit may have; None when the context is unknown."""
         ctx = self.info.context_length
         return None if ctx is None else ctx - (max_tokens or 0) - self.SAFETY
+
+    def completion_room(self, messages: Iterable[Message | Mapping[str, str]]) -> int | None:
+        """Completion tokens the context leaves after these messages; None when the context is unknown."""
+        return self.room(self.count_messages(messages))
 
 
 def probe_endpoint(url: str, model: str, key: str = "", timeout_s: float = 60.0) -> tuple[EndpointInfo, ContextFit]:

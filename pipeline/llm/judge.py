@@ -232,12 +232,17 @@ def _expectation(token: TokenLogprob) -> float | None:
     return sum(g * p for g, p in probs.items()) / total if total > 0 else None
 
 
+def _grade_tokens(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[TokenLogprob] | None:
+    """The generated single-digit grade tokens, in order, when they line up with the sampled grades."""
+    digits = [t for t in logprobs or () if t.token.strip() in {"0", "1", "2", "3"}]
+    return digits if logprobs and [int(t.token.strip()) for t in digits] == list(sampled) else None
+
+
 def logprobs_usable(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> bool:
     """Whether `expected_grades` reads these grades from probabilities: the grade tokens line up with the
     answer and each has another grade among its alternatives."""
-    digits = [t for t in logprobs or () if t.token.strip() in {"0", "1", "2", "3"}]
-    return bool(digits) and [int(t.token.strip()) for t in digits] == list(sampled) and all(
-        sum(a.strip() in {"0", "1", "2", "3"} for a, _ in t.top) >= 2 for t in digits)
+    digits = _grade_tokens(logprobs, sampled)
+    return bool(digits) and all(sum(a.strip() in {"0", "1", "2", "3"} for a, _ in t.top) >= 2 for t in digits or ())
 
 
 def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[float]:
@@ -245,9 +250,8 @@ def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> 
     generated (renormalised over 0-3). The grade tokens are the generated single-digit tokens, in order;
     when they cannot be lined up with the answer (no logprobs, or a tokenizer that merges a digit with
     other characters), the sampled grades are used."""
-    if logprobs:
-        digits = [t for t in logprobs if t.token.strip() in {"0", "1", "2", "3"}]
-        if [int(t.token.strip()) for t in digits] == list(sampled):
-            expected = [_expectation(t) for t in digits]
-            return [e if e is not None else float(g) for e, g in zip(expected, sampled)]
+    digits = _grade_tokens(logprobs, sampled)
+    if digits is not None:
+        expected = [_expectation(t) for t in digits]
+        return [e if e is not None else float(g) for e, g in zip(expected, sampled)]
     return [float(g) for g in sampled]

@@ -243,15 +243,17 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
             else:
                 pairs.append((int(item.kind == "positive"), int(verdict.flagged)))
     known = agreement(pairs, cfg.audit_seed)
+    negatives = known["fp"] + known["tn"]
+    fpr = known["fp"] / negatives if negatives else None
+    flag_rate = sum(likely) / len(likely) if likely else None
     result: dict[str, Any] = {
         "positives": sum(i.kind == "positive" for i in items), "negatives": sum(i.kind == "negative" for i in items),
         "likely_negatives": sum(i.kind == "likely_negative" for i in items), "failed": failed, **known,
-        "false_positive_rate": round(known["fp"] / (known["fp"] + known["tn"]), 4) if known["fp"] + known["tn"] else None,
-        "false_positive_rate_ci": wilson(known["fp"], known["fp"] + known["tn"]),
-        "likely_flag_rate": round(sum(likely) / len(likely), 4) if likely else None,
+        "false_positive_rate": round(fpr, 4) if fpr is not None else None,
+        "false_positive_rate_ci": wilson(known["fp"], negatives),
+        "likely_flag_rate": round(flag_rate, 4) if flag_rate is not None else None,
         "likely_flag_rate_ci": wilson(sum(likely), len(likely)),
-        "unlabelled_positive_estimate": unlabelled_share(sum(likely) / len(likely) if likely else None, known["recall"],
-                                                         known["fp"] / (known["fp"] + known["tn"]) if known["fp"] + known["tn"] else None),
+        "unlabelled_positive_estimate": unlabelled_share(flag_rate, known["recall"], fpr),
         "min_agreement": cfg.min_agreement,
         "requests": stats.get("llm_sent", 0) + stats.get("llm_cache_hits", 0),
         "sent": stats.get("llm_sent", 0), "projected": _project(full_run(), stats),

@@ -570,11 +570,8 @@ class Synthesizer:
     def _fitted(self, request: ChatRequest, stats: dict[str, int]) -> ChatRequest:
         """The request with its completion limit cut to what the server's context window leaves after the
         prompt (counted in `capped_requests`); the answer may then be cut short and fail validation."""
-        fit = self.backend.fit
-        if fit is None or fit.info.context_length is None or request.max_tokens is None:
-            return request
-        room = fit.info.context_length - fit.count_messages(request.messages) - fit.SAFETY
-        if request.max_tokens <= room:
+        room = self.backend.fit.completion_room(request.messages) if self.backend.fit is not None else None
+        if room is None or request.max_tokens is None or request.max_tokens <= room:
             return request
         stats["capped_requests"] = stats.get("capped_requests", 0) + 1
         return request.model_copy(update={"max_tokens": max(16, room)})
