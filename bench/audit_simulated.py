@@ -25,9 +25,23 @@ from pipeline.stages import relabel  # noqa: E402
 from pipeline.stages.audit import AUDIT_FILE, AuditFailed  # noqa: E402
 from pipeline.stages.relabel import RelabelConfig  # noqa: E402
 
-KEYS = ("positives", "negatives", "likely_negatives", "failed", "recall", "recall_ci", "false_positive_rate",
-        "false_positive_rate_ci", "kappa", "kappa_ci", "likely_flag_rate", "likely_flag_rate_ci",
-        "unlabelled_positive_estimate", "min_agreement", "passed")
+KEYS = (
+    "positives",
+    "negatives",
+    "likely_negatives",
+    "failed",
+    "recall",
+    "recall_ci",
+    "false_positive_rate",
+    "false_positive_rate_ci",
+    "kappa",
+    "kappa_ci",
+    "likely_flag_rate",
+    "likely_flag_rate_ci",
+    "unlabelled_positive_estimate",
+    "min_agreement",
+    "passed",
+)
 
 
 def main() -> None:
@@ -41,18 +55,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for error_rate, min_agreement in ((0.0, 0.8), (0.4, 0.4)):
             folder = Path(tmp) / f"e{error_rate}"
-            with start_server(responder=Oracle(args.data, error_rate=error_rate), models=("judge",)) as server:
-                cfg = RelabelConfig(input=args.mined, out=folder, model="judge", base_url=[server.url], progress=False,
-                                    llm_cache=Path(tmp) / "llm.sqlite", audit=args.audit, min_agreement=min_agreement)
+            with start_server(
+                responder=Oracle(args.data, error_rate=error_rate), models=("judge",)
+            ) as server:
+                cfg = RelabelConfig(
+                    input=args.mined,
+                    out=folder,
+                    model="judge",
+                    base_url=[server.url],
+                    progress=False,
+                    llm_cache=Path(tmp) / "llm.sqlite",
+                    audit=args.audit,
+                    min_agreement=min_agreement,
+                )
                 with contextlib.suppress(AuditFailed):  # the judge that should be stopped
                     relabel.run(cfg, log=lambda _: None)
             result = json.loads((folder / AUDIT_FILE).read_text())
             out[f"error_rate={error_rate}"] = {k: result.get(k) for k in KEYS}
-            print(args.name, error_rate, {k: result.get(k) for k in ("recall", "false_positive_rate", "kappa", "passed")})
+            print(
+                args.name,
+                error_rate,
+                {k: result.get(k) for k in ("recall", "false_positive_rate", "kappa", "passed")},
+            )
     target = REPO / "bench" / "results" / "real_llm" / args.name / "audit_simulated.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"command": f"python bench/audit_simulated.py --data {args.data.name} --audit {args.audit}",
-                                  **out}, indent=2) + "\n")
+    target.write_text(
+        json.dumps(
+            {
+                "command": f"python bench/audit_simulated.py --data {args.data.name} --audit {args.audit}",
+                **out,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

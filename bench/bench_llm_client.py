@@ -139,7 +139,10 @@ def main() -> None:
         for transport in transports:
             for c in levels:
                 n = args.n if c > 1 else max(args.n // 3, 100)
-                measure(make_backend(srv.url, None, c, transport), make_requests(min(n, 200), f"warmup{c}{transport}", 1))
+                measure(
+                    make_backend(srv.url, None, c, transport),
+                    make_requests(min(n, 200), f"warmup{c}{transport}", 1),
+                )
                 best: dict[str, tuple[float, float, int]] = {}
                 for rep in range(args.repeat):
                     for mode, got in run_modes(srv.url, folder, c, n, f"{c}-{rep}-{transport}", transport):
@@ -157,12 +160,17 @@ def main() -> None:
     for transport, c, mode, k, rps, cpu, sent in rows:
         print(f"| {transport} | {c} | {mode} | {rps:,.0f} | {rps * k:,.0f} | {cpu:,.0f} | {sent} |")
     rps_of = {(t, c, mode): rps for t, c, mode, _, rps, _, _ in rows}
-    ratios = [(c, mode, rps / rps_of[("openai", c, mode)]) for t, c, mode, _, rps, _, _ in rows
-              if t == "aiohttp" and ("openai", c, mode) in rps_of]
+    ratios = [
+        (c, mode, rps / rps_of[("openai", c, mode)])
+        for t, c, mode, _, rps, _, _ in rows
+        if t == "aiohttp" and ("openai", c, mode) in rps_of
+    ]
     if ratios:
         print()
-        print("requests/s, aiohttp path / openai SDK path: "
-              + ", ".join(f"c={c} {mode} {ratio:.2f}x" for c, mode, ratio in ratios))
+        print(
+            "requests/s, aiohttp path / openai SDK path: "
+            + ", ".join(f"c={c} {mode} {ratio:.2f}x" for c, mode, ratio in ratios)
+        )
     print()
     print(
         f"reference, SDK typed chat.completions.create() at concurrency {ref_c} (ChatCompletion models): "

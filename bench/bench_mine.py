@@ -46,24 +46,44 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
 
         manifest = mine.run(
             MineConfig(
-                data=args.data, out=work / variant, cache_dir=work / "cache", max_seq_length=args.max_seq_length,
-                depth=args.depth, num_negatives=args.negatives if variant == "mpr-cold" else args.negatives // 2,
-                batch_size=args.batch_size, progress=False,
+                data=args.data,
+                out=work / variant,
+                cache_dir=work / "cache",
+                max_seq_length=args.max_seq_length,
+                depth=args.depth,
+                num_negatives=args.negatives if variant == "mpr-cold" else args.negatives // 2,
+                batch_size=args.batch_size,
+                progress=False,
             ),
             log=lambda _: None,
         )
-        extra = {"negatives": manifest.summary["negatives"], "encoded": manifest.summary.get("corpus_encoded", 0)}
+        extra = {
+            "negatives": manifest.summary["negatives"],
+            "encoded": manifest.summary.get("corpus_encoded", 0),
+        }
     elif variant == "st-mine":
         from datasets import Dataset
         from sentence_transformers.util import mine_hard_negatives
 
         model = SentenceTransformer(resolve_model(DEFAULT_MODEL), device="cpu")
         model.max_seq_length = args.max_seq_length
-        pairs = [(ds.queries[q], ds.corpus.full_text(ds.corpus.index[p])) for q, judged in ds.qrels.items() for p, s in judged.items() if s > 0]
+        pairs = [
+            (ds.queries[q], ds.corpus.full_text(ds.corpus.index[p]))
+            for q, judged in ds.qrels.items()
+            for p, s in judged.items()
+            if s > 0
+        ]
         dataset = Dataset.from_dict({"query": [a for a, _ in pairs], "positive": [b for _, b in pairs]})
         out = mine_hard_negatives(
-            dataset, model, corpus=passages, range_max=args.depth, num_negatives=args.negatives,
-            sampling_strategy="top", batch_size=args.batch_size, output_format="n-tuple", verbose=False,
+            dataset,
+            model,
+            corpus=passages,
+            range_max=args.depth,
+            num_negatives=args.negatives,
+            sampling_strategy="top",
+            batch_size=args.batch_size,
+            output_format="n-tuple",
+            verbose=False,
         )
         extra = {"rows": len(out)}
     wall = time.perf_counter() - start
@@ -72,7 +92,9 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=REPO / "data" / "beir" / "scifact")
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--depth", type=int, default=100)
@@ -90,9 +112,24 @@ def main() -> None:
     results = []
     try:
         for variant in ("encode-only", "mpr-cold", "mpr-warm", "st-mine"):
-            cmd = [sys.executable, __file__, "--worker", variant, "--work", str(work), "--data", str(args.data),
-                   "--max-seq-length", str(args.max_seq_length), "--depth", str(args.depth),
-                   "--negatives", str(args.negatives), "--batch-size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--work",
+                str(work),
+                "--data",
+                str(args.data),
+                "--max-seq-length",
+                str(args.max_seq_length),
+                "--depth",
+                str(args.depth),
+                "--negatives",
+                str(args.negatives),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -101,7 +138,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     by = {r["variant"]: r for r in results}
     floor = by["encode-only"]["seconds"]
-    print(f"\nSciFact train, {os.cpu_count()} CPU cores, max_seq_length {args.max_seq_length}, depth {args.depth}, {args.negatives} negatives")
+    print(
+        f"\nSciFact train, {os.cpu_count()} CPU cores, max_seq_length {args.max_seq_length}, depth {args.depth}, {args.negatives} negatives"
+    )
     print(f"{'variant':<12} {'seconds':>8} {'peak MB':>8} {'x encode-only':>14}")
     for r in results:
         print(f"{r['variant']:<12} {r['seconds']:>8.1f} {r['peak_rss_mb']:>8} {r['seconds'] / floor:>14.2f}")

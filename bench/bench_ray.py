@@ -27,22 +27,39 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    requests = [ChatRequest(messages=[{"role": "user", "content": f"question {i}"}], max_tokens=4) for i in range(args.requests)]
+    requests = [
+        ChatRequest(messages=[{"role": "user", "content": f"question {i}"}], max_tokens=4)
+        for i in range(args.requests)
+    ]
     with start_server(models=("m",), faults={"delay_s": args.delay}) as server:
         for processor in ("mpr", "ray-llm"):
-            backend = RayHttpBackend("m", [server.url], api_key_env="NO_KEY", timeout_s=60, address=None, workers=args.workers,
-                                     batch_size=256, max_attempts=3, processor=processor, concurrency=args.concurrency)
+            backend = RayHttpBackend(
+                "m",
+                [server.url],
+                api_key_env="NO_KEY",
+                timeout_s=60,
+                address=None,
+                workers=args.workers,
+                batch_size=256,
+                max_attempts=3,
+                processor=processor,
+                concurrency=args.concurrency,
+            )
             t0 = time.perf_counter()
             results = backend.run_sync(requests)
             seconds = time.perf_counter() - t0
             stats = server.stats()
-            print(f"ray {processor:8s} {seconds:6.1f} s  {sum(r.ok for r in results)}/{len(results)} answered  "
-                  f"max in flight at the server {stats['max_in_flight']}")
+            print(
+                f"ray {processor:8s} {seconds:6.1f} s  {sum(r.ok for r in results)}/{len(results)} answered  "
+                f"max in flight at the server {stats['max_in_flight']}"
+            )
             server.control(reset_stats=True)
         local = OpenAIBackend("m", [server.url], concurrency=args.concurrency)
         t0 = time.perf_counter()
         results = local.run_sync(requests)
-        print(f"local        {time.perf_counter() - t0:6.1f} s  {sum(r.ok for r in results)}/{len(results)} answered")
+        print(
+            f"local        {time.perf_counter() - t0:6.1f} s  {sum(r.ok for r in results)}/{len(results)} answered"
+        )
     ray.shutdown()
 
 

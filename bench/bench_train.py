@@ -54,13 +54,19 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     for step in range(config["steps"]):
         rows = [groups[i] for i in range(step * batch_size, (step + 1) * batch_size)]
         if config["kind"] == "st":
-            rows = [{"anchor": r["query"], "positive": r["passage_0"],
-                     **{f"negative_{j}": r[c] for j, c in enumerate(passage_columns[1:])}} for r in rows]
+            rows = [
+                {
+                    "anchor": r["query"],
+                    "positive": r["passage_0"],
+                    **{f"negative_{j}": r[c] for j, c in enumerate(passage_columns[1:])},
+                }
+                for r in rows
+            ]
             columns = ["anchor", "positive"] + [f"negative_{j}" for j in range(len(passage_columns) - 1)]
         else:
             columns = ["query", *passage_columns]
         batch = collate(rows)
-        features = [{k[len(c) + 1:]: v for k, v in batch.items() if k.startswith(c + "_")} for c in columns]
+        features = [{k[len(c) + 1 :]: v for k, v in batch.items() if k.startswith(c + "_")} for c in columns]
         batches.append((features, batch.get("label")))
     plan_line = ""
     if config["kind"] == "st":
@@ -70,15 +76,26 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         )
 
         if config["chunk"]:
-            loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=config["chunk"], show_progress_bar=False)
+            loss = CachedMultipleNegativesRankingLoss(
+                model, mini_batch_size=config["chunk"], show_progress_bar=False
+            )
         else:
             loss = MultipleNegativesRankingLoss(model)
     else:
-        plan = plan_embedding(model, texts_per_batch=batch_size * (1 + config["group_size"]),
-                              budget=config["budget"], mini_batch_size=config["chunk"])
+        plan = plan_embedding(
+            model,
+            texts_per_batch=batch_size * (1 + config["group_size"]),
+            budget=config["budget"],
+            mini_batch_size=config["chunk"],
+        )
         limit_heap_fragmentation(plan.chunk_plan is not None)  # as `mpr train` does
         plan_line = plan.describe()
-        loss = build_loss(config["loss"], model, chunk_plan=plan.chunk_plan, **({"seed": 0} if config["loss"] == "rand1" else {}))
+        loss = build_loss(
+            config["loss"],
+            model,
+            chunk_plan=plan.chunk_plan,
+            **({"seed": 0} if config["loss"] == "rand1" else {}),
+        )
     optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=1e-5)
     times = []
     for features, labels in batches:
@@ -93,34 +110,58 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1], "returncode": done.returncode}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    base = {"data": str(args.data), "batch_size": args.batch_size, "group_size": args.group_size, "steps": args.steps}
+    base = {
+        "data": str(args.data),
+        "batch_size": args.batch_size,
+        "group_size": args.group_size,
+        "steps": args.steps,
+    }
     out = []
     for seq in args.max_seq_length:
         for dropout in args.attention_dropout:
             tag = f"seq{seq}" + ("/ad0" if dropout == 0 else "")
             common = {**base, "seq": seq, "attention_dropout": dropout}
             for loss in args.losses:
-                out.append((f"{tag} mpr-{loss}", {**common, "kind": "mpr", "loss": loss, "chunk": None, "budget": None}))
-            out.append((f"{tag} mpr-infonce@chunk{args.chunk}", {**common, "kind": "mpr", "loss": "infonce", "chunk": args.chunk, "budget": None}))
+                out.append(
+                    (
+                        f"{tag} mpr-{loss}",
+                        {**common, "kind": "mpr", "loss": loss, "chunk": None, "budget": None},
+                    )
+                )
+            out.append(
+                (
+                    f"{tag} mpr-infonce@chunk{args.chunk}",
+                    {**common, "kind": "mpr", "loss": "infonce", "chunk": args.chunk, "budget": None},
+                )
+            )
             out.append((f"{tag} st-cached@chunk{args.chunk}", {**common, "kind": "st", "chunk": args.chunk}))
             texts = args.batch_size * (1 + args.group_size)
             per_text_mb = (100 if dropout else 40) * seq / 256
             if texts * per_text_mb < args.max_memory * 1024:
                 out.append((f"{tag} st-mnrl", {**common, "kind": "st", "chunk": None}))
                 for loss in args.full_losses:
-                    out.append((f"{tag} mpr-{loss}@full", {**common, "kind": "mpr", "loss": loss, "chunk": None, "budget": 10**12}))
+                    out.append(
+                        (
+                            f"{tag} mpr-{loss}@full",
+                            {**common, "kind": "mpr", "loss": loss, "chunk": None, "budget": 10**12},
+                        )
+                    )
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, help="mined shard folder")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=8)
@@ -130,8 +171,12 @@ def main() -> None:
     parser.add_argument("--full-losses", nargs="*", default=LOSSES)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--max-memory", type=float, default=16, help="GB: skip configurations estimated above this")
-    parser.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
+    parser.add_argument(
+        "--max-memory", type=float, default=16, help="GB: skip configurations estimated above this"
+    )
+    parser.add_argument(
+        "--only", nargs="*", help="run only the configurations whose name contains one of these"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +194,10 @@ def main() -> None:
             timed = result["times"][1:] or result["times"]
             result["s_per_step"] = round(statistics.median(timed), 2)
             result["samples_per_s"] = round(config["batch_size"] / result["s_per_step"], 3)
-            print(f"{name:<34} {result['s_per_step']:>7.2f} s/step  peak {result['peak_mb']:>7,.0f} MB  load {load:.1f}  {result['plan']}", flush=True)
+            print(
+                f"{name:<34} {result['s_per_step']:>7.2f} s/step  peak {result['peak_mb']:>7,.0f} MB  load {load:.1f}  {result['plan']}",
+                flush=True,
+            )
         else:
             print(f"{name:<34} failed: {result['error']}", flush=True)
         results[name] = result

@@ -41,12 +41,29 @@ def main(argv: list[str] | None = None) -> int:
         queries = sorted(set(a[key]) & set(b[key]))
         xs += [a[key][q] for q in queries]
         ys += [b[key][q] for q in queries]
-        folds.append({"dataset": key[0], "fold": key[1], "a": statistics.fmean(a[key][q] for q in queries),
-                      "b": statistics.fmean(b[key][q] for q in queries), "queries": len(queries)})
+        folds.append(
+            {
+                "dataset": key[0],
+                "fold": key[1],
+                "a": statistics.fmean(a[key][q] for q in queries),
+                "b": statistics.fmean(b[key][q] for q in queries),
+                "queries": len(queries),
+            }
+        )
     p_t, p_r = paired_tests(ys, xs)
-    result = {"a": str(args.a), "b": str(args.b), "loss": args.loss, "error_rate": args.error_rate, "folds": folds,
-              "queries": len(xs), "ndcg@10_a": statistics.fmean(xs), "ndcg@10_b": statistics.fmean(ys),
-              "delta_b_minus_a": statistics.fmean(ys) - statistics.fmean(xs), "p_ttest": p_t, "p_randomization": p_r}
+    result = {
+        "a": str(args.a),
+        "b": str(args.b),
+        "loss": args.loss,
+        "error_rate": args.error_rate,
+        "folds": folds,
+        "queries": len(xs),
+        "ndcg@10_a": statistics.fmean(xs),
+        "ndcg@10_b": statistics.fmean(ys),
+        "delta_b_minus_a": statistics.fmean(ys) - statistics.fmean(xs),
+        "p_ttest": p_t,
+        "p_randomization": p_r,
+    }
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

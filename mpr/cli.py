@@ -25,7 +25,9 @@ class Formatter(HelpFormatter):
         super().write_text(text.replace("-", NO_BREAK_HYPHEN))
 
     def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
-        super().write_dl([(term, text.replace("-", NO_BREAK_HYPHEN)) for term, text in rows], col_max, col_spacing)
+        super().write_dl(
+            [(term, text.replace("-", NO_BREAK_HYPHEN)) for term, text in rows], col_max, col_spacing
+        )
 
     def getvalue(self) -> str:
         return super().getvalue().replace(NO_BREAK_HYPHEN, "-")
@@ -67,7 +69,12 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -16,7 +16,9 @@ from typing import Any
 MARKER = "[REDACTED]"
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}")  # OpenAI-style keys; shorter "sk-..." words are text
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
-_MIN_SECRET = 8  # shorter values ("EMPTY", "none": placeholders local servers accept) would redact ordinary words
+_MIN_SECRET = (
+    8  # shorter values ("EMPTY", "none": placeholders local servers accept) would redact ordinary words
+)
 _secrets: set[str] = set()
 
 
@@ -58,7 +60,9 @@ def redact_logging() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        with contextlib.suppress(Exception):  # a record that cannot be formatted is left to logging's own report
+        with contextlib.suppress(
+            Exception
+        ):  # a record that cannot be formatted is left to logging's own report
             record.msg, record.args = redact(record.getMessage()), ()
         return record
 

@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=765)
     args = ap.parse_args()
 
-    qrels = {q: j for q, j in _qrels(args.src / "qrels" / "test.tsv").items() if any(s > 0 for s in j.values())}
+    qrels = {
+        q: j for q, j in _qrels(args.src / "qrels" / "test.tsv").items() if any(s > 0 for s in j.values())
+    }
     order = sorted(qrels, key=_qid_key)
     random.Random(SEED).shuffle(order)
     half = {qid: i % 2 for i, qid in enumerate(order)}
@@ -81,14 +83,22 @@ def main() -> None:
     with gzip.GzipFile(out / "corpus.jsonl.gz", "wb", mtime=0) as f:
         for d in corpus:
             if d["_id"] in chosen:
-                f.write((json.dumps({"_id": d["_id"], "title": d.get("title", ""), "text": d["text"]}) + "\n").encode())
-    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": q["_id"], "text": q["text"]}) + "\n" for q in queries))
+                f.write(
+                    (
+                        json.dumps({"_id": d["_id"], "title": d.get("title", ""), "text": d["text"]}) + "\n"
+                    ).encode()
+                )
+    (out / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q["_id"], "text": q["text"]}) + "\n" for q in queries)
+    )
     (out / "qrels" / "test.tsv").write_text(_tsv(test))
     (out / "qrels" / "train.tsv").write_text(_tsv(train))
     (out / "qrels" / "train-sparse.tsv").write_text(_tsv(sparse))
     n_train, n_test = len(sparse), len({q for q, _, _ in test})
-    print(f"{out}: {len(chosen)} documents ({len(judged)} judged), {len(queries)} queries "
-          f"(train {n_train}: {len(train)} positives, {len(sparse)} kept; test {n_test}: {len(test)} positives)")
+    print(
+        f"{out}: {len(chosen)} documents ({len(judged)} judged), {len(queries)} queries "
+        f"(train {n_train}: {len(train)} positives, {len(sparse)} kept; test {n_test}: {len(test)} positives)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ def mined(data, tmp_path_factory):
 
 
 def cfg(mined, out, server, tmp_path, **kw):
-    return RelabelConfig(input=mined, out=out, model=MODEL, base_url=[server.url], llm_cache=tmp_path / "llm.sqlite",
-                         progress=False, batch_candidates=10, **kw)
+    return RelabelConfig(
+        input=mined,
+        out=out,
+        model=MODEL,
+        base_url=[server.url],
+        llm_cache=tmp_path / "llm.sqlite",
+        progress=False,
+        batch_candidates=10,
+        **kw,
+    )
 
 
 def test_kappa_and_intervals_by_hand():
@@ -55,7 +63,9 @@ def test_audit_that_agrees_runs_and_is_recorded(mined, data, tmp_path):
     audit = manifest.summary["audit"]
     assert audit["positives"] == 10 and audit["negatives"] == 10 and audit["failed"] == 0
     assert audit["recall"] == 1.0 and audit["passed"] and audit["kappa"] >= 0.4
-    assert audit["projected"]["requests"] == manifest.summary["llm_sent"]  # the projection is the real full run
+    assert (
+        audit["projected"]["requests"] == manifest.summary["llm_sent"]
+    )  # the projection is the real full run
     assert json.loads((tmp_path / "out" / AUDIT_FILE).read_text())["kappa"] == audit["kappa"]
     assert read_manifest(tmp_path / "out").complete
 
@@ -71,8 +81,22 @@ def test_audit_that_disagrees_stops_before_any_full_run_request(mined, data, tmp
         assert received == audit["sent"] > 0  # the server saw the audit's requests and nothing else
         assert not list((tmp_path / "out").glob("part-*"))
         # the CLI: one line, exit code 2, still nothing of the full run sent
-        args = ["relabel", "--in", str(mined), "--out", str(tmp_path / "cli"), "--model", MODEL, "--base-url", server.url,
-                "--audit", "10", "--llm-cache", str(tmp_path / "llm2.sqlite"), "-q"]
+        args = [
+            "relabel",
+            "--in",
+            str(mined),
+            "--out",
+            str(tmp_path / "cli"),
+            "--model",
+            MODEL,
+            "--base-url",
+            server.url,
+            "--audit",
+            "10",
+            "--llm-cache",
+            str(tmp_path / "llm2.sqlite"),
+            "-q",
+        ]
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "error: audit:" in result.output and "--force" in result.output
         assert server.stats()["received"] == received + audit["sent"]
@@ -92,8 +116,10 @@ def test_mpr_run_audits_and_reports(mined, data, tmp_path, error_rate):
     run_dir = tmp_path / "run"
     shutil.copytree(mined, run_dir / "mined")
     spec = tmp_path / "x.toml"
-    spec.write_text(f'out = "{run_dir}"\ndata = "{data}"\nstages = ["relabel"]\n[llm]\ntest_server = true\n'
-                    f"test_server_error_rate = {error_rate}\n[relabel]\naudit = 10\nbatch_candidates = 10\n")
+    spec.write_text(
+        f'out = "{run_dir}"\ndata = "{data}"\nstages = ["relabel"]\n[llm]\ntest_server = true\n'
+        f"test_server_error_rate = {error_rate}\n[relabel]\naudit = 10\nbatch_candidates = 10\n"
+    )
     result = runner.invoke(app, ["run", str(spec)])
     assert (run_dir / "report.md").exists(), result.output
     report = (run_dir / "report.md").read_text()
@@ -116,17 +142,31 @@ def sparse(tmp_path_factory):
 
 def test_audit_measures_the_judge_not_the_labels(sparse, tmp_path):
     data, mined = sparse
-    with start_server(responder=Oracle(data), models=(MODEL,)) as server:  # knows every qrels positive: no errors
-        manifest = relabel.run(cfg(mined, tmp_path / "ok", server, tmp_path, audit=40, min_agreement=0.8),
-                               log=lambda _: None)
+    with start_server(
+        responder=Oracle(data), models=(MODEL,)
+    ) as server:  # knows every qrels positive: no errors
+        manifest = relabel.run(
+            cfg(mined, tmp_path / "ok", server, tmp_path, audit=40, min_agreement=0.8), log=lambda _: None
+        )
     audit = manifest.summary["audit"]
     assert (audit["positives"], audit["negatives"], audit["likely_negatives"]) == (40, 40, 40)
-    assert audit["recall"] == 1.0 and audit["false_positive_rate"] == 0.0 and audit["kappa"] == 1.0 and audit["passed"]
+    assert (
+        audit["recall"] == 1.0
+        and audit["false_positive_rate"] == 0.0
+        and audit["kappa"] == 1.0
+        and audit["passed"]
+    )
     # what the judge flags among the likely negatives are the unlabelled positives hidden there, counted exactly
     hidden = audit["likely_flag_rate"]
     assert hidden is not None and audit["unlabelled_positive_estimate"] == hidden
-    with start_server(responder=Oracle(data, error_rate=0.4), models=(MODEL,)) as server, \
-            pytest.raises(AuditFailed, match=r"below --min-agreement 0\.4"):
+    with (
+        start_server(responder=Oracle(data, error_rate=0.4), models=(MODEL,)) as server,
+        pytest.raises(AuditFailed, match=r"below --min-agreement 0\.4"),
+    ):
         relabel.run(cfg(mined, tmp_path / "wrong", server, tmp_path, audit=40), log=lambda _: None)
     wrong = json.loads((tmp_path / "wrong" / AUDIT_FILE).read_text())
-    assert 0.45 <= wrong["recall"] <= 0.75 and 0.25 <= wrong["false_positive_rate"] <= 0.55 and wrong["kappa"] < 0.4
+    assert (
+        0.45 <= wrong["recall"] <= 0.75
+        and 0.25 <= wrong["false_positive_rate"] <= 0.55
+        and wrong["kappa"] < 0.4
+    )

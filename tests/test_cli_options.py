@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Parameters that are no config field: what the command does around the stage, not what the stage does.
 OWN = {"quiet", "encoding", "dry_run", "help"}
 COMMANDS: dict[str, type[BaseModel]] = {
-    "mine": MineConfig, "ingest": IngestConfig, "relabel": RelabelConfig, "synth": SynthConfig,
-    "train": TrainConfig, "eval": EvalConfig,
+    "mine": MineConfig,
+    "ingest": IngestConfig,
+    "relabel": RelabelConfig,
+    "synth": SynthConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
 }
 RENAMED = {("eval", "json_out"): "--json", ("eval", "run_out"): "--run", ("relabel", "input"): "--in"}
 
@@ -56,7 +60,10 @@ def test_every_option_is_a_config_field(name: str) -> None:
             assert param.default is None  # one comma-separated value; left out, the config's default
         elif not field.is_required():
             default = field.get_default(call_default_factory=True)
-            assert param.default == default or (list(param.default or []) == default == []), (name, param.name)
+            assert param.default == default or (list(param.default or []) == default == []), (
+                name,
+                param.name,
+            )
 
 
 def test_no_default_is_written_in_a_command() -> None:
@@ -68,7 +75,9 @@ def test_no_default_is_written_in_a_command() -> None:
 
 def _help(*argv: str) -> str:
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mpr", *argv, "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "mpr", *argv, "--help"], capture_output=True, text=True, env=env, check=True
+    ).stdout
 
 
 def test_help_is_literal_and_whole_at_80_columns() -> None:
@@ -114,9 +123,13 @@ def _toy_app(seen: list[Toy]) -> typer.Typer:
 def test_config_options_renames_positionals_and_comma_lists(tmp_path: Path) -> None:
     seen: list[Toy] = []
     runner = CliRunner()
-    result = runner.invoke(_toy_app(seen), ["a", "b", "--json", "r.json", "--sizes", "3,4", "--no-keep", "--dry"])
+    result = runner.invoke(
+        _toy_app(seen), ["a", "b", "--json", "r.json", "--sizes", "3,4", "--no-keep", "--dry"]
+    )
     assert result.exit_code == 0, result.output
-    assert seen[-1] == Toy(items=[Path("a"), Path("b")], json_out=Path("r.json"), sizes=[3, 4], keep=False, dry=True)
+    assert seen[-1] == Toy(
+        items=[Path("a"), Path("b")], json_out=Path("r.json"), sizes=[3, 4], keep=False, dry=True
+    )
     result = runner.invoke(_toy_app(seen), ["a"])
     assert result.exit_code == 0, result.output
     assert seen[-1] == Toy(items=[Path("a")])  # the defaults are the model's
@@ -133,5 +146,7 @@ def test_the_configs_load_without_torch() -> None:
     sentence-transformers, so the input checks still run (and fail) before the heavy imports."""
     code = "import sys, mpr.cli; print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert out.strip() == "[]"

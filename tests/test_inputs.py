@@ -17,7 +17,9 @@ from .conftest import write_beir
 
 runner = CliRunner()
 
-CORPUS = [{"_id": f"d{i}", "title": f"T{i}", "text": f"passage number {i} about topic {i % 3}"} for i in range(10)]
+CORPUS = [
+    {"_id": f"d{i}", "title": f"T{i}", "text": f"passage number {i} about topic {i % 3}"} for i in range(10)
+]
 QUERIES = [{"_id": f"q{i}", "text": f"question about topic {i}"} for i in range(3)]
 QRELS = [(f"q{i}", f"d{i}", 1) for i in range(3)]
 
@@ -27,7 +29,9 @@ def make(tmp_path, corpus=CORPUS, queries=QUERIES, qrels=QRELS):
 
 
 def mine_cli(data, out, *extra):
-    return runner.invoke(app, ["mine", "--data", str(data), "--out", str(out), "-q", "--retriever", "bm25", *extra])
+    return runner.invoke(
+        app, ["mine", "--data", str(data), "--out", str(out), "-q", "--retriever", "bm25", *extra]
+    )
 
 
 def one_error_line(result) -> str:
@@ -77,7 +81,9 @@ def test_bad_input(tmp_path, case, expected):
     elif case == "empty_doc":
         corpus_lines[0] = json.dumps({"_id": "d0", "title": " ", "text": ""})
     elif case == "empty_query":
-        (data / "queries.jsonl").write_text(json.dumps(QUERIES[0]) + "\n" + json.dumps({"_id": "q1", "text": "  "}) + "\n")
+        (data / "queries.jsonl").write_text(
+            json.dumps(QUERIES[0]) + "\n" + json.dumps({"_id": "q1", "text": "  "}) + "\n"
+        )
     elif case == "missing_field":
         corpus_lines[1] = json.dumps({"id": "d1", "text": "x"})
     elif case == "unknown_doc":
@@ -107,7 +113,9 @@ def test_unknown_qrels_below_threshold_are_dropped_and_counted(tmp_path):
     result = mine_cli(data, tmp_path / "out", "--max-bad-qrels", "0.1", "--depth", "3")
     assert result.exit_code == 0 and "dropped 1 judgments" in result.output
     assert read_manifest(tmp_path / "out").summary["dropped_qrels"] == 1
-    assert "unknown document 'gone'" in one_error_line(mine_cli(data, tmp_path / "out2", "--max-bad-qrels", "0.05"))
+    assert "unknown document 'gone'" in one_error_line(
+        mine_cli(data, tmp_path / "out2", "--max-bad-qrels", "0.05")
+    )
 
 
 def test_gzip_inputs(tmp_path):
@@ -139,7 +147,10 @@ def tevatron_rows():
         {
             "query_id": "2",
             "query": "volcano",
-            "positive_passages": [{"docid": "p2", "text": "Lava erupts."}, {"docid": "p3", "text": "Magma rises."}],
+            "positive_passages": [
+                {"docid": "p2", "text": "Lava erupts."},
+                {"docid": "p3", "text": "Magma rises."},
+            ],
             "negative_passages": [],
         },
     ]
@@ -173,13 +184,18 @@ def test_ingest_jsonl_and_parquet(tmp_path):
     [
         ({"query": "x", "positive_passages": []}, ":1: missing field 'query_id'"),
         ({"query_id": "1", "query": "x", "positive_passages": []}, ":1: query '1' has no positive_passages"),
-        ({"query_id": "1", "query": "x", "positive_passages": [{"docid": "a", "text": ""}]}, "(docid 'a') has an empty text"),
+        (
+            {"query_id": "1", "query": "x", "positive_passages": [{"docid": "a", "text": ""}]},
+            "(docid 'a') has an empty text",
+        ),
     ],
 )
 def test_ingest_bad_rows(tmp_path, row, expected):
     src = tmp_path / "bad.jsonl"
     src.write_text(json.dumps(row) + "\n")
-    strict = ["--on-empty", "error"] if "empty" in expected else []  # left out and counted by default (tests/test_integrity.py)
+    strict = (
+        ["--on-empty", "error"] if "empty" in expected else []
+    )  # left out and counted by default (tests/test_integrity.py)
     line = one_error_line(runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "out"), *strict]))
     assert str(src) in line and expected in line
 
@@ -201,11 +217,23 @@ def test_dry_runs_print_the_plan_and_write_nothing(tmp_path):
         for key, value in expected.items():
             assert re.search(rf"^  {key}\s+{value}$", result.output, re.M), (key, result.output)
 
-    shown(mine_cli(data, tmp_path / "mined", "--queries-per-shard", "2", "--dry-run"), queries=3, parts=2, corpus=10)
+    shown(
+        mine_cli(data, tmp_path / "mined", "--queries-per-shard", "2", "--dry-run"),
+        queries=3,
+        parts=2,
+        corpus=10,
+    )
     src = tmp_path / "train.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in tevatron_rows()))
-    shown(runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ingested"), "--dry-run"]), queries=2, parts=1)
-    result = runner.invoke(app, ["eval", "--data", str(data), "--split", "train", "--json", str(tmp_path / "r.json"), "--dry-run"])
+    shown(
+        runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ingested"), "--dry-run"]),
+        queries=2,
+        parts=1,
+    )
+    result = runner.invoke(
+        app,
+        ["eval", "--data", str(data), "--split", "train", "--json", str(tmp_path / "r.json"), "--dry-run"],
+    )
     shown(result, queries=3, corpus=10)
     assert f"writes the report to {tmp_path / 'r.json'}" in result.output
     assert not [p.name for p in tmp_path.iterdir() if p.name not in ("data", "train.jsonl")]

@@ -20,7 +20,12 @@ def test_levels_on_the_grade_scale():
     assert level_grade(1.5, 4) == 0.5  # an expected grade of the 0-3 judge
     # the default: grade 2 of 0-3, the top two of 4 levels
     assert {n: positive_levels(DEFAULT_POSITIVE_THRESHOLD, n) for n in range(2, 7)} == {
-        2: [1], 3: [2], 4: [2, 3], 5: [3, 4], 6: [4, 5]}
+        2: [1],
+        3: [2],
+        4: [2, 3],
+        5: [3, 4],
+        6: [4, 5],
+    }
 
 
 def test_a_grade_read_back_from_float32_is_still_at_the_threshold():
@@ -36,4 +41,7 @@ def test_a_threshold_must_split_the_levels():
 
 
 def test_encoder_text():
-    assert encoder_text("Title", "text") == "Title text" and encoder_text(None, "text") == encoder_text("", "text") == "text"
+    assert (
+        encoder_text("Title", "text") == "Title text"
+        and encoder_text(None, "text") == encoder_text("", "text") == "text"
+    )

@@ -9,8 +9,16 @@ from pathlib import Path
 
 from .conftest import REPO
 
-LAYERS = {"pipeline.data": 0, "pipeline.llm": 1, "pipeline.stages": 2, "train": 3,
-          "mpr.simulated_judge": 4, "mpr.orchestrate": 4, "mpr.llama": 4, "mpr.commands": 5}
+LAYERS = {
+    "pipeline.data": 0,
+    "pipeline.llm": 1,
+    "pipeline.stages": 2,
+    "train": 3,
+    "mpr.simulated_judge": 4,
+    "mpr.orchestrate": 4,
+    "mpr.llama": 4,
+    "mpr.commands": 5,
+}
 
 
 def _layer(module: str) -> str | None:
@@ -38,8 +46,11 @@ def test_no_module_imports_a_layer_above_its_own():
             own = _layer(module)
             if own is None:
                 continue
-            upward += [f"{module} -> {name}" for name in sorted(_imports(path))
-                       if (target := _layer(name)) is not None and LAYERS[target] > LAYERS[own]]
+            upward += [
+                f"{module} -> {name}"
+                for name in sorted(_imports(path))
+                if (target := _layer(name)) is not None and LAYERS[target] > LAYERS[own]
+            ]
     assert upward == []
 
 

@@ -219,7 +219,9 @@ def test_timeouts_are_retried_then_recorded(server, transport):
     assert all(r.ok and r.attempts == 2 for r in results)
     assert time.perf_counter() - t0 < 1.5
     server.control(faulty_attempts=0)
-    results = backend(server.url, transport=transport, timeout_s=0.1, max_attempts=2).run_sync(requests(3, seed=2))
+    results = backend(server.url, transport=transport, timeout_s=0.1, max_attempts=2).run_sync(
+        requests(3, seed=2)
+    )
     assert all(not r.ok and "timed out" in r.error for r in results)
 
 
@@ -238,8 +240,13 @@ def test_malformed_answers_are_retried_then_recorded_failed(server, transport):
 def test_schema_keywords_a_server_lacks_are_dropped_before_the_schema_is(transport):
     """A grammar engine without uniqueItems or maxLength refuses the full schema (HTTP 400): the request is sent
     again with the schema's core, the answers still come back schema-shaped, and the server is remembered."""
-    schema = {"type": "object", "properties": {"relevant": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True,
-                                                             "maxItems": 3}}, "required": ["relevant"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "relevant": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True, "maxItems": 3}
+        },
+        "required": ["relevant"],
+    }
     with start_server(faults={"reject_schema_keywords": ["uniqueItems", "maxItems"]}) as h:
         b = backend(h.url, transport=transport, concurrency=2)
         results = b.run_sync(requests(12, json_schema=schema))
@@ -546,7 +553,9 @@ def test_vllm_backend_against_the_documented_offline_api(monkeypatch, tmp_path):
 def test_stage_option_chooses_the_http_path(server, tmp_path, http_client):
     from pipeline.llm.stage import LLMStageConfig, close_backends, open_backends
 
-    cfg = LLMStageConfig(backend="openai", base_url=[server.url], http_client=http_client, llm_cache=tmp_path / "c.sqlite")
+    cfg = LLMStageConfig(
+        backend="openai", base_url=[server.url], http_client=http_client, llm_cache=tmp_path / "c.sqlite"
+    )
     backend_, _ = open_backends(cfg, "test-model", [], stage="test", log=lambda _: None)
     try:
         assert isinstance(backend_, OpenAIBackend) and backend_.transport == http_client

@@ -235,7 +235,9 @@ def test_stats_count_per_request_key(server):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}])
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], logprobs=True)
     # sampling parameters do not make another question: a retry that samples is the same key asked again
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "b"}], temperature=0.7, seed=1)
+    client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "b"}], temperature=0.7, seed=1
+    )
     stats = server.stats(keys=True)
     assert stats["received"] == 5 and stats["unique_keys"] == 3
     assert stats["repeated_keys"] == 2 and stats["max_answered_per_key"] == 2

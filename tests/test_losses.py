@@ -280,13 +280,19 @@ def test_bixse_bias_starts_at_the_first_batch_prior_once(eval_model: Any) -> Non
     with torch.no_grad():
         loss.bias.fill_(start + 1.5)  # as after some training steps
     restored = BiXSELoss(model)
-    restored.load_state_dict({k: v for k, v in loss.state_dict().items() if not k.startswith("model.")}, strict=False)
+    restored.load_state_dict(
+        {k: v for k, v in loss.state_dict().items() if not k.startswith("model.")}, strict=False
+    )
     with torch.no_grad():
         restored(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
-    assert restored.bias.item() == pytest.approx(start + 1.5) and float(restored.start_bias) == pytest.approx(start)
+    assert restored.bias.item() == pytest.approx(start + 1.5) and float(restored.start_bias) == pytest.approx(
+        start
+    )
 
     older = BiXSELoss(model)  # a state saved before start_bias existed: its b is kept too
-    older.load_state_dict({"log_scale": loss.log_scale.detach().clone(), "bias": torch.tensor(-3.0)}, strict=False)
+    older.load_state_dict(
+        {"log_scale": loss.log_scale.detach().clone(), "bias": torch.tensor(-3.0)}, strict=False
+    )
     with torch.no_grad():
         older(features_of(model, QUERIES, PASSAGE_COLUMNS), LABELS)
     assert older.bias.item() == -3.0
@@ -326,12 +332,17 @@ def test_ws2_does_not_tie_a_query_to_its_own_passages() -> None:
     valid = torch.ones_like(valid)
     swap = torch.roll(torch.arange(len(scores)), 1)
     assert ws2_objective(scores[swap], targets, positives, valid).item() == pytest.approx(
-        ws2_objective(scores, targets, positives, valid).item(), rel=1e-9)
+        ws2_objective(scores, targets, positives, valid).item(), rel=1e-9
+    )
     stolen = targets[swap].to(scores.dtype)  # each row predicts exactly another query's target distribution
     assert ws2_objective(stolen, targets, positives, valid).item() == pytest.approx(0.0, abs=1e-9)
-    assert ws2_objective(targets.to(scores.dtype), targets, positives, valid).item() == pytest.approx(0.0, abs=1e-9)
+    assert ws2_objective(targets.to(scores.dtype), targets, positives, valid).item() == pytest.approx(
+        0.0, abs=1e-9
+    )
     lsepair = OBJECTIVES["lsepair"][0]
-    assert lsepair(scores[swap], targets, positives, valid) != pytest.approx(lsepair(scores, targets, positives, valid).item())
+    assert lsepair(scores[swap], targets, positives, valid) != pytest.approx(
+        lsepair(scores, targets, positives, valid).item()
+    )
 
 
 def test_objectives_ignore_masked_scores() -> None:
@@ -637,7 +648,9 @@ def test_chunk_plan_splits_by_length_and_budget() -> None:
     chunks = plan.split(lengths)
     assert [lengths[c].tolist() for c in chunks] == [[10, 10], [7, 5], [3, 2]]  # 2 x 10, 2 x 7, 6 x 3 fit 20
     assert sorted(torch.cat(chunks).tolist()) == list(range(6))
-    assert [c.tolist() for c in ChunkPlan(max_texts=10).split(lengths)] == [list(range(6))]  # one chunk: unsorted
+    assert [c.tolist() for c in ChunkPlan(max_texts=10).split(lengths)] == [
+        list(range(6))
+    ]  # one chunk: unsorted
     assert ChunkPlan(max_bytes=5.0, bytes_per_token=1.0).texts_at(50) == 1  # never below one text
     quadratic = ChunkPlan(max_bytes=100.0, bytes_per_token=1.0, bytes_per_token_squared=1.0)
     assert quadratic.texts_at(4) == 5 and quadratic.texts_at(9) == 1
@@ -722,7 +735,9 @@ def test_build_loss_and_config(eval_model: Any) -> None:
     assert learned.temperature == pytest.approx(0.1)
     assert [n for n, _ in learned.named_parameters() if not n.startswith("model.")] == ["log_temperature"]
     bixse = build_loss("bixse", model)
-    assert bixse.scale == pytest.approx(10.0) and math.isnan(float(bixse.start_bias))  # set by the first batch
+    assert bixse.scale == pytest.approx(10.0) and math.isnan(
+        float(bixse.start_bias)
+    )  # set by the first batch
     siglip = build_loss("bixse", model, bias=-10.0)
     assert siglip.bias.item() == -10.0 and float(siglip.start_bias) == -10.0
     with pytest.raises(ValueError, match="Unknown loss"):

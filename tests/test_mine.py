@@ -75,7 +75,12 @@ def test_identical_text_positive_is_not_a_negative(scifact_small, cache_dir, tmp
     qid, pid = rows[0][0], rows[0][1]
     original = next(d for d in corpus if d["_id"] == pid)
     corpus.append({"_id": "copy-of-" + pid, "title": "", "text": "  " + original["text"].upper() + " "})
-    data = write_beir(tmp_path / "dup", corpus, read_jsonl(scifact_small / "queries.jsonl"), {"train": [(q, d, int(s)) for q, d, s in rows]})
+    data = write_beir(
+        tmp_path / "dup",
+        corpus,
+        read_jsonl(scifact_small / "queries.jsonl"),
+        {"train": [(q, d, int(s)) for q, d, s in rows]},
+    )
     shutil.rmtree(tmp_path / "dup-out", ignore_errors=True)
     run_mine(data, tmp_path / "dup-out", cache_dir, depth=30, num_negatives=5, max_queries=3)
     table = read_shards(tmp_path / "dup-out").to_pandas()
@@ -111,7 +116,15 @@ def test_filters_and_random_sampling(scifact_small, cache_dir, tmp_path):
 
 
 def test_relative_margin(scifact_small, cache_dir, tmp_path):
-    run_mine(scifact_small, tmp_path / "r", cache_dir, depth=30, num_negatives=30, relative_margin=0.1, max_queries=8)
+    run_mine(
+        scifact_small,
+        tmp_path / "r",
+        cache_dir,
+        depth=30,
+        num_negatives=30,
+        relative_margin=0.1,
+        max_queries=8,
+    )
     table = read_shards(tmp_path / "r").to_pandas()
     for _, rows in table.groupby("qid"):
         weakest = rows[rows.label == 1].score.min()
@@ -147,9 +160,13 @@ def test_bm25_and_union(scifact_small, cache_dir, tmp_path):
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
     for qid, rows in table.groupby("qid"):
-        scores = retriever.get_scores(bm25s.tokenize([ds.queries[qid]], stopwords="en", return_ids=False, show_progress=False)[0])
+        scores = retriever.get_scores(
+            bm25s.tokenize([ds.queries[qid]], stopwords="en", return_ids=False, show_progress=False)[0]
+        )
         ranked = rows[rows["rank"].notna()].sort_values("rank")
-        assert np.allclose(ranked.score, np.sort(scores)[::-1][: len(ranked)][ranked["rank"].astype(int) - 1], atol=1e-4)
+        assert np.allclose(
+            ranked.score, np.sort(scores)[::-1][: len(ranked)][ranked["rank"].astype(int) - 1], atol=1e-4
+        )
     run_mine(scifact_small, tmp_path / "union", cache_dir, retriever="union", depth=20, max_queries=5)
     union = read_shards(tmp_path / "union").to_pandas()
     assert union.groupby("qid").apply(lambda r: r["rank"].notna().sum()).eq(20).all()

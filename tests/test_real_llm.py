@@ -48,8 +48,12 @@ def _tools() -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Iterator[LlamaServer]:
     binary, gguf = _tools()
-    names = "SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-confirm"  # the second name: the cascade's confirm model
-    with LlamaServer(binary, gguf, alias=names, log_path=tmp_path_factory.mktemp("llama") / "server.log") as server:
+    names = (
+        "SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-confirm"  # the second name: the cascade's confirm model
+    )
+    with LlamaServer(
+        binary, gguf, alias=names, log_path=tmp_path_factory.mktemp("llama") / "server.log"
+    ) as server:
         yield server
 
 
@@ -59,15 +63,25 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("real")
     qrels = [line.split("\t") for line in (EXAMPLE / "qrels" / "train.tsv").read_text().splitlines()[1:]]
     qids = list(dict.fromkeys(q for q, _, _ in qrels))[:3]
-    data = write_beir(root / "data", read_jsonl(EXAMPLE / "corpus.jsonl"),
-                      [q for q in read_jsonl(EXAMPLE / "queries.jsonl") if q["_id"] in qids],
-                      {"train": [(q, d, int(s)) for q, d, s in qrels if q in qids]})
+    data = write_beir(
+        root / "data",
+        read_jsonl(EXAMPLE / "corpus.jsonl"),
+        [q for q in read_jsonl(EXAMPLE / "queries.jsonl") if q["_id"] in qids],
+        {"train": [(q, d, int(s)) for q, d, s in qrels if q in qids]},
+    )
     return data, handmade_mined(data, root / "mined", candidates=8)
 
 
 def _relabel(server: LlamaServer, mined: Path, out: Path, **kw: object) -> dict:
-    cfg = RelabelConfig(input=mined, out=out, model=server.model_name, base_url=[server.base_url], llm_cache=out.parent / "llm.sqlite",
-                        progress=False, **kw)
+    cfg = RelabelConfig(
+        input=mined,
+        out=out,
+        model=server.model_name,
+        base_url=[server.base_url],
+        llm_cache=out.parent / "llm.sqlite",
+        progress=False,
+        **kw,
+    )
     manifest = relabel.run(cfg, log=print)
     assert manifest.complete and validate_shards(out) == []
     return manifest.summary
@@ -94,16 +108,20 @@ def test_endpoint_is_known_before_the_work(llama):
     assert info.template_tokens is not None and info.template_tokens > 0
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"prompt": "relabel_cot"},
-    {"mode": "drop"},
-    {"mode": "drop-query"},
-    {"mode": "graded"},
-    {"mode": "graded", "prompt": "graded_batch", "batch_candidates": 4},
-    {"confirm_model": "SmolLM2-135M-Instruct-confirm"},
-    {"zone": "unsure"},
-], ids=["relabel", "relabel_cot", "drop", "drop-query", "graded", "graded_batch", "cascade", "zone-unsure"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"prompt": "relabel_cot"},
+        {"mode": "drop"},
+        {"mode": "drop-query"},
+        {"mode": "graded"},
+        {"mode": "graded", "prompt": "graded_batch", "batch_candidates": 4},
+        {"confirm_model": "SmolLM2-135M-Instruct-confirm"},
+        {"zone": "unsure"},
+    ],
+    ids=["relabel", "relabel_cot", "drop", "drop-query", "graded", "graded_batch", "cascade", "zone-unsure"],
+)
 def test_every_relabel_mode_completes_without_losing_a_row(llama, small, tmp_path, options):
     _, mined = small
     s = _relabel(llama, mined, tmp_path / "out", **options)
@@ -111,7 +129,9 @@ def test_every_relabel_mode_completes_without_losing_a_row(llama, small, tmp_pat
     # query's rows are counted as dropped, not judged)
     answered = s["judged"] + s.get("zone_skipped", 0)
     if options.get("mode") == "drop-query":
-        answered += s["dropped_rows"] - s["dropped_queries"]  # a dropped query's candidates, not its qrels row
+        answered += (
+            s["dropped_rows"] - s["dropped_queries"]
+        )  # a dropped query's candidates, not its qrels row
     assert s["failed"] == 0 and answered == 3 * 8
     assert s["rows_out"] + s.get("dropped_rows", 0) == s["rows_in"]
     assert s["endpoint"]["server"] == "llama.cpp"
@@ -143,8 +163,12 @@ def test_a_prompt_longer_than_the_context_is_trimmed_to_fit(small, tmp_path):
     corpus = read_jsonl(data / "corpus.jsonl")
     long = [{**d, "text": " ".join([d["text"]] * 6)[:2000]} for d in corpus]
     qrels = [line.split("\t") for line in (data / "qrels" / "train.tsv").read_text().splitlines()[1:]]
-    big = write_beir(tmp_path / "long", long, read_jsonl(data / "queries.jsonl")[:1],
-                     {"train": [(q, d, int(s)) for q, d, s in qrels if q == qrels[0][0]]})
+    big = write_beir(
+        tmp_path / "long",
+        long,
+        read_jsonl(data / "queries.jsonl")[:1],
+        {"train": [(q, d, int(s)) for q, d, s in qrels if q == qrels[0][0]]},
+    )
     mined = handmade_mined(big, tmp_path / "mined", candidates=21)
     with LlamaServer(binary, gguf, ctx_size=1024, log_path=tmp_path / "server.log") as server:
         s = _relabel(server, mined, tmp_path / "out")
@@ -155,17 +179,32 @@ def test_a_prompt_longer_than_the_context_is_trimmed_to_fit(small, tmp_path):
 
 def test_synth_four_levels_with_verify_accounts_for_every_set(llama, small, tmp_path):
     data, _ = small
-    cfg = SynthConfig(data=data, split="train", out=tmp_path / "synth", model=llama.model_name, base_url=[llama.base_url],
-                      llm_cache=tmp_path / "llm.sqlite", levels=4, verify=True, max_queries=2, progress=False,
-                      max_failure_rate=1.0)
+    cfg = SynthConfig(
+        data=data,
+        split="train",
+        out=tmp_path / "synth",
+        model=llama.model_name,
+        base_url=[llama.base_url],
+        llm_cache=tmp_path / "llm.sqlite",
+        levels=4,
+        verify=True,
+        max_queries=2,
+        progress=False,
+        max_failure_rate=1.0,
+    )
     manifest = synth.run(cfg, log=print)
     s = manifest.summary
     assert manifest.complete and validate_shards(tmp_path / "synth") == []
     # every set is written, recorded as failed (a 135M model often writes passages too short), or dropped by
     # the verifier; none is lost
-    assert s["sets_requested"] == 2 and s["sets_written"] + s["sets_failed"] + s["sets_dropped_by_verify"] == 2
-    failed = [json.loads(line) for line in (tmp_path / "synth" / "_failures.jsonl").read_text().splitlines()] \
-        if s["sets_failed"] or s["sets_dropped_by_verify"] else []
+    assert (
+        s["sets_requested"] == 2 and s["sets_written"] + s["sets_failed"] + s["sets_dropped_by_verify"] == 2
+    )
+    failed = (
+        [json.loads(line) for line in (tmp_path / "synth" / "_failures.jsonl").read_text().splitlines()]
+        if s["sets_failed"] or s["sets_dropped_by_verify"]
+        else []
+    )
     assert len(failed) == s["sets_failed"] + s["sets_dropped_by_verify"] and all(f["error"] for f in failed)
     assert s["endpoint"]["json_schema"] is True
     rows = read_shards(tmp_path / "synth").to_pylist()
@@ -176,9 +215,25 @@ def test_synth_four_levels_with_verify_accounts_for_every_set(llama, small, tmp_
 def test_mpr_serve_serves_until_stopped(tmp_path):
     binary, gguf = _tools()
     port = 18000 + os.getpid() % 1000
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mpr"), "serve", "--gguf", str(gguf), "--port", str(port),
-                             "--llama-server", str(binary), "--ctx-size", "512", "--log-file", str(tmp_path / "log")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mpr"),
+            "serve",
+            "--gguf",
+            str(gguf),
+            "--port",
+            str(port),
+            "--llama-server",
+            str(binary),
+            "--ctx-size",
+            "512",
+            "--log-file",
+            str(tmp_path / "log"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

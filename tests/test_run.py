@@ -46,17 +46,25 @@ def test_one_positive_threshold_in_every_stage_table(tmp_path, monkeypatch):
     stages = ("relabel", "synth", "train")
     spec = load_run_file(EXAMPLE_TOML, [f"{stage}.positive_threshold=0.5" for stage in stages])
     experiment = Experiment(spec, progress=False)
-    assert [experiment.config(stage, "http://127.0.0.1:9/v1").positive_threshold for stage in stages] == [0.5] * 3
+    assert [experiment.config(stage, "http://127.0.0.1:9/v1").positive_threshold for stage in stages] == [
+        0.5
+    ] * 3
     result = runner.invoke(app, ["run", str(EXAMPLE_TOML), "--set", "synth.positive_level=2"])
-    assert result.exit_code == 2 and "synth.positive_level" in result.output and not (tmp_path / "runs").exists()
+    assert (
+        result.exit_code == 2 and "synth.positive_level" in result.output and not (tmp_path / "runs").exists()
+    )
 
 
 def test_dry_run_plans_the_stages_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", str(EXAMPLE_TOML), "--dry-run", "--set", f"out={json.dumps(str(out))}"])
+    result = runner.invoke(
+        app, ["run", str(EXAMPLE_TOML), "--dry-run", "--set", f"out={json.dumps(str(out))}"]
+    )
     assert result.exit_code == 0, result.output
     assert "mine --dry-run" in result.output and re.search(r"^  queries\s+20$", result.output, re.M)
-    assert f"relabel: reads {out / 'mined'}, which mine writes first" in result.output  # planned once mine has run
+    assert (
+        f"relabel: reads {out / 'mined'}, which mine writes first" in result.output
+    )  # planned once mine has run
     assert "synth --dry-run" in result.output and re.search(r"^  requests\s+20$", result.output, re.M)
     assert f"train: {out / 'model-lsepair'}" in result.output and "eval --dry-run" in result.output
     assert not out.exists()
@@ -64,8 +72,21 @@ def test_dry_run_plans_the_stages_and_writes_nothing(tmp_path):
 
 def test_example_experiment_end_to_end(tmp_path, cache_dir):
     out = tmp_path / "run"
-    args = ["run", str(EXAMPLE_TOML), "-q", "--set", f"out={json.dumps(str(out))}", "--set", f"mine.cache_dir={json.dumps(str(cache_dir))}",
-            "--set", "train.max_steps=2", "--set", "train.group_size=4", "--set", "eval.depth=20"]
+    args = [
+        "run",
+        str(EXAMPLE_TOML),
+        "-q",
+        "--set",
+        f"out={json.dumps(str(out))}",
+        "--set",
+        f"mine.cache_dir={json.dumps(str(cache_dir))}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.group_size=4",
+        "--set",
+        "eval.depth=20",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "NOTE: no LLM endpoint is configured" in result.output
@@ -75,9 +96,19 @@ def test_example_experiment_end_to_end(tmp_path, cache_dir):
     assert ((relabeled.prior_label == 0) & (relabeled.label == 1)).sum() > 0  # the hidden positives came back
     assert (out / "model-lsepair" / "model.safetensors").exists()
     report = (out / "report.md").read_text()
-    for part in ("NOT a language model", "### mine", "### relabel", "0 -> 1", "### synth", "model-lsepair", "ndcg@10"):
+    for part in (
+        "NOT a language model",
+        "### mine",
+        "### relabel",
+        "0 -> 1",
+        "### synth",
+        "model-lsepair",
+        "ndcg@10",
+    ):
         assert part in report, part
-    assert re.search(r"\| seconds \| ([\d.]+ s|\d+ min \d\d s) \|", report) and re.search(r"\| rows_out \| [\d,]+ \|", report)  # numbers by kind
+    assert re.search(r"\| seconds \| ([\d.]+ s|\d+ min \d\d s) \|", report) and re.search(
+        r"\| rows_out \| [\d,]+ \|", report
+    )  # numbers by kind
     assert (out / "model-lsepair-training.png").exists() and (out / "eval-lsepair.json").exists()
 
     again = runner.invoke(app, [*args, "--only", "mine,relabel,train"])

@@ -58,7 +58,9 @@ def test_round_trip_with_every_reader(tmp_path):
 
     import duckdb
 
-    rows = duckdb.sql(f"select source, label, count(*) as n from '{folder}/*.parquet' group by all order by all").fetchall()
+    rows = duckdb.sql(
+        f"select source, label, count(*) as n from '{folder}/*.parquet' group by all order by all"
+    ).fetchall()
     assert rows == [("mined", 0, 1), ("mined", None, 1), ("qrels", 1, 2), ("synthetic", 0, 1)]
 
     from datasets import load_dataset

@@ -95,7 +95,9 @@ CHECKS: dict[str, Callable[[Oracle, Prompt], None]] = {
 @pytest.mark.parametrize("name", available())
 def test_oracle_answers_every_prompt_file_from_the_qrels(data, name):
     prompt = load_prompt(name)
-    assert prompt.schema in ANSWERED_SCHEMAS, f"prompts/{name}.toml: the simulated judge does not answer {prompt.schema!r}"
+    assert prompt.schema in ANSWERED_SCHEMAS, (
+        f"prompts/{name}.toml: the simulated judge does not answer {prompt.schema!r}"
+    )
     CHECKS[prompt.schema](Oracle(data), prompt)
 
 
@@ -112,7 +114,9 @@ def test_a_reworded_prompt_is_read_through_its_template(data):
 
 
 def test_a_prompt_the_oracle_cannot_answer_fails_loudly(data):
-    summary = Prompt(name="summary", version="1", schema="summary", system="Summarise.", user="<query>$query</query>")
+    summary = Prompt(
+        name="summary", version="1", schema="summary", system="Summarise.", user="<query>$query</query>"
+    )
     request = {"model": "m", "messages": summary.render(query="bees")}
     with pytest.raises(UnknownPrompt, match=r"does not answer prompt summary@1 \(schema 'summary'"):
         Oracle(data, prompts=[summary])(request)
@@ -123,7 +127,9 @@ def test_a_prompt_the_oracle_cannot_answer_fails_loudly(data):
     # Through the server: an HTTP 500 that says why, never an answer.
     with start_server(responder=Oracle(data), models=("m",)) as server:
         client = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0)
-        with pytest.raises(openai.InternalServerError, match="UnknownPrompt: the simulated judge cannot read"):
+        with pytest.raises(
+            openai.InternalServerError, match="UnknownPrompt: the simulated judge cannot read"
+        ):
             client.chat.completions.create(model="m", messages=request["messages"])
 
 

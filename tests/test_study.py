@@ -25,8 +25,19 @@ ARGS = [
 
 def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "mpr", "study", "--data", str(SHARED_DATA / "cisi"), *ARGS,
-           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpr",
+        "study",
+        "--data",
+        str(SHARED_DATA / "cisi"),
+        *ARGS,
+        "--out",
+        str(tmp_path / "out"),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -40,14 +51,21 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     report = json.loads((out / "study.json").read_text())
     rows = {(r["dataset"], r["loss"], r["error_rate"]): r for r in report["rows"]}
-    expected = {("cisi", loss, e) for loss in LOSSES for e in ERRORS} | {("cisi", "zero-shot", None), ("cisi", "baseline", None)}
+    expected = {("cisi", loss, e) for loss in LOSSES for e in ERRORS} | {
+        ("cisi", "zero-shot", None),
+        ("cisi", "baseline", None),
+    }
     assert set(rows) == expected
     for row in rows.values():
         assert row["folds"] == [0]
         assert all(0.0 <= v <= 1.0 for v in row["metrics"]["ndcg@10"])
         assert row["hardware_ids"] == ["hw1"]
     assert len(report["hardware"]) == 1
-    assert (report["config"]["group_size"], report["config"]["max_positives"], report["config"]["learning_rate"]) == (4, 2, 1e-4)
+    assert (
+        report["config"]["group_size"],
+        report["config"]["max_positives"],
+        report["config"]["learning_rate"],
+    ) == (4, 2, 1e-4)
 
     # the fold: the held-out queries' full qrels for testing, one positive per other query for training
     fold = tmp_path / "work" / "cisi" / "fold0" / "data" / "qrels"
@@ -61,9 +79,13 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
     zero_shot = rows[("cisi", "zero-shot", None)]
     lsepair = rows[("cisi", "lsepair", 0.0)]
     got = report["findings"]["vs_zero_shot"]["lsepair"]["0.00"]
-    assert got["mean_delta"] == pytest.approx(lsepair["metrics"]["ndcg@10"][0] - zero_shot["metrics"]["ndcg@10"][0])
+    assert got["mean_delta"] == pytest.approx(
+        lsepair["metrics"]["ndcg@10"][0] - zero_shot["metrics"]["ndcg@10"][0]
+    )
     assert got["queries"] == len({q for q, _, _ in test}) == len(lsepair["per_query"]["0"])
-    per_query = [lsepair["per_query"]["0"][q] - zero_shot["per_query"]["0"][q] for q in lsepair["per_query"]["0"]]
+    per_query = [
+        lsepair["per_query"]["0"][q] - zero_shot["per_query"]["0"][q] for q in lsepair["per_query"]["0"]
+    ]
     assert sum(per_query) / len(per_query) == pytest.approx(got["mean_delta"], abs=1e-5)
     assert 0 < got["p_randomization"] <= 1
     assert set(report["findings"]["vs_baseline"]) == set(LOSSES)
@@ -77,7 +99,9 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
 
     markdown = (out / "study.md").read_text()
     lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| model | error rate | folds | nDCG@10"))
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("| model | error rate | folds | nDCG@10")
+    )
     table = [line.split(" | ") for line in lines[start + 2 : lines.index("", start)]]
     assert len(table) == len(expected)
     assert all(0.0 <= float(row[3].split(" ")[0]) <= 1.0 for row in table)
@@ -91,18 +115,34 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
 
 
 TOPICS = {
-    "bees": ["Honeybees dance to tell the hive where flowers are.", "A queen bee lays up to two thousand eggs a day.",
-             "Worker bees make wax from glands on their abdomen.", "Bees turn nectar into honey by evaporating water.",
-             "Varroa mites weaken honeybee colonies in winter."],
-    "tides": ["The moon's gravity raises the ocean on the near side of the earth.", "Spring tides come at new and full moon.",
-              "Neap tides are weaker because sun and moon pull at right angles.", "Some bays have two high tides a day.",
-              "Tidal power stations use the flow of water through a barrage."],
-    "bread": ["Sourdough rises with wild yeast and lactic bacteria.", "A starter is fed flour and water every day.",
-              "Long cold proofing gives sourdough its sour taste.", "Steam in the oven lets the crust expand before it sets.",
-              "Whole wheat flour absorbs more water than white flour."],
-    "chess": ["The Sicilian defence answers e4 with c5.", "The Queen's Gambit offers a pawn for central control.",
-              "Castling moves the king two squares towards a rook.", "An opening should develop knights before bishops.",
-              "The Ruy Lopez attacks the knight that defends e5."],
+    "bees": [
+        "Honeybees dance to tell the hive where flowers are.",
+        "A queen bee lays up to two thousand eggs a day.",
+        "Worker bees make wax from glands on their abdomen.",
+        "Bees turn nectar into honey by evaporating water.",
+        "Varroa mites weaken honeybee colonies in winter.",
+    ],
+    "tides": [
+        "The moon's gravity raises the ocean on the near side of the earth.",
+        "Spring tides come at new and full moon.",
+        "Neap tides are weaker because sun and moon pull at right angles.",
+        "Some bays have two high tides a day.",
+        "Tidal power stations use the flow of water through a barrage.",
+    ],
+    "bread": [
+        "Sourdough rises with wild yeast and lactic bacteria.",
+        "A starter is fed flour and water every day.",
+        "Long cold proofing gives sourdough its sour taste.",
+        "Steam in the oven lets the crust expand before it sets.",
+        "Whole wheat flour absorbs more water than white flour.",
+    ],
+    "chess": [
+        "The Sicilian defence answers e4 with c5.",
+        "The Queen's Gambit offers a pawn for central control.",
+        "Castling moves the king two squares towards a rook.",
+        "An opening should develop knights before bishops.",
+        "The Ruy Lopez attacks the knight that defends e5.",
+    ],
 }
 QUESTIONS = {
     "bees": ["how do bees tell each other where flowers are", "how is honey made by bees"],
@@ -149,13 +189,21 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "estimate: 8 cells to compute, about" in done.stderr
     assert "progress: cell 8/8 done" in done.stderr
-    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr  # one line per cell, no bars
+    assert (
+        "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr
+    )  # one line per cell, no bars
 
     out = tmp_path / "out"
     report = json.loads((out / "study.json").read_text())
     assert report["config"]["folds"] == 2 and report["config"]["datasets"] == ["tiny"]
     assert report["meta"]["collections"]["tiny"] | {"path": None} == {
-        "path": None, "documents": 20, "queries": 8, "empty_documents": 1, "empty_queries": 1, "judgments_dropped": 2}
+        "path": None,
+        "documents": 20,
+        "queries": 8,
+        "empty_documents": 1,
+        "empty_queries": 1,
+        "judgments_dropped": 2,
+    }
     rows = {(r["loss"], r["error_rate"]): r for r in report["rows"]}
     assert set(rows) == {("zero-shot", None), ("baseline", None), ("lsepair", 0.0), ("lsepair", 0.4)}
     for row in rows.values():
@@ -168,7 +216,9 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
 
     markdown = (out / "study.md").read_text()
     assert "skipped 1 empty document(s) and 1 empty query, and the 2 judgment(s) pointing at them" in markdown
-    assert "Against the zero-shot model, over the pooled held-out queries: significant at p < 0.05" in markdown
+    assert (
+        "Against the zero-shot model, over the pooled held-out queries: significant at p < 0.05" in markdown
+    )
     assert "Too few queries (< 10) for a test: lsepair at e=0" in markdown  # 8 judged queries
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the folds and the judge read the copy without the blanks; the user's folder is left as it was
@@ -179,14 +229,19 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     lost = out / "cells" / "tiny" / "fold1" / "lsepair@e0.40.json"
     kept = (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text()
     lost.unlink()
-    again = subprocess.run([*cmd, "--memory-budget", "3GB"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        [*cmd, "--memory-budget", "3GB"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "memory: --memory-budget 3.00 GB" in again.stderr
     assert "7 already done" in again.stderr and "estimate: 1 cells to compute" in again.stderr
     assert json.loads((out / "study.json").read_text())["meta"]["computed"] == 1
     assert lost.exists() and (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text() == kept
     # the report names the command that computed each cell, not only the last one
-    first, second = shlex.join(["mpr", "study", *args]), shlex.join(["mpr", "study", *args, "--memory-budget", "3GB"])
+    first, second = (
+        shlex.join(["mpr", "study", *args]),
+        shlex.join(["mpr", "study", *args, "--memory-budget", "3GB"]),
+    )
     markdown = (out / "study.md").read_text()
     assert f"by `{second}`; it computed 1 cell in" in markdown
     assert f"- `{first}`: 7 cells," in markdown and f"- `{second}`: 1 cell," in markdown
@@ -202,14 +257,33 @@ def test_plot_gives_a_loss_one_colour_in_every_panel() -> None:
 
     from mpr.orchestrate.study import figure
 
-    cfg = SimpleNamespace(datasets=["a", "b"], losses=["infonce", "rand1", "lsepair"], error_rates=[0.0, 0.4],
-                          model="org/m", steps=30, batch_size=8, max_seq_length=96)
+    cfg = SimpleNamespace(
+        datasets=["a", "b"],
+        losses=["infonce", "rand1", "lsepair"],
+        error_rates=[0.0, 0.4],
+        model="org/m",
+        steps=30,
+        batch_size=8,
+        max_seq_length=96,
+    )
 
     def row(dataset: str, loss: str, error_rate: float | None, value: float) -> dict:
-        return {"dataset": dataset, "loss": loss, "error_rate": error_rate, "folds": [0, 1], "metrics": {"ndcg@10": [value, value + 0.01]}}
+        return {
+            "dataset": dataset,
+            "loss": loss,
+            "error_rate": error_rate,
+            "folds": [0, 1],
+            "metrics": {"ndcg@10": [value, value + 0.01]},
+        }
 
-    rows = [row("a", "infonce", 0.0, 0.3), row("a", "rand1", 0.0, 0.4), row("a", "lsepair", 0.0, 0.45),
-            row("b", "lsepair", 0.0, 0.5), row("b", "rand1", 0.4, 0.6), row("b", "zero-shot", None, 0.42)]
+    rows = [
+        row("a", "infonce", 0.0, 0.3),
+        row("a", "rand1", 0.0, 0.4),
+        row("a", "lsepair", 0.0, 0.45),
+        row("b", "lsepair", 0.0, 0.5),
+        row("b", "rand1", 0.4, 0.6),
+        row("b", "zero-shot", None, 0.42),
+    ]
     fig = figure(cfg, rows)  # type: ignore[arg-type]
     colour = {}
     for ax in fig.axes:
@@ -233,8 +307,16 @@ def test_findings_name_only_the_losses_run_at_each_error_rate() -> None:
         return {"mean_delta": delta, "wins": 2, "n": 2, "p_randomization": 0.01, "queries": 40}
 
     cfg = SimpleNamespace(error_rates=[0.0, 0.4], losses=["rand1", "lsepair", "bixse"])
-    found = {"vs_baseline": {"rand1": {"0.00": got(0.1)}, "lsepair": {"0.00": got(0.2), "0.40": got(0.3)}, "bixse": {"0.00": got(0.3)}},
-             "vs_zero_shot": {}, "drop": {}, "mean_rank": {}}
+    found = {
+        "vs_baseline": {
+            "rand1": {"0.00": got(0.1)},
+            "lsepair": {"0.00": got(0.2), "0.40": got(0.3)},
+            "bixse": {"0.00": got(0.3)},
+        },
+        "vs_zero_shot": {},
+        "drop": {},
+        "mean_rank": {},
+    }
     summary = [line for line in _findings_md(cfg, found) if line.startswith("- Multi-positive")]  # type: ignore[arg-type]
     assert summary == [
         "- Multi-positive objectives (rand1, lsepair, bixse) vs the single-positive baseline at error 0.0: better in 6 of 6 cells, mean Δ nDCG@10 +0.2000.",
@@ -251,8 +333,17 @@ def test_mean_rank_is_among_the_losses_run_in_each_cell() -> None:
 
     ndcg = {("rand1", 0.0): [0.5, 0.3], ("lsepair", 0.0): [0.4, 0.4], ("bixse", 0.0): [0.3, 0.5],
             ("rand1", 0.4): [0.3, 0.1], ("lsepair", 0.4): [0.2, 0.2]}  # fmt: skip
-    rows = [{"dataset": "d", "loss": loss, "error_rate": e, "folds": [0, 1], "metrics": {"ndcg@10": v}, "per_query": {}}
-            for (loss, e), v in ndcg.items()]
+    rows = [
+        {
+            "dataset": "d",
+            "loss": loss,
+            "error_rate": e,
+            "folds": [0, 1],
+            "metrics": {"ndcg@10": v},
+            "per_query": {},
+        }
+        for (loss, e), v in ndcg.items()
+    ]
     cfg = SimpleNamespace(error_rates=[0.0, 0.4], losses=["rand1", "lsepair", "bixse"], datasets=["d"])
     ranks = findings(cfg, rows)["mean_rank"]  # type: ignore[arg-type]
     # e=0: fold 0 rand1 > lsepair > bixse, fold 1 bixse > lsepair > rand1; e=0.4: fold 0 rand1 > lsepair, fold 1 lsepair > rand1
@@ -268,14 +359,32 @@ def test_a_cell_missing_folds_is_marked_in_the_table_and_left_out_of_the_plot() 
 
     from mpr.orchestrate.study import _by_error_rate, figure
 
-    cfg = SimpleNamespace(datasets=["d"], losses=["infonce", "lsepair"], error_rates=[0.0, 0.2], model="org/m", steps=30,
-                          batch_size=8, max_seq_length=96)
+    cfg = SimpleNamespace(
+        datasets=["d"],
+        losses=["infonce", "lsepair"],
+        error_rates=[0.0, 0.2],
+        model="org/m",
+        steps=30,
+        batch_size=8,
+        max_seq_length=96,
+    )
 
     def row(loss: str, e: float | None, values: list[float]) -> dict:
-        return {"dataset": "d", "loss": loss, "error_rate": e, "folds": list(range(len(values))), "metrics": {"ndcg@10": values}}
+        return {
+            "dataset": "d",
+            "loss": loss,
+            "error_rate": e,
+            "folds": list(range(len(values))),
+            "metrics": {"ndcg@10": values},
+        }
 
-    rows = [row("zero-shot", None, [0.4, 0.5, 0.6]), row("infonce", 0.0, [0.3, 0.4, 0.5]), row("infonce", 0.2, [0.7]),
-            row("lsepair", 0.0, [0.5, 0.5, 0.8]), row("lsepair", 0.2, [0.4, 0.5, 0.6])]
+    rows = [
+        row("zero-shot", None, [0.4, 0.5, 0.6]),
+        row("infonce", 0.0, [0.3, 0.4, 0.5]),
+        row("infonce", 0.2, [0.7]),
+        row("lsepair", 0.0, [0.5, 0.5, 0.8]),
+        row("lsepair", 0.2, [0.4, 0.5, 0.6]),
+    ]
     table = _by_error_rate(cfg, rows, "d")  # type: ignore[arg-type]
     assert table[-2:] == ["| infonce | 0.4000 | 0.7000 (1 of 3 folds) |", "| lsepair | 0.6000 | 0.5000 |"]
     assert table[-3] == "| zero-shot | 0.5000 | 0.5000 |"

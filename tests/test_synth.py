@@ -67,7 +67,10 @@ def server():
 
 def run(out: Path, url: str, cache: Path, **kw):
     kw.setdefault("data", EXAMPLE)
-    return synth.run(SynthConfig(out=out, model=MODEL, base_url=[url], llm_cache=cache, progress=False, **kw), log=lambda _: None)
+    return synth.run(
+        SynthConfig(out=out, model=MODEL, base_url=[url], llm_cache=cache, progress=False, **kw),
+        log=lambda _: None,
+    )
 
 
 def sets_of(df: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
@@ -78,16 +81,30 @@ def sets_of(df: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
 @pytest.fixture(scope="module")
 def written(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    manifest = run(root / "out", server.url, root / "llm.sqlite", split="all", per_query=2, with_qrels=True, queries_per_shard=8)
+    manifest = run(
+        root / "out",
+        server.url,
+        root / "llm.sqlite",
+        split="all",
+        per_query=2,
+        with_qrels=True,
+        queries_per_shard=8,
+    )
     return root / "out", manifest, read_shards(root / "out").to_pandas()
 
 
 def test_output_schema_and_invariants(written):
     out, manifest, df = written
     assert validate_shards(out) == []
-    assert manifest.stage == "synth" and manifest.prompts == {"synth": "1"} and manifest.models == {"generator": MODEL}
+    assert (
+        manifest.stage == "synth"
+        and manifest.prompts == {"synth": "1"}
+        and manifest.models == {"generator": MODEL}
+    )
     s = manifest.summary
-    assert s["queries"] == 30 and s["sets_requested"] == 60 and s["sets_written"] == 60 and s["sets_failed"] == 0
+    assert (
+        s["queries"] == 30 and s["sets_requested"] == 60 and s["sets_written"] == 60 and s["sets_failed"] == 0
+    )
     assert s["passages"] == 240 and s["requests"] == s["llm_sent"] == 60 and s["tokens_out"] > 0
     syn = df[df.source == "synthetic"]
     assert len(syn) == 240 and syn.title.isna().all() and syn["rank"].isna().all() and syn.score.isna().all()
@@ -110,10 +127,20 @@ def test_output_schema_and_invariants(written):
         levels = group[group.source == "synthetic"].level.tolist()
         assert levels == sorted(levels, reverse=True)
     # --with-qrels: the real positives of every split
-    truth = {(q, p) for split in ("train", "test") for q, judged in load_beir(EXAMPLE, split).qrels.items() for p in judged}
+    truth = {
+        (q, p)
+        for split in ("train", "test")
+        for q, judged in load_beir(EXAMPLE, split).qrels.items()
+        for p in judged
+    }
     real = df[df.source == "qrels"]
     assert set(zip(real.qid, real.pid)) == truth
-    assert (real.label == 1).all() and (real.grade == 1.0).all() and (real.judge == "qrels").all() and real.set.isna().all()
+    assert (
+        (real.label == 1).all()
+        and (real.grade == 1.0).all()
+        and (real.judge == "qrels").all()
+        and real.set.isna().all()
+    )
     report = inspect_shards(out)
     assert report["levels"] == {"0": 60, "1": 60, "2": 60, "3": 60 + len(real)}
 
@@ -121,10 +148,33 @@ def test_output_schema_and_invariants(written):
 def test_rerun_is_a_no_op_and_dry_run_sends_nothing(written, server, tmp_path):
     out, manifest, _ = written
     before = server.stats()["received"]
-    again = run(out, server.url, tmp_path / "other.sqlite", split="all", per_query=2, with_qrels=True, queries_per_shard=8)
+    again = run(
+        out,
+        server.url,
+        tmp_path / "other.sqlite",
+        split="all",
+        per_query=2,
+        with_qrels=True,
+        queries_per_shard=8,
+    )
     assert server.stats()["received"] == before and again.shards == manifest.shards
-    result = runner.invoke(cli_app(), ["synth", "--data", str(EXAMPLE), "--split", "all", "--out", str(tmp_path / "dry"),
-                                       "--model", MODEL, "--per-query", "3", "--dry-run"])
+    result = runner.invoke(
+        cli_app(),
+        [
+            "synth",
+            "--data",
+            str(EXAMPLE),
+            "--split",
+            "all",
+            "--out",
+            str(tmp_path / "dry"),
+            "--model",
+            MODEL,
+            "--per-query",
+            "3",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert server.stats()["received"] == before and not (tmp_path / "dry").exists()
     assert re.search(r"requests\s+90\b", result.output) and "prompt_tokens" in result.output
@@ -133,16 +183,27 @@ def test_rerun_is_a_no_op_and_dry_run_sends_nothing(written, server, tmp_path):
 def test_invalid_answers_are_retried_then_recorded(tmp_path):
     oracle = Oracle(EXAMPLE, synth_invalid_rate=0.5, synth_fail_rate=0.2, seed=3)
     with start_server(responder=oracle, models=(MODEL,)) as handle:
-        manifest = run(tmp_path / "out", handle.url, tmp_path / "llm.sqlite", split="all", per_query=2, max_invalid_retries=2)
+        manifest = run(
+            tmp_path / "out",
+            handle.url,
+            tmp_path / "llm.sqlite",
+            split="all",
+            per_query=2,
+            max_invalid_retries=2,
+        )
         keys = handle.stats(keys=True)["keys"]
     asks = Counter(v["received"] for v in keys.values())
-    assert set(asks) == {1, 2, 3} and asks[2] > 0 and asks[3] > 0  # retried once and recovered; failed 3 times
+    assert (
+        set(asks) == {1, 2, 3} and asks[2] > 0 and asks[3] > 0
+    )  # retried once and recovered; failed 3 times
     s = manifest.summary
     assert s["llm_retries"] == sum(v["received"] - 1 for v in keys.values())
     assert s["sets_failed"] == s["failed_invalid"] == asks[3] and s["failures"] == {"invalid": asks[3]}
     assert s["sets_written"] == 60 - asks[3]
     records = [json.loads(line) for line in (tmp_path / "out" / "_failures.jsonl").read_text().splitlines()]
-    assert len(records) == asks[3] and all(r["kind"] == "invalid" and "invalid answer after 3 attempts" in r["error"] for r in records)
+    assert len(records) == asks[3] and all(
+        r["kind"] == "invalid" and "invalid answer after 3 attempts" in r["error"] for r in records
+    )
     assert {"qid", "query", "set", "style", "target_words", "error", "part"} <= set(records[0])
     df = read_shards(tmp_path / "out").to_pandas()
     assert validate_shards(tmp_path / "out") == []
@@ -165,7 +226,9 @@ def test_check_answer_rules():
     assert "level 2 is empty" in problem(json.dumps({**good, "level_2": "  "}))
     assert "has 9 words; expected 10-40" in problem(json.dumps({**good, "level_2": "a " * 9}))
     assert "near-identical" in problem(json.dumps({**good, "level_0": good["level_1"] + " extra"}))
-    assert "repeats the query verbatim" in problem(json.dumps({**good, "level_3": "So: how does a bicycle chain work? " + good["level_3"]}))
+    assert "repeats the query verbatim" in problem(
+        json.dumps({**good, "level_3": "So: how does a bicycle chain work? " + good["level_3"]})
+    )
     assert "unexpected key(s) ['level_4']" in problem(json.dumps({**good, "level_4": good["level_3"]}))
     assert spearman([3, 2, 1, 0], [0.3, 1.9, 1.1, 2.7]) < 0 and spearman([1, 0], [2, 2]) is None
 
@@ -178,9 +241,29 @@ def test_sigkill_then_resume_repeats_no_answered_request(tmp_path):
         run(reference, fast.url, tmp_path / "ref.sqlite", **common)
     out = tmp_path / "killed"
     with start_server(responder=oracle, models=(MODEL,), faults={"delay_s": 0.03}) as slow:
-        args = [*cli_argv(), "synth", "--data", str(EXAMPLE), "--split", "all", "--per-query", "3", "--queries-per-shard", "4",
-                "--out", str(out), "--model", MODEL, "--base-url", slow.url, "--concurrency", "4",
-                "--llm-cache", str(tmp_path / "llm.sqlite"), "-q"]
+        args = [
+            *cli_argv(),
+            "synth",
+            "--data",
+            str(EXAMPLE),
+            "--split",
+            "all",
+            "--per-query",
+            "3",
+            "--queries-per-shard",
+            "4",
+            "--out",
+            str(out),
+            "--model",
+            MODEL,
+            "--base-url",
+            slow.url,
+            "--concurrency",
+            "4",
+            "--llm-cache",
+            str(tmp_path / "llm.sqlite"),
+            "-q",
+        ]
         proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while slow.stats()["answered"] < 30 and time.time() < deadline and proc.poll() is None:
@@ -195,7 +278,11 @@ def test_sigkill_then_resume_repeats_no_answered_request(tmp_path):
         after = slow.stats(keys=True)
     assert read_shards(out).equals(read_shards(reference))
     assert read_manifest(out).summary["sets_written"] == 90
-    repeated = [k for k, v in at_kill["keys"].items() if v["answered"] and after["keys"][k]["answered"] > v["answered"]]
+    repeated = [
+        k
+        for k, v in at_kill["keys"].items()
+        if v["answered"] and after["keys"][k]["answered"] > v["answered"]
+    ]
     assert len(repeated) <= 4  # only what the killed client had in flight (answered, not yet stored)
 
 
@@ -205,7 +292,10 @@ def test_same_seed_same_shards_other_seed_other_draws(server, tmp_path):
     assert read_shards(tmp_path / "a").equals(read_shards(tmp_path / "b"))
     run(tmp_path / "c", server.url, tmp_path / "c.sqlite", split="train", per_query=2, seed=8)
     a, c = (read_shards(tmp_path / x).to_pandas() for x in ("a", "c"))
-    draws = {x: {k: (g["style"].iloc[0], g.target_words.iloc[0]) for k, g in sets_of(df).items()} for x, df in (("a", a), ("c", c))}
+    draws = {
+        x: {k: (g["style"].iloc[0], g.target_words.iloc[0]) for k, g in sets_of(df).items()}
+        for x, df in (("a", a), ("c", c))
+    }
     assert draws["a"].keys() == draws["c"].keys() and draws["a"] != draws["c"]
     assert first.config["seed"] == 7
     # a draw depends on (seed, qid, set) only: not on the other queries, the input or the number of sets
@@ -216,36 +306,97 @@ def test_same_seed_same_shards_other_seed_other_draws(server, tmp_path):
 
 
 def test_custom_styles_lengths_and_variants(server, tmp_path):
-    run(tmp_path / "out", server.url, tmp_path / "llm.sqlite", split="train", per_query=3, styles="haiku-like note, court ruling", lengths="30")
+    run(
+        tmp_path / "out",
+        server.url,
+        tmp_path / "llm.sqlite",
+        split="train",
+        per_query=3,
+        styles="haiku-like note, court ruling",
+        lengths="30",
+    )
     df = read_shards(tmp_path / "out").to_pandas()
     assert set(df["style"]) <= {"haiku-like note", "court ruling"} and set(df.target_words) == {30}
-    assert len(sets_of(df)) == 60  # 3 sets over 2 styles: repeated draws are asked as variants, not deduplicated
+    assert (
+        len(sets_of(df)) == 60
+    )  # 3 sets over 2 styles: repeated draws are asked as variants, not deduplicated
 
 
 def test_queries_from_jsonl_and_tsv_files(server, tmp_path):
     jsonl = tmp_path / "q.jsonl"
-    jsonl.write_text('{"_id": "a1", "text": "How do tides depend on the moon?"}\n{"_id": 7, "text": "What makes sourdough rise?"}\n')
+    jsonl.write_text(
+        '{"_id": "a1", "text": "How do tides depend on the moon?"}\n{"_id": 7, "text": "What makes sourdough rise?"}\n'
+    )
     tsv = tmp_path / "q.tsv"
     tsv.write_text("id\ttext\nt1\tWhy do volcanoes erupt?\nt2\tHow do honeybees make honey?\n")
     for path, qids in ((jsonl, {"a1", "7"}), (tsv, {"t1", "t2"})):
         out = tmp_path / path.suffix[1:]
-        result = runner.invoke(cli_app(), ["synth", "--queries", str(path), "--out", str(out), "--model", MODEL, "--base-url", server.url,
-                                           "--llm-cache", str(tmp_path / "llm.sqlite"), "--levels", "3", "-q"])
+        result = runner.invoke(
+            cli_app(),
+            [
+                "synth",
+                "--queries",
+                str(path),
+                "--out",
+                str(out),
+                "--model",
+                MODEL,
+                "--base-url",
+                server.url,
+                "--llm-cache",
+                str(tmp_path / "llm.sqlite"),
+                "--levels",
+                "3",
+                "-q",
+            ],
+        )
         assert result.exit_code == 0, result.output
         df = read_shards(out).to_pandas()
         assert set(df.qid) == qids and sorted(Counter(df.level).items()) == [(0, 2), (1, 2), (2, 2)]
         assert validate_shards(out) == [] and "sets_written" in result.output
-    result = runner.invoke(cli_app(), ["synth", "--from-shards", str(tmp_path / "tsv"), "--out", str(tmp_path / "again"), "--model", MODEL,
-                                       "--base-url", server.url, "--llm-cache", str(tmp_path / "llm.sqlite"), "--levels", "2", "-q"])
+    result = runner.invoke(
+        cli_app(),
+        [
+            "synth",
+            "--from-shards",
+            str(tmp_path / "tsv"),
+            "--out",
+            str(tmp_path / "again"),
+            "--model",
+            MODEL,
+            "--base-url",
+            server.url,
+            "--llm-cache",
+            str(tmp_path / "llm.sqlite"),
+            "--levels",
+            "2",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     again = read_shards(tmp_path / "again").to_pandas()
-    assert set(again.qid) == {"t1", "t2"} and read_manifest(tmp_path / "again").inputs[0].kind == "shards:synth"
+    assert (
+        set(again.qid) == {"t1", "t2"} and read_manifest(tmp_path / "again").inputs[0].kind == "shards:synth"
+    )
     bad_tsv = tmp_path / "bad.tsv"
     bad_tsv.write_text("t1\tWhy do volcanoes erupt?\nt2\tHow?\nt3 no tab here\n")
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": \n')
     for path, line in ((bad_tsv, 3), (bad_jsonl, 2)):
-        result = runner.invoke(cli_app(), ["synth", "--queries", str(path), "--out", str(tmp_path / "never"), "--model", MODEL, "--base-url", server.url])
+        result = runner.invoke(
+            cli_app(),
+            [
+                "synth",
+                "--queries",
+                str(path),
+                "--out",
+                str(tmp_path / "never"),
+                "--model",
+                MODEL,
+                "--base-url",
+                server.url,
+            ],
+        )
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert f"{path}:{line}:" in result.output
 
@@ -269,20 +420,32 @@ def test_levels_adapt_the_rubric(levels, tmp_path):
     schema = seen[0]["response_format"]["json_schema"]["schema"]
     assert schema["required"] == [f"level_{k}" for k in range(levels - 1, -1, -1)]
     df = read_shards(tmp_path / "out").to_pandas()
-    assert manifest.summary["sets_written"] == 4 and all(sorted(g.level) == list(range(levels)) for g in sets_of(df).values())
+    assert manifest.summary["sets_written"] == 4 and all(
+        sorted(g.level) == list(range(levels)) for g in sets_of(df).values()
+    )
     assert ((df.grade - df.level / (levels - 1)).abs() < 1e-6).all()
-    lowest_positive = {2: 1, 6: 4}[levels]  # the default threshold 2/3 on level / (L-1): 1/1, and 4/5 (3/5 is below)
+    lowest_positive = {2: 1, 6: 4}[
+        levels
+    ]  # the default threshold 2/3 on level / (L-1): 1/1, and 4/5 (3/5 is below)
     assert (df.label == (df.level >= lowest_positive).astype(int)).all()
 
 
 def test_verify_drops_sets_the_judge_disagrees_with(tmp_path):
     oracle = Oracle(EXAMPLE, synth_mislabel_rate=0.3, seed=5)
     with start_server(responder=oracle, models=(MODEL,)) as handle:
-        manifest = run(tmp_path / "out", handle.url, tmp_path / "llm.sqlite", split="all", per_query=2, verify=True)
+        manifest = run(
+            tmp_path / "out", handle.url, tmp_path / "llm.sqlite", split="all", per_query=2, verify=True
+        )
     s = manifest.summary
-    assert manifest.prompts == {"synth": "1", "graded": "1"} and manifest.models == {"generator": MODEL, "verifier": MODEL}
+    assert manifest.prompts == {"synth": "1", "graded": "1"} and manifest.models == {
+        "generator": MODEL,
+        "verifier": MODEL,
+    }
     assert s["sets_verified"] == 60 and 0 < s["sets_dropped_by_verify"] < 30
-    assert s["verify"]["kept_share"] == round(s["sets_written"] / 60, 3) and 0 < s["verify"]["mean_abs_level_diff"] < 1
+    assert (
+        s["verify"]["kept_share"] == round(s["sets_written"] / 60, 3)
+        and 0 < s["verify"]["mean_abs_level_diff"] < 1
+    )
     assert s["verify_sent"] == 240 and s["requests"] == 300
     df = read_shards(tmp_path / "out").to_pandas()
     assert validate_shards(tmp_path / "out") == [] and df.judged_grade.notna().all()
@@ -297,13 +460,31 @@ def test_verify_drops_sets_the_judge_disagrees_with(tmp_path):
 def test_shard_jobs_fill_one_folder_and_merge_failures(tmp_path):
     oracle = Oracle(EXAMPLE, synth_fail_rate=0.3, seed=11)
     with start_server(responder=oracle, models=(MODEL,)) as handle:
-        single = run(tmp_path / "single", handle.url, tmp_path / "llm.sqlite", split="all", queries_per_shard=5, max_invalid_retries=0)
+        single = run(
+            tmp_path / "single",
+            handle.url,
+            tmp_path / "llm.sqlite",
+            split="all",
+            queries_per_shard=5,
+            max_invalid_retries=0,
+        )
         for k in range(2):
-            run(tmp_path / "jobs", handle.url, tmp_path / "llm.sqlite", split="all", queries_per_shard=5, max_invalid_retries=0, shard=f"{k}/2")
+            run(
+                tmp_path / "jobs",
+                handle.url,
+                tmp_path / "llm.sqlite",
+                split="all",
+                queries_per_shard=5,
+                max_invalid_retries=0,
+                shard=f"{k}/2",
+            )
     assert validate_shards(tmp_path / "jobs") == []
     assert read_shards(tmp_path / "jobs").equals(read_shards(tmp_path / "single"))
+
     def failed(folder: str) -> list[tuple]:
-        records = [json.loads(line) for line in (tmp_path / folder / "_failures.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (tmp_path / folder / "_failures.jsonl").read_text().splitlines()
+        ]
         return sorted((r["part"], r["qid"], r["set"], r["kind"]) for r in records)
 
     # (the oracle picks another way to be wrong on each ask, so the errors themselves may differ)
@@ -315,18 +496,27 @@ def test_one_line_errors(server, tmp_path):
     app = cli_app()
     base = ["synth", "--out", str(tmp_path / "o"), "--model", MODEL, "--base-url", server.url]
     cases = [
-        (["--data", str(EXAMPLE), "--queries", str(EXAMPLE / "queries.jsonl")], "exactly one of --data, --queries, --from-shards"),
+        (
+            ["--data", str(EXAMPLE), "--queries", str(EXAMPLE / "queries.jsonl")],
+            "exactly one of --data, --queries, --from-shards",
+        ),
         ([], "exactly one of --data, --queries, --from-shards"),
         (["--queries", str(EXAMPLE / "queries.jsonl"), "--with-qrels"], "--with-qrels needs a BEIR folder"),
         (["--data", str(EXAMPLE), "--levels", "7"], "--levels"),
-        (["--data", str(EXAMPLE), "--positive-threshold", "0", "--levels", "3"],
-         "--positive-threshold: 0 makes every level positive (grades of the 3 levels: 0, 0.5, 1)"),
+        (
+            ["--data", str(EXAMPLE), "--positive-threshold", "0", "--levels", "3"],
+            "--positive-threshold: 0 makes every level positive (grades of the 3 levels: 0, 0.5, 1)",
+        ),
         (["--data", str(EXAMPLE), "--lengths", "40,x"], "--lengths"),
         (["--data", str(EXAMPLE), "--split", "dev"], "split 'dev' does not exist"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, base + extra)
-        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert (
+            result.exit_code == 2
+            and message in result.output
+            and len(result.output.strip().splitlines()) == 1
+        ), result.output
 
 
 def test_the_token_limit_is_cut_to_what_the_context_window_leaves(tmp_path):
@@ -339,7 +529,9 @@ def test_the_token_limit_is_cut_to_what_the_context_window_leaves(tmp_path):
     cfg = SynthConfig(out=tmp_path / "out", model=MODEL, data=EXAMPLE, progress=False)
     backend = OpenAIBackend(MODEL, "http://127.0.0.1:9/v1")
     maker = Synthesizer(cfg, backend, None, MODEL, None)
-    request = maker.prompt.request(SetSpec("q", "Why does my coffee taste bitter?", 0, "blog post", 120, 1), cfg)
+    request = maker.prompt.request(
+        SetSpec("q", "Why does my coffee taste bitter?", 0, "blog post", 120, 1), cfg
+    )
     stats: dict[str, int] = {}
     assert maker._fitted(request, stats) is request and not stats
     fit = ContextFit(EndpointInfo(url="x", context_length=1024), None)  # ~4 characters a token

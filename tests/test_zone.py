@@ -36,8 +36,16 @@ def server(data):
 
 
 def run(mined, out, server, tmp_path, **kw):
-    cfg = RelabelConfig(input=mined, out=out, model=MODEL, base_url=[server.url], candidates="all", llm_cache=tmp_path / "llm.sqlite",
-                        progress=False, **kw)
+    cfg = RelabelConfig(
+        input=mined,
+        out=out,
+        model=MODEL,
+        base_url=[server.url],
+        candidates="all",
+        llm_cache=tmp_path / "llm.sqlite",
+        progress=False,
+        **kw,
+    )
     manifest = relabel.run(cfg, log=lambda _: None)
     return manifest, read_shards(out).to_pandas()
 
@@ -77,7 +85,9 @@ def test_top_judges_the_r_best_ranked(mined, server, tmp_path):
 def test_unsure_skips_what_the_cheap_judge_is_sure_is_negative(mined, server, tmp_path):
     _, everything = run(mined, tmp_path / "all", server, tmp_path)
     truth = hidden_found(everything)
-    manifest, df = run(mined, tmp_path / "unsure", server, tmp_path, zone="unsure", zone_model=CHEAP, zone_unsure=0.2)
+    manifest, df = run(
+        mined, tmp_path / "unsure", server, tmp_path, zone="unsure", zone_model=CHEAP, zone_unsure=0.2
+    )
     cand = df[df.source == "mined"]
     assert hidden_found(df) == truth  # a calibrated cheap judge is unsure exactly where it is wrong
     skipped = cand[cand.unjudged.notna()]
@@ -86,12 +96,27 @@ def test_unsure_skips_what_the_cheap_judge_is_sure_is_negative(mined, server, tm
 
 
 def test_cli_and_dry_run_count_the_zone(mined, tmp_path):
-    args = ["relabel", "--in", str(mined), "--out", str(tmp_path / "x"), "--model", MODEL, "--candidates", "all", "--dry-run"]
+    args = [
+        "relabel",
+        "--in",
+        str(mined),
+        "--out",
+        str(tmp_path / "x"),
+        "--model",
+        MODEL,
+        "--candidates",
+        "all",
+        "--dry-run",
+    ]
     every = runner.invoke(app, args)
     zone = runner.invoke(app, [*args, "--zone", "top", "--zone-top", "2"])
     assert every.exit_code == 0 and zone.exit_code == 0, zone.output
 
     def candidates(out):
-        return int(next(line for line in out.splitlines() if line.strip().startswith("candidates ")).split()[-1].replace(",", ""))
+        return int(
+            next(line for line in out.splitlines() if line.strip().startswith("candidates "))
+            .split()[-1]
+            .replace(",", "")
+        )
 
     assert candidates(zone.output) == 2 * 12 < candidates(every.output)

@@ -64,11 +64,16 @@ class LogLinesCallback(TrainerCallback):
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
-                          if k not in ("epoch", "total_flos"))
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in logs.items()
+            if k not in ("epoch", "total_flos")
+        )
         self.log(f"train: step {state.global_step}/{state.max_steps}: {shown}")
 
 
@@ -89,5 +94,7 @@ class MemoryGuardCallback(TrainerCallback):
         excess, self.seen = peak - self.seen, peak
         smaller = max(plan.max_bytes - excess * 1.2, plan.cost(1))
         self.loss.chunk_plan = dataclasses.replace(plan, max_bytes=smaller)
-        self.log(f"train: peak memory {format_size(peak)} passed the budget {format_size(self.budget)} at step "
-                 f"{state.global_step}; GradCache chunks shrink to {format_size(smaller)} of activations")
+        self.log(
+            f"train: peak memory {format_size(peak)} passed the budget {format_size(self.budget)} at step "
+            f"{state.global_step}; GradCache chunks shrink to {format_size(smaller)} of activations"
+        )

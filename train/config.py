@@ -24,15 +24,29 @@ CPU_MEMORY_BUDGET = "2GB"
 #: Share of the free device memory a GPU run plans with when no budget is given.
 GPU_MEMORY_SHARE = 0.9
 
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
-          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "GIB": 2**30,
+    "T": 2**40,
+    "TB": 2**40,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
     """'2GB', '1.5G', '800MB', '512MiB' -> bytes (binary units)."""
     value = text.strip().upper().replace(" ", "")
     number = value.rstrip("KMGTIB")
-    unit = value[len(number):]
+    unit = value[len(number) :]
     try:
         amount = float(number)
     except ValueError:
@@ -55,68 +69,130 @@ class GroupOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    group_size: int = Field(8, ge=2, description="Passages per query: positives first, then hard, then random negatives.")
+    group_size: int = Field(
+        8, ge=2, description="Passages per query: positives first, then hard, then random negatives."
+    )
     max_positives: int = Field(4, ge=1, description="Positives per group at most.")
     positive_threshold: float | None = Field(
-        None, ge=0, le=1, description="On the 0-1 grade scale (relabel: 0-3 grade / 3; synth: level / (L-1)): rows with a "
+        None,
+        ge=0,
+        le=1,
+        description="On the 0-1 grade scale (relabel: 0-3 grade / 3; synth: level / (L-1)): rows with a "
         "grade >= this are positives and labelled positives with a lower grade are negatives; rows without a grade "
-        "keep their label. Default: the labels as written.")
+        "keep their label. Default: the labels as written.",
+    )
     random_negatives: bool = Field(True, description="Fill groups with random negatives from other queries.")
     verify_inputs: Literal["fast", "full"] | None = Field(
-        None, description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
-        "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
-    seed: int = Field(42, description="Seed of the groups, the data order, the draws of rand1 and the initialisation.")
+        None,
+        description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
+        "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
+    )
+    seed: int = Field(
+        42, description="Seed of the groups, the data order, the draws of rand1 and the initialisation."
+    )
 
 
 class TrainConfig(GroupOptions):
-    data: list[Path] = Field(min_length=1, description="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix. Of a folder and one "
-                            "derived from it (mined, relabeled) the later stage wins; queries of different datasets never merge.")
+    data: list[Path] = Field(
+        min_length=1,
+        description="Shard folder(s) from mine/relabel/synth/ingest; repeat to mix. Of a folder and one "
+        "derived from it (mined, relabeled) the later stage wins; queries of different datasets never merge.",
+    )
     out: Path = Field(description="Output model folder (loads with SentenceTransformer(out)).")
     model: str = Field(DEFAULT_MODEL, description="Starting sentence-transformers model id or local folder.")
     loss: LossName = Field("lsepair", description="Objective (see the README's table of losses).")
     batch_size: int = Field(32, ge=1, description="Queries per batch (per device).")
     memory_budget: str | None = Field(
-        None, description=f"Memory the run may use, e.g. 2GB: peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "
+        None,
+        description=f"Memory the run may use, e.g. 2GB: peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "
         f"device memory on a GPU (default {GPU_MEMORY_SHARE:.0%} of the free memory). The batch is embedded in "
-        "GradCache chunks that fit it.")
-    mini_batch_size: int | None = Field(None, ge=1, description="GradCache chunks of exactly this many texts (overrides --memory-budget).")
+        "GradCache chunks that fit it.",
+    )
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="GradCache chunks of exactly this many texts (overrides --memory-budget)."
+    )
     attention_dropout: float | None = Field(
-        None, ge=0, le=1, description="Dropout on attention probabilities (default: the model's own). 0 lets PyTorch's "
-        "fused attention kernel run in training: about half the time and memory per text on CPU.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (with linear warm-up and decay).")
+        None,
+        ge=0,
+        le=1,
+        description="Dropout on attention probabilities (default: the model's own). 0 lets PyTorch's "
+        "fused attention kernel run in training: about half the time and memory per text on CPU.",
+    )
+    learning_rate: float = Field(
+        5e-5, gt=0, description="Peak learning rate (with linear warm-up and decay)."
+    )
     loss_learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate of the loss's own parameters: bixse's scale t and bias b, a learned τ "
-        "(default: --learning-rate, at which these few scalars hardly move in a fine-tuning run).")
+        None,
+        gt=0,
+        description="Peak learning rate of the loss's own parameters: bixse's scale t and bias b, a learned τ "
+        "(default: --learning-rate, at which these few scalars hardly move in a fine-tuning run).",
+    )
     epochs: float = Field(1.0, gt=0, description="Epochs over the groups.")
     max_steps: int = Field(-1, description="Stop after N steps (overrides --epochs).")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    similarity: Literal["cos", "dot"] = Field("cos", description="Score by cosine, or by raw dot product (as the multi-positive paper and SyCL).")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="τ: scores are similarities divided by τ (not used by bixse).")
-    learn_temperature: bool = Field(False, description="Learn τ, within --min-temperature and --max-temperature.")
-    min_temperature: float = Field(DEFAULT_TEMPERATURE_RANGE[0], gt=0, description="Lower bound of a learned τ.")
-    max_temperature: float = Field(DEFAULT_TEMPERATURE_RANGE[1], gt=0, description="Upper bound of a learned τ.")
-    ws2_target_temperature: float = Field(1 / 3, gt=0, description="ws2: temperature of the target softmax over the grades.")
+    similarity: Literal["cos", "dot"] = Field(
+        "cos", description="Score by cosine, or by raw dot product (as the multi-positive paper and SyCL)."
+    )
+    temperature: float = Field(
+        DEFAULT_TEMPERATURE, gt=0, description="τ: scores are similarities divided by τ (not used by bixse)."
+    )
+    learn_temperature: bool = Field(
+        False, description="Learn τ, within --min-temperature and --max-temperature."
+    )
+    min_temperature: float = Field(
+        DEFAULT_TEMPERATURE_RANGE[0], gt=0, description="Lower bound of a learned τ."
+    )
+    max_temperature: float = Field(
+        DEFAULT_TEMPERATURE_RANGE[1], gt=0, description="Upper bound of a learned τ."
+    )
+    ws2_target_temperature: float = Field(
+        1 / 3, gt=0, description="ws2: temperature of the target softmax over the grades."
+    )
     bixse_scale: float = Field(10.0, gt=0, description="bixse: initial logit scale t (SigLIP's 10).")
-    bixse_bias: float | None = Field(None, description="bixse: initial logit bias b (default: the first batch's log prior of relevance less t times its "
-                                     "mean similarity; SigLIP's -10 suits from-scratch training on huge batches).")
-    mask_duplicates: bool = Field(True, description="Mask in-batch copies of a query's own passages (a copy of a positive is no negative).")
-    mask_other_positives: bool = Field(False, description="Mask other queries' positives as likely false negatives.")
-    max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens (default: the model's limit).")
+    bixse_bias: float | None = Field(
+        None,
+        description="bixse: initial logit bias b (default: the first batch's log prior of relevance less t times its "
+        "mean similarity; SigLIP's -10 suits from-scratch training on huge batches).",
+    )
+    mask_duplicates: bool = Field(
+        True,
+        description="Mask in-batch copies of a query's own passages (a copy of a positive is no negative).",
+    )
+    mask_other_positives: bool = Field(
+        False, description="Mask other queries' positives as likely false negatives."
+    )
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Truncate inputs to this many tokens (default: the model's limit)."
+    )
     query_prompt: str | None = Field(None, description="Text prepended to queries.")
     passage_prompt: str | None = Field(None, description="Text prepended to passages.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp32.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp32."
+    )
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps (into OUT.checkpoints/).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept at most.")
-    keep_checkpoints: bool = Field(False, description="Keep OUT.checkpoints/ after a successful run (removed by default).")
-    eval_data: Path | None = Field(None, description="BEIR folder evaluated during training (nDCG@10, MRR@10, recall).")
+    keep_checkpoints: bool = Field(
+        False, description="Keep OUT.checkpoints/ after a successful run (removed by default)."
+    )
+    eval_data: Path | None = Field(
+        None, description="BEIR folder evaluated during training (nDCG@10, MRR@10, recall)."
+    )
     eval_split: str = Field("test", description="qrels split of --eval-data.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: --save-steps).")
-    eval_max_queries: int | None = Field(None, ge=1, description="Evaluate on the first N judged queries only.")
-    resume: bool = Field(False, description="Continue from the last checkpoint in OUT.checkpoints/: same data order, same draws.")
+    eval_max_queries: int | None = Field(
+        None, ge=1, description="Evaluate on the first N judged queries only."
+    )
+    resume: bool = Field(
+        False,
+        description="Continue from the last checkpoint in OUT.checkpoints/: same data order, same draws.",
+    )
     device: str | None = Field(None, description="cpu, cuda, ... (default: the best available).")
-    overwrite: bool = Field(False, description="Replace an existing model folder (the old one stays until the new one is complete).")
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing model folder (the old one stays until the new one is complete).",
+    )
     progress: bool = True
 
     _size = field_validator("memory_budget")(check_size)

@@ -80,7 +80,9 @@ def _load(folders: list[Path], verify: VerifyMode | None = None) -> tuple[pa.Tab
     tables, sources = [], []
     for n, folder in enumerate(folders):
         manifest = verify_shards(folder, verify)
-        sources.append(Source(Path(folder), fingerprint_shards(folder), manifest.dataset or "", set(manifest.lineage)))
+        sources.append(
+            Source(Path(folder), fingerprint_shards(folder), manifest.dataset or "", set(manifest.lineage))
+        )
         table = read_shards(folder)
         missing = [c for c in columns if c not in table.column_names]
         if missing:
@@ -121,7 +123,9 @@ def build_groups(data: list[Path], cfg: GroupOptions):
     stats = GroupStats()
     # the later stage wins: a folder whose rows another given folder carries forward (the mining a relabel
     # read) is left out whole, so what the later stage changed, dropped or relabeled stands
-    superseded = [n for n, s in enumerate(sources) if any(o is not s and s.fingerprint in o.lineage for o in sources)]
+    superseded = [
+        n for n, s in enumerate(sources) if any(o is not s and s.fingerprint in o.lineage for o in sources)
+    ]
     if superseded:
         keep = pc.invert(pc.is_in(table.column("folder"), pa.array(superseded, pa.int32())))
         stats.superseded_rows = table.num_rows - pc.sum(keep.cast(pa.int64())).as_py()
@@ -131,20 +135,31 @@ def build_groups(data: list[Path], cfg: GroupOptions):
     rows_by_query: dict[tuple[str, str], list[dict]] = {}
     for row in table.to_pylist():
         rows_by_query.setdefault((sources[row["folder"]].dataset, row["qid"]), []).append(row)
-    pool = sorted({(r["pid"], encoder_text(r["title"], r["text"])) for r in table.filter(pc.is_valid(table.column("label"))).to_pylist()})
+    pool = sorted(
+        {
+            (r["pid"], encoder_text(r["title"], r["text"]))
+            for r in table.filter(pc.is_valid(table.column("label"))).to_pylist()
+        }
+    )
     out: dict[str, list] = {"query": [], **{f"passage_{j}": [] for j in range(k)}, "label": []}
     for rows in rows_by_query.values():
         stats.queries += 1
         unique = _merge(sorted(rows, key=lambda r: r["folder"]), sources)
         labels = [training_label(r, cfg.positive_threshold) for r in unique]
-        stats.threshold_positives += sum(r["label"] != POSITIVE and lab == POSITIVE for r, lab in zip(unique, labels))
-        stats.threshold_negatives += sum(r["label"] == POSITIVE and lab == NEGATIVE for r, lab in zip(unique, labels))
+        stats.threshold_positives += sum(
+            r["label"] != POSITIVE and lab == POSITIVE for r, lab in zip(unique, labels)
+        )
+        stats.threshold_negatives += sum(
+            r["label"] == POSITIVE and lab == NEGATIVE for r, lab in zip(unique, labels)
+        )
         positives = [r for r, lab in zip(unique, labels) if lab == POSITIVE]
         if not positives:
             stats.skipped_no_positive += 1
             continue
         positive_texts = {encoder_text(r["title"], r["text"]) for r in positives}
-        positives.sort(key=lambda r: (-(r["grade"] if r["grade"] is not None else 1.0), SOURCE_ORDER.get(r["source"], 3)))
+        positives.sort(
+            key=lambda r: (-(r["grade"] if r["grade"] is not None else 1.0), SOURCE_ORDER.get(r["source"], 3))
+        )
         cap = min(cfg.max_positives, k - 1)
         stats.positives_capped += max(0, len(positives) - cap)
         positives = positives[:cap]
@@ -152,10 +167,22 @@ def build_groups(data: list[Path], cfg: GroupOptions):
         kept_negatives = [r for r in negatives if encoder_text(r["title"], r["text"]) not in positive_texts]
         stats.duplicate_negatives_dropped += len(negatives) - len(kept_negatives)
         negatives = kept_negatives
-        negatives.sort(key=lambda r: (SOURCE_ORDER.get(r["source"], 3), r["rank"] if r["rank"] is not None else 1 << 30, -(r["level"] or 0)))
+        negatives.sort(
+            key=lambda r: (
+                SOURCE_ORDER.get(r["source"], 3),
+                r["rank"] if r["rank"] is not None else 1 << 30,
+                -(r["level"] or 0),
+            )
+        )
         negatives = negatives[: k - len(positives)]
-        slots = [(encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 1.0, POSITIVE) for r in positives]
-        slots += [(encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 0.0, NEGATIVE) for r in negatives]
+        slots = [
+            (encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 1.0, POSITIVE)
+            for r in positives
+        ]
+        slots += [
+            (encoder_text(r["title"], r["text"]), r["grade"] if r["grade"] is not None else 0.0, NEGATIVE)
+            for r in negatives
+        ]
         stats.positives += len(positives)
         stats.hard_negatives += len(negatives)
         if cfg.random_negatives and len(slots) < k and pool:
@@ -178,5 +205,7 @@ def build_groups(data: list[Path], cfg: GroupOptions):
         out["label"].append([[float(g) for _, g, _ in slots], [float(kind) for _, _, kind in slots]])
         stats.groups += 1
     if not stats.groups:
-        raise MprError(f"no training group: none of the {stats.queries} queries in {', '.join(map(str, data))} has a positive")
+        raise MprError(
+            f"no training group: none of the {stats.queries} queries in {', '.join(map(str, data))} has a positive"
+        )
     return Dataset.from_dict(out), stats

@@ -46,6 +46,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 #: holds more than the default budget leaves room for, the default grows to fit this many.
 MIN_DEFAULT_CHUNK = 4
 
+
 def format_size(num_bytes: float) -> str:
     if num_bytes >= 2**30:
         return f"{num_bytes / 2**30:.2f} GB"
@@ -143,7 +144,9 @@ def attention_dropout(model: nn.Module) -> float | None:
 def _dummy_features(model: Any, texts: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
     tokenize = getattr(model, "preprocess", None) or model.tokenize
     features = tokenize(["a " * length] * texts)
-    features = {k: v[:, :length] if isinstance(v, torch.Tensor) and v.ndim == 2 else v for k, v in features.items()}
+    features = {
+        k: v[:, :length] if isinstance(v, torch.Tensor) and v.ndim == 2 else v for k, v in features.items()
+    }
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
@@ -153,7 +156,9 @@ def saved_bytes(model: Any, texts: int, length: int, autocast: torch.dtype | Non
     device = next(model.parameters()).device
     features = _dummy_features(model, texts, length, device)
     storages: dict[tuple[int, str], int] = {}
-    held: list[torch.Tensor] = []  # alive until the measurement ends, so that no two storages share an address
+    held: list[
+        torch.Tensor
+    ] = []  # alive until the measurement ends, so that no two storages share an address
 
     def pack(tensor: torch.Tensor) -> int:
         storage = tensor.untyped_storage()
@@ -221,23 +226,33 @@ class EmbeddingPlan:
     def describe(self) -> str:
         """One line: what was chosen and why."""
         dropout = "" if self.attention_dropout is None else f", attention dropout {self.attention_dropout:g}"
-        head = (f"memory: {self.source} {format_size(self.budget)} on {self.device}; fixed {format_size(self.fixed)}, "
-                f"{format_size(self.text_bytes)} per {self.max_length}-token text ({self.attention} attention{dropout})")
+        head = (
+            f"memory: {self.source} {format_size(self.budget)} on {self.device}; fixed {format_size(self.fixed)}, "
+            f"{format_size(self.text_bytes)} per {self.max_length}-token text ({self.attention} attention{dropout})"
+        )
         if self.chunk_plan is None:
             return f"{head} -> the whole batch of {self.texts_per_batch} texts in one pass"
         if self.source == "--mini-batch-size":
             return f"{head} -> GradCache chunks of {self.texts_per_chunk} texts (--mini-batch-size)"
-        how = f"GradCache chunks of {self.texts_per_chunk} texts at {self.max_length} tokens, more when shorter"
+        how = (
+            f"GradCache chunks of {self.texts_per_chunk} texts at {self.max_length} tokens, more when shorter"
+        )
         if self.gradient_checkpointing:
             how += ", with gradient checkpointing (not even one text fits without it)"
         return f"{head} -> {how}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "budget_bytes": self.budget, "fixed_bytes": self.fixed, "text_bytes": round(self.text_bytes),
-            "texts_per_chunk": self.texts_per_chunk, "texts_per_batch": self.texts_per_batch,
-            "gradient_checkpointing": self.gradient_checkpointing, "attention": self.attention,
-            "attention_dropout": self.attention_dropout, "max_length": self.max_length, "device": self.device,
+            "budget_bytes": self.budget,
+            "fixed_bytes": self.fixed,
+            "text_bytes": round(self.text_bytes),
+            "texts_per_chunk": self.texts_per_chunk,
+            "texts_per_batch": self.texts_per_batch,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "attention": self.attention,
+            "attention_dropout": self.attention_dropout,
+            "max_length": self.max_length,
+            "device": self.device,
             "source": self.source,
         }
 
@@ -278,9 +293,24 @@ def plan_embedding(
     text_bytes = a * max_length + b * max_length**2
     floor = fixed + BACKWARD_FACTOR * MIN_DEFAULT_CHUNK * text_bytes
     if source == "default budget" and budget < floor:  # e.g. inside `mpr run`, after other stages
-        budget, source = int(floor), f"default budget raised (the process already holds {format_size(fixed - _optimizer_bytes(model) - RESERVE_BYTES)}) to"
-    plan = EmbeddingPlan(None, False, attention, dropout, budget, fixed, text_bytes, texts_per_batch,
-                         texts_per_batch, max_length, device.type, source)
+        budget, source = (
+            int(floor),
+            f"default budget raised (the process already holds {format_size(fixed - _optimizer_bytes(model) - RESERVE_BYTES)}) to",
+        )
+    plan = EmbeddingPlan(
+        None,
+        False,
+        attention,
+        dropout,
+        budget,
+        fixed,
+        text_bytes,
+        texts_per_batch,
+        texts_per_batch,
+        max_length,
+        device.type,
+        source,
+    )
     if mini_batch_size is not None:
         plan.chunk_plan = ChunkPlan(max_texts=mini_batch_size)
         plan.texts_per_chunk = mini_batch_size
@@ -312,7 +342,9 @@ def plan_embedding(
             plan.texts_per_chunk = min(fits, texts_per_batch)
             plan.text_bytes = checkpointed
             return plan
-        disable = getattr(auto, "activation_checkpointing_disable", None) or auto.gradient_checkpointing_disable
+        disable = (
+            getattr(auto, "activation_checkpointing_disable", None) or auto.gradient_checkpointing_disable
+        )
         disable()
     need = fixed + BACKWARD_FACTOR * text_bytes
     raise MprError(

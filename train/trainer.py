@@ -46,9 +46,13 @@ def check_inputs(cfg: TrainConfig) -> None:
     train_inputs(cfg.data, cfg.out, cfg.model, cfg.eval_data, cfg.eval_split)
     finished = cfg.out.is_dir() and any(cfg.out.iterdir())
     if finished and not (cfg.overwrite or cfg.resume):
-        raise MprError(f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, or choose another --out")
+        raise MprError(
+            f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, or choose another --out"
+        )
     if _checkpoints(cfg) and not (cfg.resume or cfg.overwrite):
-        raise MprError(f"{cfg.checkpoints}: a stopped run left checkpoints; --resume continues it, --overwrite starts over")
+        raise MprError(
+            f"{cfg.checkpoints}: a stopped run left checkpoints; --resume continues it, --overwrite starts over"
+        )
 
 
 def _checkpoints(cfg: TrainConfig) -> list[Path]:
@@ -78,7 +82,11 @@ def _model_card_note(cfg: TrainConfig, memory: str, data: list[dict[str, Any]], 
         "## Trained with mpr",
         "",
         f"- loss: `{cfg.loss}` (train.losses), {cfg.similarity} similarity"
-        + ("" if cfg.loss == "bixse" else f", temperature {cfg.temperature}" + (" (learned)" if cfg.learn_temperature else "")),
+        + (
+            ""
+            if cfg.loss == "bixse"
+            else f", temperature {cfg.temperature}" + (" (learned)" if cfg.learn_temperature else "")
+        ),
         f"- {memory}",
         f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, {stats['positives_per_group']} positives per group",
         f"- batch size {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
@@ -95,7 +103,9 @@ def _finished_summary(cfg: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
     """Build groups, plan memory, train, then publish the model and its run record; the run summary.
 
     ``callbacks`` are extra `transformers.TrainerCallback`s.
@@ -109,11 +119,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
 
     started = time.perf_counter()
     dataset, stats = build_groups(cfg.data, cfg)  # reads and verifies the data before torch is loaded
-    log(f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
-        f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group")
+    log(
+        f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
+        f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group"
+    )
     if cfg.positive_threshold is not None:
-        log(f"train: --positive-threshold {cfg.positive_threshold:g} made {stats.threshold_positives:,} negative(s) positive and "
-            f"{stats.threshold_negatives:,} positive(s) negative")
+        log(
+            f"train: --positive-threshold {cfg.positive_threshold:g} made {stats.threshold_positives:,} negative(s) positive and "
+            f"{stats.threshold_negatives:,} positive(s) negative"
+        )
     if len(dataset) < cfg.batch_size:
         raise MprError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training groups")
     import torch
@@ -138,8 +152,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         set_attention_dropout(model, cfg.attention_dropout)
     precision = _precision(cfg.precision)
     plan = plan_embedding(
-        model, texts_per_batch=cfg.batch_size * (1 + cfg.group_size), budget=cfg.memory_budget_bytes,
-        mini_batch_size=cfg.mini_batch_size, autocast=torch.bfloat16 if precision["bf16"] else None,
+        model,
+        texts_per_batch=cfg.batch_size * (1 + cfg.group_size),
+        budget=cfg.memory_budget_bytes,
+        mini_batch_size=cfg.mini_batch_size,
+        autocast=torch.bfloat16 if precision["bf16"] else None,
     )
     log(f"train: {plan.describe()}")
     if plan.device == "cpu":
@@ -152,25 +169,43 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     elif cfg.loss == "bixse":
         extra.update(scale=cfg.bixse_scale, bias=cfg.bixse_bias)
     if cfg.loss != "bixse":
-        extra.update(temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
-                     temperature_range=(cfg.min_temperature, cfg.max_temperature))
+        extra.update(
+            temperature=cfg.temperature,
+            learn_temperature=cfg.learn_temperature,
+            temperature_range=(cfg.min_temperature, cfg.max_temperature),
+        )
     elif {"temperature", "learn_temperature"} & cfg.model_fields_set:
-        log("train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); --temperature is not used")
-    loss = build_loss(cfg.loss, model, mask_duplicates=cfg.mask_duplicates,
-                      mask_other_positives=cfg.mask_other_positives, **extra)
+        log(
+            "train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); --temperature is not used"
+        )
+    loss = build_loss(
+        cfg.loss,
+        model,
+        mask_duplicates=cfg.mask_duplicates,
+        mask_other_positives=cfg.mask_other_positives,
+        **extra,
+    )
     own = loss.named_loss_parameters()
     rates: dict[str, float] = {}
     if cfg.loss_learning_rate is not None and own:
         rates = {"^(" + "|".join(map(re.escape, own)) + ")$": cfg.loss_learning_rate}
     elif cfg.loss_learning_rate is not None:
-        log(f"train: {cfg.loss} has no parameters of its own (bixse has, and any loss with --learn-temperature); "
-            "--loss-learning-rate is not used")
+        log(
+            f"train: {cfg.loss} has no parameters of its own (bixse has, and any loss with --learn-temperature); "
+            "--loss-learning-rate is not used"
+        )
     evaluator = None
     if cfg.eval_data is not None:
         from pipeline.stages.evaluate import IREvaluator
 
-        evaluator = IREvaluator(cfg.eval_data, cfg.eval_split, name=cfg.eval_split, max_queries=cfg.eval_max_queries,
-                                query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt)
+        evaluator = IREvaluator(
+            cfg.eval_data,
+            cfg.eval_split,
+            name=cfg.eval_split,
+            max_queries=cfg.eval_max_queries,
+            query_prompt=cfg.query_prompt,
+            passage_prompt=cfg.passage_prompt,
+        )
     prompts = {}
     if cfg.query_prompt:
         prompts["query"] = cfg.query_prompt
@@ -198,7 +233,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         dataloader_pin_memory=torch.cuda.is_available(),
         prompts=prompts or None,
         disable_tqdm=not cfg.progress,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        ddp_backend="gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        else None,
         use_cpu=cfg.device == "cpu",
         bf16=precision["bf16"],
         fp16=precision["fp16"],
@@ -209,8 +246,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
     texts = [first["query"], *(first[f"passage_{j}"] for j in range(cfg.group_size))]
     model.model_card_data.widget = [{"source_sentence": texts[0], "sentences": texts[1:]}]
     model.model_card_data.usage_examples = texts[:4]
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
-                                         callbacks=[LossStateCallback(loss), MemoryGuardCallback(loss, plan.budget, log), *callbacks])
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[LossStateCallback(loss), MemoryGuardCallback(loss, plan.budget, log), *callbacks],
+    )
     if cfg.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(MemoryProgressCallback())
@@ -236,7 +279,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         "peak_memory_mb": round(peak / 2**20),
         "seconds": round(seconds, 1),
     }
-    if isinstance(loss, BiXSELoss):  # where t and b started and ended (b starts from the first batch by default)
+    if isinstance(
+        loss, BiXSELoss
+    ):  # where t and b started and ended (b starts from the first batch by default)
         config = loss.get_config_dict()
         summary.update({f"bixse_{key}": round(config[key], 4) for key in ("start_bias", "bias", "scale")})
     if trainer.is_world_process_zero():
@@ -248,15 +293,31 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, callbacks: Se
         for n, folder in enumerate(cfg.data):
             manifest = read_manifest(folder)
             if manifest is not None:
-                (staging / "mpr" / "manifests" / f"{n}-{folder.name}.json").write_text(manifest.model_dump_json(indent=2))
-            data.append({"path": str(folder), "stage": manifest.stage if manifest else "unknown", "fingerprint": fingerprint_shards(folder)})
-        write_json_atomic(staging / "mpr" / "train.json", {
-            "config": cfg.model_dump(mode="json"), "memory_plan": plan.as_dict(), "data": data, "summary": summary,
-            "log_history": trainer.state.log_history,
-        })
+                (staging / "mpr" / "manifests" / f"{n}-{folder.name}.json").write_text(
+                    manifest.model_dump_json(indent=2)
+                )
+            data.append(
+                {
+                    "path": str(folder),
+                    "stage": manifest.stage if manifest else "unknown",
+                    "fingerprint": fingerprint_shards(folder),
+                }
+            )
+        write_json_atomic(
+            staging / "mpr" / "train.json",
+            {
+                "config": cfg.model_dump(mode="json"),
+                "memory_plan": plan.as_dict(),
+                "data": data,
+                "summary": summary,
+                "log_history": trainer.state.log_history,
+            },
+        )
         readme = staging / "README.md"
         if readme.exists():
-            readme.write_text(readme.read_text() + _model_card_note(cfg, plan.describe(), data, stats.as_dict()))
+            readme.write_text(
+                readme.read_text() + _model_card_note(cfg, plan.describe(), data, stats.as_dict())
+            )
         _publish(staging, cfg.out)
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.checkpoints, ignore_errors=True)

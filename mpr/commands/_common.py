@@ -19,15 +19,25 @@ from pipeline.stages.plan import StagePlan
 F = TypeVar("F", bound=Callable[..., Any])
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-DryRun = Annotated[bool, typer.Option(
-    "--dry-run", help="Print what the command would read and write (queries, parts; for an LLM stage its requests and "
-    "tokens), and stop: nothing is sent, encoded or written.")]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print what the command would read and write (queries, parts; for an LLM stage its requests and "
+        "tokens), and stop: nothing is sent, encoded or written.",
+    ),
+]
 
 # Exit codes: 0 success, 2 a user error (one line on stderr), 3 the run finished with failed items
 # (output complete and resumable: rerun the same command to retry exactly those).
 EXIT_FAILED_ITEMS = 3
 
-Encoding = Annotated[str | None, typer.Option(help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1.")]
+Encoding = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of the text inputs (default: UTF-8, with or without a byte-order mark), e.g. latin-1."
+    ),
+]
 
 # Exit codes (the README's "Errors" section lists them).
 EXIT_BAD_INPUT = 2  # a user error (bad option, path, file, server answer) or Ctrl-C; one line on stderr
@@ -74,7 +84,9 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
             typer.echo(redact(str(exc)), err=True)
             raise typer.Exit(EXIT_FAILED_ITEMS) from None
         except (MprError, ValidationError, OSError, UnicodeError, EOFError) as exc:
-            if cleanup and not kwargs.get("shard") and not getattr(exc, "keeps_output", False):  # --shard jobs share the folder
+            if (
+                cleanup and not kwargs.get("shard") and not getattr(exc, "keeps_output", False)
+            ):  # --shard jobs share the folder
                 _remove(fresh)
             raise fail(_message(exc)) from None
         except KeyboardInterrupt:
@@ -120,7 +132,11 @@ def log(message: str) -> None:
 
 
 def _shown(key: str, value: Any) -> str:
-    return summary_value(key, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    return (
+        summary_value(key, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        else str(value)
+    )
 
 
 def print_summary(stage: str, out: Path, summary: dict[str, Any]) -> None:
@@ -138,7 +154,11 @@ def print_plan(plan: StagePlan) -> None:
     """What `--dry-run` prints: the stage's plan, one `name  value` line each."""
     typer.echo(f"{plan.stage} --dry-run: nothing was sent or written")
     for key, value in plan.rows():
-        items = value if isinstance(value, list) else [number(value, "count") if isinstance(value, int) else value]
+        items = (
+            value
+            if isinstance(value, list)
+            else [number(value, "count") if isinstance(value, int) else value]
+        )
         for i, item in enumerate(items):  # a list: one item a line
             typer.echo(redact(f"  {key if i == 0 else '':<28} {item}"))
     for note in plan.notes:

@@ -37,7 +37,12 @@ def _parameter_info(name: str, field: FieldInfo, flag: str | None, argument: boo
         return typer.Option(f"{flag}/--no-{flag.removeprefix('--')}", help=field.description)
     long_float = isinstance(field.default, float) and len(repr(field.default)) > 8
     shown: bool | str = f"{field.default:.4g}" if long_float else True  # 2/3 reads 0.6667
-    return typer.Option(*([flag] if flag else []), help=field.description, metavar=_metavar(field.annotation), show_default=shown)
+    return typer.Option(
+        *([flag] if flag else []),
+        help=field.description,
+        metavar=_metavar(field.annotation),
+        show_default=shown,
+    )
 
 
 def _fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
@@ -84,10 +89,20 @@ def config_options(
                 default = None
             else:
                 annotation = Annotated[field.annotation, info]
-                default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
-            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+                default = (
+                    inspect.Parameter.empty
+                    if field.is_required()
+                    else field.get_default(call_default_factory=True)
+                )
+            parameters.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+                )
+            )
         own = inspect.signature(fn, eval_str=True).parameters.values()
-        parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.kind is not p.VAR_KEYWORD]
+        parameters += [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.kind is not p.VAR_KEYWORD
+        ]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:

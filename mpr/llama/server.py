@@ -66,7 +66,9 @@ class LlamaServer:
         self.model_name = self.alias.split(",")[0]
         self.ctx_size, self.parallel = ctx_size, parallel
         self.threads = threads or os.cpu_count() or 1
-        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"mpr-llama-server-{self.port}.log"
+        self.log_path = (
+            log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"mpr-llama-server-{self.port}.log"
+        )
         self.extra_args = list(extra_args or [])
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,26 +84,49 @@ class LlamaServer:
     def command(self) -> list[str]:
         # -c is the context of all slots together: each of the `parallel` slots gets ctx_size.
         return [
-            str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
-            "--alias", self.alias, "-c", str(self.ctx_size * self.parallel), "-np", str(self.parallel),
-            "-t", str(self.threads), "--no-webui", *self.extra_args,
+            str(self.binary),
+            "-m",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--alias",
+            self.alias,
+            "-c",
+            str(self.ctx_size * self.parallel),
+            "-np",
+            str(self.parallel),
+            "-t",
+            str(self.threads),
+            "--no-webui",
+            *self.extra_args,
         ]
 
     def start(self) -> LlamaServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MprError(f"llama-server exited with code {self.proc.returncode} while starting: {self._last_line()} "
-                               f"(log: {self.log_path})")
+                raise MprError(
+                    f"llama-server exited with code {self.proc.returncode} while starting: {self._last_line()} "
+                    f"(log: {self.log_path})"
+                )
             if self._healthy():
                 return self
             time.sleep(0.25)
         self.stop()
-        raise MprError(f"llama-server did not become ready within {self.startup_timeout_s:g}s (log: {self.log_path})")
+        raise MprError(
+            f"llama-server did not become ready within {self.startup_timeout_s:g}s (log: {self.log_path})"
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -131,5 +156,7 @@ class LlamaServer:
     def __enter__(self) -> LlamaServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -55,7 +55,9 @@ class LLMSettings(BaseModel):
     model: str | None = None
     backend: Literal["auto", "openai", "vllm"] = "auto"
     base_url: list[str] = Field(default_factory=list)
-    test_server: bool = Field(False, description="use mpr's local qrels oracle server when no endpoint is configured")
+    test_server: bool = Field(
+        False, description="use mpr's local qrels oracle server when no endpoint is configured"
+    )
     test_server_error_rate: float = Field(0.0, ge=0, le=1)
 
     _no_userinfo = field_validator("base_url")(refuse_userinfo)
@@ -82,7 +84,9 @@ class RunFile(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
     single_positive: bool = Field(
-        False, description="also train single-positive InfoNCE on the mined data (not relabeled) and evaluate it")
+        False,
+        description="also train single-positive InfoNCE on the mined data (not relabeled) and evaluate it",
+    )
 
 
 def parse_value(text: str) -> Any:
@@ -95,11 +99,15 @@ def parse_value(text: str) -> Any:
 
 def load_run_file(path: Path, overrides: Sequence[str] = ()) -> RunFile:
     if not path.is_file():
-        raise MprError(f"{path}: {'is a folder, not an experiment file' if path.is_dir() else 'no such experiment file'}")
+        raise MprError(
+            f"{path}: {'is a folder, not an experiment file' if path.is_dir() else 'no such experiment file'}"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise MprError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise MprError(
+            f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -167,12 +175,19 @@ class Experiment:
 
     def _llm(self, table: dict[str, Any], test_server: str | None) -> dict[str, Any]:
         llm = self.spec.llm
-        merged = {"backend": llm.backend, "base_url": list(llm.base_url), "llm_cache": self.out / "llm.sqlite", **table}
+        merged = {
+            "backend": llm.backend,
+            "base_url": list(llm.base_url),
+            "llm_cache": self.out / "llm.sqlite",
+            **table,
+        }
         merged.setdefault("model", llm.model)
         if test_server:
             merged.update(base_url=[test_server], model=TEST_SERVER_MODEL, backend="openai")
         if not merged.get("model"):
-            raise MprError("the run file names no LLM: set llm.model (or the stage's model), or llm.test_server = true")
+            raise MprError(
+                "the run file names no LLM: set llm.model (or the stage's model), or llm.test_server = true"
+            )
         return merged
 
     def config(self, stage: Stage, base_url: str | None = None) -> BaseModel:
@@ -180,45 +195,99 @@ class Experiment:
         if stage == "mine":
             from pipeline.stages.mine import MineConfig
 
-            return MineConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "mined", "progress": self.progress, **spec.mine})
+            return MineConfig(
+                **{
+                    "data": spec.data,
+                    "split": spec.split,
+                    "out": self.out / "mined",
+                    "progress": self.progress,
+                    **spec.mine,
+                }
+            )
         if stage == "relabel":
             from pipeline.stages.relabel import RelabelConfig
 
             table = self._llm(spec.relabel, base_url)
-            return RelabelConfig(**{"input": self.out / "mined", "out": self.out / "relabeled", "progress": self.progress, **table})
+            return RelabelConfig(
+                **{
+                    "input": self.out / "mined",
+                    "out": self.out / "relabeled",
+                    "progress": self.progress,
+                    **table,
+                }
+            )
         if stage == "synth":
             from pipeline.stages.synth import SynthConfig
 
             table = self._llm(spec.synth, base_url)
-            return SynthConfig(**{"data": spec.data, "split": spec.split, "out": self.out / "synth", "progress": self.progress, **table})
+            return SynthConfig(
+                **{
+                    "data": spec.data,
+                    "split": spec.split,
+                    "out": self.out / "synth",
+                    "progress": self.progress,
+                    **table,
+                }
+            )
         if stage == "train":
             from train.trainer import TrainConfig
 
             table = dict(spec.train)
-            sources = table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
+            sources = (
+                table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
+            )
             folders = {"mine": "mined", "relabel": "relabeled", "synth": "synth"}
             data = [self.out / folders[s] for s in sources]
             loss = table.get("loss", TrainConfig.model_fields["loss"].default)
-            return TrainConfig(**{"data": data, "out": model_folder(self.out, loss), "progress": self.progress, "resume": True, **table})
+            return TrainConfig(
+                **{
+                    "data": data,
+                    "out": model_folder(self.out, loss),
+                    "progress": self.progress,
+                    "resume": True,
+                    **table,
+                }
+            )
         from pipeline.stages.evaluate import EvalConfig
 
         trained = cast("TrainConfig", self.config("train"))
         table = {"data": spec.data, "split": "test", **spec.eval}
-        return EvalConfig(**{"model": str(trained.out), "baseline": trained.model, "json_out": eval_file(self.out, trained.loss),
-                             "max_seq_length": trained.max_seq_length, "progress": self.progress, **table})
+        return EvalConfig(
+            **{
+                "model": str(trained.out),
+                "baseline": trained.model,
+                "json_out": eval_file(self.out, trained.loss),
+                "max_seq_length": trained.max_seq_length,
+                "progress": self.progress,
+                **table,
+            }
+        )
 
     def single_positive_configs(self) -> tuple[BaseModel, BaseModel]:
         """(train, eval) configs of the single-positive reference: InfoNCE on the mined data, not relabeled, with
         the train table's other settings, evaluated on the same split as the main model."""
         trained = cast("TrainConfig", self.config("train"))
         evaluated = self.config("eval")
-        train_cfg = trained.model_copy(update={"data": [self.out / "mined"], "loss": "infonce", "out": model_folder(self.out, SINGLE_POSITIVE)})
-        eval_cfg = evaluated.model_copy(update={"model": str(train_cfg.out), "baseline": None,
-                                                "json_out": eval_file(self.out, SINGLE_POSITIVE)})
+        train_cfg = trained.model_copy(
+            update={
+                "data": [self.out / "mined"],
+                "loss": "infonce",
+                "out": model_folder(self.out, SINGLE_POSITIVE),
+            }
+        )
+        eval_cfg = evaluated.model_copy(
+            update={
+                "model": str(train_cfg.out),
+                "baseline": None,
+                "json_out": eval_file(self.out, SINGLE_POSITIVE),
+            }
+        )
         return train_cfg, eval_cfg
 
 
-def _checked(path: Path, only: list[str] | None, overrides: Sequence[str], progress: bool) -> tuple[Experiment, list[Stage]]:
+def _checked(
+    path: Path, only: list[str] | None, overrides: Sequence[str], progress: bool
+) -> tuple[Experiment, list[Stage]]:
     """The experiment and the stages to run, every stage's options checked (nothing is written)."""
     spec = load_run_file(path, list(overrides))
     unknown = [s for s in (only or []) if s not in STAGES]
@@ -242,7 +311,9 @@ def _placeholder(spec: RunFile) -> str | None:
     return "http://127.0.0.1:9/v1" if spec.llm.simulated else None
 
 
-def plan_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = ()) -> list[StagePlan | str]:
+def plan_experiment(
+    path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = ()
+) -> list[StagePlan | str]:
     """What `run_experiment` would do, stage by stage: the stage's plan, or a line where the stage has no plan
     (train) or reads a folder an earlier stage has yet to write."""
     from pipeline.stages import evaluate, mine, relabel, synth
@@ -255,27 +326,42 @@ def plan_experiment(path: Path, *, only: list[str] | None = None, overrides: Seq
             plans.append(mine.plan(cast("MineConfig", cfg)))
         elif stage == "relabel":
             source = cast("RelabelConfig", cfg).input
-            plans.append(relabel.plan(cast("RelabelConfig", cfg)) if source.is_dir() else
-                         f"relabel: reads {source}, which mine writes first; planned once it exists")
+            plans.append(
+                relabel.plan(cast("RelabelConfig", cfg))
+                if source.is_dir()
+                else f"relabel: reads {source}, which mine writes first; planned once it exists"
+            )
         elif stage == "synth":
             plans.append(synth.plan(cast("SynthConfig", cfg)))
         elif stage == "train":
             trained = cast("TrainConfig", cfg)
-            plans.append(f"train: {trained.out} from {', '.join(map(str, trained.data))} (loss {trained.loss})")
+            plans.append(
+                f"train: {trained.out} from {', '.join(map(str, trained.data))} (loss {trained.loss})"
+            )
         else:
             plans.append(evaluate.plan(cast("EvalConfig", cfg)))
         if experiment.spec.single_positive and stage in ("train", "eval"):
-            plans.append(f"{stage}: also the single-positive reference, {model_folder(experiment.out, SINGLE_POSITIVE)}")
+            plans.append(
+                f"{stage}: also the single-positive reference, {model_folder(experiment.out, SINGLE_POSITIVE)}"
+            )
     return plans
 
 
-def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = (), progress: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
+def run_experiment(
+    path: Path,
+    *,
+    only: list[str] | None = None,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run the file's stages (or `only` those), then write RUN/report.md; returns the report's path."""
     experiment, stages = _checked(path, only, overrides, progress)
     spec = experiment.spec
     spec.out.mkdir(parents=True, exist_ok=True)
-    (spec.out / "experiment.toml").write_text(redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n")
+    (spec.out / "experiment.toml").write_text(
+        redact(path.read_text(encoding="utf-8-sig") + "".join(f"\n# --set {o}" for o in overrides)) + "\n"
+    )
     with ExitStack() as stack:
         base_url = None
         needs_llm = any(s in stages for s in ("relabel", "synth"))
@@ -283,8 +369,12 @@ def run_experiment(path: Path, *, only: list[str] | None = None, overrides: Sequ
             from mpr.simulated_judge import Oracle, start_server
 
             log(TEST_SERVER_NOTICE)
-            server = stack.enter_context(start_server(responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),
-                                                      models=(TEST_SERVER_MODEL,)))
+            server = stack.enter_context(
+                start_server(
+                    responder=Oracle(spec.data, error_rate=spec.llm.test_server_error_rate),
+                    models=(TEST_SERVER_MODEL,),
+                )
+            )
             base_url = server.url
             (spec.out / "TEST_SERVER_LABELS").write_text(TEST_SERVER_NOTICE + "\n")
         for stage in stages:
@@ -318,7 +408,11 @@ def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None], *, show_
         from pipeline.stages import relabel, synth
 
         llm_cfg = cast("RelabelConfig | SynthConfig", cfg)
-        manifest = relabel.run(cast("RelabelConfig", cfg), log=log) if stage == "relabel" else synth.run(cast("SynthConfig", cfg), log=log)
+        manifest = (
+            relabel.run(cast("RelabelConfig", cfg), log=log)
+            if stage == "relabel"
+            else synth.run(cast("SynthConfig", cfg), log=log)
+        )
         line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate)
         if line:  # the later stages would train on what is missing; a rerun retries exactly those items
             raise FailedItems(line)
@@ -334,7 +428,9 @@ def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None], *, show_
             volatile = {"progress", "resume", "overwrite"}
             done = {k: v for k, v in json.loads(record.read_text())["config"].items() if k not in volatile}
             if done != cfg.model_dump(mode="json", exclude=volatile):
-                raise MprError(f"{cfg.out}: trained with other options; add --set train.overwrite=true to train it again")
+                raise MprError(
+                    f"{cfg.out}: trained with other options; add --set train.overwrite=true to train it again"
+                )
             log(f"{cfg.out}: already trained with these options; nothing to do")
             return json.loads(record.read_text())["summary"]
         return train(cfg, log=log)

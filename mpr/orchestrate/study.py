@@ -93,33 +93,73 @@ class StudyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: list[Path] = Field(min_length=1, description="A BEIR folder to study (repeat for several); the report names it by its folder.")
-    out: Path = Field(Path("runs/study"), description="Report (study.md, study.json, study.png) and one result file per cell.")
+    data: list[Path] = Field(
+        min_length=1,
+        description="A BEIR folder to study (repeat for several); the report names it by its folder.",
+    )
+    out: Path = Field(
+        Path("runs/study"),
+        description="Report (study.md, study.json, study.png) and one result file per cell.",
+    )
     work: Path | None = Field(None, description="Shards, models and caches (default: OUT/work).")
-    folds: int = Field(5, ge=2, description="k of the k-fold split over the judged queries (each is evaluated exactly once).")
+    folds: int = Field(
+        5, ge=2, description="k of the k-fold split over the judged queries (each is evaluated exactly once)."
+    )
     fold_ids: list[int] | None = Field(None, description="Run only these folds (0-based, comma-separated).")
-    losses: list[LossName] = Field(list(ALL_LOSSES), min_length=1, description="Losses to train on relabeled data, comma-separated.")
-    error_rates: list[float] = Field([0.0, 0.2, 0.4], min_length=1, description="Simulated judge error rates, comma-separated (each in 0-1).")
-    baseline: bool = Field(True, description="Train single-positive InfoNCE on the mined data (not relabeled) as the baseline.")
-    graded: bool = Field(True, description="Train ws2 and bixse on graded relabel data (else on the binary labels).")
-    own_splits: list[str] = Field([], description="Collections (by folder name) trained on their own train split and tested on test, not folded.")
+    losses: list[LossName] = Field(
+        list(ALL_LOSSES), min_length=1, description="Losses to train on relabeled data, comma-separated."
+    )
+    error_rates: list[float] = Field(
+        [0.0, 0.2, 0.4],
+        min_length=1,
+        description="Simulated judge error rates, comma-separated (each in 0-1).",
+    )
+    baseline: bool = Field(
+        True, description="Train single-positive InfoNCE on the mined data (not relabeled) as the baseline."
+    )
+    graded: bool = Field(
+        True, description="Train ws2 and bixse on graded relabel data (else on the binary labels)."
+    )
+    own_splits: list[str] = Field(
+        [],
+        description="Collections (by folder name) trained on their own train split and tested on test, not folded.",
+    )
     steps: int = Field(100, ge=1, description="Training steps of every model.")
     batch_size: int = Field(16, ge=1, description="Queries per training batch.")
-    group_size: int = Field(_TRAINED["group_size"].default, ge=2, description=_TRAINED["group_size"].description)
-    max_positives: int = Field(_TRAINED["max_positives"].default, ge=1, description=_TRAINED["max_positives"].description)
-    learning_rate: float = Field(_TRAINED["learning_rate"].default, gt=0, description=_TRAINED["learning_rate"].description)
-    attention_dropout: float | None = Field(None, ge=0, le=1, description=_TRAINED["attention_dropout"].description)
+    group_size: int = Field(
+        _TRAINED["group_size"].default, ge=2, description=_TRAINED["group_size"].description
+    )
+    max_positives: int = Field(
+        _TRAINED["max_positives"].default, ge=1, description=_TRAINED["max_positives"].description
+    )
+    learning_rate: float = Field(
+        _TRAINED["learning_rate"].default, gt=0, description=_TRAINED["learning_rate"].description
+    )
+    attention_dropout: float | None = Field(
+        None, ge=0, le=1, description=_TRAINED["attention_dropout"].description
+    )
     seed: int = Field(_TRAINED["seed"].default, description="Seed of training.")
     fold_seed: int = Field(0, description="Seed of the folds and of the kept positive per training query.")
     oracle_seed: int = Field(0, description="Seed of the simulated judge's errors.")
-    max_seq_length: int = Field(256, ge=8, description="Truncate texts to this many tokens (mining, training, evaluation).")
+    max_seq_length: int = Field(
+        256, ge=8, description="Truncate texts to this many tokens (mining, training, evaluation)."
+    )
     depth: int = Field(100, ge=1, description="Candidates mined per training query.")
     candidates: int = Field(20, ge=1, description="Hard negatives kept per query, all of them judged.")
     judge_chars: int = Field(20_000, ge=1, description="Characters of a passage the judge sees at most.")
-    max_queries: int | None = Field(None, ge=1, description="Mine (train on) only the first N training queries per fold.")
-    model: str = Field(DEFAULT_MODEL, description="Base sentence-transformers model (zero-shot, and the start of every model).")
+    max_queries: int | None = Field(
+        None, ge=1, description="Mine (train on) only the first N training queries per fold."
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Base sentence-transformers model (zero-shot, and the start of every model).",
+    )
     memory_budget: str | None = Field(None, description=_TRAINED["memory_budget"].description)
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).",
+    )
     keep_models: bool = Field(False, description="Keep every trained model under WORK.")
     report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
 
@@ -172,8 +212,19 @@ class StudyConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine a cell's result (not which cells are run, nor where)."""
-        chosen = {"data", "out", "work", "fold_ids", "error_rates", "losses", "baseline", "memory_budget", "threads", "keep_models",
-                  "report_only"}
+        chosen = {
+            "data",
+            "out",
+            "work",
+            "fold_ids",
+            "error_rates",
+            "losses",
+            "baseline",
+            "memory_budget",
+            "threads",
+            "keep_models",
+            "report_only",
+        }
         out = {k: v for k, v in self.model_dump(mode="json").items() if k not in chosen}
         for name in ("own_splits", "attention_dropout"):
             if not out[name] and out[name] != 0:
@@ -264,8 +315,13 @@ def hardware() -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     text = f"{cpu}, {os.cpu_count()} CPUs, " + (f"GPU {gpu}" if gpu else "no GPU")
-    return {"summary": f"{text} (torch {torch.__version__}, python {platform.python_version()})",
-            "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+    return {
+        "summary": f"{text} (torch {torch.__version__}, python {platform.python_version()})",
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+    }
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -327,21 +383,40 @@ def prepare_source(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
     Returns (folder, counts of what was skipped)."""
     corpus, queries = find_file(src, "corpus.jsonl"), find_file(src, "queries.jsonl")
     if corpus is None or queries is None:
-        raise MprError(f"{src}: not a BEIR folder (needs corpus.jsonl and queries.jsonl, each optionally .gz)")
+        raise MprError(
+            f"{src}: not a BEIR folder (needs corpus.jsonl and queries.jsonl, each optionally .gz)"
+        )
     if not split_names(src):
         raise MprError(f"{src}: no qrels/*.tsv")
     docs = list(_jsonl_lines(corpus))
     blank_docs = {str(o.get("_id")) for _, o in docs if _blank(o, ("title", "text"))}
     qs = list(_jsonl_lines(queries))
     blank_queries = {str(o.get("_id")) for _, o in qs if _blank(o, ("text",))}
-    counts = {"documents": len(docs) - len(blank_docs), "queries": len(qs) - len(blank_queries),
-              "empty_documents": len(blank_docs), "empty_queries": len(blank_queries), "judgments_dropped": 0}
+    counts = {
+        "documents": len(docs) - len(blank_docs),
+        "queries": len(qs) - len(blank_queries),
+        "empty_documents": len(blank_docs),
+        "empty_queries": len(blank_queries),
+        "judgments_dropped": 0,
+    }
     if not blank_docs and not blank_queries:
         return src, counts
-    _write_if_changed(dst / "corpus.jsonl", "".join(line if line.endswith("\n") else line + "\n" for line, o in docs
-                                                    if not (o is not None and str(o.get("_id")) in blank_docs and _blank(o, ("title", "text")))))
-    _write_if_changed(dst / "queries.jsonl", "".join(line if line.endswith("\n") else line + "\n" for line, o in qs
-                                                     if not (o is not None and str(o.get("_id")) in blank_queries and _blank(o, ("text",)))))
+    _write_if_changed(
+        dst / "corpus.jsonl",
+        "".join(
+            line if line.endswith("\n") else line + "\n"
+            for line, o in docs
+            if not (o is not None and str(o.get("_id")) in blank_docs and _blank(o, ("title", "text")))
+        ),
+    )
+    _write_if_changed(
+        dst / "queries.jsonl",
+        "".join(
+            line if line.endswith("\n") else line + "\n"
+            for line, o in qs
+            if not (o is not None and str(o.get("_id")) in blank_queries and _blank(o, ("text",)))
+        ),
+    )
     for split in split_names(src):
         qrels, _ = read_qrels(_qrels_file(src, split))
         rows = [(q, p, sc) for q, judged in qrels.items() for p, sc in judged.items()]
@@ -374,7 +449,9 @@ def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, i
     qrels = pooled_qrels(src)
     judged = {q: j for q, j in qrels.items() if any(s >= 1 for s in j.values())}
     if len(judged) < cfg.folds:
-        raise MprError(f"{src}: {len(judged)} judged queries with a positive, fewer than the {cfg.folds} folds")
+        raise MprError(
+            f"{src}: {len(judged)} judged queries with a positive, fewer than the {cfg.folds} folds"
+        )
     assign = fold_assignment(list(judged), cfg.folds, cfg.fold_seed)
     train: list[tuple[str, str, int]] = []
     test: list[tuple[str, str, int]] = []
@@ -392,8 +469,11 @@ def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, i
         _link(found, dst / found.name)
     _write_if_changed(dst / "qrels" / "train.tsv", _qrels_tsv(train))
     _write_if_changed(dst / "qrels" / "test.tsv", _qrels_tsv(test))
-    return {"train_queries": len(train), "test_queries": len({q for q, _, _ in test}),
-            "dropped_positives": sum(sum(1 for s in judged[q].values() if s >= 1) - 1 for q, _, _ in train)}
+    return {
+        "train_queries": len(train),
+        "test_queries": len({q for q, _, _ in test}),
+        "dropped_positives": sum(sum(1 for s in judged[q].values() if s >= 1) - 1 for q, _, _ in train),
+    }
 
 
 # -- stages ------------------------------------------------------------------------------------------------
@@ -422,18 +502,30 @@ class Oracles:
 
 
 class Study:
-    def __init__(self, cfg: StudyConfig, sources: dict[str, Path], paths: Paths, keep_models: bool, stack: ExitStack,
-                 command: str, log: Callable[[str], None] = log):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        sources: dict[str, Path],
+        paths: Paths,
+        keep_models: bool,
+        stack: ExitStack,
+        command: str,
+        log: Callable[[str], None] = log,
+    ):
         self.cfg, self.paths, self.keep_models, self.command, self.log = cfg, paths, keep_models, command, log
         self.sources: dict[str, Path] = {}
         self.skipped: dict[str, dict[str, int]] = {}
         for dataset, src in sources.items():
-            self.sources[dataset], self.skipped[dataset] = prepare_source(src, paths.work / dataset / "source")
+            self.sources[dataset], self.skipped[dataset] = prepare_source(
+                src, paths.work / dataset / "source"
+            )
             counts = self.skipped[dataset]
             if counts["empty_documents"] or counts["empty_queries"]:
-                self.log(f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
+                self.log(
+                    f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
                     f"quer{'y' if counts['empty_queries'] == 1 else 'ies'} ({counts['judgments_dropped']} judgment(s) pointing at them); "
-                    f"reading the copy without them in {self.sources[dataset]}")
+                    f"reading the copy without them in {self.sources[dataset]}"
+                )
         self.oracles = Oracles(self.sources, cfg, stack)
         self.hw = hardware()
         self.timer = Timer()
@@ -470,11 +562,23 @@ class Study:
             return out
         data, train_split, _ = self.fold_data(dataset, fold)
         started = time.perf_counter()
-        run_stage("mine", MineConfig(
-            data=data, split=train_split, out=out, model=self.cfg.model, depth=self.cfg.depth,
-            num_negatives=self.cfg.candidates, max_seq_length=self.cfg.max_seq_length,
-            max_queries=self.cfg.max_queries, cache_dir=self.paths.embeddings, retriever="dense", progress=False,
-        ), log=lambda m: self.log(f"[{dataset} fold {fold}] {m}"))
+        run_stage(
+            "mine",
+            MineConfig(
+                data=data,
+                split=train_split,
+                out=out,
+                model=self.cfg.model,
+                depth=self.cfg.depth,
+                num_negatives=self.cfg.candidates,
+                max_seq_length=self.cfg.max_seq_length,
+                max_queries=self.cfg.max_queries,
+                cache_dir=self.paths.embeddings,
+                retriever="dense",
+                progress=False,
+            ),
+            log=lambda m: self.log(f"[{dataset} fold {fold}] {m}"),
+        )
         self.timer.add("mine", started)
         self.done[("mine", dataset, fold)] = out
         return out
@@ -489,11 +593,22 @@ class Study:
             return out
         mined = self.mined(dataset, fold)
         started = time.perf_counter()
-        run_stage("relabel", RelabelConfig(
-            input=mined, out=out, model=Oracles.model(dataset, error_rate), mode=mode,
-            base_url=[self.oracles.url(dataset)], candidates="negatives", max_candidates=self.cfg.candidates,
-            max_passage_chars=self.cfg.judge_chars, llm_cache=self.paths.llm_cache, progress=False,
-        ), log=lambda m: self.log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"))
+        run_stage(
+            "relabel",
+            RelabelConfig(
+                input=mined,
+                out=out,
+                model=Oracles.model(dataset, error_rate),
+                mode=mode,
+                base_url=[self.oracles.url(dataset)],
+                candidates="negatives",
+                max_candidates=self.cfg.candidates,
+                max_passage_chars=self.cfg.judge_chars,
+                llm_cache=self.paths.llm_cache,
+                progress=False,
+            ),
+            log=lambda m: self.log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"),
+        )
         self.timer.add("relabel", started)
         self.done[key] = out
         return out
@@ -512,13 +627,29 @@ class Study:
         if record.exists():
             return out, json.loads(record.read_text())["summary"]
         started = time.perf_counter()
-        summary = run_stage("train", TrainConfig(
-            data=[data], out=out, model=self.cfg.model, loss="infonce" if cell.loss == BASELINE else cell.loss,
-            group_size=self.cfg.group_size, max_positives=self.cfg.max_positives, batch_size=self.cfg.batch_size,
-            max_steps=self.cfg.steps, learning_rate=self.cfg.learning_rate, attention_dropout=self.cfg.attention_dropout, max_seq_length=self.cfg.max_seq_length,
-            memory_budget=self.cfg.memory_budget, seed=self.cfg.seed, logging_steps=max(1, self.cfg.steps // 10), save_steps=max(500, self.cfg.steps + 1),
-            overwrite=True, progress=False,
-        ), log=lambda m: self.log(f"{cell.label} {m}"))
+        summary = run_stage(
+            "train",
+            TrainConfig(
+                data=[data],
+                out=out,
+                model=self.cfg.model,
+                loss="infonce" if cell.loss == BASELINE else cell.loss,
+                group_size=self.cfg.group_size,
+                max_positives=self.cfg.max_positives,
+                batch_size=self.cfg.batch_size,
+                max_steps=self.cfg.steps,
+                learning_rate=self.cfg.learning_rate,
+                attention_dropout=self.cfg.attention_dropout,
+                max_seq_length=self.cfg.max_seq_length,
+                memory_budget=self.cfg.memory_budget,
+                seed=self.cfg.seed,
+                logging_steps=max(1, self.cfg.steps // 10),
+                save_steps=max(500, self.cfg.steps + 1),
+                overwrite=True,
+                progress=False,
+            ),
+            log=lambda m: self.log(f"{cell.label} {m}"),
+        )
         self.timer.add("train", started)
         return out, summary
 
@@ -527,10 +658,20 @@ class Study:
 
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
-        report: EvalReport = run_stage("eval", EvalConfig(
-            model=model, data=data, split=test_split, max_seq_length=self.cfg.max_seq_length,
-            cache_dir=self.paths.embeddings, no_cache=not cached, progress=False,
-        ), log=lambda m: self.log(f"{cell.label} {m}"), show_table=False)
+        report: EvalReport = run_stage(
+            "eval",
+            EvalConfig(
+                model=model,
+                data=data,
+                split=test_split,
+                max_seq_length=self.cfg.max_seq_length,
+                cache_dir=self.paths.embeddings,
+                no_cache=not cached,
+                progress=False,
+            ),
+            log=lambda m: self.log(f"{cell.label} {m}"),
+            show_table=False,
+        )
         self.timer.add("eval", started)
         return {
             "metrics": report.result.metrics,
@@ -548,7 +689,9 @@ class Study:
             path = self.paths.cell(cell)
             if path.exists():
                 record = json.loads(path.read_text())
-                measured.setdefault((cell.dataset, record.get("train") is not None), []).append(record["seconds"])
+                measured.setdefault((cell.dataset, record.get("train") is not None), []).append(
+                    record["seconds"]
+                )
         scale = self.cfg.max_seq_length / 96
         total, sources = 0.0, set()
         for cell in cells:
@@ -563,13 +706,20 @@ class Study:
             docs = self.skipped[cell.dataset]["documents"]
             encode = docs * ENCODE_S_PER_DOC * scale
             if trained:
-                total += LOAD_S + self.cfg.steps * self.cfg.batch_size * self.cfg.group_size * TRAIN_S_PER_TEXT * scale + encode
+                total += (
+                    LOAD_S
+                    + self.cfg.steps * self.cfg.batch_size * self.cfg.group_size * TRAIN_S_PER_TEXT * scale
+                    + encode
+                )
             else:
                 total += encode * 2  # the base model's corpus, for mining and evaluation of the fold
             sources.add("constants")
-        how = ("from the cells already done here" if sources == {"measured"} else
-               "rough, from per-text constants measured on a 2-core CPU (bench/results/cpu); a GPU is far faster"
-               + ("; partly from the cells already done here" if "measured" in sources else ""))
+        how = (
+            "from the cells already done here"
+            if sources == {"measured"}
+            else "rough, from per-text constants measured on a 2-core CPU (bench/results/cpu); a GPU is far faster"
+            + ("; partly from the cells already done here" if "measured" in sources else "")
+        )
         return total, how
 
     def run_cell(self, cell: Cell) -> float | None:
@@ -579,7 +729,12 @@ class Study:
             return None
         started = time.perf_counter()
         data = self.training_data(cell)
-        record: dict[str, Any] = {**asdict(cell), "identity": self.cfg.identity(), "train_data": None, "train": None}
+        record: dict[str, Any] = {
+            **asdict(cell),
+            "identity": self.cfg.identity(),
+            "train_data": None,
+            "train": None,
+        }
         if data is None:
             record["eval"] = self.evaluate(cell, self.cfg.model, cached=True)
         else:
@@ -596,7 +751,9 @@ class Study:
         record["command"] = self.command
         write_json_atomic(path, record)
         self.computed += 1
-        self.log(f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)")
+        self.log(
+            f"{cell.label} nDCG@10 {record['eval']['metrics']['ndcg@10']:.4f} ({record['seconds']:.0f}s)"
+        )
         return record["seconds"]
 
 
@@ -608,7 +765,9 @@ def judge_stats(folder: Path) -> dict[str, Any] | None:
     if manifest is None or manifest.stage != "relabel":
         return None
     summary = manifest.summary
-    return {k: summary.get(k, 0) for k in ("queries", "judged", "flagged", "failed")} | {"mode": manifest.config.get("mode")}
+    return {k: summary.get(k, 0) for k in ("queries", "judged", "flagged", "failed")} | {
+        "mode": manifest.config.get("mode")
+    }
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -642,13 +801,21 @@ def _judge_line(rows: list[dict[str, Any]], error_rates: Sequence[float]) -> str
         judged, flagged = sum(v["judged"] for v in listwise), sum(v["flagged"] for v in listwise)
         failed = sum(v["failed"] for v in by_fold.values())
         if judged:
-            parts.append(f"e={_err(e)}: {flagged:,} of {judged:,} hard negatives flagged relevant ({flagged / judged:.1%})"
-                         + (f", {failed:,} judgments failed" if failed else ""))
+            parts.append(
+                f"e={_err(e)}: {flagged:,} of {judged:,} hard negatives flagged relevant ({flagged / judged:.1%})"
+                + (f", {failed:,} judgments failed" if failed else "")
+            )
     return "; ".join(parts)
 
 
 def _err(error_rate: float | None) -> str:
-    return "–" if error_rate is None else f"{error_rate:.1f}" if round(error_rate, 1) == error_rate else f"{error_rate:.2f}"
+    return (
+        "–"
+        if error_rate is None
+        else f"{error_rate:.1f}"
+        if round(error_rate, 1) == error_rate
+        else f"{error_rate:.2f}"
+    )
 
 
 def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str, Any]]:
@@ -660,10 +827,23 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
             continue
         record = json.loads(path.read_text())
         key = (cell.dataset, cell.loss, cell.error_rate)
-        row = rows.setdefault(key, {"dataset": cell.dataset, "loss": cell.loss, "error_rate": cell.error_rate,
-                                    "folds": [], "metrics": {m: [] for m in METRICS}, "hardware": [],
-                                    "train_seconds": [], "eval_seconds": [], "cell_seconds": [], "judge": {},
-                                    "per_query": {}, "computed_by": []})
+        row = rows.setdefault(
+            key,
+            {
+                "dataset": cell.dataset,
+                "loss": cell.loss,
+                "error_rate": cell.error_rate,
+                "folds": [],
+                "metrics": {m: [] for m in METRICS},
+                "hardware": [],
+                "train_seconds": [],
+                "eval_seconds": [],
+                "cell_seconds": [],
+                "judge": {},
+                "per_query": {},
+                "computed_by": [],
+            },
+        )
         row["folds"].append(cell.fold)
         row["per_query"][cell.fold] = record["eval"]["per_query_ndcg@10"]
         for m in METRICS:
@@ -684,8 +864,12 @@ def collect(cfg: StudyConfig, paths: Paths, cells: list[Cell]) -> list[dict[str,
     return out
 
 
-def _row(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[str, Any] | None:
-    return next((r for r in rows if (r["dataset"], r["loss"], r["error_rate"]) == (dataset, loss, error_rate)), None)
+def _row(
+    rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None
+) -> dict[str, Any] | None:
+    return next(
+        (r for r in rows if (r["dataset"], r["loss"], r["error_rate"]) == (dataset, loss, error_rate)), None
+    )
 
 
 def _value(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[int, float]:
@@ -693,11 +877,17 @@ def _value(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: floa
     return dict(zip(row["folds"], row["metrics"]["ndcg@10"])) if row else {}
 
 
-def _per_query(rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None) -> dict[tuple[str, Any, str], float]:
+def _per_query(
+    rows: list[dict[str, Any]], dataset: str, loss: str, error_rate: float | None
+) -> dict[tuple[str, Any, str], float]:
     row = _row(rows, dataset, loss, error_rate)
     if row is None:
         return {}
-    return {(dataset, fold, qid): v for fold, per_query in row["per_query"].items() for qid, v in per_query.items()}
+    return {
+        (dataset, fold, qid): v
+        for fold, per_query in row["per_query"].items()
+        for qid, v in per_query.items()
+    }
 
 
 REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
@@ -718,22 +908,35 @@ def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 for dataset in cfg.datasets:
                     base, got = _value(rows, dataset, reference, None), _value(rows, dataset, loss, e)
                     deltas += [got[f] - base[f] for f in got if f in base]
-                    qbase, qgot = _per_query(rows, dataset, reference, None), _per_query(rows, dataset, loss, e)
+                    qbase, qgot = (
+                        _per_query(rows, dataset, reference, None),
+                        _per_query(rows, dataset, loss, e),
+                    )
                     common = sorted(set(qgot) & set(qbase), key=str)
                     a += [qgot[k] for k in common]
                     b += [qbase[k] for k in common]
                 if deltas:
                     p_t, p_r = paired_tests(a, b)
                     out[name].setdefault(loss, {})[f"{e:.2f}"] = {
-                        "mean_delta": statistics.fmean(deltas), "wins": sum(d > 0 for d in deltas), "n": len(deltas),
-                        "queries": len(a), "p_ttest": p_t, "p_randomization": p_r}
+                        "mean_delta": statistics.fmean(deltas),
+                        "wins": sum(d > 0 for d in deltas),
+                        "n": len(deltas),
+                        "queries": len(a),
+                        "p_ttest": p_t,
+                        "p_randomization": p_r,
+                    }
         if len(errors) > 1:
             drops = []
             for dataset in cfg.datasets:
                 lo, hi = _value(rows, dataset, loss, errors[0]), _value(rows, dataset, loss, errors[-1])
                 drops += [hi[f] - lo[f] for f in hi if f in lo]
             if drops:
-                out["drop"][loss] = {"mean": statistics.fmean(drops), "n": len(drops), "from": errors[0], "to": errors[-1]}
+                out["drop"][loss] = {
+                    "mean": statistics.fmean(drops),
+                    "n": len(drops),
+                    "from": errors[0],
+                    "to": errors[-1],
+                }
     ranks: dict[str, list[int]] = {loss: [] for loss in losses}
     for dataset in cfg.datasets:
         for e in errors:
@@ -752,23 +955,39 @@ def _delta_cell(got: dict[str, Any] | None) -> str:
     if not got:
         return "–"
     p = got["p_randomization"]
-    return f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']}" + (f", p {number(p, 'p')})" if p is not None else ")")
+    return f"{got['mean_delta']:+.4f} ({got['wins']}/{got['n']}" + (
+        f", p {number(p, 'p')})" if p is not None else ")"
+    )
 
 
 def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
     errors = sorted(cfg.error_rates)
     losses = [loss for loss in ALL_LOSSES if loss in cfg.losses]
-    lines = ["## The paper's claims, as this data answers them", "",
-             "nDCG@10. Δ is the loss minus the reference, paired by fold and pooled over the datasets above (wins: "
-             "folds where the loss is better, of n); p is a two-sided paired randomization test over the held-out "
-             "queries of those folds (each query is held out once; the t-test's p is in study.json). The change is "
-             "from the lowest to the highest error rate; the rank is among the losses run, per (dataset, fold, error "
-             "rate). Read them with the number of folds and the spread in the tables.", ""]
-    for name, title in (("vs_baseline", "the single-positive baseline"), ("vs_zero_shot", "the zero-shot model")):
+    lines = [
+        "## The paper's claims, as this data answers them",
+        "",
+        "nDCG@10. Δ is the loss minus the reference, paired by fold and pooled over the datasets above (wins: "
+        "folds where the loss is better, of n); p is a two-sided paired randomization test over the held-out "
+        "queries of those folds (each query is held out once; the t-test's p is in study.json). The change is "
+        "from the lowest to the highest error rate; the rank is among the losses run, per (dataset, fold, error "
+        "rate). Read them with the number of folds and the spread in the tables.",
+        "",
+    ]
+    for name, title in (
+        ("vs_baseline", "the single-positive baseline"),
+        ("vs_zero_shot", "the zero-shot model"),
+    ):
         head = [f"e={_err(e)}" for e in errors]
         if name == "vs_baseline":
-            head += ([f"change e={_err(errors[0])}→{_err(errors[-1])}"] if len(errors) > 1 else []) + ["mean rank"]
-        lines += [f"Against {title}:", "", "| loss | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+            head += ([f"change e={_err(errors[0])}→{_err(errors[-1])}"] if len(errors) > 1 else []) + [
+                "mean rank"
+            ]
+        lines += [
+            f"Against {title}:",
+            "",
+            "| loss | " + " | ".join(head) + " |",
+            "|---|" + "---|" * len(head),
+        ]
         for loss in losses:
             cells = [_delta_cell(found[name].get(loss, {}).get(f"{e:.2f}")) for e in errors]
             if name == "vs_baseline":
@@ -786,16 +1005,25 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
         if got:
             wins, n = sum(g["wins"] for g in got), sum(g["n"] for g in got)
             mean = statistics.fmean(g["mean_delta"] for g in got)
-            lines.append(f"- Multi-positive objectives ({', '.join(ran)}) vs the single-positive baseline at error "
-                         f"{_err(e)}: better in {wins} of {n} cells, mean Δ nDCG@10 {mean:+.4f}.")
-    for name, title in (("vs_zero_shot", "the zero-shot model"), ("vs_baseline", "single-positive InfoNCE (the baseline)")):
+            lines.append(
+                f"- Multi-positive objectives ({', '.join(ran)}) vs the single-positive baseline at error "
+                f"{_err(e)}: better in {wins} of {n} cells, mean Δ nDCG@10 {mean:+.4f}."
+            )
+    for name, title in (
+        ("vs_zero_shot", "the zero-shot model"),
+        ("vs_baseline", "single-positive InfoNCE (the baseline)"),
+    ):
         significant, not_significant, too_few = [], [], []
         for loss in losses:
             for e in errors:
                 got = found[name].get(loss, {}).get(f"{e:.2f}")
                 if not got:
                     continue
-                what = f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {number(got['p_randomization'], 'p')})" if got["p_randomization"] is not None else loss
+                what = (
+                    f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {number(got['p_randomization'], 'p')})"
+                    if got["p_randomization"] is not None
+                    else loss
+                )
                 if got["queries"] < MIN_QUERIES:
                     too_few.append(what)
                 elif got["p_randomization"] is not None and got["p_randomization"] < ALPHA:
@@ -803,13 +1031,17 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
                 else:
                     not_significant.append(what)
         if significant or not_significant or too_few:
-            lines.append(f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} (two-sided paired "
-                         f"randomization test, no correction for the {len(significant) + len(not_significant)} tests): "
-                         f"{'; '.join(significant) or 'none'}. Not significant: {'; '.join(not_significant) or 'none'}."
-                         + (f" Too few queries (< {MIN_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else ""))
+            lines.append(
+                f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} (two-sided paired "
+                f"randomization test, no correction for the {len(significant) + len(not_significant)} tests): "
+                f"{'; '.join(significant) or 'none'}. Not significant: {'; '.join(not_significant) or 'none'}."
+                + (f" Too few queries (< {MIN_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else "")
+            )
     if found["drop"]:
         order = sorted(found["drop"].items(), key=lambda kv: -kv[1]["mean"])
-        lines.append(f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}.")
+        lines.append(
+            f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}."
+        )
     return [*lines, ""]
 
 
@@ -825,8 +1057,10 @@ def _provenance(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for command, got in sorted(by.items(), key=lambda kv: min(kv[1]["finished"])):
         what = f"`{command}`" if command else "a run that did not record its command"
-        lines.append(f"- {what}: {got['cells']} cell{'s' if got['cells'] != 1 else ''}, {got['seconds']:.0f}s, finished "
-                     f"{min(got['finished'])} to {max(got['finished'])}")
+        lines.append(
+            f"- {what}: {got['cells']} cell{'s' if got['cells'] != 1 else ''}, {got['seconds']:.0f}s, finished "
+            f"{min(got['finished'])} to {max(got['finished'])}"
+        )
     return lines
 
 
@@ -836,53 +1070,94 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
     found = findings(cfg, rows)
     hardware_ids: dict[str, str] = {}
     for row in rows:
-        row["hardware_ids"] = [hardware_ids.setdefault(h, f"hw{len(hardware_ids) + 1}") for h in row["hardware"]]
+        row["hardware_ids"] = [
+            hardware_ids.setdefault(h, f"hw{len(hardware_ids) + 1}") for h in row["hardware"]
+        ]
     computed = meta["computed"]
-    this_run = (f"; it computed {computed} cell{'s' if computed != 1 else ''} in {meta['seconds']:.0f}s (stages: "
-                f"{', '.join(f'{k} {v:.0f}s' for k, v in meta['stage_seconds'].items()) or 'none'})" if computed else "")
-    lines = [f"# mpr loss study ({_title(cfg)})", "", f"Report written {meta['finished']} by `{meta['command']}`{this_run}.", "",
-             f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
-             "to compute (each cell's wall time, including the mining and relabeling it triggered)"
-             + (", by:" if rows else "."), "", *_provenance(rows), *([""] if rows else []),
-             "Settings (the same for every trained row): " + ", ".join(
-                 f"{k} {v}" for k, v in cfg.identity().items() if k not in ("fold_seed", "oracle_seed")), "",
-             "Hardware each figure was measured on:", ""]
+    this_run = (
+        f"; it computed {computed} cell{'s' if computed != 1 else ''} in {meta['seconds']:.0f}s (stages: "
+        f"{', '.join(f'{k} {v:.0f}s' for k, v in meta['stage_seconds'].items()) or 'none'})"
+        if computed
+        else ""
+    )
+    lines = [
+        f"# mpr loss study ({_title(cfg)})",
+        "",
+        f"Report written {meta['finished']} by `{meta['command']}`{this_run}.",
+        "",
+        f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
+        "to compute (each cell's wall time, including the mining and relabeling it triggered)"
+        + (", by:" if rows else "."),
+        "",
+        *_provenance(rows),
+        *([""] if rows else []),
+        "Settings (the same for every trained row): "
+        + ", ".join(f"{k} {v}" for k, v in cfg.identity().items() if k not in ("fold_seed", "oracle_seed")),
+        "",
+        "Hardware each figure was measured on:",
+        "",
+    ]
     lines += [f"- {hid}: {h}" for h, hid in hardware_ids.items()] + [""]
     for dataset in cfg.datasets:
         drows = [r for r in rows if r["dataset"] == dataset]
         if not drows:
             continue
         folds = cfg.folds_of(dataset)
-        how = (f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); train qrels keep "
-               "one positive per query" if cfg.folded(dataset) else "train on `train`, test on `test` (one split)")
+        how = (
+            f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); train qrels keep "
+            "one positive per query"
+            if cfg.folded(dataset)
+            else "train on `train`, test on `test` (one split)"
+        )
         counts = meta.get("collections", {}).get(dataset)
         if counts:
-            how += (f". {counts['documents']:,} documents, {counts['queries']:,} queries"
-                    + (f"; skipped {counts['empty_documents']:,} empty document(s) and {counts['empty_queries']:,} empty "
-                       f"quer{'y' if counts['empty_queries'] == 1 else 'ies'}, and the {counts['judgments_dropped']:,} "
-                       "judgment(s) pointing at them" if counts["empty_documents"] or counts["empty_queries"] else ""))
-        lines += [f"## {dataset}", "", f"{how}. Mean ± sample std over folds.", "",
-                  "| model | error rate | folds | " + " | ".join(LABELS[m] for m in METRICS) + " | train s | eval s | hardware |",
-                  "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
-        order = [(ZERO_SHOT, None), (BASELINE, None)] + [(loss, e) for loss in cfg.losses for e in cfg.error_rates]
+            how += f". {counts['documents']:,} documents, {counts['queries']:,} queries" + (
+                f"; skipped {counts['empty_documents']:,} empty document(s) and {counts['empty_queries']:,} empty "
+                f"quer{'y' if counts['empty_queries'] == 1 else 'ies'}, and the {counts['judgments_dropped']:,} "
+                "judgment(s) pointing at them"
+                if counts["empty_documents"] or counts["empty_queries"]
+                else ""
+            )
+        lines += [
+            f"## {dataset}",
+            "",
+            f"{how}. Mean ± sample std over folds.",
+            "",
+            "| model | error rate | folds | "
+            + " | ".join(LABELS[m] for m in METRICS)
+            + " | train s | eval s | hardware |",
+            "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|",
+        ]
+        order = [(ZERO_SHOT, None), (BASELINE, None)] + [
+            (loss, e) for loss in cfg.losses for e in cfg.error_rates
+        ]
         for loss, e in order:
             got = next((r for r in drows if (r["loss"], r["error_rate"]) == (loss, e)), None)
             if got is None:
                 continue
-            lines.append(f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(got['folds'])} | "
-                         + " | ".join(_fmt(got["metrics"][m]) for m in METRICS)
-                         + f" | {_secs(got['train_seconds'])} | {_secs(got['eval_seconds'])} | {', '.join(got['hardware_ids'])} |")
+            lines.append(
+                f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(got['folds'])} | "
+                + " | ".join(_fmt(got["metrics"][m]) for m in METRICS)
+                + f" | {_secs(got['train_seconds'])} | {_secs(got['eval_seconds'])} | {', '.join(got['hardware_ids'])} |"
+            )
         judged = _judge_line(drows, cfg.error_rates)
         if judged:
             lines += ["", f"Judge (oracle over the full qrels), pooled over folds: {judged}."]
         lines += ["", *_by_error_rate(cfg, rows, dataset), ""]
     lines += _findings_md(cfg, found)
-    lines += ["Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. Zero-shot and baseline do not depend on the error rate."]
+    lines += [
+        "Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. Zero-shot and baseline do not depend on the error rate."
+    ]
     markdown = "\n".join(lines) + "\n"
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "study.md").write_text(markdown, encoding="utf-8")
-    payload = {"config": {**cfg.model_dump(mode="json"), "datasets": list(cfg.datasets)}, "meta": meta, "hardware": {v: k for k, v in hardware_ids.items()},
-               "rows": [{k: v for k, v in r.items() if k != "hardware"} for r in rows], "findings": found}
+    payload = {
+        "config": {**cfg.model_dump(mode="json"), "datasets": list(cfg.datasets)},
+        "meta": meta,
+        "hardware": {v: k for k, v in hardware_ids.items()},
+        "rows": [{k: v for k, v in r.items() if k != "hardware"} for r in rows],
+        "findings": found,
+    }
     write_json_atomic(paths.out / "study.json", payload)
     plot(cfg, rows, paths.out / "study.png")
     return {"markdown": markdown, "rows": rows}
@@ -900,16 +1175,24 @@ def _by_error_rate(cfg: StudyConfig, rows: list[dict[str, Any]], dataset: str) -
     def mean(vals: dict[int, float]) -> str:
         if not vals:
             return "–"
-        return f"{statistics.fmean(vals.values()):.4f}" + ("" if len(vals) == full else f" ({len(vals)} of {full} folds)")
+        return f"{statistics.fmean(vals.values()):.4f}" + (
+            "" if len(vals) == full else f" ({len(vals)} of {full} folds)"
+        )
 
-    lines = [f"nDCG@10 against the judge's error rate ({dataset}):", "",
-             "| loss | " + " | ".join(f"e={_err(e)}" for e in cfg.error_rates) + " |", "|---|" + "---|" * len(cfg.error_rates)]
+    lines = [
+        f"nDCG@10 against the judge's error rate ({dataset}):",
+        "",
+        "| loss | " + " | ".join(f"e={_err(e)}" for e in cfg.error_rates) + " |",
+        "|---|" + "---|" * len(cfg.error_rates),
+    ]
     for loss in [ZERO_SHOT, BASELINE]:
         vals = _value(rows, dataset, loss, None)
         if vals:
             lines.append(f"| {loss} | " + " | ".join(mean(vals) for _ in cfg.error_rates) + " |")
     for loss in cfg.losses:
-        lines.append(f"| {loss} | " + " | ".join(mean(_value(rows, dataset, loss, e)) for e in cfg.error_rates) + " |")
+        lines.append(
+            f"| {loss} | " + " | ".join(mean(_value(rows, dataset, loss, e)) for e in cfg.error_rates) + " |"
+        )
     return lines
 
 
@@ -943,10 +1226,17 @@ def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
         for reference, style in ((ZERO_SHOT, ":"), (BASELINE, "--")):
             vals = list(_value(rows, dataset, reference, None).values())
             if vals:
-                ax.axhline(statistics.fmean(vals), color="grey" if reference == ZERO_SHOT else "black", linestyle=style,
-                           label=PLOT_NAMES[reference])
-        ax.set_title(f"{dataset} ({folds} fold{'s' if folds != 1 else ''}" + ("; cells missing folds not drawn)" if partial else ")"),
-                     fontsize=10 if partial else None)
+                ax.axhline(
+                    statistics.fmean(vals),
+                    color="grey" if reference == ZERO_SHOT else "black",
+                    linestyle=style,
+                    label=PLOT_NAMES[reference],
+                )
+        ax.set_title(
+            f"{dataset} ({folds} fold{'s' if folds != 1 else ''}"
+            + ("; cells missing folds not drawn)" if partial else ")"),
+            fontsize=10 if partial else None,
+        )
         ax.set_xlabel("judge error rate")
         ax.set_ylabel("nDCG@10 (mean ± std over folds)")
         ax.set_xticks(errors)
@@ -955,10 +1245,15 @@ def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    labels = [label for label in (PLOT_NAMES[ZERO_SHOT], PLOT_NAMES[BASELINE], *cfg.losses) if label in legend]
+    labels = [
+        label for label in (PLOT_NAMES[ZERO_SHOT], PLOT_NAMES[BASELINE], *cfg.losses) if label in legend
+    ]
     fig.legend([legend[label] for label in labels], labels, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"mpr loss study: {cfg.model.split('/')[-1]},\n{cfg.steps} steps x batch {cfg.batch_size}, "
-                 f"max_seq_length {cfg.max_seq_length}", fontsize=10)
+    fig.suptitle(
+        f"mpr loss study: {cfg.model.split('/')[-1]},\n{cfg.steps} steps x batch {cfg.batch_size}, "
+        f"max_seq_length {cfg.max_seq_length}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / width, 1))
     return fig
 
@@ -988,8 +1283,10 @@ def check_identity(folder: Path, cfg: StudyConfig) -> None:
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if changed:
-            raise MprError(f"{folder}: holds a study with other settings ({', '.join(f'{k}: {old.get(k)} -> {identity.get(k)}' for k in changed)}); "
-                           "choose another --out/--work")
+            raise MprError(
+                f"{folder}: holds a study with other settings ({', '.join(f'{k}: {old.get(k)} -> {identity.get(k)}' for k in changed)}); "
+                "choose another --out/--work"
+            )
     else:
         write_json_atomic(path, identity)
 
@@ -1009,8 +1306,10 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
         study = Study(cfg, cfg.sources, paths, cfg.keep_models, stack, command, log=log)
         cells = list(study.cells())
         todo = [c for c in cells if not paths.cell(c).exists()]
-        log(f"study {_title(cfg)}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
-            f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}")
+        log(
+            f"study {_title(cfg)}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
+            f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}"
+        )
         if not cfg.report_only and todo:
             estimate, how = study.estimate(cells)
             log(f"estimate: {len(todo)} cells to compute, about {number(estimate, 'seconds')} ({how})")
@@ -1019,9 +1318,13 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
                 seconds = study.run_cell(cell)
                 if seconds is not None:
                     spent.append(seconds)
-                left = study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
-                log(f"progress: cell {n}/{len(todo)} done {cell.label}; {number(time.perf_counter() - started, 'seconds')} "
-                    f"elapsed, about {number(left, 'seconds')} left")
+                left = (
+                    study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
+                )
+                log(
+                    f"progress: cell {n}/{len(todo)} done {cell.label}; {number(time.perf_counter() - started, 'seconds')} "
+                    f"elapsed, about {number(left, 'seconds')} left"
+                )
     meta = {
         "command": command,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

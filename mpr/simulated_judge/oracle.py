@@ -61,10 +61,12 @@ satchel tundra urchin vessel willow almanac buckle chimney dagger ember fable ga
 keel lichen mallet nozzle oriole pennant quartz reed shingle thimble utensil vellum wicker apron bellows
 carousel dormer eyelet flannel gable hearth ingot jetty kilt lodestone mortar nook ottoman parapet
 quay rampart sconce turret upholstery valise wharf attic bobbin cistern""".split()  # noqa: SIM905
-SYNTH_STOP = frozenset("""a an the and or but of to in on at for with by from as is are was were be been being do
+SYNTH_STOP = frozenset(
+    """a an the and or but of to in on at for with by from as is are was were be been being do
 does did how what why when where which who whom whose can could should would will shall may might must my your
 our their its it this that these those i you we they he she me us them than then there here about into over
-under not no yes if so""".split())  # noqa: SIM905
+under not no yes if so""".split()
+)  # noqa: SIM905
 
 
 def _norm(text: str) -> str:
@@ -148,7 +150,9 @@ def template_regex(template: str) -> re.Pattern[str]:
         if m.group("escaped") is not None:
             parts.append(re.escape("$"))
         elif name is None:
-            raise UnknownPrompt(f"invalid placeholder in prompt template at {template[m.start():m.start() + 20]!r}")
+            raise UnknownPrompt(
+                f"invalid placeholder in prompt template at {template[m.start() : m.start() + 20]!r}"
+            )
         elif name in seen:
             parts.append(f"(?P={name})")
         else:
@@ -314,7 +318,8 @@ class Oracle:
         answer: dict[str, Any] = {"relevant": relevant}
         if schema == "relevant_candidates_with_reasoning":
             reasoning = " ".join(
-                f"Candidate {n} {'answers' if n in relevant else 'does not answer'} the query." for n, _ in candidates
+                f"Candidate {n} {'answers' if n in relevant else 'does not answer'} the query."
+                for n, _ in candidates
             )
             answer = {"reasoning": reasoning, **answer}
         return ResponderAnswer(json.dumps(answer))
@@ -329,18 +334,31 @@ class Oracle:
             grades.append(grade if grade is not None else 3 if verdict else 0)
             wrong = grade is None and rate > 0 and verdict != self.judge(query, passage, 0.0)
             sure.append(self.error_confidence if wrong else 0.85)
-        tokens: list[Any] = [('{"', -0.01), (key, -0.01), ('":', -0.01), (" [" if key == "grades" else " ", -0.01)]
+        tokens: list[Any] = [
+            ('{"', -0.01),
+            (key, -0.01),
+            ('":', -0.01),
+            (" [" if key == "grades" else " ", -0.01),
+        ]
         for n, (grade, p) in enumerate(zip(grades, sure)):
             if n:
                 tokens.append((", ", -0.01))
-            tokens.append((str(grade), math.log(p), [(str(g), math.log(p if g == grade else (1 - p) / 3)) for g in range(4)]))
+            tokens.append(
+                (
+                    str(grade),
+                    math.log(p),
+                    [(str(g), math.log(p if g == grade else (1 - p) / 3)) for g in range(4)],
+                )
+            )
         tokens.append(("]}" if key == "grades" else "}", -0.01))
         return ResponderAnswer("".join(t[0] for t in tokens), token_logprobs=tokens)
 
     def _synth(self, request: dict[str, Any], query: str, levels: int, target: int) -> ResponderAnswer:
         """Passages for levels L-1 ... 0 of a synth prompt: distinct, of the target length (in words), built
         from the query's content words (more of them the higher the level; level 0 shares one word only)."""
-        key = hashlib.sha256(json.dumps([request.get("model"), asked(request["messages"])], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps([request.get("model"), asked(request["messages"])], sort_keys=True).encode()
+        ).hexdigest()
         with self._lock:
             attempt = self._synth_asks.get(key, 0)
             self._synth_asks[key] = attempt + 1
@@ -348,7 +366,8 @@ class Oracle:
         topic = list(dict.fromkeys(reversed(topic)))  # reversed: never the query's own word order
         passages = {k: _synth_passage(key, k, levels, target, topic) for k in range(levels - 1, -1, -1)}
         invalid = (self.synth_fail_rate and _flip(self.seed, "synth-fail", key) < self.synth_fail_rate) or (
-            self.synth_invalid_rate and attempt < self.synth_invalid_attempts
+            self.synth_invalid_rate
+            and attempt < self.synth_invalid_attempts
             and _flip(self.seed, "synth-invalid", key) < self.synth_invalid_rate
         )
         if invalid:
@@ -385,7 +404,11 @@ def _synth_passage(key: str, level: int, levels: int, target: int, topic: list[s
     while filler:
         size = rng.randint(6, 11)
         chunk, filler = filler[:size], filler[size:]
-        sentences.append(chunk[0].capitalize() + " " + " ".join(chunk[1:]) + "." if len(chunk) > 1 else chunk[0].capitalize() + ".")
+        sentences.append(
+            chunk[0].capitalize() + " " + " ".join(chunk[1:]) + "."
+            if len(chunk) > 1
+            else chunk[0].capitalize() + "."
+        )
     return " ".join(lead_words + sentences)
 
 
@@ -412,7 +435,14 @@ def oracle_responder(
 ) -> Oracle:
     """Responder factory for the simulated judge's server; `splits` is a comma-separated list (default: all)."""
     return Oracle(
-        data, [s for s in str(splits).split(",") if s] or None, float(error_rate), int(seed), model_error_rates,
-        float(synth_invalid_rate), int(synth_invalid_attempts), float(synth_fail_rate), float(synth_mislabel_rate),
+        data,
+        [s for s in str(splits).split(",") if s] or None,
+        float(error_rate),
+        int(seed),
+        model_error_rates,
+        float(synth_invalid_rate),
+        int(synth_invalid_attempts),
+        float(synth_fail_rate),
+        float(synth_mislabel_rate),
         float(error_confidence),
     )

@@ -80,7 +80,9 @@ def request_key(body: dict[str, Any]) -> str:
     question = {k: v for k, v in body.items() if k not in SAMPLING}
     messages = question.get("messages")
     if isinstance(messages, list):
-        first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+        first = next(
+            (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None
+        )
         question["messages"] = messages if first is None else messages[:first]
     return hashlib.sha256(json.dumps(question, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -103,7 +105,9 @@ def json_response(status: int, data: bytes, headers: Mapping[str, str] | None = 
     return web.Response(status=status, body=data, content_type="application/json", headers=headers)
 
 
-def json_error(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_error(
+    status: int, message: str, kind: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """An error in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     return json_response(status, json.dumps(body).encode(), headers)
@@ -275,7 +279,9 @@ class ChatServer:
             return json_error(400, "response_format is not supported by this server", "BadRequestError")
         unsupported = sorted(set(f.reject_schema_keywords) & _keywords(rf))
         if unsupported:
-            return json_error(400, f"JSON schema keyword(s) {', '.join(unsupported)} not supported", "BadRequestError")
+            return json_error(
+                400, f"JSON schema keyword(s) {', '.join(unsupported)} not supported", "BadRequestError"
+            )
 
         faulty = f.faulty_attempts == 0 or attempt < f.faulty_attempts
 
@@ -287,7 +293,9 @@ class ChatServer:
         if hit(f.p_500, "500"):
             return json_error(500, "injected server error", "InternalServerError")
         if hit(f.p_429, "429"):
-            return json_error(429, "injected rate limit", "rate_limit_exceeded", {"Retry-After": f"{f.retry_after_s:g}"})
+            return json_error(
+                429, "injected rate limit", "rate_limit_exceeded", {"Retry-After": f"{f.retry_after_s:g}"}
+            )
         content_fault = "malformed" if hit(f.p_malformed, "malformed") else None
         if content_fault is None and hit(f.p_truncate, "truncate"):
             content_fault = "truncate"
@@ -512,7 +520,9 @@ def _start_subprocess(
     line = line_box[0] if line_box else ""
     if not line.startswith("READY "):
         proc.kill()
-        raise MprError(f"the simulated judge's subprocess did not start (exit {proc.poll()}): {line.strip()!r}")
+        raise MprError(
+            f"the simulated judge's subprocess did not start (exit {proc.poll()}): {line.strip()!r}"
+        )
     url = line.split()[1]
     bound_port = int(url.rsplit(":", 1)[1].split("/")[0])
 

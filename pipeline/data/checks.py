@@ -13,7 +13,12 @@ from pathlib import Path
 
 from pipeline.errors import MprError
 
-WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
@@ -70,7 +75,9 @@ def distinct(source: Path, out: Path, option: str = "--in") -> None:
         raise MprError(f"--out {out}: is the input folder ({option}); choose another --out")
 
 
-def train_inputs(data: list[Path], out: Path, model_name: str, eval_data: Path | None, eval_split: str) -> None:
+def train_inputs(
+    data: list[Path], out: Path, model_name: str, eval_data: Path | None, eval_split: str
+) -> None:
     """What `mpr train` reads and writes, checked before torch is imported."""
     for folder in data:
         shard_folder(folder, "--data")
@@ -89,13 +96,17 @@ def beir_folder(root: Path, split: str | None, option: str = "--data") -> None:
     for name in ("corpus.jsonl", "queries.jsonl"):
         found = find_path(root, name)
         if found is None:
-            raise MprError(f"{root / name}: missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
+            raise MprError(
+                f"{root / name}: missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)"
+            )
         in_file(found, option)
     if split is not None and split != "all":
         found = find_path(root / "qrels", f"{split}.tsv")
         if found is None:
             available = ", ".join(split_names(root)) or "none"
-            raise MprError(f"{root / 'qrels' / f'{split}.tsv'}: split '{split}' does not exist (available: {available})")
+            raise MprError(
+                f"{root / 'qrels' / f'{split}.tsv'}: split '{split}' does not exist (available: {available})"
+            )
         in_file(found, option)
 
 
@@ -110,8 +121,15 @@ def looks_local(name: str) -> bool:
 def model(name: str, option: str = "--model") -> None:
     """A local model folder must exist and hold a complete model; a hub id must be cached when offline."""
     if not looks_local(name):
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"} and not _hub_cached(name):
-            raise MprError(f"{option} {name}: no such local folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+        } and not _hub_cached(name):
+            raise MprError(
+                f"{option} {name}: no such local folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+            )
         return
     path = Path(name).expanduser()
     if not path.exists():
@@ -138,7 +156,10 @@ def _incomplete(folder: Path) -> str | None:
     modules = folder / "modules.json"
     if modules.exists():
         try:
-            entries = [(str(m["path"]), str(m.get("type", ""))) for m in json.loads(modules.read_text(encoding="utf-8"))]
+            entries = [
+                (str(m["path"]), str(m.get("type", "")))
+                for m in json.loads(modules.read_text(encoding="utf-8"))
+            ]
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return f"modules.json is not valid: {str(exc).splitlines()[0]}"
         for sub, kind in entries:

@@ -41,7 +41,10 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
     manifest = read_manifest(folder)
     by = table.group_by(["source", "label"]).aggregate([("qid", "count")])
     counts = sorted(
-        ({"source": s, "label": label, "rows": n} for s, label, n in zip(*(by.column(c).to_pylist() for c in ("source", "label", "qid_count")))),
+        (
+            {"source": s, "label": label, "rows": n}
+            for s, label, n in zip(*(by.column(c).to_pylist() for c in ("source", "label", "qid_count")))
+        ),
         key=lambda r: (str(r["source"]), -1 if r["label"] is None else r["label"]),
     )
     qids = table.column("qid")
@@ -67,7 +70,10 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
         hist, edges = np.histogram(grades, bins=4, range=(0, 1))
         report["grades"] = {
             **_distribution(grades),
-            "histogram": {f"[{a:.2f},{b:.2f}{']' if b == 1 else ')'}": int(n) for a, b, n in zip(edges[:-1], edges[1:], hist)},
+            "histogram": {
+                f"[{a:.2f},{b:.2f}{']' if b == 1 else ')'}": int(n)
+                for a, b, n in zip(edges[:-1], edges[1:], hist)
+            },
         }
     levels = table.column("level").drop_null().to_pylist()
     if levels:
@@ -76,7 +82,10 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
         report["filters"] = dict(sorted(Counter(table.column("filter").drop_null().to_pylist()).items()))
     if "prior_label" in table.column_names:
         pairs = Counter(zip(table.column("prior_label").to_pylist(), table.column("label").to_pylist()))
-        report["label_changes"] = {f"{'null' if a is None else a} -> {'null' if b is None else b}": n for (a, b), n in sorted(pairs.items(), key=str)}
+        report["label_changes"] = {
+            f"{'null' if a is None else a} -> {'null' if b is None else b}": n
+            for (a, b), n in sorted(pairs.items(), key=str)
+        }
         report["failed"] = table.column("error").drop_null().length() if "error" in table.column_names else 0
     try:
         verify_shards(folder)
@@ -86,9 +95,34 @@ def inspect_shards(folder: str | Path, *, samples: int = 3) -> dict[str, Any]:
     if manifest and manifest.summary:
         report["summary"] = manifest.summary
     step = max(1, table.num_rows // max(samples, 1))
-    cols = [c for c in ("qid", "pid", "source", "rank", "score", "label", "grade", "level", "judge", "query", "text") if c in table.column_names]
+    cols = [
+        c
+        for c in (
+            "qid",
+            "pid",
+            "source",
+            "rank",
+            "score",
+            "label",
+            "grade",
+            "level",
+            "judge",
+            "query",
+            "text",
+        )
+        if c in table.column_names
+    ]
     report["samples"] = [
-        {c: (v[:80] + "…" if isinstance(v, str) and len(v) > 80 else round(v, 4) if isinstance(v, float) else v) for c, v in table.slice(i, 1).select(cols).to_pylist()[0].items()}
+        {
+            c: (
+                v[:80] + "…"
+                if isinstance(v, str) and len(v) > 80
+                else round(v, 4)
+                if isinstance(v, float)
+                else v
+            )
+            for c, v in table.slice(i, 1).select(cols).to_pylist()[0].items()
+        }
         for i in range(0, table.num_rows, step)
     ][:samples]
     return report
@@ -117,9 +151,13 @@ def validate_shards(folder: str | Path) -> list[str]:
             if field.name not in table.column_names:
                 errors.append(f"{path}: missing column '{field.name}'")
             elif not table.schema.field(field.name).type.equals(field.type):
-                errors.append(f"{path}: column '{field.name}' is {table.schema.field(field.name).type}, expected {field.type}")
+                errors.append(
+                    f"{path}: column '{field.name}' is {table.schema.field(field.name).type}, expected {field.type}"
+                )
             elif not field.nullable and table.column(field.name).null_count:
-                errors.append(f"{path}: column '{field.name}' has {table.column(field.name).null_count} nulls")
+                errors.append(
+                    f"{path}: column '{field.name}' has {table.column(field.name).null_count} nulls"
+                )
         if any(e.startswith(str(path)) for e in errors):
             continue
         bad_sources = set(table.column("source").to_pylist()) - set(SOURCES)
@@ -133,7 +171,11 @@ def validate_shards(folder: str | Path) -> list[str]:
             errors.append(f"{path}: grade outside [0, 1]")
         for qid, rows in iter_groups(table):
             if qid in seen_in:
-                where = "in another place of the same shard" if seen_in[qid] == name else f"also in {seen_in[qid]}"
+                where = (
+                    "in another place of the same shard"
+                    if seen_in[qid] == name
+                    else f"also in {seen_in[qid]}"
+                )
                 errors.append(f"{path}: query '{qid}' rows are not contiguous ({where})")
                 continue
             seen_in[qid] = name
@@ -177,17 +219,24 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{key.replace('_', ' '):<22} {dist}")
     if "grades" in report:
         g = report["grades"]
-        lines.append("grades                 " + "  ".join(f"{k}={v:g}" for k, v in g.items() if k != "histogram"))
+        lines.append(
+            "grades                 " + "  ".join(f"{k}={v:g}" for k, v in g.items() if k != "histogram")
+        )
         lines.append("  histogram            " + "  ".join(f"{k}: {v:,}" for k, v in g["histogram"].items()))
     if "levels" in report:
-        lines.append("levels                 " + "  ".join(f"{k}: {v:,}" for k, v in report["levels"].items()))
+        lines.append(
+            "levels                 " + "  ".join(f"{k}: {v:,}" for k, v in report["levels"].items())
+        )
     if report.get("filters"):
-        lines.append("filtered candidates    " + "  ".join(f"{k}: {v:,}" for k, v in report["filters"].items()))
+        lines.append(
+            "filtered candidates    " + "  ".join(f"{k}: {v:,}" for k, v in report["filters"].items())
+        )
     if "label_changes" in report:
-        lines.append("label before -> after  " + "  ".join(f"{k}: {v:,}" for k, v in report["label_changes"].items()))
+        lines.append(
+            "label before -> after  " + "  ".join(f"{k}: {v:,}" for k, v in report["label_changes"].items())
+        )
         lines.append(f"failed judgments       {report['failed']:,}")
     lines += ["", "sample rows"]
     for row in report["samples"]:
         lines.append("  " + " | ".join(f"{k}={v}" for k, v in row.items()))
     return "\n".join(lines)
-

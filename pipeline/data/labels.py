@@ -38,7 +38,9 @@ def check_threshold(threshold: float, levels: int) -> float:
     positive = positive_levels(threshold, levels)
     if len(positive) in (0, levels):
         grades = ", ".join(f"{level_grade(k, levels):.3g}" for k in range(levels))
-        raise ValueError(f"{threshold:g} makes {'every' if positive else 'no'} level positive (grades of the {levels} levels: {grades})")
+        raise ValueError(
+            f"{threshold:g} makes {'every' if positive else 'no'} level positive (grades of the {levels} levels: {grades})"
+        )
     return threshold
 
 

@@ -12,7 +12,9 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("MPR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mpr")
+    base = os.environ.get("MPR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mpr"
+    )
     return Path(base)
 
 

@@ -77,7 +77,9 @@ def _decode_problem(path: Path, exc: UnicodeDecodeError, lineno: int | None, raw
     else:
         hint = "convert the file to UTF-8 or pass --encoding (e.g. --encoding latin-1)"
     where = f" at column {exc.start + 1}" if lineno is not None else ""
-    return InputError(path, f"not valid {exc.encoding} (byte 0x{exc.object[exc.start]:02x}{where}); {hint}", lineno)
+    return InputError(
+        path, f"not valid {exc.encoding} (byte 0x{exc.object[exc.start]:02x}{where}); {hint}", lineno
+    )
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -97,7 +99,7 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 return
             for lineno, raw in enumerate(fh, start=1):
                 if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
+                    raw = raw[len(codecs.BOM_UTF8) :]
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError as exc:
@@ -106,7 +108,9 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as exc:
         raise _decode_problem(path, exc, None) from None
     except EOFError:
-        raise InputError(path, f"truncated gzip file (it ends after line {lineno}); download or compress it again") from None
+        raise InputError(
+            path, f"truncated gzip file (it ends after line {lineno}); download or compress it again"
+        ) from None
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(path, f"not a valid gzip file ({exc})") from None
 
@@ -239,14 +243,20 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[tuple[str, s
         if len(row) == 4:  # TREC qrels: qid iteration docid relevance
             row = [row[0], row[2], row[3]]
         if len(row) != 3:
-            raise InputError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}", lineno)
+            raise InputError(
+                path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}", lineno
+            )
         qid, pid, raw = (x.strip() for x in row)
         try:
             score = int(float(raw))
         except (ValueError, OverflowError):
             raise InputError(path, f"score '{raw}' is not a number", lineno) from None
         if pid in qrels.get(qid, {}):
-            raise InputError(path, f"duplicate judgment for query '{qid}', document '{pid}' (first on line {lines[(qid, pid)]})", lineno)
+            raise InputError(
+                path,
+                f"duplicate judgment for query '{qid}', document '{pid}' (first on line {lines[(qid, pid)]})",
+                lineno,
+            )
         qrels.setdefault(qid, {})[pid] = score
         lines[(qid, pid)] = lineno
     return qrels, lines
@@ -271,7 +281,9 @@ def split_names(root: Path) -> list[str]:
     return sorted(p.name.split(".")[0] for p in folder.glob("*.tsv*")) if folder.is_dir() else []
 
 
-def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05, on_empty: OnEmpty = "skip") -> BeirDataset:
+def load_beir(
+    root: str | Path, split: str, *, max_bad_qrels: float = 0.05, on_empty: OnEmpty = "skip"
+) -> BeirDataset:
     """Read a BEIR-layout folder; qrels pointing at unknown queries or documents are dropped and
     counted, and more than `max_bad_qrels` (a fraction of the split's rows) of them is an error. Empty
     documents and queries are left out and counted (`on_empty="error"`: refused), with their qrels."""
@@ -282,12 +294,17 @@ def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05, on_e
     for name in ("corpus.jsonl", "queries.jsonl"):
         found = find_path(root, name)
         if found is None:
-            raise InputError(root / name, "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
+            raise InputError(
+                root / name,
+                "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)",
+            )
         files[name] = found
     qrels_path = find_path(root / "qrels", f"{split}.tsv")
     if qrels_path is None:
         available = ", ".join(split_names(root)) or "none"
-        raise InputError(root / "qrels" / f"{split}.tsv", f"split '{split}' does not exist (available: {available})")
+        raise InputError(
+            root / "qrels" / f"{split}.tsv", f"split '{split}' does not exist (available: {available})"
+        )
     files["qrels"] = qrels_path
     corpus = read_corpus(files["corpus.jsonl"], on_empty=on_empty)
     empty_queries: list[str] = []
@@ -323,8 +340,18 @@ def load_beir(root: str | Path, split: str, *, max_bad_qrels: float = 0.05, on_e
         )
     if not qrels:
         raise InputError(qrels_path, "no judgments")
-    return BeirDataset(root, split, corpus, queries, qrels, files, dropped_qrels=len(bad), empty_documents=len(corpus.empty),
-                       empty_queries=len(empty_queries), qrels_of_empty=of_empty)
+    return BeirDataset(
+        root,
+        split,
+        corpus,
+        queries,
+        qrels,
+        files,
+        dropped_qrels=len(bad),
+        empty_documents=len(corpus.empty),
+        empty_queries=len(empty_queries),
+        qrels_of_empty=of_empty,
+    )
 
 
 # Tevatron / RLHN rows: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
@@ -339,8 +366,14 @@ class TevatronRow:
     negatives: list[tuple[str, str | None, str]]
 
 
-def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str, on_empty: OnEmpty = "error",
-              empty: dict[str, int] | None = None) -> list[tuple[str, str | None, str]]:
+def _passages(
+    path: Path,
+    lineno: int,
+    obj: dict[str, Any],
+    key: str,
+    on_empty: OnEmpty = "error",
+    empty: dict[str, int] | None = None,
+) -> list[tuple[str, str | None, str]]:
     value = obj.get(key)
     if value is None:
         return []
@@ -361,13 +394,17 @@ def _passages(path: Path, lineno: int, obj: dict[str, Any], key: str, on_empty: 
                 empty["empty_passages"] = empty.get("empty_passages", 0) + 1
             continue
         if not isinstance(text, str):
-            raise InputError(path, f"'{key}[{n}]' (docid '{pid}') text must be a string, got {type(text).__name__}", lineno)
+            raise InputError(
+                path, f"'{key}[{n}]' (docid '{pid}') text must be a string, got {type(text).__name__}", lineno
+            )
         title = passage.get("title")
         out.append((str(pid), title.strip() if isinstance(title, str) and title.strip() else None, text))
     return out
 
 
-def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[TevatronRow]:
+def iter_tevatron(
+    path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None
+) -> Iterator[TevatronRow]:
     """Rows of a Tevatron/RLHN JSONL(.gz) or Parquet file; a query id seen twice is an error. Empty or
     blank queries and passages are left out and counted in `empty` (`empty_queries`, `empty_passages`,
     and `queries_without_positive` for a query whose every positive was empty); `on_empty="error"`
@@ -381,7 +418,9 @@ def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[s
         table = read_part(path)
         missing = [f for f in ("query_id", "query") if f not in table.column_names]
         if missing:
-            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected {', '.join(TEVATRON_FIELDS)}")
+            raise InputError(
+                path, f"missing column(s) {', '.join(missing)}; expected {', '.join(TEVATRON_FIELDS)}"
+            )
         rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(table.to_pylist(), start=1)
     else:
         rows = iter_jsonl(path)
@@ -403,4 +442,6 @@ def iter_tevatron(path: str | Path, *, on_empty: OnEmpty = "skip", empty: dict[s
         if not positives:
             counts["queries_without_positive"] = counts.get("queries_without_positive", 0) + 1
             continue
-        yield TevatronRow(qid, query, positives, _passages(path, lineno, obj, "negative_passages", on_empty, counts))
+        yield TevatronRow(
+            qid, query, positives, _passages(path, lineno, obj, "negative_passages", on_empty, counts)
+        )

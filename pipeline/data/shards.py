@@ -147,7 +147,12 @@ def _manifests_in(folder: Path) -> list[Path]:
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True, default=str)]
+    return [
+        k
+        for k in keys
+        if json.dumps(old.get(k), sort_keys=True, default=str)
+        != json.dumps(new.get(k), sort_keys=True, default=str)
+    ]
 
 
 def _origin(inputs: list[InputInfo]) -> tuple[str | None, list[str]]:
@@ -169,7 +174,10 @@ def _origin(inputs: list[InputInfo]) -> tuple[str | None, list[str]]:
             plain.append(item)
     queries = [i for i in plain if "quer" in i.kind] or plain
     if queries:
-        datasets.append("sha256:" + hashlib.sha256("\n".join(sorted(i.fingerprint for i in queries)).encode()).hexdigest()[:16])
+        datasets.append(
+            "sha256:"
+            + hashlib.sha256("\n".join(sorted(i.fingerprint for i in queries)).encode()).hexdigest()[:16]
+        )
     unique = sorted(set(datasets))
     return (unique[0] if len(unique) == 1 else None), list(dict.fromkeys(lineage))
 
@@ -214,7 +222,9 @@ class ShardRun:
                 shutil.rmtree(self.out)
                 old = None
             elif not siblings:
-                raise MprError(f"{self.out}: folder exists and is not an mpr shard folder; choose another --out")
+                raise MprError(
+                    f"{self.out}: folder exists and is not an mpr shard folder; choose another --out"
+                )
             else:
                 every = [_load_manifest(p) for p in siblings]
                 finished = any(m.shards for m in every) or any(self.out.glob("part-*.parquet"))
@@ -223,7 +233,11 @@ class ShardRun:
                     if other.stage != stage:
                         what = f"stage '{other.stage}', not '{stage}'"
                     else:
-                        diff = _config_diff(other.identity, identity) if other.identity else _config_diff(other.config, config)
+                        diff = (
+                            _config_diff(other.identity, identity)
+                            if other.identity
+                            else _config_diff(other.config, config)
+                        )
                         what = "options that differ: " + (", ".join(diff) if diff else "the inputs")
                     raise MprError(
                         f"{self.out}: holds finished parts of a '{other.stage}' run with other options ({what}); "
@@ -255,7 +269,9 @@ class ShardRun:
             prompts=prompts or {},
             planned_shards=planned_shards,
             shards=kept,
-            complete=bool(old and old.complete and len(kept) == len(old.shards) and not any(s.retryable for s in kept)),
+            complete=bool(
+                old and old.complete and len(kept) == len(old.shards) and not any(s.retryable for s in kept)
+            ),
             summary=old.summary if old else {},
             created=old.created if old else _now(),
         )
@@ -301,7 +317,9 @@ class ShardRun:
             bytes=final.stat().st_size,
             stats=stats,
         )
-        self.manifest.shards = sorted([s for s in self.manifest.shards if s.name != name] + [info], key=lambda s: s.name)
+        self.manifest.shards = sorted(
+            [s for s in self.manifest.shards if s.name != name] + [info], key=lambda s: s.name
+        )
         self._save()
         return info
 
@@ -347,8 +365,12 @@ class FailureLog:
     def __init__(self, run: ShardRun):
         self.out = run.out
         self.job = run.job
-        self.path = run.out / (FAILURES if self.job is None else f"_failures.{self.job[0]}-of-{self.job[1]}.jsonl")
-        legacy = run.out / (LEGACY_FAILURES if self.job is None else f"failures.{self.job[0]}-of-{self.job[1]}.jsonl")
+        self.path = run.out / (
+            FAILURES if self.job is None else f"_failures.{self.job[0]}-of-{self.job[1]}.jsonl"
+        )
+        legacy = run.out / (
+            LEGACY_FAILURES if self.job is None else f"failures.{self.job[0]}-of-{self.job[1]}.jsonl"
+        )
         if legacy.exists() and not self.path.exists():
             os.replace(legacy, self.path)
         if self.path.exists():
@@ -365,8 +387,11 @@ class FailureLog:
         tmp.replace(path)
 
     def add(self, part: str, records: list[dict[str, Any]]) -> None:
-        lines = [line for line in (self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else [])
-                 if line.strip() and json.loads(line).get("part") != part]
+        lines = [
+            line
+            for line in (self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else [])
+            if line.strip() and json.loads(line).get("part") != part
+        ]
         lines += [redact(json.dumps({**r, "part": part}, ensure_ascii=False, default=str)) for r in records]
         if lines or self.path.exists():
             self._write(self.path, lines)
@@ -376,7 +401,13 @@ class FailureLog:
         if self.job is None:
             return
         files = [self.out / f"_failures.{k}-of-{self.job[1]}.jsonl" for k in range(self.job[1])]
-        lines = [line for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [
+            line
+            for f in files
+            if f.exists()
+            for line in f.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
         lines.sort(key=lambda line: json.loads(line)["part"])
         self._write(self.out / FAILURES, lines)
 
@@ -410,9 +441,13 @@ def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
         schema = pq.read_schema(path)
         missing = [c for c in columns or () if c not in schema.names]
         if missing:
-            raise MprError(f"{path}: no column {', '.join(repr(c) for c in missing)} (not an mpr shard part?)")
+            raise MprError(
+                f"{path}: no column {', '.join(repr(c) for c in missing)} (not an mpr shard part?)"
+            )
         table = pq.read_table(path, columns=columns)
-        table.validate(full=True)  # corrupt pages decode to invalid UTF-8 or offsets, caught here and not in a reader
+        table.validate(
+            full=True
+        )  # corrupt pages decode to invalid UTF-8 or offsets, caught here and not in a reader
         return table
     except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: undecodable metadata
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -423,7 +458,11 @@ def read_part_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise MprError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise MprError(
+            f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+
+
 def verify_shards(folder: str | Path, mode: VerifyMode | None = None) -> Manifest:
     """Check a shard folder against its manifest before a stage reads it; return the manifest.
 
@@ -440,8 +479,12 @@ def verify_shards(folder: str | Path, mode: VerifyMode | None = None) -> Manifes
     manifest = read_manifest(folder)
     if manifest is None:
         if _manifests_in(folder):
-            raise MprError(f"{folder}: the --shard jobs that write it have not all finished; rerun the missing ones")
-        raise MprError(f"{folder}: no {MANIFEST}, so its parts cannot be checked (write foreign data with `mpr ingest`)")
+            raise MprError(
+                f"{folder}: the --shard jobs that write it have not all finished; rerun the missing ones"
+            )
+        raise MprError(
+            f"{folder}: no {MANIFEST}, so its parts cannot be checked (write foreign data with `mpr ingest`)"
+        )
     if not manifest.complete:
         raise MprError(f"{folder}: the run that writes it is not complete; rerun that stage to finish it")
     listed = {s.name: s for s in manifest.shards}
@@ -456,7 +499,14 @@ def verify_shards(folder: str | Path, mode: VerifyMode | None = None) -> Manifes
     for name, path in on_disk.items():
         if name not in listed:
             size = path.stat().st_size
-            twin = next((s.name for s in manifest.shards if s.bytes in (None, size) and sha256_file(path) == s.sha256), None)
+            twin = next(
+                (
+                    s.name
+                    for s in manifest.shards
+                    if s.bytes in (None, size) and sha256_file(path) == s.sha256
+                ),
+                None,
+            )
             why = f"a copy of {twin}" if twin else "extra"
             raise MprError(f"{path}: not listed in {MANIFEST} ({why}); remove it or rerun the stage")
     total = sum(p.stat().st_size for p in files)
@@ -465,7 +515,9 @@ def verify_shards(folder: str | Path, mode: VerifyMode | None = None) -> Manifes
         path = on_disk[info.name]
         size = path.stat().st_size
         if info.bytes is not None and size != info.bytes:
-            raise MprError(f"{path}: {size:,} bytes, {MANIFEST} says {info.bytes:,} (truncated or rewritten?)")
+            raise MprError(
+                f"{path}: {size:,} bytes, {MANIFEST} says {info.bytes:,} (truncated or rewritten?)"
+            )
         try:
             rows = pq.read_metadata(path).num_rows
         except Exception as exc:

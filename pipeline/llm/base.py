@@ -160,7 +160,9 @@ class ChatBackend(ABC):
         self.max_invalid_retries = max_invalid_retries
         self.last_stats = RunStats()
         self.stats = RunStats()
-        self.endpoint: EndpointInfo | None = None  # what the server supports, when it was asked (pipeline.llm.endpoint)
+        self.endpoint: EndpointInfo | None = (
+            None  # what the server supports, when it was asked (pipeline.llm.endpoint)
+        )
         self.fit: ContextFit | None = None  # its context window and tokenizer, for fitting prompts
 
     @property
@@ -201,7 +203,9 @@ class ChatBackend(ABC):
         ctx = RunContext(self, n, validate, on_result, progress)
         ctx.stats.unique = len(items)
         try:
-            hits = self.cache.get_many(items, self.cache_scope) if self.cache is not None and use_cache else {}
+            hits = (
+                self.cache.get_many(items, self.cache_scope) if self.cache is not None and use_cache else {}
+            )
             todo = []
             for key, item in items.items():
                 hit = hits.get(key)

@@ -92,7 +92,9 @@ class ResultCache:
         if server is None:
             row = self._db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
         else:
-            row = self._db.execute("SELECT value FROM answers WHERE key = ? AND server = ?", (key, server)).fetchone()
+            row = self._db.execute(
+                "SELECT value FROM answers WHERE key = ? AND server = ?", (key, server)
+            ).fetchone()
         return _load(key, row[0]) if row else None
 
     def get_many(self, keys: Iterable[str], server: str | None = None) -> dict[str, ChatResult]:
@@ -101,7 +103,11 @@ class ResultCache:
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            where, args = (f"key IN ({marks})", chunk) if server is None else (f"key IN ({marks}) AND server = ?", [*chunk, server])
+            where, args = (
+                (f"key IN ({marks})", chunk)
+                if server is None
+                else (f"key IN ({marks}) AND server = ?", [*chunk, server])
+            )
             for key, value in self._db.execute(f"SELECT key, value FROM answers WHERE {where}", args):
                 found[key] = _load(key, value)
         return found

@@ -148,7 +148,9 @@ class OpenAIBackend(ChatBackend):
     async def _generate(self, todo: list[WorkItem], ctx: RunContext) -> None:
         secret = read_key(self.api_key_env)
         make = _OpenAIPoster if self.transport == "openai" else _AiohttpPoster
-        poster = make([s.url for s in self.servers], self.concurrency, self.timeout_s, self.connect_timeout_s, secret)
+        poster = make(
+            [s.url for s in self.servers], self.concurrency, self.timeout_s, self.connect_timeout_s, secret
+        )
         pending = iter(todo)
 
         async def worker() -> None:
@@ -193,9 +195,13 @@ class OpenAIBackend(ChatBackend):
                 result = out.result
                 if refused_by is not None and server.schema_level > level:
                     server.schema_level = level
-                    log.warning("%s rejects the JSON schema; %s", server.url,
-                                "sending its core (no length, count or uniqueness keywords)" if level else
-                                "parsing JSON answers leniently instead")
+                    log.warning(
+                        "%s rejects the JSON schema; %s",
+                        server.url,
+                        "sending its core (no length, count or uniqueness keywords)"
+                        if level
+                        else "parsing JSON answers leniently instead",
+                    )
                 refused_by, refused = None, 0
                 result.attempts = attempts
                 problem = ctx.check(item, result)
@@ -260,14 +266,20 @@ class OpenAIBackend(ChatBackend):
                 log.debug("%s: HTTP 400 with response_format; retrying with less of the schema", server.url)
                 return _Outcome(schema_refused=True)
             if status in (401, 403):
-                raise _Fatal(f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}")
+                raise _Fatal(
+                    f"{server.url} refused the API key from ${self.api_key_env} (HTTP {status}): {message}"
+                )
             if status == 404:
                 raise _Fatal(
                     f"{server.url}: HTTP 404 for model {item.request.model!r}: {message} "
                     f"(GET {server.url}/models lists the models it serves)"
                 )
             retryable = status in (408, 409, 429) or status >= 500
-            return _Outcome(error=f"HTTP {status}: {message}", retryable=retryable, retry_after=_retry_after(reply.headers))
+            return _Outcome(
+                error=f"HTTP {status}: {message}",
+                retryable=retryable,
+                retry_after=_retry_after(reply.headers),
+            )
         try:
             result = _parse(item.key, reply.body)
         except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -332,12 +344,18 @@ class _Poster(Protocol):
 class _AiohttpPoster:
     """POST /chat/completions with aiohttp: one session, at most `concurrency` connections."""
 
-    def __init__(self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str):
+    def __init__(
+        self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str
+    ):
         import aiohttp
 
         from pipeline import __version__
 
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": f"mpr/{__version__}"}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"mpr/{__version__}",
+        }
         if secret:
             headers["Authorization"] = f"Bearer {secret}"
         self.session = aiohttp.ClientSession(
@@ -369,7 +387,9 @@ class _AiohttpPoster:
 class _OpenAIPoster:
     """POST /chat/completions through the official openai client (its raw-request call)."""
 
-    def __init__(self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str):
+    def __init__(
+        self, urls: list[str], concurrency: int, timeout_s: float, connect_timeout_s: float, secret: str
+    ):
         import openai
 
         try:
@@ -382,7 +402,11 @@ class _OpenAIPoster:
         timeout = openai.Timeout(timeout_s, connect=connect_timeout_s)
         self.clients = {
             url: openai.AsyncOpenAI(
-                base_url=url, api_key=secret or "EMPTY", max_retries=0, timeout=timeout, http_client=self.http_client
+                base_url=url,
+                api_key=secret or "EMPTY",
+                max_retries=0,
+                timeout=timeout,
+                http_client=self.http_client,
             )
             for url in urls
         }
@@ -391,12 +415,17 @@ class _OpenAIPoster:
         import openai
 
         try:
-            return _Reply(200, {}, await self.clients[url].post("/chat/completions", cast_to=bytes, body=body))
+            return _Reply(
+                200, {}, await self.clients[url].post("/chat/completions", cast_to=bytes, body=body)
+            )
         except openai.APIStatusError as e:
             detail = e.body if e.body is not None else e.message
             return _Reply(e.status_code, e.response.headers, json.dumps(detail).encode())
         except openai.APIConnectionError as e:  # APITimeoutError included
-            if isinstance(e, openai.APITimeoutError) and "Connect" not in type(e.__cause__ or e.__context__).__name__:
+            if (
+                isinstance(e, openai.APITimeoutError)
+                and "Connect" not in type(e.__cause__ or e.__context__).__name__
+            ):
                 raise _NoReply("timed out", timed_out=True) from None
             raise _NoReply(f"connection failed: {_cause(e)}") from None
 
@@ -432,7 +461,9 @@ def _parse(key: str, raw: bytes) -> ChatResult:
 
 RETRY_TEMPERATURE = 0.7
 # What a JSON-schema grammar is most often without (OpenAI's strict mode, some xgrammar and llama.cpp versions).
-EXTRA_KEYWORDS = frozenset({"uniqueItems", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"})
+EXTRA_KEYWORDS = frozenset(
+    {"uniqueItems", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"}
+)
 
 
 def core_schema(schema: Any) -> Any:
@@ -448,16 +479,25 @@ def core_schema(schema: Any) -> Any:
 def reask(messages: list[dict[str, str]], answer: str, problem: str) -> list[dict[str, str]]:
     """The conversation asked again after an invalid answer: the answer (cut to 2,000 characters) and what
     was wrong with it, so the model can correct it rather than guess again (as `instructor` re-asks)."""
-    return [*messages, {"role": "assistant", "content": answer[:2000]},
-            {"role": "user", "content": f"That answer was not accepted: {problem.removeprefix('ValueError: ')}. "
-                                        "Answer the same request again, correctly, with JSON only."}]
+    return [
+        *messages,
+        {"role": "assistant", "content": answer[:2000]},
+        {
+            "role": "user",
+            "content": f"That answer was not accepted: {problem.removeprefix('ValueError: ')}. "
+            "Answer the same request again, correctly, with JSON only.",
+        },
+    ]
 
 
 def _retry_sampling(req: ChatRequest, invalid: int, finish_reason: str | None) -> dict[str, Any]:
     """How the next ask after an invalid answer differs: a greedy (temperature 0) model gives the same invalid
     answer again, so it samples (`RETRY_TEMPERATURE`, a new seed each time); an answer cut at `max_tokens`
     gets twice the request's limit."""
-    out: dict[str, Any] = {"temperature": max(req.temperature, RETRY_TEMPERATURE), "seed": (req.seed or 0) + invalid}
+    out: dict[str, Any] = {
+        "temperature": max(req.temperature, RETRY_TEMPERATURE),
+        "seed": (req.seed or 0) + invalid,
+    }
     if finish_reason == "length" and req.max_tokens is not None:
         out["max_tokens"] = 2 * req.max_tokens  # once: a model that rambles past twice the limit rambles on
     return out
@@ -497,4 +537,3 @@ def _status_message(body: bytes) -> str:
 def _cause(e: BaseException) -> str:
     cause = e.__cause__ or e.__context__
     return f"{type(cause).__name__}: {cause}"[:200] if cause is not None else type(e).__name__
-

@@ -31,12 +31,19 @@ from pipeline.llm.models import TokenCounter
 from pipeline.llm.types import Message
 
 ServerKind = Literal["llama.cpp", "vllm", "other"]
-_PROBE_SCHEMA = {"type": "object", "properties": {"grade": {"type": "integer", "enum": [0, 1, 2, 3]}},
-                 "required": ["grade"], "additionalProperties": False}
+_PROBE_SCHEMA = {
+    "type": "object",
+    "properties": {"grade": {"type": "integer", "enum": [0, 1, 2, 3]}},
+    "required": ["grade"],
+    "additionalProperties": False,
+}
 _PROBE_MESSAGES = [
     {"role": "system", "content": "You grade relevance from 0 to 3. Answer with JSON only."},
-    {"role": "user", "content": 'Query: boiling point of water. Passage: Water boils at 100 degrees Celsius at sea '
-                                'level. Answer with JSON: {"grade": 0, 1, 2 or 3}'},
+    {
+        "role": "user",
+        "content": "Query: boiling point of water. Passage: Water boils at 100 degrees Celsius at sea "
+        'level. Answer with JSON: {"grade": 0, 1, 2 or 3}',
+    },
 ]
 
 
@@ -59,13 +66,27 @@ class EndpointInfo(BaseModel):
         parts.append(f"context {self.context_length:,} tokens" if self.context_length else "context unknown")
         if self.slots:
             parts.append(f"{self.slots} slot(s)")
-        parts.append("its own tokenizer (/tokenize)" if self.tokenizer == "server" else "tokens estimated at 4 chars/token")
-        parts.append({True: "JSON schema enforced", False: "JSON schema refused or ignored: lenient parsing",
-                      None: "JSON schema not checked"}[self.json_schema])
-        parts.append({"top": "logprobs with alternatives" + ("" if self.logprobs_constrained in (True, None)
-                                                             else " (before the schema's constraint)"),
-                      "sampled": "logprobs of the sampled tokens only", "none": "no logprobs",
-                      None: "logprobs not checked"}[self.logprobs])
+        parts.append(
+            "its own tokenizer (/tokenize)"
+            if self.tokenizer == "server"
+            else "tokens estimated at 4 chars/token"
+        )
+        parts.append(
+            {
+                True: "JSON schema enforced",
+                False: "JSON schema refused or ignored: lenient parsing",
+                None: "JSON schema not checked",
+            }[self.json_schema]
+        )
+        parts.append(
+            {
+                "top": "logprobs with alternatives"
+                + ("" if self.logprobs_constrained in (True, None) else " (before the schema's constraint)"),
+                "sampled": "logprobs of the sampled tokens only",
+                "none": "no logprobs",
+                None: "logprobs not checked",
+            }[self.logprobs]
+        )
         return ", ".join(parts)
 
 
@@ -122,7 +143,9 @@ class ContextFit:
     def __init__(self, info: EndpointInfo, tokenizer: ServerTokenizer | None):
         self.info, self.tokenizer = info, tokenizer
         self.template_tokens = info.template_tokens if info.template_tokens is not None else 8
-        self.count_text: Callable[[str], int] = tokenizer.count if tokenizer is not None else TokenCounter().count
+        self.count_text: Callable[[str], int] = (
+            tokenizer.count if tokenizer is not None else TokenCounter().count
+        )
 
     def count_messages(self, messages: Iterable[Message | Mapping[str, str]]) -> int:
         total = 0
@@ -140,7 +163,9 @@ class ContextFit:
         return self.room(self.count_messages(messages))
 
 
-def probe_endpoint(url: str, model: str, key: str = "", timeout_s: float = 60.0) -> tuple[EndpointInfo, ContextFit]:
+def probe_endpoint(
+    url: str, model: str, key: str = "", timeout_s: float = 60.0
+) -> tuple[EndpointInfo, ContextFit]:
     """Ask `url` (a base URL ending in /v1) what it supports; see the module docstring."""
     info = EndpointInfo(url=url)
     status, props = _http(f"{_root(url)}/props", None, key, 10)
@@ -162,9 +187,18 @@ def probe_endpoint(url: str, model: str, key: str = "", timeout_s: float = 60.0)
     fit = ContextFit(info, tokenizer)
     if info.server == "other":  # an unknown (maybe paid) API is asked nothing more; its first answers tell
         return info, fit
-    body = {"model": model, "messages": _PROBE_MESSAGES, "temperature": 0, "max_tokens": 16, "logprobs": True,
-            "top_logprobs": 5, "response_format": {"type": "json_schema",
-                                                   "json_schema": {"name": "probe", "schema": _PROBE_SCHEMA, "strict": True}}}
+    body = {
+        "model": model,
+        "messages": _PROBE_MESSAGES,
+        "temperature": 0,
+        "max_tokens": 16,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "probe", "schema": _PROBE_SCHEMA, "strict": True},
+        },
+    }
     status, answer = _http(f"{url.rstrip('/')}/chat/completions", body, key, timeout_s)
     if status == 400:
         body.pop("response_format")

@@ -39,18 +39,30 @@ class JudgeOptions(BaseModel):
     """How the judge is asked and how a grade becomes a label (part of `RelabelConfig`)."""
 
     batch_candidates: int | None = Field(
-        None, ge=1, description="Candidates per request: default 20 listwise; graded default 1 (pointwise), more packs "
-        "several pairs into one request.")
+        None,
+        ge=1,
+        description="Candidates per request: default 20 listwise; graded default 1 (pointwise), more packs "
+        "several pairs into one request.",
+    )
     positive_threshold: float = Field(
-        DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="Graded mode: a pair whose grade (on the 0-1 scale: the "
-        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.")
+        DEFAULT_POSITIVE_THRESHOLD,
+        ge=0,
+        le=1,
+        description="Graded mode: a pair whose grade (on the 0-1 scale: the "
+        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.",
+    )
     max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
     max_passage_chars: int = Field(
-        2000, ge=100, description="Passages are cut to this many characters in a request, and further (counted as "
-        "trimmed_passages) where the prompt would not fit the server's context window.")
+        2000,
+        ge=100,
+        description="Passages are cut to this many characters in a request, and further (counted as "
+        "trimmed_passages) where the prompt would not fit the server's context window.",
+    )
     max_tokens: int | None = Field(None, ge=1, description="Completion token limit per request.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge.")
-    logprobs: bool = Field(True, description="Graded mode: expected grade from the grade tokens' log-probabilities.")
+    logprobs: bool = Field(
+        True, description="Graded mode: expected grade from the grade tokens' log-probabilities."
+    )
 
     @field_validator("positive_threshold")
     @classmethod
@@ -81,7 +93,9 @@ class Judge:
     listwise: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.fit: ContextFit | None = None  # the server's context window and tokenizer (pipeline.llm.endpoint)
+        self.fit: ContextFit | None = (
+            None  # the server's context window and tokenizer (pipeline.llm.endpoint)
+        )
         # trimmed_passages: cut below max_passage_chars to fit the context window; logprobs_read / logprobs_unusable:
         # graded answers whose grade came from the grade tokens' probabilities, or from the sampled grade instead
         self.counts: Counter[str] = Counter()
@@ -93,18 +107,26 @@ class Judge:
     def _clip(self, row: dict[str, Any], limit: int | None = None) -> tuple[str | None, str]:
         return row["title"], row["text"][: self.cfg.max_passage_chars if limit is None else limit]
 
-    def requests(self, query: str, positives: list[dict], candidates: list[dict]) -> list[tuple[ChatRequest, list[int]]]:
+    def requests(
+        self, query: str, positives: list[dict], candidates: list[dict]
+    ) -> list[tuple[ChatRequest, list[int]]]:
         """(request, indices into `candidates` it judges)."""
         if self.pointwise:
+
             def one(limit: int | None, row: dict) -> list[dict[str, str]]:
                 return self.prompt.render(query=escape(query), passage=passage_text(*self._clip(row, limit)))
 
-            return [(self._fitted(functools.partial(one, row=row), [row], self._grade_schema(1), 1), [i])
-                    for i, row in enumerate(candidates)]
+            return [
+                (self._fitted(functools.partial(one, row=row), [row], self._grade_schema(1), 1), [i])
+                for i, row in enumerate(candidates)
+            ]
         shown_rows = positives[: self.cfg.max_positives_shown]
 
         def shown(limit: int | None) -> str:
-            return known_relevant_block([self._clip(r, limit) for r in shown_rows]) or "(no known relevant passage)"
+            return (
+                known_relevant_block([self._clip(r, limit) for r in shown_rows])
+                or "(no known relevant passage)"
+            )
 
         out = []
         step = self.cfg.per_request(self.graded)
@@ -112,20 +134,38 @@ class Judge:
             chunk = list(range(start, min(start + step, len(candidates))))
             rows = [candidates[i] for i in chunk]
             if self.graded:
+
                 def build(lim: int | None, rows: list[dict] = rows) -> list[dict[str, str]]:
-                    return self.prompt.render(query=escape(query), passages=numbered_block([self._clip(r, lim) for r in rows], "passage"))
+                    return self.prompt.render(
+                        query=escape(query),
+                        passages=numbered_block([self._clip(r, lim) for r in rows], "passage"),
+                    )
 
                 out.append((self._fitted(build, rows, self._grade_schema(len(chunk)), len(chunk)), chunk))
             else:
-                def build(lim: int | None, rows: list[dict] = rows) -> list[dict[str, str]]:
-                    return self.prompt.render(query=escape(query), positives=shown(lim),
-                                              candidates=numbered_block([self._clip(r, lim) for r in rows]))
 
-                out.append((self._fitted(build, [*shown_rows, *rows], self._list_schema(len(chunk)), len(chunk)), chunk))
+                def build(lim: int | None, rows: list[dict] = rows) -> list[dict[str, str]]:
+                    return self.prompt.render(
+                        query=escape(query),
+                        positives=shown(lim),
+                        candidates=numbered_block([self._clip(r, lim) for r in rows]),
+                    )
+
+                out.append(
+                    (
+                        self._fitted(build, [*shown_rows, *rows], self._list_schema(len(chunk)), len(chunk)),
+                        chunk,
+                    )
+                )
         return out
 
-    def _fitted(self, build: Callable[[int | None], list[dict[str, str]]], rows: list[dict], schema: dict[str, Any],
-                n: int) -> ChatRequest:
+    def _fitted(
+        self,
+        build: Callable[[int | None], list[dict[str, str]]],
+        rows: list[dict],
+        schema: dict[str, Any],
+        n: int,
+    ) -> ChatRequest:
         """The request with every passage cut to `max_passage_chars`, and, when the prompt would not fit the
         server's context window next to the completion limit, cut further (the same limit for every passage
         of the request) until it does, counting the passages cut below `max_passage_chars`."""
@@ -170,16 +210,30 @@ class Judge:
         props: dict[str, Any] = {}
         if self.reasoning:
             props["reasoning"] = {"type": "string"}
-        props["relevant"] = {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))},
-                              "uniqueItems": True, "maxItems": n}  # a grammar without uniqueItems still stops after n
+        props["relevant"] = {
+            "type": "array",
+            "items": {"type": "integer", "enum": list(range(1, n + 1))},
+            "uniqueItems": True,
+            "maxItems": n,
+        }  # a grammar without uniqueItems still stops after n
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
     def _grade_schema(self, n: int) -> dict[str, Any]:
         grade = {"type": "integer", "enum": list(GRADES)}
         if self.pointwise:
-            return {"type": "object", "properties": {"grade": grade}, "required": ["grade"], "additionalProperties": False}
+            return {
+                "type": "object",
+                "properties": {"grade": grade},
+                "required": ["grade"],
+                "additionalProperties": False,
+            }
         grades = {"type": "array", "items": grade, "minItems": n, "maxItems": n}
-        return {"type": "object", "properties": {"grades": grades}, "required": ["grades"], "additionalProperties": False}
+        return {
+            "type": "object",
+            "properties": {"grades": grades},
+            "required": ["grades"],
+            "additionalProperties": False,
+        }
 
     def validator(self, n: int) -> Callable[[str], Any]:
         """Parse an answer or raise, so the client asks again; an answer is never guessed."""
@@ -190,7 +244,9 @@ class Judge:
                 raise ValueError("the answer is not a JSON object")
             if self.listwise:
                 numbers = value.get("relevant")
-                if not isinstance(numbers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers):
+                if not isinstance(numbers, list) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in numbers
+                ):
                     raise ValueError("'relevant' must be a list of candidate numbers")
                 bad = [x for x in numbers if not 1 <= x <= n]
                 if bad:
@@ -217,9 +273,14 @@ class Judge:
         levels = result.parsed["grades"]
         expected = expected_grades(result.logprobs, levels)
         if self.cfg.logprobs:
-            self.counts["logprobs_read" if logprobs_usable(result.logprobs, levels) else "logprobs_unusable"] += len(levels)
+            self.counts[
+                "logprobs_read" if logprobs_usable(result.logprobs, levels) else "logprobs_unusable"
+            ] += len(levels)
         grades = [level_grade(e, len(GRADES)) for e in expected]
-        return [Verdict(flagged=is_positive(g, self.cfg.positive_threshold), level=lv, grade=g, judge=judge) for lv, g in zip(levels, grades)]
+        return [
+            Verdict(flagged=is_positive(g, self.cfg.positive_threshold), level=lv, grade=g, judge=judge)
+            for lv, g in zip(levels, grades)
+        ]
 
 
 def _expectation(token: TokenLogprob) -> float | None:
@@ -242,7 +303,9 @@ def logprobs_usable(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> 
     """Whether `expected_grades` reads these grades from probabilities: the grade tokens line up with the
     answer and each has another grade among its alternatives."""
     digits = _grade_tokens(logprobs, sampled)
-    return bool(digits) and all(sum(a.strip() in {"0", "1", "2", "3"} for a, _ in t.top) >= 2 for t in digits or ())
+    return bool(digits) and all(
+        sum(a.strip() in {"0", "1", "2", "3"} for a, _ in t.top) >= 2 for t in digits or ()
+    )
 
 
 def expected_grades(logprobs: list[TokenLogprob] | None, sampled: list[int]) -> list[float]:

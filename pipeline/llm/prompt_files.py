@@ -45,7 +45,9 @@ class Prompt:
 
 
 def available() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("prompts").iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in resources.files("prompts").iterdir() if p.name.endswith(".toml")
+    )
 
 
 @cache
@@ -75,4 +77,6 @@ def known_relevant_block(passages: list[tuple[str | None, str]]) -> str:
 
 
 def numbered_block(passages: list[tuple[str | None, str]], tag: str = "candidate") -> str:
-    return "\n".join(f'<{tag} number="{n}">{passage_text(t, x)}</{tag}>' for n, (t, x) in enumerate(passages, start=1))
+    return "\n".join(
+        f'<{tag} number="{n}">{passage_text(t, x)}</{tag}>' for n, (t, x) in enumerate(passages, start=1)
+    )

@@ -54,14 +54,23 @@ class RayOptions(BaseModel):
     """Where the LLM requests run (part of every LLM stage's config; none changes what is written)."""
 
     engine: Literal["local", "ray"] = Field(
-        "local", description="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm "
-        "(pip install 'mpr[ray]'; README: running on a cluster).")
-    ray_address: str | None = Field(None, description="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
+        "local",
+        description="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm "
+        "(pip install 'mpr[ray]'; README: running on a cluster).",
+    )
+    ray_address: str | None = Field(
+        None, description="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray)."
+    )
     ray_processor: Literal["mpr", "ray-llm"] = Field(
-        "mpr", description="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's "
-        "HttpRequestProcessorConfig (one request in flight per actor).")
+        "mpr",
+        description="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's "
+        "HttpRequestProcessorConfig (one request in flight per actor).",
+    )
     ray_workers: int = Field(
-        2, ge=1, description="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.")
+        2,
+        ge=1,
+        description="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.",
+    )
     ray_batch_size: int = Field(256, ge=1, description="--engine ray: rows per Ray Data batch.")
 
 
@@ -74,8 +83,12 @@ def ensure_ray(address: str | None) -> None:
     except ImportError:
         raise MprError('--engine ray needs Ray: pip install "mpr[ray]"') from None
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -104,14 +117,20 @@ def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
         result = _parse(row["key"], raw.encode())
     except (ValueError, KeyError, IndexError, TypeError) as e:
         error = response.get("error") if isinstance(response, dict) else None
-        message = (error.get("message") if isinstance(error, dict) else None) or f"malformed response: {type(e).__name__}: {e}"
+        message = (
+            error.get("message") if isinstance(error, dict) else None
+        ) or f"malformed response: {type(e).__name__}: {e}"
         return {"i": int(row["i"]), "ok": False, "answer": str(message)[:300]}
     return {"i": int(row["i"]), "ok": True, "answer": result.model_dump_json()}
 
 
 def _vllm_preprocess(row: dict[str, Any]) -> dict[str, Any]:
     request = ChatRequest.model_validate_json(row["request"])
-    sampling: dict[str, Any] = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens}
+    sampling: dict[str, Any] = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+    }
     if request.seed is not None:
         sampling["seed"] = request.seed
     if request.stop:
@@ -120,12 +139,21 @@ def _vllm_preprocess(row: dict[str, Any]) -> dict[str, Any]:
         sampling["logprobs"] = max(1, request.top_logprobs)
     if request.json_schema is not None:
         sampling["structured_outputs"] = {"json": request.json_schema}
-    return {"i": row["i"], "key": row["key"], "messages": [m.model_dump() for m in request.messages], "sampling_params": sampling}
+    return {
+        "i": row["i"],
+        "key": row["key"],
+        "messages": [m.model_dump() for m in request.messages],
+        "sampling_params": sampling,
+    }
 
 
 def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    result = ChatResult(key=row["key"], content=row.get("generated_text"), prompt_tokens=int(row.get("num_input_tokens") or 0),
-                        completion_tokens=int(row.get("num_generated_tokens") or 0))
+    result = ChatResult(
+        key=row["key"],
+        content=row.get("generated_text"),
+        prompt_tokens=int(row.get("num_input_tokens") or 0),
+        completion_tokens=int(row.get("num_generated_tokens") or 0),
+    )
     return {"i": int(row["i"]), "ok": True, "answer": result.model_dump_json()}
 
 
@@ -140,17 +168,29 @@ class _MprHttpUDF:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         requests = [ChatRequest.model_validate_json(r) for r in batch["request"]]
-        results = self.backend.run_sync(requests, validate=lambda content: None)  # any content; the driver validates
-        return {"i": [int(i) for i in batch["i"]], "ok": [r.ok for r in results],
-                "answer": [r.model_dump_json() if r.ok else (r.error or "failed") for r in results]}
+        results = self.backend.run_sync(
+            requests, validate=lambda content: None
+        )  # any content; the driver validates
+        return {
+            "i": [int(i) for i in batch["i"]],
+            "ok": [r.ok for r in results],
+            "answer": [r.model_dump_json() if r.ok else (r.error or "failed") for r in results],
+        }
 
 
 class RayBackend(ChatBackend):
     """What the Ray backends share: rounds of Ray Data pipelines, validation and retries on the driver."""
 
-    def __init__(self, model: str, *, address: str | None, workers: int, batch_size: int, max_attempts: int, **kw: Any):
+    def __init__(
+        self, model: str, *, address: str | None, workers: int, batch_size: int, max_attempts: int, **kw: Any
+    ):
         super().__init__(model, **kw)
-        self.address, self.workers, self.batch_size, self.max_attempts = address, workers, batch_size, max_attempts
+        self.address, self.workers, self.batch_size, self.max_attempts = (
+            address,
+            workers,
+            batch_size,
+            max_attempts,
+        )
         # here, in the caller's thread: a local Ray started from the short-lived thread a round runs in would
         # be stopped with that thread (its processes get the parent-death signal)
         ensure_ray(address)
@@ -186,7 +226,14 @@ class RayBackend(ChatBackend):
                 else:
                     failures[item.key] = failures.get(item.key, 0) + 1
                     if failures[item.key] >= self.max_attempts:
-                        await ctx.finish(item, ChatResult(key=item.key, error=f"gave up after {tries} attempts: {answer}", attempts=tries))
+                        await ctx.finish(
+                            item,
+                            ChatResult(
+                                key=item.key,
+                                error=f"gave up after {tries} attempts: {answer}",
+                                attempts=tries,
+                            ),
+                        )
                         continue
                 again.append(item)
             pending = again
@@ -212,8 +259,18 @@ class RayHttpBackend(RayBackend):
 
     kind = "ray-openai"
 
-    def __init__(self, model: str, base_urls: list[str], *, api_key_env: str, timeout_s: float, processor: str = "mpr",
-                 concurrency: int = 64, transport: str = "aiohttp", **kw: Any):
+    def __init__(
+        self,
+        model: str,
+        base_urls: list[str],
+        *,
+        api_key_env: str,
+        timeout_s: float,
+        processor: str = "mpr",
+        concurrency: int = 64,
+        transport: str = "aiohttp",
+        **kw: Any,
+    ):
         super().__init__(model, **kw)
         if not base_urls:
             raise MprError("--engine ray: no base URL given for the OpenAI-compatible servers")
@@ -233,12 +290,20 @@ class RayHttpBackend(RayBackend):
         import ray
 
         secret = os.environ.get(self.api_key_env)
-        options = {"api_key_env": self.api_key_env, "concurrency": self.concurrency, "timeout_s": self.timeout_s,
-                   "max_attempts": self.max_attempts, "transport": self.transport}
+        options = {
+            "api_key_env": self.api_key_env,
+            "concurrency": self.concurrency,
+            "timeout_s": self.timeout_s,
+            "max_attempts": self.max_attempts,
+            "transport": self.transport,
+        }
         rows = [{"i": n, "request": item.request.model_dump_json()} for n, item in enumerate(items)]
         return ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows))).map_batches(
-            _MprHttpUDF, fn_constructor_kwargs={"model": self.model, "urls": self.urls, "options": options},
-            compute=ray.data.ActorPoolStrategy(size=self.workers), batch_size=self.batch_size, batch_format="default",
+            _MprHttpUDF,
+            fn_constructor_kwargs={"model": self.model, "urls": self.urls, "options": options},
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            batch_size=self.batch_size,
+            batch_format="default",
             # the workers read the key from their environment, as the local client does
             runtime_env={"env_vars": {self.api_key_env: secret}} if secret else None,
         )
@@ -269,10 +334,14 @@ class RayHttpBackend(RayBackend):
                 batch_size=self.batch_size,
                 max_retries=max(0, self.max_attempts - 1),
                 base_retry_wait_time_in_s=0.5,
-                session_factory=functools.partial(aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=self.timeout_s)),
+                session_factory=functools.partial(
+                    aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+                ),
             )
             processor = build_processor(config, preprocess=_http_preprocess, postprocess=_http_postprocess)
-            datasets.append(processor(ray.data.from_items(share, override_num_blocks=self._blocks(len(share)))))
+            datasets.append(
+                processor(ray.data.from_items(share, override_num_blocks=self._blocks(len(share))))
+            )
         return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -289,17 +358,40 @@ class RayVLLMBackend(RayBackend):
         import ray
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-        config = vLLMEngineProcessorConfig(model_source=self.model, engine_kwargs=self.engine_kwargs, concurrency=self.workers,
-                                           batch_size=self.batch_size)
+        config = vLLMEngineProcessorConfig(
+            model_source=self.model,
+            engine_kwargs=self.engine_kwargs,
+            concurrency=self.workers,
+            batch_size=self.batch_size,
+        )
         processor = build_processor(config, preprocess=_vllm_preprocess, postprocess=_vllm_postprocess)
-        rows = [{"i": n, "key": item.key, "request": item.request.model_dump_json()} for n, item in enumerate(items)]
+        rows = [
+            {"i": n, "key": item.key, "request": item.request.model_dump_json()}
+            for n, item in enumerate(items)
+        ]
         return processor(ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows))))
 
 
-def create_ray_backend(cfg: LLMStageConfig, kind: str, model: str, base_urls: list[str], options: dict[str, Any]) -> ChatBackend:
-    common: dict[str, Any] = {"address": cfg.ray_address, "workers": cfg.ray_workers, "batch_size": cfg.ray_batch_size,
-                              "max_attempts": cfg.max_attempts, "cache": options["cache"], "max_invalid_retries": cfg.max_invalid_retries}
+def create_ray_backend(
+    cfg: LLMStageConfig, kind: str, model: str, base_urls: list[str], options: dict[str, Any]
+) -> ChatBackend:
+    common: dict[str, Any] = {
+        "address": cfg.ray_address,
+        "workers": cfg.ray_workers,
+        "batch_size": cfg.ray_batch_size,
+        "max_attempts": cfg.max_attempts,
+        "cache": options["cache"],
+        "max_invalid_retries": cfg.max_invalid_retries,
+    }
     if kind == "vllm":
         return RayVLLMBackend(model, **common)
-    return RayHttpBackend(model, base_urls, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout, processor=cfg.ray_processor,
-                          concurrency=cfg.concurrency, transport=cfg.http_client, **common)
+    return RayHttpBackend(
+        model,
+        base_urls,
+        api_key_env=cfg.api_key_env,
+        timeout_s=cfg.timeout,
+        processor=cfg.ray_processor,
+        concurrency=cfg.concurrency,
+        transport=cfg.http_client,
+        **common,
+    )

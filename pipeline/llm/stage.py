@@ -15,43 +15,93 @@ from pipeline.llm.ray_engine import RAY_KEYS, RayOptions
 from pipeline.llm.types import RunStats
 from pipeline.redact import refuse_userinfo
 
-LLM_KEYS = ("sent", "first_try_valid", "cache_hits", "retries", "invalid", "failures", "prompt_tokens", "completion_tokens")
+LLM_KEYS = (
+    "sent",
+    "first_try_valid",
+    "cache_hits",
+    "retries",
+    "invalid",
+    "failures",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 class LLMStageConfig(RayOptions):
     """Options every LLM stage takes; `RUNTIME` names those that do not change what the stage writes."""
 
     model_config = ConfigDict(extra="forbid")
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({
-        "backend", "base_url", "api_key_env", "concurrency", "http_client", "timeout", "max_attempts", "max_invalid_retries",
-        "shard", "llm_cache", "overwrite", "progress", "max_failure_rate", "verify_inputs",
-    }) | RAY_KEYS
+    RUNTIME: ClassVar[frozenset[str]] = (
+        frozenset(
+            {
+                "backend",
+                "base_url",
+                "api_key_env",
+                "concurrency",
+                "http_client",
+                "timeout",
+                "max_attempts",
+                "max_invalid_retries",
+                "shard",
+                "llm_cache",
+                "overwrite",
+                "progress",
+                "max_failure_rate",
+                "verify_inputs",
+            }
+        )
+        | RAY_KEYS
+    )
 
     backend: Literal["auto", "openai", "vllm"] = Field(
-        "auto", description="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); "
-        "auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.")
+        "auto",
+        description="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); "
+        "auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.",
+    )
     base_url: list[str] = Field(
-        default_factory=list, description="OpenAI-compatible base URL; repeat to spread the load over several servers.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never written anywhere).")
+        default_factory=list,
+        description="OpenAI-compatible base URL; repeat to spread the load over several servers.",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never written anywhere)."
+    )
     concurrency: int = Field(64, ge=1, description="Requests in flight.")
     http_client: Literal["aiohttp", "openai"] = Field(
-        "aiohttp", description="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client "
-        "(4-8x the client CPU per request).")
+        "aiohttp",
+        description="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client "
+        "(4-8x the client CPU per request).",
+    )
     timeout: float = Field(300.0, gt=0, description="Seconds per request before it is retried.")
-    max_attempts: int = Field(6, ge=1, description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed.")
+    max_attempts: int = Field(
+        6, ge=1, description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed."
+    )
     max_invalid_retries: int = Field(
-        2, ge=0, description="Times an answer that does not parse or validate is asked again before it is recorded as failed.")
+        2,
+        ge=0,
+        description="Times an answer that does not parse or validate is asked again before it is recorded as failed.",
+    )
     shard: str | None = Field(
-        None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder.")
-    queries_per_shard: int = Field(1000, ge=1, description="Queries per output part (the unit of resumption and of --shard).")
+        None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder."
+    )
+    queries_per_shard: int = Field(
+        1000, ge=1, description="Queries per output part (the unit of resumption and of --shard)."
+    )
     llm_cache: Path | None = Field(None, description="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")
-    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
+    overwrite: bool = Field(
+        False, description="Replace an existing output folder written with other options."
+    )
     progress: bool = True
     max_failure_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.")
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.",
+    )
     verify_inputs: Literal["fast", "full"] | None = Field(
-        None, description="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums "
-        "up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.")
+        None,
+        description="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums "
+        "up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
+    )
 
     _no_userinfo = field_validator("base_url")(refuse_userinfo)
 
@@ -82,25 +132,41 @@ def open_backends(
     """The backend for `model` and one for each of `others` (None stays None; the same model shares it)."""
     from pipeline.data.locations import default_cache_dir
 
-    options: dict[str, Any] = dict(cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries)
+    options: dict[str, Any] = dict(
+        cache=cfg.llm_cache or default_cache_dir() / "llm.sqlite", max_invalid_retries=cfg.max_invalid_retries
+    )
     if cfg.engine == "ray":
         return _open_ray(cfg, model, others, options, stage=stage, log=log)
     spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
     if spec.kind == "openai":
-        options.update(api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout_s=cfg.timeout, max_attempts=cfg.max_attempts,
-                       transport=cfg.http_client)
+        options.update(
+            api_key_env=cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout,
+            max_attempts=cfg.max_attempts,
+            transport=cfg.http_client,
+        )
     backend = spec.create(**options)
     extra = [
-        None if m is None else backend if m == spec.model else spec.model_copy(update={"model": m}).create(**options)
+        None
+        if m is None
+        else backend
+        if m == spec.model
+        else spec.model_copy(update={"model": m}).create(**options)
         for m in others
     ]
-    log(f"{stage}: {spec.kind} backend, model {spec.model}" + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else ""))
+    log(
+        f"{stage}: {spec.kind} backend, model {spec.model}"
+        + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else "")
+    )
     if spec.kind == "openai":
         know_endpoint([backend, *extra], cfg, stage=stage, log=log)
     return backend, extra
 
 
-def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, stage: str, log: Callable[[str], None]) -> None:
+def know_endpoint(
+    backends: list[ChatBackend | None], cfg: LLMStageConfig, *, stage: str, log: Callable[[str], None]
+) -> None:
     """Ask the (first) server what it supports before any work is sent, say in one line what will be used, and
     set the backends up for it: prompts fitted to its context window, no schema where it refuses one, and
     one request in flight per slot of a llama.cpp server (more would wait in its queue on the timeout's clock)."""
@@ -108,10 +174,14 @@ def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, st
     from pipeline.llm.endpoint import probe_endpoint
     from pipeline.redact import read_key
 
-    clients = [b for b in {id(b): b for b in backends if b is not None}.values() if isinstance(b, OpenAIBackend)]
+    clients = [
+        b for b in {id(b): b for b in backends if b is not None}.values() if isinstance(b, OpenAIBackend)
+    ]
     if not clients:
         return
-    info, fit = probe_endpoint(clients[0].servers[0].url, clients[0].model, read_key(cfg.api_key_env), timeout_s=cfg.timeout)
+    info, fit = probe_endpoint(
+        clients[0].servers[0].url, clients[0].model, read_key(cfg.api_key_env), timeout_s=cfg.timeout
+    )
     note = ""
     for client in clients:
         client.endpoint, client.fit = info, fit
@@ -126,18 +196,30 @@ def know_endpoint(backends: list[ChatBackend | None], cfg: LLMStageConfig, *, st
     log(f"{stage}: endpoint: {info.line()}{note}")
 
 
-def _open_ray(cfg: LLMStageConfig, model: str, others: list[str | None], options: dict[str, Any], *, stage: str,
-              log: Callable[[str], None]) -> tuple[ChatBackend, list[ChatBackend | None]]:
+def _open_ray(
+    cfg: LLMStageConfig,
+    model: str,
+    others: list[str | None],
+    options: dict[str, Any],
+    *,
+    stage: str,
+    log: Callable[[str], None],
+) -> tuple[ChatBackend, list[ChatBackend | None]]:
     """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.llm.ray_engine)."""
     from pipeline.llm.ray_engine import create_ray_backend
 
-    if cfg.backend == "vllm":  # the engines run on the cluster's GPU workers: vLLM need not be importable here
+    if (
+        cfg.backend == "vllm"
+    ):  # the engines run on the cluster's GPU workers: vLLM need not be importable here
         kind, name, urls = "vllm", resolve_model(model), []
     else:
         spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
         kind, name, urls = spec.kind, spec.model, list(spec.base_urls)
     backend = create_ray_backend(cfg, kind, name, urls, options)
-    extra = [None if m is None else backend if m == name else create_ray_backend(cfg, kind, m, urls, options) for m in others]
+    extra = [
+        None if m is None else backend if m == name else create_ray_backend(cfg, kind, m, urls, options)
+        for m in others
+    ]
     log(f"{stage}: ray engine, {kind} backend, model {name}" + (f" at {', '.join(urls)}" if urls else ""))
     return backend, extra
 
@@ -160,5 +242,7 @@ def failure_line(stage: str, out: Path, summary: dict[str, Any], max_rate: float
     if not failed or (attempted and failed / attempted <= max_rate):
         return None
     share = f" of {attempted:,} ({failed / attempted:.1%})" if attempted else ""
-    return (f"{stage}: {failed:,}{share} item(s) failed (see {out}/_failures.jsonl); rerun the same command to retry "
-            f"exactly those, or accept them with --max-failure-rate")
+    return (
+        f"{stage}: {failed:,}{share} item(s) failed (see {out}/_failures.jsonl); rerun the same command to retry "
+        f"exactly those, or accept them with --max-failure-rate"
+    )

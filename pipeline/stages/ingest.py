@@ -22,16 +22,24 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     files: list[Path] = Field(
-        min_length=1, description="Tevatron/RLHN rows: JSONL(.gz) or Parquet with query_id, query, positive_passages, negative_passages.")
+        min_length=1,
+        description="Tevatron/RLHN rows: JSONL(.gz) or Parquet with query_id, query, positive_passages, negative_passages.",
+    )
     out: Path = Field(description="Output shard folder.")
     max_negatives: int | None = Field(None, ge=0, description="Keep at most N negatives per query.")
     queries_per_shard: int = Field(1000, ge=1, description="Queries per Parquet part.")
     on_empty: OnEmpty = Field(
-        "skip", description="Empty or blank queries and passages: leave them out and count them, or refuse the file.")
-    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
+        "skip",
+        description="Empty or blank queries and passages: leave them out and count them, or refuse the file.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace an existing output folder written with other options."
+    )
 
 
-def _blocks(files: list[Path], size: int, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None) -> Iterator[list[TevatronRow]]:
+def _blocks(
+    files: list[Path], size: int, on_empty: OnEmpty = "skip", empty: dict[str, int] | None = None
+) -> Iterator[list[TevatronRow]]:
     block: list[TevatronRow] = []
     seen: set[str] = set()
     for path in files:
@@ -61,15 +69,35 @@ def plan(cfg: IngestConfig) -> StagePlan:
     for block in _blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty):
         queries += len(block)
         parts += 1
-    return StagePlan(stage="ingest", out=cfg.out, inputs=[str(p) for p in cfg.files], queries=queries, parts=parts,
-                     notes=[_empty_line(empty)] if empty else [])
+    return StagePlan(
+        stage="ingest",
+        out=cfg.out,
+        inputs=[str(p) for p in cfg.files],
+        queries=queries,
+        parts=parts,
+        notes=[_empty_line(empty)] if empty else [],
+    )
 
 
 def run(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest:
     started = time.perf_counter()
-    inputs = [InputInfo(path=str(p.resolve()), kind="tevatron", fingerprint="sha256:" + sha256_file(p)) for p in cfg.files if p.is_file()]
-    identity = {**cfg.model_dump(mode="json", exclude={"out", "overwrite", "files", "on_empty"}), "inputs": [i.fingerprint for i in inputs]}
-    shards = ShardRun(cfg.out, stage="ingest", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs, overwrite=cfg.overwrite)
+    inputs = [
+        InputInfo(path=str(p.resolve()), kind="tevatron", fingerprint="sha256:" + sha256_file(p))
+        for p in cfg.files
+        if p.is_file()
+    ]
+    identity = {
+        **cfg.model_dump(mode="json", exclude={"out", "overwrite", "files", "on_empty"}),
+        "inputs": [i.fingerprint for i in inputs],
+    }
+    shards = ShardRun(
+        cfg.out,
+        stage="ingest",
+        config=cfg.model_dump(mode="json"),
+        identity=identity,
+        inputs=inputs,
+        overwrite=cfg.overwrite,
+    )
     if shards.complete:
         log(f"{cfg.out}: already complete ({len(shards.manifest.shards)} shards); nothing to do")
         return shards.manifest
@@ -77,16 +105,22 @@ def run(cfg: IngestConfig, *, log: Callable[[str], None] = print) -> Manifest:
     for index, block in enumerate(_blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty)):
         if shards.done(index):
             continue
-        cols: dict[str, list] = {name: [] for name in ("qid", "query", "pid", "title", "text", "source", "rank", "label", "judge")}
+        cols: dict[str, list] = {
+            name: [] for name in ("qid", "query", "pid", "title", "text", "source", "rank", "label", "judge")
+        }
         stats = {"queries": len(block), "positives": 0, "negatives": 0}
         for row in block:
             negatives = row.negatives[: cfg.max_negatives] if cfg.max_negatives is not None else row.negatives
             positive_ids = {p[0] for p in row.positives}
             entries: list[tuple[tuple[str, str | None, str], str, int | None, int, str | None]]
             entries = [(p, "qrels", None, 1, "qrels") for p in row.positives]
-            entries += [(p, "mined", r, 0, None) for r, p in enumerate(negatives, start=1) if p[0] not in positive_ids]
+            entries += [
+                (p, "mined", r, 0, None) for r, p in enumerate(negatives, start=1) if p[0] not in positive_ids
+            ]
             for (pid, title, text), source, rank, label, judge in entries:
-                for key, value in zip(cols, (row.qid, row.query, pid, title, text, source, rank, label, judge)):
+                for key, value in zip(
+                    cols, (row.qid, row.query, pid, title, text, source, rank, label, judge)
+                ):
                     cols[key].append(value)
             stats["positives"] += len(row.positives)
             stats["negatives"] += len(entries) - len(row.positives)

@@ -30,7 +30,15 @@ from pipeline.stages.encode import Encoder, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
-FILTERS = ("same_text_as_positive", "skip_top", "max_score", "min_score", "absolute_margin", "relative_margin", "not_sampled")
+FILTERS = (
+    "same_text_as_positive",
+    "skip_top",
+    "max_score",
+    "min_score",
+    "absolute_margin",
+    "relative_margin",
+    "not_sampled",
+)
 RRF_K = 60
 
 
@@ -39,46 +47,83 @@ class MineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path = Field(description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (.gz accepted).")
+    data: Path = Field(
+        description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (.gz accepted)."
+    )
     split: str = Field("train", description="qrels split whose queries are mined.")
     out: Path = Field(description="Output shard folder.")
     model: str = Field(DEFAULT_MODEL, description="sentence-transformers model id or local path.")
     retriever: Literal["dense", "bm25", "union"] = Field(
-        "dense", description="dense, bm25 (bm25s), or their union ranked by reciprocal rank fusion.")
+        "dense", description="dense, bm25 (bm25s), or their union ranked by reciprocal rank fusion."
+    )
     depth: int = Field(100, ge=1, description="Candidates retrieved per query (range_max).")
     skip_top: int = Field(0, ge=0, description="Ranks 1..N are never negatives (range_min).")
     num_negatives: int = Field(15, ge=0, description="Hard negatives kept per query.")
     sampling: Literal["top", "random"] = Field(
-        "top", description="Keep the top-ranked eligible candidates or a random sample of them.")
-    absolute_margin: float | None = Field(None, description="Negatives must score <= weakest positive - margin.")
-    relative_margin: float | None = Field(None, ge=0, le=1, description="Negatives must score <= weakest positive x (1 - margin).")
+        "top", description="Keep the top-ranked eligible candidates or a random sample of them."
+    )
+    absolute_margin: float | None = Field(
+        None, description="Negatives must score <= weakest positive - margin."
+    )
+    relative_margin: float | None = Field(
+        None, ge=0, le=1, description="Negatives must score <= weakest positive x (1 - margin)."
+    )
     max_score: float | None = Field(None, description="Negatives must score <= this.")
     min_score: float | None = Field(None, description="Negatives must score >= this.")
     keep_candidates: bool = Field(
-        True, description="Also write the candidates that were not kept as negatives (label null, with the filter that rejected them).")
+        True,
+        description="Also write the candidates that were not kept as negatives (label null, with the filter that rejected them).",
+    )
     query_prompt: str | None = Field(None, description="Text prepended to queries (e.g. 'query: ').")
     query_prompt_name: str | None = Field(None, description="Name of a prompt stored in the model's config.")
     passage_prompt: str | None = Field(None, description="Text prepended to passages.")
-    passage_prompt_name: str | None = Field(None, description="Name of a passage prompt stored in the model's config.")
-    max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens (default: the model's).")
+    passage_prompt_name: str | None = Field(
+        None, description="Name of a passage prompt stored in the model's config."
+    )
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Truncate inputs to this many tokens (default: the model's)."
+    )
     min_relevance: int = Field(1, description="qrels score from which a judgment is a positive.")
-    max_bad_qrels: float = Field(0.05, ge=0, le=1, description="Fraction of qrels pointing at unknown ids tolerated (dropped and reported).")
+    max_bad_qrels: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Fraction of qrels pointing at unknown ids tolerated (dropped and reported).",
+    )
     on_empty: OnEmpty = Field(
-        "skip", description="Empty or blank documents and queries: leave them out and count them, or refuse the data.")
+        "skip",
+        description="Empty or blank documents and queries: leave them out and count them, or refuse the data.",
+    )
     max_queries: int | None = Field(None, ge=1, description="Mine only the first N queries of the split.")
-    queries_per_shard: int = Field(1000, ge=1, description="Queries per Parquet part (the unit of resumption).")
+    queries_per_shard: int = Field(
+        1000, ge=1, description="Queries per Parquet part (the unit of resumption)."
+    )
     seed: int = Field(42, description="Seed for random sampling.")
     faiss: bool = Field(False, description="Search with FAISS (pip install 'mpr[faiss]').")
     batch_size: int = Field(64, ge=1, description="Encoding batch size.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, mps ... (default: best available).")
-    cache_dir: Path | None = Field(None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).")
+    cache_dir: Path | None = Field(
+        None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr)."
+    )
     no_cache: bool = Field(False, description="Do not read or write the embedding cache.")
-    overwrite: bool = Field(False, description="Replace an existing output folder written with other options.")
+    overwrite: bool = Field(
+        False, description="Replace an existing output folder written with other options."
+    )
     progress: bool = True
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {"out", "batch_size", "device", "cache_dir", "no_cache", "overwrite", "progress", "faiss", "on_empty"}
+        runtime = {
+            "out",
+            "batch_size",
+            "device",
+            "cache_dir",
+            "no_cache",
+            "overwrite",
+            "progress",
+            "faiss",
+            "on_empty",
+        }
         return self.model_dump(mode="json", exclude=runtime)
 
 
@@ -87,7 +132,10 @@ def _norm(text: str) -> str:
 
 
 def _inputs(ds: BeirDataset) -> list[InputInfo]:
-    return [InputInfo(path=str(p.resolve()), kind=f"beir:{k}", fingerprint="sha256:" + sha256_file(p)) for k, p in ds.files.items()]
+    return [
+        InputInfo(path=str(p.resolve()), kind=f"beir:{k}", fingerprint="sha256:" + sha256_file(p))
+        for k, p in ds.files.items()
+    ]
 
 
 def plan_queries(ds: BeirDataset, cfg: MineConfig) -> tuple[list[str], int]:
@@ -97,7 +145,9 @@ def plan_queries(ds: BeirDataset, cfg: MineConfig) -> tuple[list[str], int]:
     if cfg.max_queries:
         qids = qids[: cfg.max_queries]
     if not qids:
-        raise MprError(f"{ds.files['qrels']}: no query has a judgment >= {cfg.min_relevance} (--min-relevance)")
+        raise MprError(
+            f"{ds.files['qrels']}: no query has a judgment >= {cfg.min_relevance} (--min-relevance)"
+        )
     return qids, skipped
 
 
@@ -152,7 +202,9 @@ class _Retriever:
             self.encoder = Encoder.from_config(cfg)
             timings["load_model"] = time.perf_counter() - start
             start = time.perf_counter()
-            self.corpus_emb, got = self.encoder.encode(passages, "passage", cache_dir=cache, desc="encode corpus", progress=cfg.progress)
+            self.corpus_emb, got = self.encoder.encode(
+                passages, "passage", cache_dir=cache, desc="encode corpus", progress=cfg.progress
+            )
             counts["corpus_encoded"], counts["corpus_cached"] = got["encoded"], got["cached"]
             timings["encode_corpus"] = time.perf_counter() - start
             if cfg.faiss:
@@ -162,15 +214,21 @@ class _Retriever:
             self.bm25 = BM25Index(passages, progress=cfg.progress)
             timings["index_bm25"] = time.perf_counter() - start
 
-    def rank(self, qids: list[str]) -> tuple[list[list[tuple[int, float]]], Callable[[int, list[int]], np.ndarray]]:
+    def rank(
+        self, qids: list[str]
+    ) -> tuple[list[list[tuple[int, float]]], Callable[[int, list[int]], np.ndarray]]:
         """Per query, (corpus index, score) best first; and a scorer for arbitrary passages of a query."""
         queries = [self.ds.queries[q] for q in qids]
         depth = self.cfg.depth
         dense: list[list[tuple[int, float]]] = []
         if self.encoder is not None:
             start = time.perf_counter()
-            q_emb, _ = self.encoder.encode(queries, "query", cache_dir=self.cache, desc="encode queries", progress=False)
-            self.timings["encode_queries"] = self.timings.get("encode_queries", 0.0) + time.perf_counter() - start
+            q_emb, _ = self.encoder.encode(
+                queries, "query", cache_dir=self.cache, desc="encode queries", progress=False
+            )
+            self.timings["encode_queries"] = (
+                self.timings.get("encode_queries", 0.0) + time.perf_counter() - start
+            )
             start = time.perf_counter()
             if self.faiss is not None:
                 idx, scores = self.faiss.topk(q_emb, depth)
@@ -201,11 +259,24 @@ class _Retriever:
         return fused, dense_score
 
 
-def _rows_for_block(ds: BeirDataset, cfg: MineConfig, qids: list[str], retriever: _Retriever) -> tuple[pa.Table, dict[str, int]]:
+def _rows_for_block(
+    ds: BeirDataset, cfg: MineConfig, qids: list[str], retriever: _Retriever
+) -> tuple[pa.Table, dict[str, int]]:
     ranked, scorer = retriever.rank(qids)
     corpus = ds.corpus
     cols: dict[str, list] = {name: [] for name in MINE_SCHEMA.names}
-    stats = {k: 0 for k in ("queries", "positives", "judged_negatives", "positives_retrieved", "candidates", "negatives", "queries_short")}
+    stats = {
+        k: 0
+        for k in (
+            "queries",
+            "positives",
+            "judged_negatives",
+            "positives_retrieved",
+            "candidates",
+            "negatives",
+            "queries_short",
+        )
+    }
     stats.update({f"filtered_{f}": 0 for f in FILTERS})
     max_level = max((s for judged in ds.qrels.values() for s in judged.values()), default=1) or 1
 
@@ -244,7 +315,9 @@ def _rows_for_block(ds: BeirDataset, cfg: MineConfig, qids: list[str], retriever
                 stats["judged_negatives"] += 1
         judged_set = set(judged_idx)
         candidates = [(i, r, s) for r, (i, s) in enumerate(ranked[row], start=1) if i not in judged_set]
-        positive_texts = {_norm(corpus.texts[corpus.index[p]]) for p, s in judged.items() if s >= cfg.min_relevance}
+        positive_texts = {
+            _norm(corpus.texts[corpus.index[p]]) for p, s in judged.items() if s >= cfg.min_relevance
+        }
         reasons = select_negatives(
             candidates,
             positive_texts=positive_texts,
@@ -276,10 +349,14 @@ def _left_out(ds: BeirDataset, cfg: MineConfig) -> list[str]:
     """Warnings about what the data loader left out."""
     lines = []
     if ds.empty_documents or ds.empty_queries:
-        lines.append(f"{cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
-                     f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)")
+        lines.append(
+            f"{cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
+            f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)"
+        )
     if ds.dropped_qrels:
-        lines.append(f"{ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents")
+        lines.append(
+            f"{ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents"
+        )
     return lines
 
 
@@ -291,11 +368,18 @@ def plan(cfg: MineConfig) -> StagePlan:
     """The queries and parts `run` would write, from the data alone (no model is loaded)."""
     ds = _load(cfg)
     qids, no_positive = plan_queries(ds, cfg)
-    notes = _left_out(ds, cfg) + ([f"{no_positive:,} judged queries without a positive are skipped"] if no_positive else [])
+    notes = _left_out(ds, cfg) + (
+        [f"{no_positive:,} judged queries without a positive are skipped"] if no_positive else []
+    )
     return StagePlan(
-        stage="mine", out=cfg.out, inputs=[str(p) for p in ds.files.values()], queries=len(qids),
-        parts=len(_blocks(qids, cfg.queries_per_shard)), corpus=len(ds.corpus),
-        models=[] if cfg.retriever == "bm25" else [cfg.model], notes=notes,
+        stage="mine",
+        out=cfg.out,
+        inputs=[str(p) for p in ds.files.values()],
+        queries=len(qids),
+        parts=len(_blocks(qids, cfg.queries_per_shard)),
+        corpus=len(ds.corpus),
+        models=[] if cfg.retriever == "bm25" else [cfg.model],
+        notes=notes,
     )
 
 

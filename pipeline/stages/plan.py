@@ -28,11 +28,17 @@ class StagePlan(BaseModel):
     requests: int | None = Field(None, description="LLM requests, without retries")
     verify_requests_max: int | None = Field(None, description="synth --verify: judge requests at most")
     prompt_tokens: int | None = None
-    max_completion_tokens: int | None = Field(None, description="the requests' completion token limits, summed")
+    max_completion_tokens: int | None = Field(
+        None, description="the requests' completion token limits, summed"
+    )
     prompt_tokens_per_candidate: float | None = None
     token_counts: str | None = Field(None, description="how the tokens were counted: exact, or estimated")
     notes: list[str] = Field(default_factory=list)
 
     def rows(self) -> list[tuple[str, Any]]:
         """(name, value) of what is known, in field order (`stage` and `notes` apart)."""
-        return [(name, value) for name, value in self if name not in ("stage", "notes") and value not in (None, [])]
+        return [
+            (name, value)
+            for name, value in self
+            if name not in ("stage", "notes") and value not in (None, [])
+        ]

@@ -76,16 +76,25 @@ class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
     input: Path = Field(description="Shard folder from mpr mine or mpr ingest.")
     out: Path = Field(description="Output shard folder.")
     model: str = Field(description="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
-    mode: Mode = Field("relabel", description="What to do with flagged false negatives, or grade every pair 0-3.")
-    confirm_model: str | None = Field(None, description="Cascade: a stronger model re-judges what --model flagged.")
+    mode: Mode = Field(
+        "relabel", description="What to do with flagged false negatives, or grade every pair 0-3."
+    )
+    confirm_model: str | None = Field(
+        None, description="Cascade: a stronger model re-judges what --model flagged."
+    )
     prompt: str | None = Field(
-        None, description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; default: relabel, "
-        "or graded in graded mode).")
+        None,
+        description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; default: relabel, "
+        "or graded in graded mode).",
+    )
     candidates: Literal["negatives", "all"] = Field(
-        "negatives", description="Judge the kept hard negatives, or every mined candidate.")
+        "negatives", description="Judge the kept hard negatives, or every mined candidate."
+    )
     max_candidates: int = Field(20, ge=1, description="Candidates judged per query, best-ranked first.")
     grade_positives: bool = Field(False, description="Graded mode: grade the qrels positives too.")
-    max_flagged: int | None = Field(None, ge=0, description="Remove a query with more flagged candidates than this (every mode).")
+    max_flagged: int | None = Field(
+        None, ge=0, description="Remove a query with more flagged candidates than this (every mode)."
+    )
 
     @property
     def prompt_name(self) -> str:
@@ -97,7 +106,12 @@ class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
         runtime = {*self.RUNTIME, *AUDIT_KEYS, "input", "out", "model", "confirm_model", "prompt"}
-        return {**self.model_dump(mode="json", exclude=runtime), "model": model, "confirm_model": confirm, "prompt": prompt.id}
+        return {
+            **self.model_dump(mode="json", exclude=runtime),
+            "model": model,
+            "confirm_model": confirm,
+            "prompt": prompt.id,
+        }
 
 
 def _pick_candidates(rows: list[dict], cfg: RelabelConfig) -> list[int]:
@@ -123,7 +137,11 @@ def _judge_items(
         picked.append(idx)
         reasons.append(why)
     items = [
-        (rows[0]["query"], [r for r in rows if r["label"] == POSITIVE and r["source"] != "synthetic"], [rows[i] for i in idx])
+        (
+            rows[0]["query"],
+            [r for r in rows if r["label"] == POSITIVE and r["source"] != "synthetic"],
+            [rows[i] for i in idx],
+        )
         for (_, rows), idx in zip(groups, picked)
     ]
     return picked, items, reasons
@@ -146,7 +164,9 @@ def plan_parts(folder: Path, queries_per_shard: int) -> tuple[list[Path], list[t
     return files, parts
 
 
-def _load_part(files: list[Path], parts: list[tuple[int, int, int]], index: int, cache: dict[int, list]) -> Part:
+def _load_part(
+    files: list[Path], parts: list[tuple[int, int, int]], index: int, cache: dict[int, list]
+) -> Part:
     f, start, end = parts[index]
     if f not in cache:
         cache.clear()
@@ -155,7 +175,14 @@ def _load_part(files: list[Path], parts: list[tuple[int, int, int]], index: int,
 
 
 class Relabeler:
-    def __init__(self, cfg: RelabelConfig, backend: ChatBackend, confirm: ChatBackend | None, model: str, confirm_model: str | None):
+    def __init__(
+        self,
+        cfg: RelabelConfig,
+        backend: ChatBackend,
+        confirm: ChatBackend | None,
+        model: str,
+        confirm_model: str | None,
+    ):
         self.cfg = cfg
         self.judge = Judge(load_prompt(cfg.prompt_name), cfg)
         self.judge.fit = backend.fit
@@ -164,7 +191,12 @@ class Relabeler:
         self.cheap: ChatBackend | None = None  # zone=unsure: the cheap judge (default: `backend`)
 
     def _ask(
-        self, backend: ChatBackend, items: list[tuple[str, list[dict], list[dict]]], judge_id: str, desc: str, stats: dict[str, int]
+        self,
+        backend: ChatBackend,
+        items: list[tuple[str, list[dict], list[dict]]],
+        judge_id: str,
+        desc: str,
+        stats: dict[str, int],
     ) -> list[list[Verdict]]:
         """Judge each (query, positives, candidates); one verdict per candidate, in order."""
         requests, where = [], []
@@ -178,7 +210,9 @@ class Relabeler:
         # one validator per candidate count: group requests by it so each run validates its own answers
         for n, check in validators.items():
             picked = [i for i, m in enumerate(n_of) if m == n]
-            got = backend.run_sync([requests[i] for i in picked], validate=check, progress=desc if self.cfg.progress else False)
+            got = backend.run_sync(
+                [requests[i] for i in picked], validate=check, progress=desc if self.cfg.progress else False
+            )
             add_llm_stats(stats, "llm", backend.last_stats)
             results += list(zip(picked, got))
         verdicts: list[list[Verdict | None]] = [[None] * len(c) for _, _, c in items]
@@ -193,18 +227,42 @@ class Relabeler:
 
     def process(self, part: Part, desc: str) -> tuple[list[dict], dict[str, int]]:
         cfg = self.cfg
-        stats = dict.fromkeys(("queries", "rows_in", "judged", "flagged", "relabeled", "confirmed", "overturned", "failed",
-                               "dropped_rows", "dropped_queries", "rows_out", "zone_skipped"), 0)
+        stats = dict.fromkeys(
+            (
+                "queries",
+                "rows_in",
+                "judged",
+                "flagged",
+                "relabeled",
+                "confirmed",
+                "overturned",
+                "failed",
+                "dropped_rows",
+                "dropped_queries",
+                "rows_out",
+                "zone_skipped",
+            ),
+            0,
+        )
         picked, items, reasons = _judge_items(part.groups, cfg)
         if cfg.zone == "unsure":
             picked = zone_unsure(self, self.cheap or self.backend, part.groups, picked, reasons, desc, stats)
-            items = [(q, p, [rows[i] for i in idx]) for (q, p, _), (_, rows), idx in zip(items, part.groups, picked)]
+            items = [
+                (q, p, [rows[i] for i in idx])
+                for (q, p, _), (_, rows), idx in zip(items, part.groups, picked)
+            ]
         stats["zone_skipped"] = sum(len(r) for r in reasons)
         verdicts = self._ask(self.backend, items, self.model, desc, stats)
         if self.confirm is not None:
             confirm_id = self.confirm_model or self.confirm.model
             again = [[j for j, v in enumerate(vs) if v.flagged] for vs in verdicts]
-            second = self._ask(self.confirm, [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)], confirm_id, desc + " (confirm)", stats)
+            second = self._ask(
+                self.confirm,
+                [(q, p, [c[j] for j in js]) for (q, p, c), js in zip(items, again)],
+                confirm_id,
+                desc + " (confirm)",
+                stats,
+            )
             for vs, js, ws in zip(verdicts, again, second):
                 for j, w in zip(js, ws):
                     stats["confirmed"] += bool(w.flagged)
@@ -217,14 +275,23 @@ class Relabeler:
             by_row = dict(zip(idx, vs))
             flagged = sum(1 for v in vs if v.flagged)
             stats["flagged"] += flagged
-            drop_query = (cfg.max_flagged is not None and flagged > cfg.max_flagged) or (cfg.mode == "drop-query" and flagged > 0)
+            drop_query = (cfg.max_flagged is not None and flagged > cfg.max_flagged) or (
+                cfg.mode == "drop-query" and flagged > 0
+            )
             if drop_query:
                 stats["dropped_queries"] += 1
                 stats["dropped_rows"] += len(rows)
                 continue
             for i, row in enumerate(rows):
-                row = {**row, "prior_label": row["label"], "llm_label": None, "rationale": None, "error": None, "prompt": None,
-                       "unjudged": why.get(i)}
+                row = {
+                    **row,
+                    "prior_label": row["label"],
+                    "llm_label": None,
+                    "rationale": None,
+                    "error": None,
+                    "prompt": None,
+                    "unjudged": why.get(i),
+                }
                 verdict = by_row.get(i)
                 if verdict is not None:
                     row["prompt"] = self.judge.prompt.id
@@ -247,19 +314,25 @@ class Relabeler:
                             stats["relabeled"] += verdict_label == POSITIVE and row["prior_label"] != POSITIVE
                 out_rows.append(row)
         stats["rows_out"] = len(out_rows)
-        stats[RETRYABLE] = stats["failed"]  # a rerun asks again for these rows; the answered ones come from the cache
+        stats[RETRYABLE] = stats[
+            "failed"
+        ]  # a rerun asks again for these rows; the answered ones come from the cache
         return out_rows, stats
 
 
 def _schema_for(folder: Path) -> pa.Schema:
     base = read_part_schema(shard_files(folder)[0])
-    return with_extra(*RELABEL_FIELDS, base=pa.schema([f for f in base if f.name not in {x.name for x in RELABEL_FIELDS}]))
+    return with_extra(
+        *RELABEL_FIELDS, base=pa.schema([f for f in base if f.name not in {x.name for x in RELABEL_FIELDS}])
+    )
 
 
 def _prompt(cfg: RelabelConfig) -> Prompt:
     prompt = load_prompt(cfg.prompt_name)
     if (prompt.schema in GRADED_SCHEMAS) != (cfg.mode == "graded"):
-        raise MprError(f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}")
+        raise MprError(
+            f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}"
+        )
     return prompt
 
 
@@ -276,7 +349,9 @@ def _verified_input(cfg: RelabelConfig) -> Manifest:
     return verify_shards(cfg.input, cfg.verify_inputs)
 
 
-def _estimate(cfg: RelabelConfig, model: str, files: list[Path], parts: list[tuple[int, int, int]]) -> StagePlan:
+def _estimate(
+    cfg: RelabelConfig, model: str, files: list[Path], parts: list[tuple[int, int, int]]
+) -> StagePlan:
     """Build every request of the run (nothing is sent) and count them and their prompt tokens."""
     judge = Judge(load_prompt(cfg.prompt_name), cfg)
     counter = TokenCounter(model)
@@ -292,12 +367,21 @@ def _estimate(cfg: RelabelConfig, model: str, files: list[Path], parts: list[tup
                 completion_tokens += request.max_tokens or 0
     _, confirm, zone = _models(cfg)
     return StagePlan(
-        stage="relabel", out=cfg.out, inputs=[str(cfg.input)], queries=queries, parts=len(parts),
-        models=[m for m in (model, confirm, zone) if m], candidates=candidates, requests=requests,
-        prompt_tokens=prompt_tokens, max_completion_tokens=completion_tokens,
+        stage="relabel",
+        out=cfg.out,
+        inputs=[str(cfg.input)],
+        queries=queries,
+        parts=len(parts),
+        models=[m for m in (model, confirm, zone) if m],
+        candidates=candidates,
+        requests=requests,
+        prompt_tokens=prompt_tokens,
+        max_completion_tokens=completion_tokens,
         prompt_tokens_per_candidate=round(prompt_tokens / max(candidates, 1), 1),
         token_counts="exact" if counter.exact else "estimated (~4 characters per token)",
-        notes=[f"plus the requests of {cfg.confirm_model} for what the first model flags"] if cfg.confirm_model else [],
+        notes=[f"plus the requests of {cfg.confirm_model} for what the first model flags"]
+        if cfg.confirm_model
+        else [],
     )
 
 
@@ -309,19 +393,41 @@ def plan(cfg: RelabelConfig) -> StagePlan:
     return _estimate(cfg, _models(cfg)[0], files, parts)
 
 
-def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest:
+def run(
+    cfg: RelabelConfig,
+    *,
+    log: Callable[[str], None] = print,
+    backends: tuple[ChatBackend, ChatBackend | None] | None = None,
+) -> Manifest:
     """Run (or resume) relabeling into `cfg.out`; returns the manifest."""
     started = time.perf_counter()
     source = _verified_input(cfg)
     model, confirm_model, zone_model = _models(cfg)
     prompt = _prompt(cfg)
     files, parts = plan_parts(cfg.input, cfg.queries_per_shard)
-    inputs = [InputInfo(path=str(cfg.input.resolve()), kind=f"shards:{source.stage}", fingerprint=fingerprint_shards(cfg.input))]
+    inputs = [
+        InputInfo(
+            path=str(cfg.input.resolve()),
+            kind=f"shards:{source.stage}",
+            fingerprint=fingerprint_shards(cfg.input),
+        )
+    ]
     identity = {**cfg.identity(model, confirm_model, prompt), "inputs": [i.fingerprint for i in inputs]}
     shards = ShardRun(
-        cfg.out, stage="relabel", config=cfg.model_dump(mode="json"), identity=identity, inputs=inputs,
-        models={"judge": model, **({"confirm": confirm_model} if confirm_model else {}), **({"zone": zone_model} if zone_model else {})},
-        prompts={prompt.name: prompt.version}, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
+        cfg.out,
+        stage="relabel",
+        config=cfg.model_dump(mode="json"),
+        identity=identity,
+        inputs=inputs,
+        models={
+            "judge": model,
+            **({"confirm": confirm_model} if confirm_model else {}),
+            **({"zone": zone_model} if zone_model else {}),
+        },
+        prompts={prompt.name: prompt.version},
+        planned_shards=len(parts),
+        overwrite=cfg.overwrite,
+        job=cfg.job,
     )
     failures = FailureLog(shards)
     pending = [i for i in range(len(parts)) if shards.owns(i) and not shards.done(i)]
@@ -332,7 +438,9 @@ def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tup
     if retry:
         log(f"relabel: retrying {retry:,} row(s) that failed in an earlier run")
     if backends is None:
-        backend, (confirm, cheap) = open_backends(cfg, cfg.model, [confirm_model, zone_model], stage="relabel", log=log)
+        backend, (confirm, cheap) = open_backends(
+            cfg, cfg.model, [confirm_model, zone_model], stage="relabel", log=log
+        )
         model = backend.model
     else:
         backend, confirm = backends
@@ -350,11 +458,20 @@ def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tup
             part = _load_part(files, parts, index, cache_parts)
             rows, stats = relabeler.process(part, f"relabel part {n}/{len(pending)}")
             sent_now += stats.get("llm_sent", 0)
-            failures.add(shard_name(index), [
-                {"qid": r["qid"], "pid": r["pid"], "query": r["query"], "kind": "invalid" if r["error"].startswith("invalid answer") else "request",
-                 "error": r["error"]}
-                for r in rows if r["error"] is not None
-            ])
+            failures.add(
+                shard_name(index),
+                [
+                    {
+                        "qid": r["qid"],
+                        "pid": r["pid"],
+                        "query": r["query"],
+                        "kind": "invalid" if r["error"].startswith("invalid answer") else "request",
+                        "error": r["error"],
+                    }
+                    for r in rows
+                    if r["error"] is not None
+                ],
+            )
             shards.write(index, pa.Table.from_pylist(rows, schema=schema), stats)
     finally:
         if backends is None:
@@ -370,8 +487,12 @@ def run(cfg: RelabelConfig, *, log: Callable[[str], None] = print, backends: tup
 def _summary(totals: dict[str, int], seconds: float, sent_now: int = 0) -> dict[str, Any]:
     """The summed part statistics (`llm_sent`: every request any run sent for these parts), the items
     judged or failed (`attempted`), and this run's time and request rate."""
-    summary: dict[str, Any] = {**totals, "attempted": totals.get("judged", 0) + totals.get("failed", 0), "seconds": round(seconds, 2),
-                               "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0}
+    summary: dict[str, Any] = {
+        **totals,
+        "attempted": totals.get("judged", 0) + totals.get("failed", 0),
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0,
+    }
     if totals.get("failed"):
         summary["failures_file"] = FAILURES
     return summary
@@ -382,4 +503,3 @@ def _finish(shards: ShardRun, failures: FailureLog, summary: dict[str, Any]) -> 
     if shards.job is not None and manifest is not shards.manifest:  # the last of the N jobs
         failures.merge_jobs()
     return manifest
-

@@ -55,7 +55,9 @@ class FaissIndex:
         self.index.add(np.ascontiguousarray(corpus, dtype=np.float32))
 
     def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.index.ntotal))
+        scores, idx = self.index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), min(k, self.index.ntotal)
+        )
         return idx, scores
 
 
@@ -67,7 +69,9 @@ class BM25Index:
 
         self._bm25s = bm25s
         self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=progress), show_progress=progress)
+        self.retriever.index(
+            bm25s.tokenize(texts, stopwords="en", show_progress=progress), show_progress=progress
+        )
         self.size = len(texts)
 
     def topk(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:

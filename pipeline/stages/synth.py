@@ -146,39 +146,72 @@ class SynthConfig(LLMStageConfig):
     out: Path = Field(description="Output shard folder.")
     model: str = Field(description="Generator model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
     data: Path | None = Field(
-        None, description="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv).")
+        None, description="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv)."
+    )
     split: str = Field(
-        "train", description="qrels split whose queries get passages, or 'all' for every query of queries.jsonl.")
+        "train",
+        description="qrels split whose queries get passages, or 'all' for every query of queries.jsonl.",
+    )
     queries: Path | None = Field(
-        None, description='Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).')
-    from_shards: Path | None = Field(None, description="Shard folder instead of --data: its queries (qid, query).")
+        None,
+        description='Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).',
+    )
+    from_shards: Path | None = Field(
+        None, description="Shard folder instead of --data: its queries (qid, query)."
+    )
     levels: int = Field(
-        4, ge=MIN_LEVELS, le=MAX_LEVELS, description=f"Relevance levels per set, {MIN_LEVELS}-{MAX_LEVELS}: passages for "
-        "levels L-1 down to 0.")
+        4,
+        ge=MIN_LEVELS,
+        le=MAX_LEVELS,
+        description=f"Relevance levels per set, {MIN_LEVELS}-{MAX_LEVELS}: passages for "
+        "levels L-1 down to 0.",
+    )
     per_query: int = Field(1, ge=1, le=100, description="Independent sets (one request each) per query.")
     styles: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_STYLES), min_length=1,
-        description=f"Comma-separated writing styles drawn per set (default: {', '.join(DEFAULT_STYLES[:3])}, ...).")
+        default_factory=lambda: list(DEFAULT_STYLES),
+        min_length=1,
+        description=f"Comma-separated writing styles drawn per set (default: {', '.join(DEFAULT_STYLES[:3])}, ...).",
+    )
     lengths: list[int] = Field(
-        default_factory=lambda: list(DEFAULT_LENGTHS), min_length=1,
-        description=f"Comma-separated target lengths in words drawn per set (default: {','.join(map(str, DEFAULT_LENGTHS))}).")
-    seed: int = Field(42, description="Seed of the style/length draws (a function of seed, query id and set only).")
+        default_factory=lambda: list(DEFAULT_LENGTHS),
+        min_length=1,
+        description=f"Comma-separated target lengths in words drawn per set (default: {','.join(map(str, DEFAULT_LENGTHS))}).",
+    )
+    seed: int = Field(
+        42, description="Seed of the style/length draws (a function of seed, query id and set only)."
+    )
     positive_threshold: float = Field(
-        DEFAULT_POSITIVE_THRESHOLD, ge=0, le=1, description="A passage whose grade, level / (L-1) on the 0-1 scale, is "
-        "at least this is labelled positive.")
+        DEFAULT_POSITIVE_THRESHOLD,
+        ge=0,
+        le=1,
+        description="A passage whose grade, level / (L-1) on the 0-1 scale, is "
+        "at least this is labelled positive.",
+    )
     with_qrels: bool = Field(
-        False, description="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).")
+        False,
+        description="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).",
+    )
     verify: bool = Field(
-        False, description="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.")
+        False,
+        description="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.",
+    )
     verify_model: str | None = Field(None, description="Judge model for --verify (default: --model).")
     verify_tolerance: float = Field(
-        1.0, ge=0, description="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).")
+        1.0,
+        ge=0,
+        description="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).",
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the generator.")
     max_tokens: int | None = Field(
-        None, ge=16, description="Completion token limit per request (default: from the levels and the target length).")
+        None,
+        ge=16,
+        description="Completion token limit per request (default: from the levels and the target length).",
+    )
     max_queries: int | None = Field(None, ge=1, description="Only the first N queries.")
     on_empty: OnEmpty = Field(
-        "skip", description="Empty or blank queries and documents: leave them out and count them, or refuse the data.")
+        "skip",
+        description="Empty or blank queries and documents: leave them out and count them, or refuse the data.",
+    )
 
     @field_validator("styles", mode="before")
     @classmethod
@@ -208,9 +241,22 @@ class SynthConfig(LLMStageConfig):
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {*self.RUNTIME, "out", "data", "queries", "from_shards", "model", "verify_model", "on_empty"}
-        return {**self.model_dump(mode="json", exclude=runtime), "model": model, "verify_model": verify_model,
-                "prompt": prompt.id}
+        runtime = {
+            *self.RUNTIME,
+            "out",
+            "data",
+            "queries",
+            "from_shards",
+            "model",
+            "verify_model",
+            "on_empty",
+        }
+        return {
+            **self.model_dump(mode="json", exclude=runtime),
+            "model": model,
+            "verify_model": verify_model,
+            "prompt": prompt.id,
+        }
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -241,9 +287,15 @@ def read_queries_tsv(path: Path) -> dict[str, str]:
                 continue
             fields = line.split("\t")
             if len(fields) != 2:
-                raise InputError(path, f"expected 2 tab-separated fields (id, text), got {len(fields)}", lineno)
+                raise InputError(
+                    path, f"expected 2 tab-separated fields (id, text), got {len(fields)}", lineno
+                )
             qid, text = fields[0].strip(), fields[1].strip()
-            if lineno == 1 and qid.lower() in {"id", "_id", "qid", "query-id", "query_id"} and text.lower() in {"text", "query"}:
+            if (
+                lineno == 1
+                and qid.lower() in {"id", "_id", "qid", "query-id", "query_id"}
+                and text.lower() in {"text", "query"}
+            ):
                 continue
             if not qid:
                 raise InputError(path, "empty query id", lineno)
@@ -266,16 +318,28 @@ def read_queries_file(path: Path) -> dict[str, str]:
     elif kind in (".tsv", ".txt"):
         queries = read_queries_tsv(path)
     else:
-        raise InputError(path, "unknown queries format: use .jsonl ({\"_id\", \"text\"} per line) or .tsv (id<TAB>text)")
+        raise InputError(
+            path, 'unknown queries format: use .jsonl ({"_id", "text"} per line) or .tsv (id<TAB>text)'
+        )
     if not queries:
         raise InputError(path, "no queries")
     return queries
 
 
 def load_queries(cfg: SynthConfig) -> Queries:
-    given = [name for name, value in (("--data", cfg.data), ("--queries", cfg.queries), ("--from-shards", cfg.from_shards)) if value is not None]
+    given = [
+        name
+        for name, value in (
+            ("--data", cfg.data),
+            ("--queries", cfg.queries),
+            ("--from-shards", cfg.from_shards),
+        )
+        if value is not None
+    ]
     if len(given) != 1:
-        raise MprError(f"give exactly one of --data, --queries, --from-shards (got {', '.join(given) or 'none'})")
+        raise MprError(
+            f"give exactly one of --data, --queries, --from-shards (got {', '.join(given) or 'none'})"
+        )
     if cfg.with_qrels and cfg.data is None:
         raise MprError("--with-qrels needs a BEIR folder (--data): the positives come from its qrels")
     if cfg.queries is not None:
@@ -302,7 +366,14 @@ def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
         for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
             seen.setdefault(qid, query)
     kind = f"shards:{manifest.stage}"
-    return Queries(list(seen.items()), [InputInfo(path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder), carried=False)])
+    return Queries(
+        list(seen.items()),
+        [
+            InputInfo(
+                path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder), carried=False
+            )
+        ],
+    )
 
 
 def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "skip") -> Queries:
@@ -310,7 +381,10 @@ def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "sk
         raise MprError(f"{root}: no such data folder")
     qpath = find_file(root, "queries.jsonl")
     if qpath is None:
-        raise InputError(root / "queries.jsonl", "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)")
+        raise InputError(
+            root / "queries.jsonl",
+            "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)",
+        )
     empty: list[str] = []
     queries = read_queries(qpath, on_empty=on_empty, empty=empty)
     inputs = [_input(qpath, "beir:queries.jsonl")]
@@ -321,7 +395,10 @@ def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "sk
             path = find_file(root / "qrels", f"{name}.tsv")
             if path is None:
                 available = ", ".join(split_names(root)) or "none"
-                raise InputError(root / "qrels" / f"{name}.tsv", f"split '{name}' does not exist (available: {available}, or all)")
+                raise InputError(
+                    root / "qrels" / f"{name}.tsv",
+                    f"split '{name}' does not exist (available: {available}, or all)",
+                )
             inputs.append(_input(path, f"beir:qrels/{name}"))
             for qid, judged in read_qrels(path)[0].items():
                 qrels.setdefault(qid, {}).update(judged)
@@ -402,7 +479,6 @@ def _tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-
 @cache
 def rubric_lines(levels: int) -> tuple[str, ...]:
     """`k = description` for k = L-1 ... 0, from the [rubric] table of prompts/synth.toml."""
@@ -421,7 +497,9 @@ class SynthPrompt:
         self.levels = levels
         top = levels - 1
         self.keys = [f"level_{k}" for k in range(top, -1, -1)]
-        self.system = Template(self.prompt.system).substitute(n=levels, top=top, rubric="\n".join(rubric_lines(levels)))
+        self.system = Template(self.prompt.system).substitute(
+            n=levels, top=top, rubric="\n".join(rubric_lines(levels))
+        )
         self.shape = "{" + ", ".join(f'"{k}": "..."' for k in self.keys) + "}"
         self.schema: dict[str, Any] = {
             "type": "object",
@@ -432,12 +510,22 @@ class SynthPrompt:
 
     def messages(self, spec: SetSpec) -> list[dict[str, str]]:
         lo, hi = word_bounds(spec.words)
-        variant = "" if spec.variant == 1 else (
-            f" This is variant {spec.variant} of this request: write passages that differ from those of the other variants."
+        variant = (
+            ""
+            if spec.variant == 1
+            else (
+                f" This is variant {spec.variant} of this request: write passages that differ from those of the other variants."
+            )
         )
         user = Template(self.prompt.user).substitute(
-            query=escape(spec.query), style=escape(spec.style), words=spec.words, min_words=lo, max_words=hi,
-            levels=", ".join(str(k) for k in range(self.levels - 1, -1, -1)), variant=variant, shape=self.shape,
+            query=escape(spec.query),
+            style=escape(spec.style),
+            words=spec.words,
+            min_words=lo,
+            max_words=hi,
+            levels=", ".join(str(k) for k in range(self.levels - 1, -1, -1)),
+            variant=variant,
+            shape=self.shape,
         )
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
@@ -511,7 +599,9 @@ def check_answer(content: str, levels: int, words: int, verbatim: VerbatimIndex)
             union = vocab[a] | vocab[b]
             similarity = len(vocab[a] & vocab[b]) / len(union) if union else 1.0
             if similarity > MAX_JACCARD:
-                raise ValueError(f"levels {a} and {b} are near-identical (token Jaccard {similarity:.2f} > {MAX_JACCARD})")
+                raise ValueError(
+                    f"levels {a} and {b} are near-identical (token Jaccard {similarity:.2f} > {MAX_JACCARD})"
+                )
     return passages
 
 
@@ -542,9 +632,26 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 # -- one part ---------------------------------------------------------------------------------------------
 
-STAT_KEYS = ("queries", "queries_without_sets", "sets_requested", "sets_written", "sets_failed", "failed_invalid",
-             "failed_request", "failed_duplicate", "sets_verified", "sets_dropped_by_verify", "passages_generated",
-             "passages", "qrels_rows", "rows", "verify_passages", "verify_abs_diff_milli", "verify_failed", RETRYABLE)
+STAT_KEYS = (
+    "queries",
+    "queries_without_sets",
+    "sets_requested",
+    "sets_written",
+    "sets_failed",
+    "failed_invalid",
+    "failed_request",
+    "failed_duplicate",
+    "sets_verified",
+    "sets_dropped_by_verify",
+    "passages_generated",
+    "passages",
+    "qrels_rows",
+    "rows",
+    "verify_passages",
+    "verify_abs_diff_milli",
+    "verify_failed",
+    RETRYABLE,
+)
 
 
 @dataclass
@@ -557,7 +664,14 @@ class KeptSet:
 class Synthesizer:
     """Writes, validates and (optionally) verifies the sets of one part's queries."""
 
-    def __init__(self, cfg: SynthConfig, backend: ChatBackend, verifier: ChatBackend | None, model: str, verify_model: str | None):
+    def __init__(
+        self,
+        cfg: SynthConfig,
+        backend: ChatBackend,
+        verifier: ChatBackend | None,
+        model: str,
+        verify_model: str | None,
+    ):
         self.cfg = cfg
         self.prompt = SynthPrompt(cfg.levels)
         self.backend, self.verifier = backend, verifier
@@ -576,14 +690,25 @@ class Synthesizer:
         stats["capped_requests"] = stats.get("capped_requests", 0) + 1
         return request.model_copy(update={"max_tokens": max(16, room)})
 
-    def _run(self, backend: ChatBackend, requests: list[ChatRequest], check: Callable[[str], Any], desc: str,
-             stats: dict[str, int], prefix: str) -> list[ChatResult]:
+    def _run(
+        self,
+        backend: ChatBackend,
+        requests: list[ChatRequest],
+        check: Callable[[str], Any],
+        desc: str,
+        stats: dict[str, int],
+        prefix: str,
+    ) -> list[ChatResult]:
         results = backend.run_sync(requests, validate=check, progress=desc if self.cfg.progress else False)
         add_llm_stats(stats, prefix, backend.last_stats)
         return results
 
-    def process(self, queries: list[tuple[str, str]], positives: dict[str, list[tuple[str, str | None, str]]],
-                desc: str) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
+    def process(
+        self,
+        queries: list[tuple[str, str]],
+        positives: dict[str, list[tuple[str, str | None, str]]],
+        desc: str,
+    ) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
         cfg, levels = self.cfg, self.cfg.levels
         stats = dict.fromkeys(STAT_KEYS, 0)
         specs = [spec for qid, query in queries for spec in plan_sets(cfg, qid, query)]
@@ -609,15 +734,26 @@ class Synthesizer:
         failures: list[dict[str, Any]] = []
 
         def fail(spec: SetSpec, kind: FailureKind, error: str) -> None:
-            failures.append({"qid": spec.qid, "query": spec.query, "set": spec.index, "style": spec.style,
-                             "target_words": spec.words, "kind": kind, "error": error})
+            failures.append(
+                {
+                    "qid": spec.qid,
+                    "query": spec.query,
+                    "set": spec.index,
+                    "style": spec.style,
+                    "target_words": spec.words,
+                    "kind": kind,
+                    "error": error,
+                }
+            )
 
         kept: list[KeptSet] = []
         seen: dict[str, dict[str, int]] = {}
         for spec, result in zip(specs, results):
             assert result is not None
             if not result.ok:
-                kind: FailureKind = "invalid" if (result.error or "").startswith("invalid answer") else "request"
+                kind: FailureKind = (
+                    "invalid" if (result.error or "").startswith("invalid answer") else "request"
+                )
                 stats[f"failed_{kind}"] += 1
                 fail(spec, kind, result.error or "failed")
                 continue
@@ -645,20 +781,46 @@ class Synthesizer:
             group: list[dict[str, Any]] = []
             if cfg.with_qrels:
                 for pid, title, text in positives.get(qid, []):
-                    group.append({"qid": qid, "query": query, "pid": pid, "title": title, "text": text, "source": "qrels",
-                                  "label": POSITIVE, "grade": 1.0, "level": top, "judge": "qrels"})
+                    group.append(
+                        {
+                            "qid": qid,
+                            "query": query,
+                            "pid": pid,
+                            "title": title,
+                            "text": text,
+                            "source": "qrels",
+                            "label": POSITIVE,
+                            "grade": 1.0,
+                            "level": top,
+                            "judge": "qrels",
+                        }
+                    )
                 stats["qrels_rows"] += len(group)
-            synthetic = [(level, item, text) for item in by_qid.get(qid, []) for level, text in item.passages.items()]
+            synthetic = [
+                (level, item, text) for item in by_qid.get(qid, []) for level, text in item.passages.items()
+            ]
             synthetic.sort(key=lambda x: (-x[0], x[1].spec.index))
             for level, item, text in synthetic:
                 grade = level_grade(level, levels)
-                group.append({
-                    "qid": qid, "query": query, "pid": passage_id(text), "title": None, "text": text, "source": "synthetic",
-                    "label": POSITIVE if is_positive(grade, cfg.positive_threshold) else NEGATIVE, "grade": grade, "level": level,
-                    "judge": self.model,
-                    "style": item.spec.style, "target_words": item.spec.words, "set": item.spec.index,
-                    "prompt": self.prompt.prompt.id, "judged_grade": item.judged.get(level),
-                })
+                group.append(
+                    {
+                        "qid": qid,
+                        "query": query,
+                        "pid": passage_id(text),
+                        "title": None,
+                        "text": text,
+                        "source": "synthetic",
+                        "label": POSITIVE if is_positive(grade, cfg.positive_threshold) else NEGATIVE,
+                        "grade": grade,
+                        "level": level,
+                        "judge": self.model,
+                        "style": item.spec.style,
+                        "target_words": item.spec.words,
+                        "set": item.spec.index,
+                        "prompt": self.prompt.prompt.id,
+                        "judged_grade": item.judged.get(level),
+                    }
+                )
             stats["passages"] += len(synthetic)
             stats["queries_without_sets"] += not synthetic
             rows += group
@@ -669,8 +831,13 @@ class Synthesizer:
         stats[RETRYABLE] = stats["failed_invalid"] + stats["failed_request"] + stats["verify_failed"]
         return rows, stats, failures
 
-    def _verify(self, kept: list[KeptSet], desc: str, stats: dict[str, int],
-                fail: Callable[[SetSpec, FailureKind, str], None]) -> list[KeptSet]:
+    def _verify(
+        self,
+        kept: list[KeptSet],
+        desc: str,
+        stats: dict[str, int],
+        fail: Callable[[SetSpec, FailureKind, str], None],
+    ) -> list[KeptSet]:
         assert self.judge is not None and self.verifier is not None
         judge, levels = self.judge, self.cfg.levels
         requests: list[ChatRequest] = []
@@ -707,7 +874,11 @@ class Synthesizer:
             if mad > self.cfg.verify_tolerance or (rho is not None and rho < 0):
                 stats["sets_dropped_by_verify"] += 1
                 shown = ", ".join(f"{k}:{g:.2f}" for k, g in zip(intended, judged))
-                why = f"mean |judged - intended| {mad:.2f} > {self.cfg.verify_tolerance:g}" if mad > self.cfg.verify_tolerance else f"Spearman {rho:.2f} < 0"
+                why = (
+                    f"mean |judged - intended| {mad:.2f} > {self.cfg.verify_tolerance:g}"
+                    if mad > self.cfg.verify_tolerance
+                    else f"Spearman {rho:.2f} < 0"
+                )
                 fail(item.spec, "verify", f"judged levels (intended:judged) {shown}; {why}")
                 continue
             out.append(item)
@@ -730,10 +901,18 @@ def _estimate(cfg: SynthConfig, queries: Queries, model: str, verify_model: str 
             completion_tokens += request.max_tokens or 0
     passages = sets * cfg.levels
     return StagePlan(
-        stage="synth", out=cfg.out, inputs=[i.path for i in queries.inputs], queries=len(queries.items),
-        parts=len(_parts(queries, cfg.queries_per_shard)), models=list(dict.fromkeys(m for m in (model, verify_model) if m)),
-        sets=sets, passages=passages, requests=sets, verify_requests_max=passages if cfg.verify else None,
-        prompt_tokens=prompt_tokens, max_completion_tokens=completion_tokens,
+        stage="synth",
+        out=cfg.out,
+        inputs=[i.path for i in queries.inputs],
+        queries=len(queries.items),
+        parts=len(_parts(queries, cfg.queries_per_shard)),
+        models=list(dict.fromkeys(m for m in (model, verify_model) if m)),
+        sets=sets,
+        passages=passages,
+        requests=sets,
+        verify_requests_max=passages if cfg.verify else None,
+        prompt_tokens=prompt_tokens,
+        max_completion_tokens=completion_tokens,
         token_counts="exact" if counter.exact else "estimated (~4 characters per token)",
         notes=[f"{key.replace('_', ' ')}: {value:,} (left out)" for key, value in queries.notes.items()],
     )
@@ -764,7 +943,9 @@ def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now
         "requests": totals.get("llm_sent", 0) + totals.get("verify_sent", 0),
         "tokens_in": totals.get("llm_prompt_tokens", 0) + totals.get("verify_prompt_tokens", 0),
         "tokens_out": totals.get("llm_completion_tokens", 0) + totals.get("verify_completion_tokens", 0),
-        "tokens_out_per_passage": round(totals.get("llm_completion_tokens", 0) / generated, 1) if generated else 0.0,
+        "tokens_out_per_passage": round(totals.get("llm_completion_tokens", 0) / generated, 1)
+        if generated
+        else 0.0,
         "seconds": round(seconds, 2),
         "requests_per_s": round(sent_now / seconds, 1) if seconds else 0.0,
     }
@@ -778,36 +959,58 @@ def summarize(totals: dict[str, int], cfg: SynthConfig, seconds: float, sent_now
         judged = totals.get("verify_passages", 0)
         verified = totals.get("sets_verified", 0)
         summary["verify"] = {
-            "mean_abs_level_diff": round(totals.get("verify_abs_diff_milli", 0) / 1000 / judged, 3) if judged else None,
-            "kept_share": round((verified - totals.get("sets_dropped_by_verify", 0)) / verified, 3) if verified else None,
+            "mean_abs_level_diff": round(totals.get("verify_abs_diff_milli", 0) / 1000 / judged, 3)
+            if judged
+            else None,
+            "kept_share": round((verified - totals.get("sets_dropped_by_verify", 0)) / verified, 3)
+            if verified
+            else None,
             "tolerance": cfg.verify_tolerance,
         }
     return summary
 
 
-def run(cfg: SynthConfig, *, log: Callable[[str], None] = print,
-        backends: tuple[ChatBackend, ChatBackend | None] | None = None) -> Manifest:
+def run(
+    cfg: SynthConfig,
+    *,
+    log: Callable[[str], None] = print,
+    backends: tuple[ChatBackend, ChatBackend | None] | None = None,
+) -> Manifest:
     """Run (or resume) `mpr synth` into `cfg.out`; returns the manifest."""
     started = time.perf_counter()
     model, verify_model = _models(cfg)
     prompt = SynthPrompt(cfg.levels)  # a broken rubric fails here, before anything is read or sent
     queries = load_queries(cfg)
     parts = _parts(queries, cfg.queries_per_shard)
-    identity = {**cfg.identity(model, verify_model, prompt.prompt), "inputs": [i.fingerprint for i in queries.inputs]}
+    identity = {
+        **cfg.identity(model, verify_model, prompt.prompt),
+        "inputs": [i.fingerprint for i in queries.inputs],
+    }
     prompts = {prompt.prompt.name: prompt.prompt.version}
     if cfg.verify:
         graded = load_prompt("graded")
         prompts[graded.name] = graded.version
     shards = ShardRun(
-        cfg.out, stage="synth", config=cfg.model_dump(mode="json"), identity=identity, inputs=queries.inputs,
+        cfg.out,
+        stage="synth",
+        config=cfg.model_dump(mode="json"),
+        identity=identity,
+        inputs=queries.inputs,
         models={"generator": model, **({"verifier": verify_model} if verify_model else {})},
-        prompts=prompts, planned_shards=len(parts), overwrite=cfg.overwrite, job=cfg.job,
+        prompts=prompts,
+        planned_shards=len(parts),
+        overwrite=cfg.overwrite,
+        job=cfg.job,
     )
     failures = FailureLog(shards)
     pending = [i for i in range(len(parts)) if shards.owns(i) and not shards.done(i)]
     if shards.complete or not pending:
         log(f"{cfg.out}: already complete; nothing to do")
-        return _finish(shards, failures, shards.manifest.summary or {**summarize(shards.totals(), cfg, 0.0, 0), **queries.notes})
+        return _finish(
+            shards,
+            failures,
+            shards.manifest.summary or {**summarize(shards.totals(), cfg, 0.0, 0), **queries.notes},
+        )
     for key, value in queries.notes.items():
         log(f"synth: {key.replace('_', ' ')}: {value:,} (left out)")
     owned = backends is None
@@ -823,7 +1026,9 @@ def run(cfg: SynthConfig, *, log: Callable[[str], None] = print,
     sent_now = 0
     try:
         for count, index in enumerate(pending, start=1):
-            rows, stats, failed = synthesizer.process(parts[index], queries.positives, f"synth part {count}/{len(pending)}")
+            rows, stats, failed = synthesizer.process(
+                parts[index], queries.positives, f"synth part {count}/{len(pending)}"
+            )
             sent_now += stats.get("llm_sent", 0) + stats.get("verify_sent", 0)
             failures.add(shard_name(index), failed)
             shards.write(index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)

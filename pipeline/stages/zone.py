@@ -48,29 +48,45 @@ class ZoneOptions(BaseModel):
     """The zone's options (part of `RelabelConfig`; they change what is judged, so they are in its identity)."""
 
     zone: ZoneMode = Field(
-        "all", description="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), "
-        "top (best-ranked), unsure (a cheap judge is not sure they are negative).")
+        "all",
+        description="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), "
+        "top (best-ranked), unsure (a cheap judge is not sure they are negative).",
+    )
     zone_margin: float = Field(
-        0.1, ge=0, description="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.")
+        0.1,
+        ge=0,
+        description="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.",
+    )
     zone_top: int = Field(10, ge=1, description="--zone top: judge the R best-ranked candidates.")
     zone_model: str | None = Field(None, description="--zone unsure: the cheap judge (default: --model).")
     zone_unsure: float = Field(
-        0.2, gt=0, lt=1, description="--zone unsure: judge candidates the cheap judge gives P(relevant) above this.")
+        0.2,
+        gt=0,
+        lt=1,
+        description="--zone unsure: judge candidates the cheap judge gives P(relevant) above this.",
+    )
 
 
 def select(rows: list[dict[str, Any]], picked: list[int], cfg: RelabelConfig) -> tuple[list[int], Reasons]:
     """`picked` (indices into one query's rows, best-ranked first) narrowed to the zone, and the reasons."""
     if cfg.zone == "margin":
-        scores = [r["score"] for r in rows if r["source"] == "qrels" and r["label"] == 1 and r["score"] is not None]
+        scores = [
+            r["score"] for r in rows if r["source"] == "qrels" and r["label"] == 1 and r["score"] is not None
+        ]
         if not scores:
             return picked, {}
         floor = min(scores) - cfg.zone_margin
         kept = [i for i in picked if rows[i]["score"] is not None and rows[i]["score"] >= floor]
-        reasons = {i: f"zone margin: score {_score(rows[i]['score'])} < lowest positive {min(scores):.4f} - {cfg.zone_margin:g}"
-                   for i in picked if i not in set(kept)}
+        reasons = {
+            i: f"zone margin: score {_score(rows[i]['score'])} < lowest positive {min(scores):.4f} - {cfg.zone_margin:g}"
+            for i in picked
+            if i not in set(kept)
+        }
         return kept, reasons
     if cfg.zone == "top":
-        return picked[: cfg.zone_top], {i: f"zone top: below the {cfg.zone_top} best-ranked candidates" for i in picked[cfg.zone_top :]}
+        return picked[: cfg.zone_top], {
+            i: f"zone top: below the {cfg.zone_top} best-ranked candidates" for i in picked[cfg.zone_top :]
+        }
     return picked, {}
 
 
@@ -96,8 +112,15 @@ def positive_probability(result: ChatResult, positive: Collection[int]) -> float
     return float(grade in positive)
 
 
-def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, list[dict]]], picked: list[list[int]],
-           reasons: list[Reasons], desc: str, stats: dict[str, int]) -> list[list[int]]:
+def unsure(
+    relabeler: Relabeler,
+    cheap: ChatBackend,
+    groups: list[tuple[str, list[dict]]],
+    picked: list[list[int]],
+    reasons: list[Reasons],
+    desc: str,
+    stats: dict[str, int],
+) -> list[list[int]]:
     """`zone=unsure`: keep the candidates the cheap judge may call relevant; fills `reasons` for the rest."""
     from pipeline.llm.judge import GRADES, Judge
     from pipeline.llm.prompt_files import load_prompt
@@ -112,7 +135,13 @@ def unsure(relabeler: Relabeler, cheap: ChatBackend, groups: list[tuple[str, lis
             request, _ = judge.requests(rows[i]["query"], [], [rows[i]])[0]
             requests.append(request)
             where.append((q, i))
-    results = cheap.run_sync(requests, validate=judge.validator(1), progress=f"{desc} (zone)" if cfg.progress else False) if requests else []
+    results = (
+        cheap.run_sync(
+            requests, validate=judge.validator(1), progress=f"{desc} (zone)" if cfg.progress else False
+        )
+        if requests
+        else []
+    )
     add_llm_stats(stats, "zone", cheap.last_stats)
     positive = positive_levels(cfg.positive_threshold, len(GRADES))
     drop: set[tuple[int, int]] = set()

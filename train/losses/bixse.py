@@ -133,7 +133,9 @@ class BiXSELoss(GroupLoss):
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
         self.bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)), requires_grad=learn_bias)
         # b's starting value, NaN until the first batch sets it; saved with the loss's state, so a resumed run keeps b
-        self.register_buffer("start_bias", torch.tensor(math.nan if bias is None else float(bias), dtype=torch.float64))
+        self.register_buffer(
+            "start_bias", torch.tensor(math.nan if bias is None else float(bias), dtype=torch.float64)
+        )
 
     @property
     def scale(self) -> float:
@@ -154,7 +156,9 @@ class BiXSELoss(GroupLoss):
     @torch.no_grad()
     def _start_at_prior(self, scores: Tensor, targets: Tensor, valid: Tensor) -> None:
         mask = valid.to(torch.float64)
-        sums = torch.stack([mask.sum(), (targets.to(torch.float64) * mask).sum(), (scores.to(torch.float64) * mask).sum()])
+        sums = torch.stack(
+            [mask.sum(), (targets.to(torch.float64) * mask).sum(), (scores.to(torch.float64) * mask).sum()]
+        )
         if world()[0] > 1:
             dist.all_reduce(sums)  # every rank starts at the same b
         pairs, relevant, similarity = sums.tolist()
@@ -165,8 +169,12 @@ class BiXSELoss(GroupLoss):
         self.bias.fill_(start)
         self.start_bias.fill_(start)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        if prefix + "bias" in state_dict and prefix + "start_bias" not in state_dict:  # saved before start_bias existed
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if (
+            prefix + "bias" in state_dict and prefix + "start_bias" not in state_dict
+        ):  # saved before start_bias existed
             state_dict[prefix + "start_bias"] = state_dict[prefix + "bias"].detach().to(torch.float64)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -364,7 +364,9 @@ class ChunkPlan:
 
     def texts_at(self, length: int) -> int:
         """How many texts of ``length`` tokens one chunk holds."""
-        fit = int(self.max_bytes // self.cost(length)) if self.max_bytes and self.cost(length) > 0 else 1 << 30
+        fit = (
+            int(self.max_bytes // self.cost(length)) if self.max_bytes and self.cost(length) > 0 else 1 << 30
+        )
         return max(1, min(fit, self.max_texts or fit))
 
     def split(self, lengths: Tensor) -> list[Tensor]:
@@ -519,7 +521,11 @@ class GroupLoss(nn.Module):
 
     def named_loss_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters owned by the loss itself (not the model's), by name."""
-        return {name: p for name, p in self.named_parameters() if not name.startswith("model.") and p.requires_grad}
+        return {
+            name: p
+            for name, p in self.named_parameters()
+            if not name.startswith("model.") and p.requires_grad
+        }
 
     def loss_parameters(self) -> list[nn.Parameter]:
         return list(self.named_loss_parameters().values())

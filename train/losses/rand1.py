@@ -97,7 +97,10 @@ class Rand1Loss(GroupLoss):
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's state, so that a resumed run draws what an uninterrupted one would."""
-        return {"seed": self.seed, "generator": None if self._generator is None else self._generator.get_state()}
+        return {
+            "seed": self.seed,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = state["seed"]
