@@ -65,8 +65,8 @@ SYNTH_STOP = frozenset(
     """a an the and or but of to in on at for with by from as is are was were be been being do
 does did how what why when where which who whom whose can could should would will shall may might must my your
 our their its it this that these those i you we they he she me us them than then there here about into over
-under not no yes if so""".split()
-)  # noqa: SIM905
+under not no yes if so""".split()  # noqa: SIM905
+)
 
 
 def _norm(text: str) -> str:
