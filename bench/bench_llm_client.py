@@ -1,10 +1,12 @@
-"""The LLM client's own ceiling: requests/s and client CPU per request against a test server answering at once.
+"""The LLM client's own ceiling: requests/s and client CPU per request against a test server answering at \
+once.
 
-    python bench/bench_llm_client.py [--n 2000] [--concurrency 1,8,32,128] [--transports aiohttp,openai]
+    python bench/bench_llm_client.py [--n 2000] [--concurrency 1,8,32,128]
+        [--transports aiohttp,openai]
 
-The server runs in a subprocess (its own core), so the client process's CPU time is the client's cost. Both HTTP
-paths of the client run in the same invocation: `aiohttp` (the default) and `openai` (the official SDK's raw
-request call), and the ratio of their requests/s is printed.
+The server runs in a subprocess (its own core), so the client process's CPU time is the client's cost. Both
+HTTP paths of the client run in the same invocation: `aiohttp` (the default) and `openai` (the official SDK's
+raw request call), and the ratio of their requests/s is printed.
 Modes: `no cache`; `cold cache` (every answer committed to SQLite as it arrives); `warm cache` (the same
 requests again: all hits, nothing sent); `batch 8` (8 candidates judged per request: schema with an array of
 8 labels, cold cache) to show candidates/s when a stage batches. Reference rows show the cost of the SDK's
@@ -130,7 +132,8 @@ def main() -> None:
         ap.error(f"--transports: choose from aiohttp, openai (got {args.transports})")
 
     print(
-        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, transports {'+'.join(transports)}, server in a subprocess, "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, transports {'+'.join(transports)}, "
+        "server in a subprocess, "
         f"best of {args.repeat}; load average at start {os.getloadavg()[0]:.1f}"
     )
     rows = []

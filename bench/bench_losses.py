@@ -1,11 +1,12 @@
 """Training throughput and peak memory of every group loss against sentence-transformers' MNRL.
 
-    python bench/bench_losses.py [--batch-size 32] [--group-size 4] [--max-seq-length 24] [--rounds 3] [--threads 1]
+    python bench/bench_losses.py [--batch-size 32] [--group-size 4] [--max-seq-length 24] [--rounds 3]
+        [--threads 1]
 
 All runs use the bundled all-MiniLM-L6-v2 on CPU and synthetic batches: B queries of 8 random words, each with
-k passages of ``max_seq_length`` random words (slot 0 a positive, slot 1 a graded positive, the rest negatives;
-MNRL sees the same texts as (anchor, positive, negative...)). A step is loss forward + backward + AdamW step;
-tokenisation is outside the timing.
+k passages of ``max_seq_length`` random words (slot 0 a positive, slot 1 a graded positive, the rest
+negatives; MNRL sees the same texts as (anchor, positive, negative...)). A step is loss forward + backward +
+AdamW step; tokenisation is outside the timing.
 
 - Throughput: one process, every loss on the same model; after a warm-up round, ``--rounds`` rounds each run
   one step of every loss in turn (rotating the order), so load drifts on a shared machine hit all losses
@@ -178,10 +179,12 @@ def main() -> None:
     }
     threads = args.threads or "torch default"
     print(
-        f"all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, threads: {threads}), load average {os.getloadavg()}"
+        f"all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, threads: {threads}), "
+        f"load average {os.getloadavg()}"
     )
     print(
-        f"B = {args.batch_size} queries x (1 + k = {args.group_size}) texts, max_seq_length {args.max_seq_length}; "
+        f"B = {args.batch_size} queries x (1 + k = {args.group_size}) texts, "
+        f"max_seq_length {args.max_seq_length}; "
         f"median of {args.rounds} interleaved steps\n"
     )
     speed = run("throughput", {**base, "losses": args.losses, "rounds": args.rounds})
@@ -197,14 +200,16 @@ def main() -> None:
         seconds, mem = speed[name]["median_s"], memory[name]
         print(
             f"{name:<10} {args.batch_size / seconds:>10.2f} {speed[reference]['median_s'] / seconds:>8.2f} "
-            f"{seconds:>8.2f} {speed[name]['min_s']:>11.2f} {mem['peak_mib']:>13.0f} {mem['delta_mib']:>7.0f} "
+            f"{seconds:>8.2f} {speed[name]['min_s']:>11.2f} "
+            f"{mem['peak_mib']:>13.0f} {mem['delta_mib']:>7.0f} "
             f"{mem['delta_mib'] / memory[reference]['delta_mib']:>10.2f}"
         )
 
     if args.cached_batch_sizes:
         k, small = args.cached_group_size, min(args.cached_batch_sizes)
         print(
-            f"\n{args.cached_loss}, k = {k}, one step; cached = GradCache with mini_batch_size {args.mini_batch_size}"
+            f"\n{args.cached_loss}, k = {k}, one step; "
+            f"cached = GradCache with mini_batch_size {args.mini_batch_size}"
         )
         header = f"{'B':>6} {'variant':<9} {'s/step':>8} {'peak RSS MiB':>13} {'Δ MiB':>7}"
         print(header)

@@ -139,7 +139,8 @@ def main() -> None:
     by = {r["variant"]: r for r in results}
     floor = by["encode-only"]["seconds"]
     print(
-        f"\nSciFact train, {os.cpu_count()} CPU cores, max_seq_length {args.max_seq_length}, depth {args.depth}, {args.negatives} negatives"
+        f"\nSciFact train, {os.cpu_count()} CPU cores, max_seq_length {args.max_seq_length}, "
+        f"depth {args.depth}, {args.negatives} negatives"
     )
     print(f"{'variant':<12} {'seconds':>8} {'peak MB':>8} {'x encode-only':>14}")
     for r in results:

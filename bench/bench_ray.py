@@ -58,7 +58,8 @@ def main() -> None:
         t0 = time.perf_counter()
         results = local.run_sync(requests)
         print(
-            f"local        {time.perf_counter() - t0:6.1f} s  {sum(r.ok for r in results)}/{len(results)} answered"
+            f"local        {time.perf_counter() - t0:6.1f} s  "
+            f"{sum(r.ok for r in results)}/{len(results)} answered"
         )
     ray.shutdown()
 

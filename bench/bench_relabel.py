@@ -97,14 +97,17 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"\nSciFact train, {args.candidates} candidates per query, {os.cpu_count()} CPU cores; the server runs in its own process"
+        f"\nSciFact train, {args.candidates} candidates per query, {os.cpu_count()} CPU cores; "
+        "the server runs in its own process"
     )
     print(
-        f"{'mode':<8} {'prompt':<12} {'conc.':>5} {'judged':>7} {'requests':>8} {'seconds':>8} {'judged/s':>9} {'CPU ms/judg.':>12} {'prompt tok/judg.':>16} {'compl. tok/judg.':>16}"
+        f"{'mode':<8} {'prompt':<12} {'conc.':>5} {'judged':>7} {'requests':>8} {'seconds':>8} "
+        f"{'judged/s':>9} {'CPU ms/judg.':>12} {'prompt tok/judg.':>16} {'compl. tok/judg.':>16}"
     )
     for r in rows:
         print(
-            f"{r[0]:<8} {r[1]:<12} {r[2]:>5} {r[3]:>7} {r[4]:>8} {r[5]:>8.1f} {r[6]:>9.0f} {r[7]:>12.3f} {r[8]:>16.1f} {r[9]:>16.1f}"
+            f"{r[0]:<8} {r[1]:<12} {r[2]:>5} {r[3]:>7} {r[4]:>8} {r[5]:>8.1f} "
+            f"{r[6]:>9.0f} {r[7]:>12.3f} {r[8]:>16.1f} {r[9]:>16.1f}"
         )
 
 

@@ -52,12 +52,17 @@ def main() -> None:
     args = ap.parse_args()
     print(
         f"hardware: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
-        f"Python {sys.version.split()[0]}; server in a subprocess; load average {os.getloadavg()[0]:.1f} at start"
+        f"Python {sys.version.split()[0]}; server in a subprocess; "
+        f"load average {os.getloadavg()[0]:.1f} at start"
     )
     print(
-        f"{args.queries} queries x 1 set, {args.levels} levels, target lengths {args.lengths} words; fastest of {args.repeat} runs\n"
+        f"{args.queries} queries x 1 set, {args.levels} levels, target lengths {args.lengths} words; "
+        f"fastest of {args.repeat} runs\n"
     )
-    header = f"{'concurrency':>11} {'requests':>9} {'seconds':>8} {'req/s':>8} {'passages/s':>11} {'tok in/req':>11} {'tok out/passage':>16} {'retries':>8}"
+    header = (
+        f"{'concurrency':>11} {'requests':>9} {'seconds':>8} {'req/s':>8} {'passages/s':>11} "
+        f"{'tok in/req':>11} {'tok out/passage':>16} {'retries':>8}"
+    )
     print(header)
     print("-" * len(header))
     with (
@@ -108,7 +113,8 @@ def main() -> None:
             sent = summary["llm_sent"]
             print(
                 f"{c:>11} {sent:>9} {wall:>8.2f} {sent / wall:>8.1f} {summary['passages'] / wall:>11.1f} "
-                f"{summary['llm_prompt_tokens'] / sent:>11.0f} {summary['tokens_out_per_passage']:>16.1f} {summary['llm_retries']:>8}"
+                f"{summary['llm_prompt_tokens'] / sent:>11.0f} {summary['tokens_out_per_passage']:>16.1f} "
+                f"{summary['llm_retries']:>8}"
             )
 
 

@@ -1,7 +1,8 @@
-"""Training at the settings users run: peak memory and seconds per step of every loss, against
+r"""Training at the settings users run: peak memory and seconds per step of every loss, against
 sentence-transformers' MultipleNegativesRankingLoss (MNRL) and CachedMultipleNegativesRankingLoss.
 
-    python bench/bench_train.py --data runs/scifact/mined [--steps 3] [--max-seq-length 256 128] [--out bench/results/train.json]
+    python bench/bench_train.py --data runs/scifact/mined [--steps 3] [--max-seq-length 256 128] \
+        [--out bench/results/train.json]
 
 Real batches: mpr's training groups from a mined shard folder (SciFact train in bench/README.md), batch 32,
 group 8 (1 positive + 7 negatives for MNRL: the same texts), all-MiniLM-L6-v2 on CPU. Each configuration runs
@@ -195,7 +196,8 @@ def main() -> None:
             result["s_per_step"] = round(statistics.median(timed), 2)
             result["samples_per_s"] = round(config["batch_size"] / result["s_per_step"], 3)
             print(
-                f"{name:<34} {result['s_per_step']:>7.2f} s/step  peak {result['peak_mb']:>7,.0f} MB  load {load:.1f}  {result['plan']}",
+                f"{name:<34} {result['s_per_step']:>7.2f} s/step  peak {result['peak_mb']:>7,.0f} MB  "
+                f"load {load:.1f}  {result['plan']}",
                 flush=True,
             )
         else:

@@ -112,7 +112,8 @@ def figures(s: dict[str, Any], seconds: float, prefix: str = "llm") -> dict[str,
 
 
 def errors(folder: Path, full: dict[str, set[str]]) -> dict[str, Any]:
-    """False-positive and false-negative rates of the judge against the full qrels, by mined rank and by score."""
+    """False-positive and false-negative rates of the judge against the full qrels, by mined rank and by
+    score."""
     rows = [
         r
         for f in sorted(folder.glob("part-*.parquet"))
@@ -189,7 +190,10 @@ def report(results: Path) -> str:
     lines = [
         "# A real model: SmolLM2-135M-Instruct behind llama-server",
         "",
-        "Written by `python bench/real_llm.py --report` from the JSON files beside it (one per run; each holds its command).",
+        (
+            "Written by `python bench/real_llm.py --report` from the JSON files beside it "
+            "(one per run; each holds its command)."
+        ),
         "",
     ]
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
@@ -199,7 +203,8 @@ def report(results: Path) -> str:
             f"## {folder.name}",
             "",
             "| run | exit | requests | valid 1st try | valid after retries | prompt tok/item | "
-            "completion tok/item | requests/s | items/s | flagged / judged | trimmed | logprobs read / unusable |",
+            "completion tok/item | requests/s | items/s | flagged / judged | trimmed | "
+            "logprobs read / unusable |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
@@ -215,10 +220,12 @@ def report(results: Path) -> str:
                 )
             )
             lines.append(
-                f"| {name} | {r['exit_code']} | {_f(r.get('requests'))} | {_f(r.get('first_try_valid_share'))} | "
-                f"{_f(r.get('valid_after_retries_share'))} | {_f(r.get('prompt_tokens_per_item'), 1)} | "
-                f"{_f(r.get('completion_tokens_per_item'), 1)} | {_f(r.get('requests_per_s'))} | {_f(r.get('items_per_s'))} | "
-                f"{flagged} | {_f(r.get('trimmed_passages'))} | {_f(r.get('logprobs_read'))} / {_f(r.get('logprobs_unusable'))} |"
+                f"| {name} | {r['exit_code']} | {_f(r.get('requests'))} | "
+                f"{_f(r.get('first_try_valid_share'))} | {_f(r.get('valid_after_retries_share'))} | "
+                f"{_f(r.get('prompt_tokens_per_item'), 1)} | {_f(r.get('completion_tokens_per_item'), 1)} | "
+                f"{_f(r.get('requests_per_s'))} | {_f(r.get('items_per_s'))} | "
+                f"{flagged} | {_f(r.get('trimmed_passages'))} | "
+                f"{_f(r.get('logprobs_read'))} / {_f(r.get('logprobs_unusable'))} |"
             )
         lines.append("")
         # drop and drop-query remove what was flagged: their rows cannot show the judge's errors
@@ -227,9 +234,10 @@ def report(results: Path) -> str:
         }
         if errs:
             lines += [
-                "Judge errors against the full qrels (FNR: hidden positives not flagged; FPR: negatives flagged), by mined "
-                "rank and by retrieval-score tercile. Uniform flips, as the loss study assumes, would give one rate "
-                "for both and in every bin. Grade AUC: how often the expected grade ranks a hidden positive above a negative (0.5: chance).",
+                "Judge errors against the full qrels (FNR: hidden positives not flagged; FPR: negatives "
+                "flagged), by mined rank and by retrieval-score tercile. Uniform flips, as the loss study "
+                "assumes, would give one rate for both and in every bin. Grade AUC: how often the expected "
+                "grade ranks a hidden positive above a negative (0.5: chance).",
                 "",
                 "| run | overall FNR / FPR | "
                 + " | ".join(f"rank {b}" for b in ("1-5", "6-10", "11-20"))
@@ -264,9 +272,11 @@ def report(results: Path) -> str:
 
             lines += [
                 f"Audit (`{runs['audit']['command']}`, exit {runs['audit']['exit_code']}): "
-                f"{audit['positives']} known positives, {audit['negatives']} known negatives, {audit['likely_negatives']} likely "
-                f"negatives, {audit['failed']} failed; recall {ci('recall')}, false-positive rate {ci('false_positive_rate')}, "
-                f"κ {ci('kappa')}; likely negatives flagged {ci('likely_flag_rate')}, unlabelled positives estimated at "
+                f"{audit['positives']} known positives, {audit['negatives']} known negatives, "
+                f"{audit['likely_negatives']} likely negatives, {audit['failed']} failed; "
+                f"recall {ci('recall')}, false-positive rate {ci('false_positive_rate')}, "
+                f"κ {ci('kappa')}; likely negatives flagged {ci('likely_flag_rate')}, "
+                "unlabelled positives estimated at "
                 f"{_f(audit.get('unlabelled_positive_estimate'))}; "
                 + ("passed" if audit["passed"] else f"stopped by --min-agreement {audit['min_agreement']}")
                 + ".",
@@ -274,8 +284,8 @@ def report(results: Path) -> str:
             ]
         if simulated:
             lines += [
-                f"The audit with the simulated judge, whose errors are known (`{simulated['command']}`), on the same "
-                "sparse collection:",
+                f"The audit with the simulated judge, whose errors are known (`{simulated['command']}`), "
+                "on the same sparse collection:",
                 "",
                 "| judge | recall | false-positive rate | κ | min | verdict |",
                 "|---|---|---|---|---|---|",
@@ -283,8 +293,10 @@ def report(results: Path) -> str:
             for name, a in simulated.items():
                 if name != "command":
                     lines.append(
-                        f"| {name.replace('error_rate=', 'wrong on ')} | {_f(a['recall'])} | {_f(a['false_positive_rate'])} | "
-                        f"{_f(a['kappa'])} | {a['min_agreement']} | {'passed' if a['passed'] else 'stopped'} |"
+                        f"| {name.replace('error_rate=', 'wrong on ')} | {_f(a['recall'])} | "
+                        f"{_f(a['false_positive_rate'])} | "
+                        f"{_f(a['kappa'])} | {a['min_agreement']} | "
+                        f"{'passed' if a['passed'] else 'stopped'} |"
                     )
             lines.append("")
     return "\n".join(lines)

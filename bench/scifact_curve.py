@@ -1,9 +1,11 @@
-"""The SciFact learning curve: nDCG@10 and R@100 of every checkpoint of a `mpr train` run on SciFact test,
+r"""The SciFact learning curve: nDCG@10 and R@100 of every checkpoint of a `mpr train` run on SciFact test,
 each against the zero-shot model with paired tests over the test queries.
 
     mpr mine --data data/beir/scifact --split train --out runs/scifact/mined
-    mpr train --data runs/scifact/mined --out runs/models/scifact-lsepair --save-steps 5 --save-total-limit 10 --keep-checkpoints
-    python bench/scifact_curve.py --run runs/models/scifact-lsepair --data data/beir/scifact --out bench/results/scifact
+    mpr train --data runs/scifact/mined --out runs/models/scifact-lsepair \
+        --save-steps 5 --save-total-limit 10 --keep-checkpoints
+    python bench/scifact_curve.py --run runs/models/scifact-lsepair --data data/beir/scifact \
+        --out bench/results/scifact
 
 Every evaluation is saved as OUT/NAME/step-N.json when it finishes (a rerun skips it); OUT/curve.md is the
 table of all runs in OUT.
@@ -48,7 +50,8 @@ def write_table(out: Path) -> str:
     lines = [
         "# SciFact test: nDCG@10 against training steps",
         "",
-        "Each row: a checkpoint of `mpr train` on mined SciFact train, evaluated with `mpr eval` against the zero-shot "
+        "Each row: a checkpoint of `mpr train` on mined SciFact train, evaluated with `mpr eval` "
+        "against the zero-shot "
         f"model ({DEFAULT_MODEL}); p is the paired randomization test over the test queries.",
         "",
     ]

@@ -138,7 +138,8 @@ def plot(all_results: list[dict[str, Any]], png: Path) -> None:
         ax.set_xlabel("candidates judged (share of judging all)")
         ax.set_ylabel("false negatives found (share of judging all)")
         ax.set_title(
-            f"{res['dataset']}: {res['queries']} queries, {full['found']} hidden positives among {full['candidates']} candidates",
+            f"{res['dataset']}: {res['queries']} queries, "
+            f"{full['found']} hidden positives among {full['candidates']} candidates",
             fontsize=9,
         )
         ax.grid(alpha=0.3)
@@ -161,7 +162,8 @@ def table(all_results: list[dict[str, Any]]) -> str:
                     key, s.get("zone_unsure", "-")
                 )
                 lines.append(
-                    f"| {res['dataset']} | {key} | {setting} | {s['judged']} | {s['judged'] / full['judged']:.3f} | {s['found']} | "
+                    f"| {res['dataset']} | {key} | {setting} | {s['judged']} "
+                    f"| {s['judged'] / full['judged']:.3f} | {s['found']} | "
                     f"{s['found'] / full['found']:.3f} | {s['false_flags']} |"
                 )
     return "\n".join(lines) + "\n"

@@ -73,7 +73,10 @@ def has_userinfo(url: str) -> bool:
     return bool(_USERINFO.match(url.strip()))
 
 
-USERINFO_HINT = "holds a user:key@ part; put the key in the environment variable named by --api-key-env (default OPENAI_API_KEY) instead"
+USERINFO_HINT = (
+    "holds a user:key@ part; put the key in the environment variable named by --api-key-env "
+    "(default OPENAI_API_KEY) instead"
+)
 
 
 def refuse_userinfo(urls: list[str]) -> list[str]:

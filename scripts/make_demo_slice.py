@@ -5,11 +5,12 @@
 Deterministic (no choice depends on any model or result):
 
 - queries: all of the collection's judged queries. Sorted by id, shuffled with `random.Random(SEED)` and dealt
-  round-robin into two halves: half 0 is held out (`qrels/test.tsv`, every judged positive), half 1 is for training.
+  round-robin into two halves: half 0 is held out (`qrels/test.tsv`, every judged positive), half 1 is for
+  training.
 - `qrels/train.tsv`: the training queries' full qrels. Only the simulated judge reads them (the hidden truth a
   real LLM judge would have to recover); nothing trains on them.
-- `qrels/train-sparse.tsv`: ONE positive per training query, drawn with `random.Random(f"{SEED}:{qid}")` from its
-  sorted positive ids, as single-positive annotation would give. This is what mining and training see.
+- `qrels/train-sparse.tsv`: ONE positive per training query, drawn with `random.Random(f"{SEED}:{qid}")` from
+  its sorted positive ids, as single-positive annotation would give. This is what mining and training see.
 - corpus: every judged document plus `--distractors` documents drawn at random from the unjudged rest,
   in the collection's order; gzipped.
 

@@ -1,4 +1,5 @@
-"""Worker of tests/test_losses_ddp.py: ``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py MODEL OUT``.
+"""Worker of tests/test_losses_ddp.py:
+``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py MODEL OUT``.
 
 Each rank takes its slice of a fixed global batch, runs every loss configuration through a DDP-wrapped tiny
 model (gloo, CPU) and saves its loss values and gradients for the test to compare with one process on the

@@ -135,7 +135,8 @@ def test_mpr_run_audits_and_reports(mined, data, tmp_path, error_rate):
 
 @pytest.fixture(scope="module")
 def sparse(tmp_path_factory):
-    """40 Vaswani queries, one qrels positive kept each: the other relevant passages sit among the mined negatives."""
+    """40 Vaswani queries, one qrels positive kept each: the other relevant passages sit among the mined
+    negatives."""
     data = vaswani_slice(tmp_path_factory.mktemp("sparse") / "vaswani", n_queries=40)
     return data, handmade_mined(data, tmp_path_factory.mktemp("sparse-mined") / "mined")
 
@@ -156,7 +157,8 @@ def test_audit_measures_the_judge_not_the_labels(sparse, tmp_path):
         and audit["kappa"] == 1.0
         and audit["passed"]
     )
-    # what the judge flags among the likely negatives are the unlabelled positives hidden there, counted exactly
+    # what the judge flags among the likely negatives are the unlabelled positives hidden there, counted
+    # exactly
     hidden = audit["likely_flag_rate"]
     assert hidden is not None and audit["unlabelled_positive_estimate"] == hidden
     with (

@@ -48,7 +48,8 @@ TEVATRON = [
 
 
 def error_line(result, *named: str) -> str:
-    """The single stderr line of a failed command, checked: exit 2, no traceback, names everything in `named`."""
+    """The single stderr line of a failed command, checked: exit 2, no traceback, names everything in
+    `named`."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()

@@ -144,7 +144,10 @@ def test_config_options_refuses_unknown_fields() -> None:
 def test_the_configs_load_without_torch() -> None:
     """The commands import their config models up front: none of them may pull in torch or
     sentence-transformers, so the input checks still run (and fail) before the heavy imports."""
-    code = "import sys, mpr.cli; print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    code = (
+        "import sys, mpr.cli; "
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True

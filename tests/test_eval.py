@@ -1,4 +1,5 @@
-"""Evaluation: ir_measures metrics against hand arithmetic, paired tests, and the `mpr eval` stage end to end on SciFact."""
+"""Evaluation: ir_measures metrics against hand arithmetic, paired tests, and the `mpr eval` stage end to
+end on SciFact."""
 
 from __future__ import annotations
 

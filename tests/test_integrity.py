@@ -593,7 +593,7 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
         open_every_way(tmp_path / name)
 
 
-# -- caches keyed by content -----------------------------------------------------------------------------------
+# -- caches keyed by content ---------------------------------------------------------------------------------
 
 
 def test_llm_cache_never_shares_answers_between_servers(tmp_path):
@@ -619,7 +619,8 @@ def test_llm_cache_never_shares_answers_between_servers(tmp_path):
     legacy = tmp_path / "old.sqlite"  # a cache written before answers were keyed by server
     con = sqlite3.connect(legacy)
     con.execute(
-        "CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID"
+        "CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, value TEXT NOT NULL, "
+        "created REAL NOT NULL) WITHOUT ROWID"
     )
     con.execute("INSERT INTO answers VALUES ('k1', 'm', '{\"content\": \"x\"}', 0)")
     con.commit()

@@ -238,8 +238,9 @@ def test_malformed_answers_are_retried_then_recorded_failed(server, transport):
 
 
 def test_schema_keywords_a_server_lacks_are_dropped_before_the_schema_is(transport):
-    """A grammar engine without uniqueItems or maxLength refuses the full schema (HTTP 400): the request is sent
-    again with the schema's core, the answers still come back schema-shaped, and the server is remembered."""
+    """A grammar engine without uniqueItems or maxLength refuses the full schema (HTTP 400): the request is
+    sent again with the schema's core, the answers still come back schema-shaped, and the server is
+    remembered."""
     schema = {
         "type": "object",
         "properties": {
@@ -470,7 +471,8 @@ def test_async_on_result_sees_cached_answers(server, tmp_path):
 
 
 def fake_vllm(monkeypatch) -> list[dict]:
-    """A stand-in `vllm` module with the documented offline API: LLM.chat, SamplingParams, StructuredOutputsParams."""
+    """A stand-in `vllm` module with the documented offline API: LLM.chat, SamplingParams,
+    StructuredOutputsParams."""
     calls: list[dict] = []
     seen: dict[str, int] = {}
 

@@ -45,9 +45,9 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Random score/target/mask matrices
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 Case = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -85,9 +85,9 @@ CASES = [
     for dup, other in ((True, False), (False, True), (True, True))
 ]
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loop-based float64 references (autograd gives their gradients, except ws2: central differences)
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def row_sets(positives: Tensor, valid: Tensor, i: int) -> tuple[list[int], list[int]]:
@@ -375,9 +375,9 @@ def test_rand1_draws_are_seeded_and_uniform(eval_model: Any) -> None:
     assert np.all(np.abs(counts - 1 / 3) < 0.04), counts
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # A real (tiny) model
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def build_tiny_model_dir(path: Path, *, dropout: float) -> str:
@@ -421,7 +421,8 @@ def eval_model(tiny_model_dir: str) -> Any:
 
 
 # Columns 0-2: query 0, 3-5: query 1, 6-8: query 2 (slot order). Query 1's negative (column 4) is query 0's
-# positive; query 0 and query 2 share a negative (columns 2 and 8); column 5 is padding; query 2 has two positives.
+# positive; query 0 and query 2 share a negative (columns 2 and 8); column 5 is padding; query 2 has two
+# positives.
 QUERIES = ["capital of france", "who wrote hamlet", "berlin facts"]
 PASSAGE_COLUMNS = [
     ["paris is the capital of france", "hamlet was written by shakespeare", "berlin is in germany"],
@@ -540,9 +541,9 @@ def test_loss_equals_objective_on_expected_matrices(eval_model: Any, name: str) 
     torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GradCache
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 CACHE_QUERIES = ["q zero", "query number one", "the second query text", "third", "fourth query", "fifth one"]
 CACHE_COLUMNS = [
@@ -717,9 +718,9 @@ def test_cached_replays_dropout_small_minibatches(dropout_model: Any) -> None:
             torch.testing.assert_close(cached_grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # API and one real trainer step per loss
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_build_loss_and_config(eval_model: Any) -> None:

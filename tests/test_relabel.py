@@ -442,9 +442,9 @@ def test_clipped_passages_are_still_judged(hidden, server, tmp_path):
 
 
 def test_requests_are_fitted_to_the_context_window():
-    """20 candidates of 2,000 characters do not fit a 1,024-token context: every passage of the request is cut to
-    one length until the prompt leaves room for the answer, and the cut passages are counted. Short passages
-    and an unknown context are left alone."""
+    """20 candidates of 2,000 characters do not fit a 1,024-token context: every passage of the request is cut
+    to one length until the prompt leaves room for the answer, and the cut passages are counted. Short
+    passages and an unknown context are left alone."""
     from pipeline.llm.endpoint import ContextFit, EndpointInfo
     from pipeline.llm.judge import Judge, JudgeOptions
     from pipeline.llm.prompt_files import load_prompt

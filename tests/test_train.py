@@ -456,8 +456,9 @@ def test_planner_fits_the_budget_it_is_given(encoder_path, texts):
 
 
 def test_planning_leaves_the_model_free_and_measures_the_same_twice(encoder_path):
-    """The planner's measurement keeps no reference to the model: before, its saved-tensor hook made autograd's
-    graph hold its own outputs, and every model that `mpr study` trained stayed in memory (0.3 GB a cell)."""
+    """The planner's measurement keeps no reference to the model: before, its saved-tensor hook made
+    autograd's graph hold its own outputs, and every model that `mpr study` trained stayed in memory (0.3 GB
+    a cell)."""
     import gc
     import weakref
 

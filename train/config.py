@@ -78,13 +78,15 @@ class GroupOptions(BaseModel):
         ge=0,
         le=1,
         description="On the 0-1 grade scale (relabel: 0-3 grade / 3; synth: level / (L-1)): rows with a "
-        "grade >= this are positives and labelled positives with a lower grade are negatives; rows without a grade "
+        "grade >= this are positives and labelled positives with a lower grade are negatives; "
+        "rows without a grade "
         "keep their label. Default: the labels as written.",
     )
     random_negatives: bool = Field(True, description="Fill groups with random negatives from other queries.")
     verify_inputs: Literal["fast", "full"] | None = Field(
         None,
-        description="Check the --data folders against their manifests: fast (parts, sizes, row counts; checksums up to "
+        description="Check the --data folders against their manifests: "
+        "fast (parts, sizes, row counts; checksums up to "
         "1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
     )
     seed: int = Field(
@@ -104,8 +106,10 @@ class TrainConfig(GroupOptions):
     batch_size: int = Field(32, ge=1, description="Queries per batch (per device).")
     memory_budget: str | None = Field(
         None,
-        description=f"Memory the run may use, e.g. 2GB: peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "
-        f"device memory on a GPU (default {GPU_MEMORY_SHARE:.0%} of the free memory). The batch is embedded in "
+        description="Memory the run may use, e.g. 2GB: "
+        f"peak resident memory on CPU (default {CPU_MEMORY_BUDGET}), "
+        f"device memory on a GPU (default {GPU_MEMORY_SHARE:.0%} of the free memory). "
+        "The batch is embedded in "
         "GradCache chunks that fit it.",
     )
     mini_batch_size: int | None = Field(
@@ -124,7 +128,8 @@ class TrainConfig(GroupOptions):
     loss_learning_rate: float | None = Field(
         None,
         gt=0,
-        description="Peak learning rate of the loss's own parameters: bixse's scale t and bias b, a learned τ "
+        description="Peak learning rate of the loss's own parameters: "
+        "bixse's scale t and bias b, a learned τ "
         "(default: --learning-rate, at which these few scalars hardly move in a fine-tuning run).",
     )
     epochs: float = Field(1.0, gt=0, description="Epochs over the groups.")
@@ -152,7 +157,8 @@ class TrainConfig(GroupOptions):
     bixse_scale: float = Field(10.0, gt=0, description="bixse: initial logit scale t (SigLIP's 10).")
     bixse_bias: float | None = Field(
         None,
-        description="bixse: initial logit bias b (default: the first batch's log prior of relevance less t times its "
+        description="bixse: initial logit bias b "
+        "(default: the first batch's log prior of relevance less t times its "
         "mean similarity; SigLIP's -10 suits from-scratch training on huge batches).",
     )
     mask_duplicates: bool = Field(

@@ -102,8 +102,9 @@ def _merge(rows: list[dict], sources: list[Source]) -> list[dict]:
             by_pid[r["pid"]] = r
         elif kept["folder"] != r["folder"] and r["label"] is not None and r["label"] != kept["label"]:
             raise MprError(
-                f"query '{r['qid']}', passage '{r['pid']}': label {kept['label']} in {sources[kept['folder']].folder} but "
-                f"{r['label']} in {sources[r['folder']].folder}, and neither folder is derived from the other; train on one of them"
+                f"query '{r['qid']}', passage '{r['pid']}': label {kept['label']} in "
+                f"{sources[kept['folder']].folder} but {r['label']} in {sources[r['folder']].folder}, "
+                "and neither folder is derived from the other; train on one of them"
             )
     return list(by_pid.values())
 
@@ -206,6 +207,7 @@ def build_groups(data: list[Path], cfg: GroupOptions):
         stats.groups += 1
     if not stats.groups:
         raise MprError(
-            f"no training group: none of the {stats.queries} queries in {', '.join(map(str, data))} has a positive"
+            f"no training group: none of the {stats.queries} queries in {', '.join(map(str, data))} "
+            "has a positive"
         )
     return Dataset.from_dict(out), stats

@@ -165,7 +165,8 @@ def saved_bytes(model: Any, texts: int, length: int, autocast: torch.dtype | Non
         storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
         held.append(tensor)
         # Its index, not the tensor itself: the graph would then hold its own outputs, a cycle Python's
-        # collector cannot see, which kept the model alive after training. There is no backward pass to unpack for.
+        # collector cannot see, which kept the model alive after training. There is no backward pass to
+        # unpack for.
         return len(held) - 1
 
     was_training = model.training
@@ -227,8 +228,10 @@ class EmbeddingPlan:
         """One line: what was chosen and why."""
         dropout = "" if self.attention_dropout is None else f", attention dropout {self.attention_dropout:g}"
         head = (
-            f"memory: {self.source} {format_size(self.budget)} on {self.device}; fixed {format_size(self.fixed)}, "
-            f"{format_size(self.text_bytes)} per {self.max_length}-token text ({self.attention} attention{dropout})"
+            f"memory: {self.source} {format_size(self.budget)} on {self.device}; "
+            f"fixed {format_size(self.fixed)}, "
+            f"{format_size(self.text_bytes)} per {self.max_length}-token text "
+            f"({self.attention} attention{dropout})"
         )
         if self.chunk_plan is None:
             return f"{head} -> the whole batch of {self.texts_per_batch} texts in one pass"
@@ -273,8 +276,8 @@ def plan_embedding(
     """Plan how one batch of ``texts_per_batch`` texts (queries and passages) is embedded.
 
     ``budget`` is the peak resident memory of the process on CPU, or the device memory on a GPU (default:
-    :data:`train.config.CPU_MEMORY_BUDGET`, or :data:`train.config.GPU_MEMORY_SHARE` of the free memory). ``mini_batch_size`` skips
-    planning: fixed GradCache chunks of that many texts.
+    :data:`train.config.CPU_MEMORY_BUDGET`, or :data:`train.config.GPU_MEMORY_SHARE` of the free memory).
+    ``mini_batch_size`` skips planning: fixed GradCache chunks of that many texts.
     """
     device = next(model.parameters()).device
     attention = use_sdpa(model)
@@ -295,7 +298,8 @@ def plan_embedding(
     if source == "default budget" and budget < floor:  # e.g. inside `mpr run`, after other stages
         budget, source = (
             int(floor),
-            f"default budget raised (the process already holds {format_size(fixed - _optimizer_bytes(model) - RESERVE_BYTES)}) to",
+            "default budget raised (the process already holds "
+            f"{format_size(fixed - _optimizer_bytes(model) - RESERVE_BYTES)}) to",
         )
     plan = EmbeddingPlan(
         None,
@@ -348,7 +352,8 @@ def plan_embedding(
         disable()
     need = fixed + BACKWARD_FACTOR * text_bytes
     raise MprError(
-        f"--memory-budget {format_size(budget)} is too small to hold even one {max_length}-token text: the model, "
+        f"--memory-budget {format_size(budget)} is too small to hold even one {max_length}-token text: "
+        "the model, "
         f"its gradients and optimizer take {format_size(fixed)} and a text {format_size(text_bytes)}; "
         f"give at least {format_size(need)}, or a smaller --max-seq-length"
     )

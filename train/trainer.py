@@ -47,11 +47,13 @@ def check_inputs(cfg: TrainConfig) -> None:
     finished = cfg.out.is_dir() and any(cfg.out.iterdir())
     if finished and not (cfg.overwrite or cfg.resume):
         raise MprError(
-            f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, or choose another --out"
+            f"--out {cfg.out}: exists; --overwrite replaces it, --resume continues or keeps it, "
+            "or choose another --out"
         )
     if _checkpoints(cfg) and not (cfg.resume or cfg.overwrite):
         raise MprError(
-            f"{cfg.checkpoints}: a stopped run left checkpoints; --resume continues it, --overwrite starts over"
+            f"{cfg.checkpoints}: a stopped run left checkpoints; "
+            "--resume continues it, --overwrite starts over"
         )
 
 
@@ -88,7 +90,8 @@ def _model_card_note(cfg: TrainConfig, memory: str, data: list[dict[str, Any]], 
             else f", temperature {cfg.temperature}" + (" (learned)" if cfg.learn_temperature else "")
         ),
         f"- {memory}",
-        f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, {stats['positives_per_group']} positives per group",
+        f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, "
+        f"{stats['positives_per_group']} positives per group",
         f"- batch size {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
         "- data (judgment shards; manifests copied to `mpr/manifests/`):",
     ]
@@ -121,11 +124,13 @@ def train(
     dataset, stats = build_groups(cfg.data, cfg)  # reads and verifies the data before torch is loaded
     log(
         f"train: {stats.groups:,} groups of {cfg.group_size} from {stats.queries:,} queries "
-        f"({stats.skipped_no_positive:,} without a positive skipped), {stats.as_dict()['positives_per_group']} positives per group"
+        f"({stats.skipped_no_positive:,} without a positive skipped), "
+        f"{stats.as_dict()['positives_per_group']} positives per group"
     )
     if cfg.positive_threshold is not None:
         log(
-            f"train: --positive-threshold {cfg.positive_threshold:g} made {stats.threshold_positives:,} negative(s) positive and "
+            f"train: --positive-threshold {cfg.positive_threshold:g} made "
+            f"{stats.threshold_positives:,} negative(s) positive and "
             f"{stats.threshold_negatives:,} positive(s) negative"
         )
     if len(dataset) < cfg.batch_size:
@@ -176,7 +181,8 @@ def train(
         )
     elif {"temperature", "learn_temperature"} & cfg.model_fields_set:
         log(
-            "train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); --temperature is not used"
+            "train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); "
+            "--temperature is not used"
         )
     loss = build_loss(
         cfg.loss,
@@ -191,7 +197,8 @@ def train(
         rates = {"^(" + "|".join(map(re.escape, own)) + ")$": cfg.loss_learning_rate}
     elif cfg.loss_learning_rate is not None:
         log(
-            f"train: {cfg.loss} has no parameters of its own (bixse has, and any loss with --learn-temperature); "
+            f"train: {cfg.loss} has no parameters of its own "
+            "(bixse has, and any loss with --learn-temperature); "
             "--loss-learning-rate is not used"
         )
     evaluator = None
@@ -240,8 +247,8 @@ def train(
         bf16=precision["bf16"],
         fp16=precision["fp16"],
     )
-    # The model card's example is the first group; sentence-transformers would otherwise draw one from the global
-    # RNG behind a progress bar of its own.
+    # The model card's example is the first group; sentence-transformers would otherwise draw one from the
+    # global RNG behind a progress bar of its own.
     first = dataset[0]
     texts = [first["query"], *(first[f"passage_{j}"] for j in range(cfg.group_size))]
     model.model_card_data.widget = [{"source_sentence": texts[0], "sentences": texts[1:]}]

@@ -1,4 +1,5 @@
-"""What every command shares: one-line errors, the options that are no config field, the end-of-run summary."""
+"""What every command shares: one-line errors, the options that are no config field, the end-of-run
+summary."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from pipeline.stages.evaluate import EvalConfig
 def eval(encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> None:
     """nDCG@10, MRR@10, Recall@100 and Recall@1000 of a model on a BEIR split (exact search).
 
-    Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2 --data data/example
+    Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2
+    --data data/example
     """
     from pipeline.data import checks
 

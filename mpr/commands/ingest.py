@@ -12,7 +12,8 @@ from pipeline.stages.ingest import IngestConfig
 @one_line_errors
 @config_options(IngestConfig, arguments={"files"})
 def ingest(encoding: Encoding = None, dry_run: DryRun = False, **options: Any) -> None:
-    """Turn Tevatron/RLHN-style training rows into judgment shards, so published data can be relabeled without re-mining."""
+    """Turn Tevatron/RLHN-style training rows into judgment shards, so published data can be relabeled
+    without re-mining."""
     from pipeline.data import checks
 
     for path in options["files"]:

@@ -36,7 +36,10 @@ def serve(
     llama_server: Annotated[
         Path | None,
         typer.Option(
-            help="The llama-server binary (default: $MPR_LLAMA_SERVER, llama-server on PATH, or the cached build)."
+            help=(
+                "The llama-server binary (default: $MPR_LLAMA_SERVER, llama-server on PATH, "
+                "or the cached build)."
+            )
         ),
     ] = None,
     build: Annotated[
@@ -44,9 +47,11 @@ def serve(
     ] = True,
     log_file: Annotated[Path | None, typer.Option(help="Where the server's own log goes.")] = None,
 ) -> None:
-    """Serve a GGUF model with llama.cpp's llama-server on 127.0.0.1 until Ctrl-C (an OpenAI-compatible endpoint).
+    """Serve a GGUF model with llama.cpp's llama-server on 127.0.0.1 until Ctrl-C (an OpenAI-compatible
+    endpoint).
 
-    Example: mpr serve   (then, in another shell: mpr relabel --base-url http://127.0.0.1:8080/v1 --model SmolLM2-135M-Instruct ...)
+    Example: mpr serve   (then, in another shell: mpr relabel --base-url http://127.0.0.1:8080/v1
+    --model SmolLM2-135M-Instruct ...)
     """
     from mpr.llama.build import ensure_binary, ensure_default_model
     from mpr.llama.server import LlamaServer
@@ -62,7 +67,8 @@ def serve(
         binary, model, port=port, ctx_size=ctx_size, parallel=parallel, threads=threads, log_path=log_file
     )
     log(
-        f"serve: starting {binary.name} with {model.name} ({ctx_size:,} tokens x {parallel} slot(s), {server.threads} threads)"
+        f"serve: starting {binary.name} with {model.name} "
+        f"({ctx_size:,} tokens x {parallel} slot(s), {server.threads} threads)"
     )
     signal.signal(signal.SIGTERM, _stop)
     with server:

@@ -48,7 +48,8 @@ SHOWN = (
 def synth(encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> None:
     """Write synthetic passages at graded relevance levels for each query (after SyCL).
 
-    Example: mpr synth --data data/example --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B --base-url http://localhost:8000/v1
+    Example: mpr synth --data data/example --split train --out runs/x/synth --levels 4 --model Qwen2.5-7B
+    --base-url http://localhost:8000/v1
     """
     from pipeline.data import checks
 

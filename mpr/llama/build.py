@@ -48,7 +48,8 @@ def default_model_path() -> Path:
 
 
 def find_binary(explicit: Path | None = None) -> Path | None:
-    """`explicit`, else $MPR_LLAMA_SERVER, else `llama-server` on PATH, else the cached build; None if none."""
+    """`explicit`, else $MPR_LLAMA_SERVER, else `llama-server` on PATH, else the cached build; None if
+    none."""
     for candidate in (explicit, os.environ.get(BINARY_ENV) or None):
         if candidate is not None:
             path = Path(candidate).expanduser()
@@ -78,7 +79,8 @@ def build_binary(log: Callable[[str], None], *, jobs: int | None = None) -> Path
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise MprError(
-                f"building llama-server needs {tool} (e.g. apt-get install cmake g++), or put a llama-server on PATH"
+                f"building llama-server needs {tool} (e.g. apt-get install cmake g++), "
+                "or put a llama-server on PATH"
             )
     target = cached_binary()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from pipeline.errors import MprError
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: the kernel stops the server when the process that started it dies (any way)."""
+    """In the child, before exec: the kernel stops the server when the process that started it dies (any
+    way)."""
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -42,7 +43,8 @@ def served_name(model: Path) -> str:
 
 
 class LlamaServer:
-    """Start on enter (waits until `/health` answers 200), stop on exit; the server's log goes to `log_path`."""
+    """Start on enter (waits until `/health` answers 200), stop on exit; the server's log goes to
+    `log_path`."""
 
     def __init__(
         self,
@@ -117,8 +119,8 @@ class LlamaServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise MprError(
-                    f"llama-server exited with code {self.proc.returncode} while starting: {self._last_line()} "
-                    f"(log: {self.log_path})"
+                    f"llama-server exited with code {self.proc.returncode} while starting: "
+                    f"{self._last_line()} (log: {self.log_path})"
                 )
             if self._healthy():
                 return self

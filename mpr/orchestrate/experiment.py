@@ -44,8 +44,9 @@ Stage = Literal["mine", "relabel", "synth", "train", "eval"]
 STAGES: tuple[Stage, ...] = ("mine", "relabel", "synth", "train", "eval")
 TEST_SERVER_MODEL = "simulated-judge-from-qrels"
 TEST_SERVER_NOTICE = (
-    "NOTE: no LLM endpoint is configured, so this run starts mpr's SIMULATED judge (a local OpenAI-compatible "
-    "server): an oracle that answers from the data's own qrels. Its labels and passages are NOT a language model's judgments."
+    "NOTE: no LLM endpoint is configured, so this run starts mpr's SIMULATED judge "
+    "(a local OpenAI-compatible server): an oracle that answers from the data's own qrels. "
+    "Its labels and passages are NOT a language model's judgments."
 )
 
 
@@ -264,8 +265,8 @@ class Experiment:
         )
 
     def single_positive_configs(self) -> tuple[BaseModel, BaseModel]:
-        """(train, eval) configs of the single-positive reference: InfoNCE on the mined data, not relabeled, with
-        the train table's other settings, evaluated on the same split as the main model."""
+        """(train, eval) configs of the single-positive reference: InfoNCE on the mined data, not relabeled,
+        with the train table's other settings, evaluated on the same split as the main model."""
         trained = cast("TrainConfig", self.config("train"))
         evaluated = self.config("eval")
         train_cfg = trained.model_copy(
@@ -342,7 +343,8 @@ def plan_experiment(
             plans.append(evaluate.plan(cast("EvalConfig", cfg)))
         if experiment.spec.single_positive and stage in ("train", "eval"):
             plans.append(
-                f"{stage}: also the single-positive reference, {model_folder(experiment.out, SINGLE_POSITIVE)}"
+                f"{stage}: also the single-positive reference, "
+                f"{model_folder(experiment.out, SINGLE_POSITIVE)}"
             )
     return plans
 

@@ -136,36 +136,52 @@ def _pair_sentence(
         number(p_t, "p"),
     ]
     words = (
-        f"{name_a} vs {name_b}: nDCG@10 {number(mean_a, 'metric')} vs {number(mean_b, 'metric')} ({number(delta, 'delta')}) "
+        f"{name_a} vs {name_b}: nDCG@10 {number(mean_a, 'metric')} vs {number(mean_b, 'metric')} "
+        f"({number(delta, 'delta')}) "
         f"over {number(len(qids), 'count')} held-out queries; "
     )
     if len(qids) < MIN_QUERIES:
-        words += f"WARNING: {len(qids)} queries are too few for a paired test (at least {MIN_QUERIES} needed); no conclusion."
+        words += (
+            f"WARNING: {len(qids)} queries are too few for a paired test "
+            f"(at least {MIN_QUERIES} needed); no conclusion."
+        )
     elif p_r is not None and p_r < ALPHA:
         better = name_a if delta > 0 else name_b
         words += (
             f"the difference is significant (paired randomization test {p_clause(p_r)}): {better} is better"
             + (
-                f", and it stays significant after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
+                (
+                    f", and it stays significant after a Bonferroni correction for {tests} tests "
+                    f"(p < {ALPHA / tests:.4f})."
+                )
                 if tests > 1 and p_r < ALPHA / tests
-                else f", though not after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
+                else (
+                    f", though not after a Bonferroni correction for {tests} tests (p < {ALPHA / tests:.4f})."
+                )
                 if tests > 1
                 else "."
             )
         )
     else:
         words += (
-            f"the difference is NOT significant ({p_clause(p_r)} >= {ALPHA}): this data cannot tell them apart."
+            (
+                f"the difference is NOT significant ({p_clause(p_r)} >= {ALPHA}): "
+                "this data cannot tell them apart."
+            )
             if p_r is not None
             else "no test possible."
         )
     if xs and mean_a >= SATURATED and mean_b >= SATURATED:
-        words += f" WARNING: both scores are >= {SATURATED}: saturated, the collection is too easy to separate them."
+        words += (
+            f" WARNING: both scores are >= {SATURATED}: saturated, "
+            "the collection is too easy to separate them."
+        )
     return row, words
 
 
 def _comparison_section(out: Path, loss: str) -> list[str]:
-    """Zero-shot, single-positive and relabeled models on the held-out queries, every pair tested (nDCG@10)."""
+    """Zero-shot, single-positive and relabeled models on the held-out queries, every pair tested
+    (nDCG@10)."""
     main_eval, single = eval_file(out, loss), eval_file(out, SINGLE_POSITIVE)
     if not (single.exists() and main_eval.exists()):
         return []
@@ -187,7 +203,8 @@ def _comparison_section(out: Path, loss: str) -> list[str]:
     lines = [
         "## Does relabeling help? Zero-shot, single-positive and relabeled models",
         "",
-        f"nDCG@10 on the {number(ev['queries'], 'count')} held-out queries of `{ev['data']}` ({ev['split']}); wins/losses/ties count "
+        f"nDCG@10 on the {number(ev['queries'], 'count')} held-out queries of `{ev['data']}` "
+        f"({ev['split']}); wins/losses/ties count "
         "queries; p: two-sided paired randomization test over queries (t-test beside it).",
         "",
     ]
@@ -219,8 +236,14 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
     lines = [
         f"# mpr run report: `{out}`",
         "",
-        f"- written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by mpr {__version__} on {_hardware()}",
-        f"- data `{spec.data}` (split `{spec.split}`), stages: {', '.join(spec.stages)}; the experiment file is `experiment.toml`",
+        (
+            f"- written {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+            f"by mpr {__version__} on {_hardware()}"
+        ),
+        (
+            f"- data `{spec.data}` (split `{spec.split}`), stages: {', '.join(spec.stages)}; "
+            "the experiment file is `experiment.toml`"
+        ),
         *_seed_line(out),
         "",
     ]
@@ -242,8 +265,10 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         lines += [
             f"## Training: `{model_dir.name}`",
             "",
-            f"Loss `{record['config']['loss']}`, {number(s['groups'], 'count')} groups, {number(s['steps'], 'count')} steps, "
-            f"loss {number(s['first_loss'], 'metric')} -> {number(s['final_loss'], 'metric')}, {number(s['seconds'], 'seconds')}.",
+            f"Loss `{record['config']['loss']}`, {number(s['groups'], 'count')} groups, "
+            f"{number(s['steps'], 'count')} steps, "
+            f"loss {number(s['first_loss'], 'metric')} -> {number(s['final_loss'], 'metric')}, "
+            f"{number(s['seconds'], 'seconds')}.",
             "",
         ]
         png = out / f"{model_dir.name}-training.png"

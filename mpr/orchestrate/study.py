@@ -1,7 +1,7 @@
 """`mpr study`: which objective of `mpr train` makes best use of LLM-densified labels, and how robust each is
 to a judge that errs, cross-validated on any BEIR collections.
 
-    mpr study --data path/to/beir/cisi --data path/to/beir/vaswani      # 5 folds, errors 0/0.2/0.4, every loss
+    mpr study --data path/to/beir/cisi --data path/to/beir/vaswani  # 5 folds, errors 0/0.2/0.4, every loss
     mpr study --data DIR --folds 5 --fold-ids 0 --losses lsepair,bixse --error-rates 0,0.4 --steps 30
 
 Documents with an empty title and text and queries with an empty text are skipped and counted (the report
@@ -12,10 +12,10 @@ Protocol (one cell = dataset x fold x error rate x loss):
 
 1. Folds. Every collection is folded except those named in `--own-splits` (trained on their own `train` split
    and tested on `test`, as a single "fold" 0). The judged queries of all its qrels files together (a query
-   judged in several, with the highest score of each pair) that have a positive are sorted by id, shuffled with
-   `fold_seed` and dealt round-robin into k folds, so every judged query is evaluated exactly once. Fold f is
-   written as a BEIR folder (corpus and queries are symlinks, never copies) whose `qrels/test.tsv` holds fold
-   f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other query, drawn with
+   judged in several, with the highest score of each pair) that have a positive are sorted by id, shuffled
+   with `fold_seed` and dealt round-robin into k folds, so every judged query is evaluated exactly once. Fold
+   f is written as a BEIR folder (corpus and queries are symlinks, never copies) whose `qrels/test.tsv` holds
+   fold f's full qrels and whose `qrels/train.tsv` keeps ONE positive per other query, drawn with
    `random.Random(f"{fold_seed}:{qid}")` from its sorted positive ids: the same annotator's pick in every
    fold, as single-positive human annotation would give.
 2. `mpr mine` (dense, the base model, `depth` candidates, the top `candidates` non-positives kept as hard
@@ -122,7 +122,8 @@ class StudyConfig(BaseModel):
     )
     own_splits: list[str] = Field(
         [],
-        description="Collections (by folder name) trained on their own train split and tested on test, not folded.",
+        description="Collections (by folder name) trained on their own train split and tested on test, "
+        "not folded.",
     )
     steps: int = Field(100, ge=1, description="Training steps of every model.")
     batch_size: int = Field(16, ge=1, description="Queries per training batch.")
@@ -286,8 +287,8 @@ class Timer:
 
 
 # The time estimate before any cell of a study has finished: seconds measured on the project's 2-core CPU box
-# (bench/results/cpu: cisi, max_seq_length 96, batch 8 x group 6, 30 steps in ~90 s; 1,460 abstracts encoded in
-# ~20 s), scaled linearly by max_seq_length. Rough: the load of the machine moves them by 2x.
+# (bench/results/cpu: cisi, max_seq_length 96, batch 8 x group 6, 30 steps in ~90 s; 1,460 abstracts encoded
+# in ~20 s), scaled linearly by max_seq_length. Rough: the load of the machine moves them by 2x.
 TRAIN_S_PER_TEXT = 0.07
 ENCODE_S_PER_DOC = 0.014
 LOAD_S = 5.0
@@ -367,7 +368,8 @@ def _blank(obj: Any, fields: tuple[str, ...]) -> bool:
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """(line, parsed object or None when it does not parse) for every non-blank line; the readers judge the rest."""
+    """(line, parsed object or None when it does not parse) for every non-blank line; the readers judge the
+    rest."""
     with open_text(path) as fh:
         for line in fh:
             if line.strip():
@@ -434,7 +436,8 @@ def _qrels_file(src: Path, split: str) -> Path:
 
 
 def pooled_qrels(src: Path) -> dict[str, dict[str, int]]:
-    """The judgments of every qrels file of a collection together (the highest score of a pair judged twice)."""
+    """The judgments of every qrels file of a collection together (the highest score of a pair judged
+    twice)."""
     pooled: dict[str, dict[str, int]] = {}
     for split in split_names(src):
         qrels, _ = read_qrels(_qrels_file(src, split))
@@ -445,7 +448,8 @@ def pooled_qrels(src: Path) -> dict[str, dict[str, int]]:
 
 
 def write_fold(src: Path, dst: Path, cfg: StudyConfig, fold: int) -> dict[str, int]:
-    """The BEIR folder of one fold: train = one kept positive per training query, test = the fold's full qrels."""
+    """The BEIR folder of one fold: train = one kept positive per training query, test = the fold's full
+    qrels."""
     qrels = pooled_qrels(src)
     judged = {q: j for q, j in qrels.items() if any(s >= 1 for s in j.values())}
     if len(judged) < cfg.folds:
@@ -522,8 +526,10 @@ class Study:
             counts = self.skipped[dataset]
             if counts["empty_documents"] or counts["empty_queries"]:
                 self.log(
-                    f"[{dataset}] skipped {counts['empty_documents']} empty document(s) and {counts['empty_queries']} empty "
-                    f"quer{'y' if counts['empty_queries'] == 1 else 'ies'} ({counts['judgments_dropped']} judgment(s) pointing at them); "
+                    f"[{dataset}] skipped {counts['empty_documents']} empty document(s) "
+                    f"and {counts['empty_queries']} empty "
+                    f"quer{'y' if counts['empty_queries'] == 1 else 'ies'} "
+                    f"({counts['judgments_dropped']} judgment(s) pointing at them); "
                     f"reading the copy without them in {self.sources[dataset]}"
                 )
         self.oracles = Oracles(self.sources, cfg, stack)
@@ -717,7 +723,8 @@ class Study:
         how = (
             "from the cells already done here"
             if sources == {"measured"}
-            else "rough, from per-text constants measured on a 2-core CPU (bench/results/cpu); a GPU is far faster"
+            else "rough, from per-text constants measured on a 2-core CPU (bench/results/cpu); "
+            "a GPU is far faster"
             + ("; partly from the cells already done here" if "measured" in sources else "")
         )
         return total, how
@@ -802,8 +809,8 @@ def _judge_line(rows: list[dict[str, Any]], error_rates: Sequence[float]) -> str
         failed = sum(v["failed"] for v in by_fold.values())
         if judged:
             parts.append(
-                f"e={_err(e)}: {flagged:,} of {judged:,} hard negatives flagged relevant ({flagged / judged:.1%})"
-                + (f", {failed:,} judgments failed" if failed else "")
+                f"e={_err(e)}: {flagged:,} of {judged:,} hard negatives flagged relevant "
+                f"({flagged / judged:.1%})" + (f", {failed:,} judgments failed" if failed else "")
             )
     return "; ".join(parts)
 
@@ -894,8 +901,8 @@ REFERENCES = {"vs_baseline": BASELINE, "vs_zero_shot": ZERO_SHOT}
 
 
 def findings(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers behind the paper's claims (nDCG@10): deltas paired by fold, and a paired test over the held-out
-    queries pooled over folds and datasets (every query is held out in exactly one fold)."""
+    """The numbers behind the paper's claims (nDCG@10): deltas paired by fold, and a paired test over the
+    held-out queries pooled over folds and datasets (every query is held out in exactly one fold)."""
     from pipeline.stages.evaluate import paired_tests
 
     errors = sorted(cfg.error_rates)
@@ -966,11 +973,11 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
     lines = [
         "## The paper's claims, as this data answers them",
         "",
-        "nDCG@10. Δ is the loss minus the reference, paired by fold and pooled over the datasets above (wins: "
-        "folds where the loss is better, of n); p is a two-sided paired randomization test over the held-out "
-        "queries of those folds (each query is held out once; the t-test's p is in study.json). The change is "
-        "from the lowest to the highest error rate; the rank is among the losses run, per (dataset, fold, error "
-        "rate). Read them with the number of folds and the spread in the tables.",
+        "nDCG@10. Δ is the loss minus the reference, paired by fold and pooled over the datasets above "
+        "(wins: folds where the loss is better, of n); p is a two-sided paired randomization test over the "
+        "held-out queries of those folds (each query is held out once; the t-test's p is in study.json). "
+        "The change is from the lowest to the highest error rate; the rank is among the losses run, per "
+        "(dataset, fold, error rate). Read them with the number of folds and the spread in the tables.",
         "",
     ]
     for name, title in (
@@ -1020,7 +1027,8 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
                 if not got:
                     continue
                 what = (
-                    f"{loss} at e={_err(e)} ({got['mean_delta']:+.4f}, p {number(got['p_randomization'], 'p')})"
+                    f"{loss} at e={_err(e)} "
+                    f"({got['mean_delta']:+.4f}, p {number(got['p_randomization'], 'p')})"
                     if got["p_randomization"] is not None
                     else loss
                 )
@@ -1032,21 +1040,25 @@ def _findings_md(cfg: StudyConfig, found: dict[str, Any]) -> list[str]:
                     not_significant.append(what)
         if significant or not_significant or too_few:
             lines.append(
-                f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} (two-sided paired "
-                f"randomization test, no correction for the {len(significant) + len(not_significant)} tests): "
-                f"{'; '.join(significant) or 'none'}. Not significant: {'; '.join(not_significant) or 'none'}."
+                f"- Against {title}, over the pooled held-out queries: significant at p < {ALPHA} "
+                "(two-sided paired randomization test, no correction for the "
+                f"{len(significant) + len(not_significant)} tests): "
+                f"{'; '.join(significant) or 'none'}. "
+                f"Not significant: {'; '.join(not_significant) or 'none'}."
                 + (f" Too few queries (< {MIN_QUERIES}) for a test: {'; '.join(too_few)}." if too_few else "")
             )
     if found["drop"]:
         order = sorted(found["drop"].items(), key=lambda kv: -kv[1]["mean"])
         lines.append(
-            f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; most sensitive: {order[-1][0]}."
+            f"- Most robust to judge errors (smallest loss of nDCG@10): {order[0][0]}; "
+            f"most sensitive: {order[-1][0]}."
         )
     return [*lines, ""]
 
 
 def _provenance(rows: list[dict[str, Any]]) -> list[str]:
-    """The commands that computed the cells of `rows`: cells, their wall time and when they finished, per command."""
+    """The commands that computed the cells of `rows`: cells, their wall time and when they finished, per
+    command."""
     by: dict[str | None, dict[str, Any]] = {}
     for row in rows:
         for who, seconds in zip(row["computed_by"], row["cell_seconds"]):
@@ -1058,7 +1070,8 @@ def _provenance(rows: list[dict[str, Any]]) -> list[str]:
     for command, got in sorted(by.items(), key=lambda kv: min(kv[1]["finished"])):
         what = f"`{command}`" if command else "a run that did not record its command"
         lines.append(
-            f"- {what}: {got['cells']} cell{'s' if got['cells'] != 1 else ''}, {got['seconds']:.0f}s, finished "
+            f"- {what}: {got['cells']} cell{'s' if got['cells'] != 1 else ''}, "
+            f"{got['seconds']:.0f}s, finished "
             f"{min(got['finished'])} to {max(got['finished'])}"
         )
     return lines
@@ -1085,7 +1098,8 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
         "",
         f"Report written {meta['finished']} by `{meta['command']}`{this_run}.",
         "",
-        f"The {sum(len(r['folds']) for r in rows)} cells below took {sum(sum(r['cell_seconds']) for r in rows):.0f}s "
+        f"The {sum(len(r['folds']) for r in rows)} cells below took "
+        f"{sum(sum(r['cell_seconds']) for r in rows):.0f}s "
         "to compute (each cell's wall time, including the mining and relabeling it triggered)"
         + (", by:" if rows else "."),
         "",
@@ -1104,7 +1118,8 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
             continue
         folds = cfg.folds_of(dataset)
         how = (
-            f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); train qrels keep "
+            f"{cfg.folds}-fold CV over the judged queries (folds run: {', '.join(map(str, folds))}); "
+            "train qrels keep "
             "one positive per query"
             if cfg.folded(dataset)
             else "train on `train`, test on `test` (one split)"
@@ -1112,8 +1127,10 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
         counts = meta.get("collections", {}).get(dataset)
         if counts:
             how += f". {counts['documents']:,} documents, {counts['queries']:,} queries" + (
-                f"; skipped {counts['empty_documents']:,} empty document(s) and {counts['empty_queries']:,} empty "
-                f"quer{'y' if counts['empty_queries'] == 1 else 'ies'}, and the {counts['judgments_dropped']:,} "
+                f"; skipped {counts['empty_documents']:,} empty document(s) "
+                f"and {counts['empty_queries']:,} empty "
+                f"quer{'y' if counts['empty_queries'] == 1 else 'ies'}, "
+                f"and the {counts['judgments_dropped']:,} "
                 "judgment(s) pointing at them"
                 if counts["empty_documents"] or counts["empty_queries"]
                 else ""
@@ -1138,7 +1155,8 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
             lines.append(
                 f"| {ROW_NAMES.get(loss, loss)} | {_err(e)} | {len(got['folds'])} | "
                 + " | ".join(_fmt(got["metrics"][m]) for m in METRICS)
-                + f" | {_secs(got['train_seconds'])} | {_secs(got['eval_seconds'])} | {', '.join(got['hardware_ids'])} |"
+                + f" | {_secs(got['train_seconds'])} | {_secs(got['eval_seconds'])} "
+                f"| {', '.join(got['hardware_ids'])} |"
             )
         judged = _judge_line(drows, cfg.error_rates)
         if judged:
@@ -1146,7 +1164,8 @@ def write_report(cfg: StudyConfig, paths: Paths, cells: list[Cell], meta: dict[s
         lines += ["", *_by_error_rate(cfg, rows, dataset), ""]
     lines += _findings_md(cfg, found)
     lines += [
-        "Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. Zero-shot and baseline do not depend on the error rate."
+        "Protocol: see `mpr study --help` and the docstring of `mpr/orchestrate/study.py`. "
+        "Zero-shot and baseline do not depend on the error rate."
     ]
     markdown = "\n".join(lines) + "\n"
     paths.out.mkdir(parents=True, exist_ok=True)
@@ -1197,7 +1216,8 @@ def _by_error_rate(cfg: StudyConfig, rows: list[dict[str, Any]], dataset: str) -
 
 
 def figure(cfg: StudyConfig, rows: list[dict[str, Any]]) -> Figure:
-    """nDCG@10 against the judge's error rate, one panel per collection; a loss has one colour in every panel."""
+    """nDCG@10 against the judge's error rate, one panel per collection; a loss has one colour in every
+    panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1284,7 +1304,8 @@ def check_identity(folder: Path, cfg: StudyConfig) -> None:
         changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if changed:
             raise MprError(
-                f"{folder}: holds a study with other settings ({', '.join(f'{k}: {old.get(k)} -> {identity.get(k)}' for k in changed)}); "
+                f"{folder}: holds a study with other settings "
+                f"({', '.join(f'{k}: {old.get(k)} -> {identity.get(k)}' for k in changed)}); "
                 "choose another --out/--work"
             )
     else:
@@ -1307,8 +1328,10 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
         cells = list(study.cells())
         todo = [c for c in cells if not paths.cell(c).exists()]
         log(
-            f"study {_title(cfg)}: {len(cells)} cells ({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
-            f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; {study.hw['summary']}"
+            f"study {_title(cfg)}: {len(cells)} cells "
+            f"({', '.join(f'{d}: {len(cfg.folds_of(d))} fold(s)' for d in cfg.datasets)}), "
+            f"{len(cells) - len(todo)} already done; out {paths.out}, work {paths.work}; "
+            f"{study.hw['summary']}"
         )
         if not cfg.report_only and todo:
             estimate, how = study.estimate(cells)
@@ -1322,7 +1345,8 @@ def run_study(cfg: StudyConfig, *, command: str, log: Callable[[str], None] = lo
                     study.estimate(cells)[0] if len(spent) < 3 else statistics.fmean(spent) * (len(todo) - n)
                 )
                 log(
-                    f"progress: cell {n}/{len(todo)} done {cell.label}; {number(time.perf_counter() - started, 'seconds')} "
+                    f"progress: cell {n}/{len(todo)} done {cell.label}; "
+                    f"{number(time.perf_counter() - started, 'seconds')} "
                     f"elapsed, about {number(left, 'seconds')} left"
                 )
     meta = {

@@ -8,9 +8,9 @@ no template, or a template whose answer the oracle cannot give, raises `UnknownP
 HTTP 500 with its message) instead of a wrong answer.
 
 Start it with the simulated judge's server (`python -m mpr.simulated_judge --responder
-mpr.simulated_judge:oracle_responder --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end to end
-without an LLM. Its labels are the qrels' labels (flipped with probability `error_rate`), not a model's
-judgments.
+mpr.simulated_judge:oracle_responder --responder-arg data=DIR ...`) to run `mpr relabel` and `mpr synth` end
+to end without an LLM. Its labels are the qrels' labels (flipped with probability `error_rate`), not a
+model's judgments.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pipeline.data.readers import read_corpus, read_qrels, read_queries, require
 from pipeline.errors import MprError
 from pipeline.llm.prompt_files import Prompt, available, load_prompt, numbered_block
 
-PREFIX = 80  # passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
+# passages are recognised by their first characters: prompts clip them (to 100 raw characters at least)
+PREFIX = 80
 
 # Synthetic passages (`mpr synth`): one lead sentence per 0-3 grade, recognisable again when the graded
 # judge (`--verify`) is asked about the passage, plus filler words drawn per request and level.
@@ -221,12 +222,14 @@ def check_answerable(prompt: Prompt) -> None:
     if missing:
         raise UnknownPrompt(
             f"prompt {prompt.id}: the simulated judge answers schema {prompt.schema!r} from the fields "
-            f"{', '.join('$' + f for f in needed)}, but the user template has no {', '.join('$' + f for f in missing)}"
+            f"{', '.join('$' + f for f in needed)}, "
+            f"but the user template has no {', '.join('$' + f for f in missing)}"
         )
 
 
 def asked(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The request as first asked: the turns before the first answer (a re-ask appends the answer and a note)."""
+    """The request as first asked: the turns before the first answer (a re-ask appends the answer and a
+    note)."""
     first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
     return list(messages[:first])
 
@@ -433,7 +436,8 @@ def oracle_responder(
     synth_mislabel_rate: float = 0.0,
     error_confidence: float = 0.85,
 ) -> Oracle:
-    """Responder factory for the simulated judge's server; `splits` is a comma-separated list (default: all)."""
+    """Responder factory for the simulated judge's server; `splits` is a comma-separated list (default:
+    all)."""
     return Oracle(
         data,
         [s for s in str(splits).split(",") if s] or None,

@@ -1,4 +1,5 @@
-"""What the simulated judge's server answers: the responder interface, a default responder, loading by dotted path.
+"""What the simulated judge's server answers: the responder interface, a default responder, loading by
+dotted path.
 
 A responder is a callable `(request_json: dict) -> str | ResponderAnswer` (it may also be `async`). It gets
 the chat-completions request body exactly as the client sent it (model, messages, response_format, ...).

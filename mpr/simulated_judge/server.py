@@ -4,7 +4,8 @@
         [--faults '{"p_500": 0.1, "seed": 1}'] [--model NAME ...]
 
 It prints `READY http://HOST:PORT/v1 (mpr simulated judge)` on stdout once it listens. From Python:
-`start_server(...)` runs it in a background thread (or a subprocess) and returns a `ServerHandle` with the URL.
+`start_server(...)` runs it in a background thread (or a subprocess) and returns a `ServerHandle` with the
+URL.
 
 Endpoints: `POST /v1/chat/completions`, `GET /v1/models` (OpenAI schema); `GET /_stats[?keys=1]`,
 `POST /_control` (JSON: fault settings to change, `"reset_stats": true`), `GET /health`.
@@ -48,8 +49,8 @@ class Faults(BaseModel):
     is not JSON; p_malformed: answer content that is broken JSON; p_truncate: answer cut in half with
     finish_reason "length"; faulty_attempts > 0: faults hit only each key's first N requests;
     reject_response_format: HTTP 400 for any response_format; reject_schema_keywords: HTTP 400 for a
-    response_format whose JSON schema uses any of them (a grammar engine without, say, uniqueItems); require_api_key: HTTP 401 unless
-    `Authorization: Bearer <it>`.
+    response_format whose JSON schema uses any of them (a grammar engine without, say, uniqueItems);
+    require_api_key: HTTP 401 unless `Authorization: Bearer <it>`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -391,7 +392,8 @@ def _logprobs(tokens: list[str], given: list[Any] | None, top_n: int) -> list[di
 
 
 async def serve(chat: ChatServer, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Listen on host:port (0: a free port); returns the runner (`await runner.cleanup()` stops) and the port."""
+    """Listen on host:port (0: a free port); returns the runner (`await runner.cleanup()` stops) and the
+    port."""
     # A short shutdown: requests still sleeping on an injected delay are cut, not waited for.
     runner = web.AppRunner(chat.app(), access_log=None, shutdown_timeout=0.5)
     await runner.setup()

@@ -97,7 +97,8 @@ def beir_folder(root: Path, split: str | None, option: str = "--data") -> None:
         found = find_path(root, name)
         if found is None:
             raise MprError(
-                f"{root / name}: missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)"
+                f"{root / name}: missing file "
+                "(a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)"
             )
         in_file(found, option)
     if split is not None and split != "all":
@@ -111,7 +112,8 @@ def beir_folder(root: Path, split: str | None, option: str = "--data") -> None:
 
 
 def looks_local(name: str) -> bool:
-    """A model name is a local path when it exists, is shaped like a path, or starts with an existing folder."""
+    """A model name is a local path when it exists, is shaped like a path, or starts with an existing
+    folder."""
     path = Path(name).expanduser()
     if path.exists() or not _HUB_ID.match(name):
         return True
@@ -128,7 +130,8 @@ def model(name: str, option: str = "--model") -> None:
             "on",
         } and not _hub_cached(name):
             raise MprError(
-                f"{option} {name}: no such local folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+                f"{option} {name}: no such local folder, "
+                "and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
             )
         return
     path = Path(name).expanduser()

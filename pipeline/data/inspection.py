@@ -152,7 +152,8 @@ def validate_shards(folder: str | Path) -> list[str]:
                 errors.append(f"{path}: missing column '{field.name}'")
             elif not table.schema.field(field.name).type.equals(field.type):
                 errors.append(
-                    f"{path}: column '{field.name}' is {table.schema.field(field.name).type}, expected {field.type}"
+                    f"{path}: column '{field.name}' is {table.schema.field(field.name).type}, "
+                    f"expected {field.type}"
                 )
             elif not field.nullable and table.column(field.name).null_count:
                 errors.append(
@@ -204,7 +205,8 @@ def validate_shards(folder: str | Path) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['folder']}: stage={report['stage']} complete={report['complete']} shards={report['shards']} "
+        f"{report['folder']}: stage={report['stage']} complete={report['complete']} "
+        f"shards={report['shards']} "
         f"rows={report['rows']:,} queries={report['queries']:,}",
         *([f"integrity: {report['integrity']}"] if report.get("integrity", "ok") != "ok" else []),
         "",

@@ -15,7 +15,8 @@ PADDING = -1  # a group slot without a passage (train.groups, train.losses)
 
 #: Grade 2 of the judge's 0-3, and the top two of SyCL's 4 levels (grades 2/3 and 1).
 DEFAULT_POSITIVE_THRESHOLD = 2 / 3
-# Grades are stored as float32: read back, a grade may sit this far below the float64 value it was written from.
+# Grades are stored as float32: read back, a grade may sit this far below the float64 value it was
+# written from.
 GRADE_TOLERANCE = 1e-6
 
 
@@ -39,11 +40,13 @@ def check_threshold(threshold: float, levels: int) -> float:
     if len(positive) in (0, levels):
         grades = ", ".join(f"{level_grade(k, levels):.3g}" for k in range(levels))
         raise ValueError(
-            f"{threshold:g} makes {'every' if positive else 'no'} level positive (grades of the {levels} levels: {grades})"
+            f"{threshold:g} makes {'every' if positive else 'no'} level positive "
+            f"(grades of the {levels} levels: {grades})"
         )
     return threshold
 
 
 def encoder_text(title: str | None, text: str) -> str:
-    """A passage as the encoders see it: title and text joined by a space (as BEIR and sentence-transformers)."""
+    """A passage as the encoders see it: title and text joined by a space (as BEIR and
+    sentence-transformers)."""
     return f"{title} {text}" if title else text

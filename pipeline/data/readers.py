@@ -35,7 +35,8 @@ def use_encoding(encoding: str | None) -> None:
 
 
 def find_path(folder: Path, name: str) -> Path | None:
-    """`name` or `name.gz` inside `folder`, whatever it is (a folder of that name is reported by the reader)."""
+    """`name` or `name.gz` inside `folder`, whatever it is (a folder of that name is reported by the
+    reader)."""
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.exists():
             return candidate
@@ -354,7 +355,8 @@ def load_beir(
     )
 
 
-# Tevatron / RLHN rows: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
+# Tevatron / RLHN rows: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}],
+# "negative_passages": [...]}
 TEVATRON_FIELDS = ("query_id", "query", "positive_passages", "negative_passages")
 
 

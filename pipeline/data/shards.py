@@ -240,7 +240,8 @@ class ShardRun:
                         )
                         what = "options that differ: " + (", ".join(diff) if diff else "the inputs")
                     raise MprError(
-                        f"{self.out}: holds finished parts of a '{other.stage}' run with other options ({what}); "
+                        f"{self.out}: holds finished parts of a '{other.stage}' run with other options "
+                        f"({what}); "
                         "use --overwrite to replace it or choose another --out"
                     )
                 if other.stage != stage or other.config_hash != digest:  # nothing finished: start afresh
@@ -459,7 +460,8 @@ def read_part_schema(path: Path) -> pa.Schema:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise MprError(
-            f"{path}: unreadable Parquet part ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f"{path}: unreadable Parquet part "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
 
 

@@ -2,7 +2,9 @@
 
 spec = resolve_backend("auto", base_urls, "Qwen2.5-7B")
 with spec.create(cache="runs/x/llm-cache.sqlite") as llm:
-    results = llm.run_sync([ChatRequest(messages=[...], json_schema=schema)], validate=parse, progress="relabel")
+    results = llm.run_sync(
+        [ChatRequest(messages=[...], json_schema=schema)], validate=parse, progress="relabel"
+    )
 """
 
 from __future__ import annotations

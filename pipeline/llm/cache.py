@@ -34,9 +34,10 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (key, server)
 ) WITHOUT ROWID
 """
-_MIGRATE = """
-INSERT OR IGNORE INTO answers (key, server, model, value, created) SELECT key, '', model, value, created FROM answers_v1
-"""
+_MIGRATE = (
+    "\nINSERT OR IGNORE INTO answers (key, server, model, value, created) "
+    "SELECT key, '', model, value, created FROM answers_v1\n"
+)
 
 
 class ResultCache:

@@ -11,15 +11,15 @@ Two HTTP paths, the same requests and the same error handling:
   aiohttp path per request (bench/bench_llm_client.py), which caps pointwise judging on a small client
   machine; it is there for servers or proxies that only the SDK's defaults get along with.
 
-Retries are ours on both paths (the SDK's own are off, `max_retries=0`): the SDK retries the same URL at most twice with at most 8 s
-of backoff, while a long batch needs a retry that may move to another base URL, a 429's Retry-After that
-pauses that server for every in-flight request (not only the one that got it), and attempt counts in the
-results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies; Retry-After and
-Retry-After-Ms are honoured (capped at `max_retry_after_s`, 120 s like the SDK) by pausing that server,
-otherwise the request backs off exponentially with jitter. An answer that fails validation is asked again (it never reaches the cache):
-the model is shown its answer and what was wrong with it (`reask`), sampled rather than greedy, and given twice
-the token limit when the answer was cut at `max_tokens` (`_retry_sampling`). The cache keeps the answer
-under the original request.
+Retries are ours on both paths (the SDK's own are off, `max_retries=0`): the SDK retries the same URL at most
+twice with at most 8 s of backoff, while a long batch needs a retry that may move to another base URL, a 429's
+Retry-After that pauses that server for every in-flight request (not only the one that got it), and attempt
+counts in the results. Retried: 408/409/429/5xx, timeouts, dropped connections, unparseable bodies;
+Retry-After and Retry-After-Ms are honoured (capped at `max_retry_after_s`, 120 s like the SDK) by pausing
+that server, otherwise the request backs off exponentially with jitter. An answer that fails validation is
+asked again (it never reaches the cache): the model is shown its answer and what was wrong with it (`reask`),
+sampled rather than greedy, and given twice the token limit when the answer was cut at `max_tokens`
+(`_retry_sampling`). The cache keeps the answer under the original request.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ class OpenAIBackend(ChatBackend):
 
     @property
     def cache_scope(self) -> str:
-        """The base URLs, in any order: servers behind one list serve one model; another address is another server."""
+        """The base URLs, in any order: servers behind one list serve one model; another address is another
+        server."""
         return "openai:" + ",".join(sorted({s.url.lower() for s in self.servers}))
 
     def __repr__(self) -> str:
@@ -460,7 +461,8 @@ def _parse(key: str, raw: bytes) -> ChatResult:
 
 
 RETRY_TEMPERATURE = 0.7
-# What a JSON-schema grammar is most often without (OpenAI's strict mode, some xgrammar and llama.cpp versions).
+# What a JSON-schema grammar is most often without (OpenAI's strict mode, some xgrammar and llama.cpp
+# versions).
 EXTRA_KEYWORDS = frozenset(
     {"uniqueItems", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"}
 )

@@ -7,9 +7,10 @@
 - a tokenizer: the served model's own, through `POST /tokenize` (llama.cpp and vLLM both have one),
   with the chat template's overhead measured from one answered request's `usage.prompt_tokens`;
 - (llama.cpp and vLLM only: another API is sent no extra request) whether a `response_format` JSON
-  schema is accepted and obeyed, and whether logprobs come back with top alternatives, and if those alternatives respect the schema (llama.cpp's are the distribution
-  before the grammar constrains the token, so an expected grade must be normalised over the grade
-  tokens alone, which `pipeline.llm.judge` does).
+  schema is accepted and obeyed, and whether logprobs come back with top alternatives, and if those
+  alternatives respect the schema (llama.cpp's are the distribution before the grammar constrains the
+  token, so an expected grade must be normalised over the grade tokens alone, which `pipeline.llm.judge`
+  does).
 
 The stages use it to fit prompts into the context window (`ContextFit`), to keep llama.cpp's request
 queue within the timeout, and record it in their manifest.

@@ -9,7 +9,9 @@ divided by 3 (BiXSE), and it is flagged relevant when that is at least `positive
 
 judge = Judge(load_prompt("graded"), JudgeOptions())
 (request, indices), = judge.requests(query, [], [row])
-verdicts = judge.verdicts(backend.run_sync([request], validate=judge.validator(len(indices)))[0], len(indices), "Qwen2.5-7B")
+verdicts = judge.verdicts(
+    backend.run_sync([request], validate=judge.validator(len(indices)))[0], len(indices), "Qwen2.5-7B"
+)
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class JudgeOptions(BaseModel):
         ge=0,
         le=1,
         description="Graded mode: a pair whose grade (on the 0-1 scale: the "
-        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled positive.",
+        "expected 0-3 grade / 3 with --logprobs, else the sampled one / 3) is at least this is labelled "
+        "positive.",
     )
     max_positives_shown: int = Field(3, ge=0, description="Known positives shown to the judge per request.")
     max_passage_chars: int = Field(
@@ -96,8 +99,9 @@ class Judge:
         self.fit: ContextFit | None = (
             None  # the server's context window and tokenizer (pipeline.llm.endpoint)
         )
-        # trimmed_passages: cut below max_passage_chars to fit the context window; logprobs_read / logprobs_unusable:
-        # graded answers whose grade came from the grade tokens' probabilities, or from the sampled grade instead
+        # trimmed_passages: cut below max_passage_chars to fit the context window;
+        # logprobs_read / logprobs_unusable: graded answers whose grade came from the grade tokens'
+        # probabilities, or from the sampled grade instead
         self.counts: Counter[str] = Counter()
         self.graded = self.prompt.schema in GRADED_SCHEMAS
         self.listwise = not self.graded

@@ -55,7 +55,8 @@ class RayOptions(BaseModel):
 
     engine: Literal["local", "ray"] = Field(
         "local",
-        description="local: mpr's async client in this process; ray: a Ray Data pipeline through ray.data.llm "
+        description="local: mpr's async client in this process; "
+        "ray: a Ray Data pipeline through ray.data.llm "
         "(pip install 'mpr[ray]'; README: running on a cluster).",
     )
     ray_address: str | None = Field(

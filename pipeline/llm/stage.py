@@ -78,7 +78,9 @@ class LLMStageConfig(RayOptions):
     max_invalid_retries: int = Field(
         2,
         ge=0,
-        description="Times an answer that does not parse or validate is asked again before it is recorded as failed.",
+        description=(
+            "Times an answer that does not parse or validate is asked again before it is recorded as failed."
+        ),
     )
     shard: str | None = Field(
         None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder."
@@ -99,8 +101,8 @@ class LLMStageConfig(RayOptions):
     )
     verify_inputs: Literal["fast", "full"] | None = Field(
         None,
-        description="Check input shard folders against their manifests: fast (parts, sizes, row counts; checksums "
-        "up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
+        description="Check input shard folders against their manifests: fast (parts, sizes, row counts; "
+        "checksums up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
     )
 
     _no_userinfo = field_validator("base_url")(refuse_userinfo)
@@ -169,7 +171,8 @@ def know_endpoint(
 ) -> None:
     """Ask the (first) server what it supports before any work is sent, say in one line what will be used, and
     set the backends up for it: prompts fitted to its context window, no schema where it refuses one, and
-    one request in flight per slot of a llama.cpp server (more would wait in its queue on the timeout's clock)."""
+    one request in flight per slot of a llama.cpp server (more would wait in its queue on the timeout's
+    clock)."""
     from pipeline.llm.client import OpenAIBackend
     from pipeline.llm.endpoint import probe_endpoint
     from pipeline.redact import read_key
@@ -192,7 +195,10 @@ def know_endpoint(
             limit = info.slots * len(client.servers)
             if client.concurrency > limit:
                 client.concurrency = limit
-                note = f"; {limit} request(s) in flight (one per slot: more would wait in its queue, on --timeout's clock)"
+                note = (
+                    f"; {limit} request(s) in flight "
+                    "(one per slot: more would wait in its queue, on --timeout's clock)"
+                )
     log(f"{stage}: endpoint: {info.line()}{note}")
 
 
@@ -243,6 +249,6 @@ def failure_line(stage: str, out: Path, summary: dict[str, Any], max_rate: float
         return None
     share = f" of {attempted:,} ({failed / attempted:.1%})" if attempted else ""
     return (
-        f"{stage}: {failed:,}{share} item(s) failed (see {out}/_failures.jsonl); rerun the same command to retry "
-        f"exactly those, or accept them with --max-failure-rate"
+        f"{stage}: {failed:,}{share} item(s) failed (see {out}/_failures.jsonl); "
+        f"rerun the same command to retry exactly those, or accept them with --max-failure-rate"
     )

@@ -37,7 +37,8 @@ class ChatRequest(BaseModel):
 
     @property
     def key(self) -> str:
-        """sha256 over the model, the messages, every sampling parameter and the schema (computed on each call)."""
+        """sha256 over the model, the messages, every sampling parameter and the schema (computed on each
+        call)."""
         payload = json.dumps(
             [KEY_VERSION, self.model_dump(mode="json")],
             sort_keys=True,

@@ -55,9 +55,9 @@ class AuditOptions(BaseModel):
     audit: int = Field(
         0,
         ge=0,
-        description="First judge N known positives, N known negatives (random passages of other queries) and N "
-        "likely negatives; report recall, false-positive rate, Cohen's kappa, the estimated share of unlabelled "
-        "positives and the full run's projected tokens.",
+        description="First judge N known positives, N known negatives (random passages of other queries) "
+        "and N likely negatives; report recall, false-positive rate, Cohen's kappa, the estimated share of "
+        "unlabelled positives and the full run's projected tokens.",
     )
     min_agreement: float = Field(
         0.4,
@@ -314,10 +314,13 @@ def run_audit(
     log(describe(result))
     if not result["passed"] and not cfg.force:
         raise AuditFailed(
-            f"audit: the judge agrees with the known labels at Cohen's kappa (95% CI) {_fmt(kappa, result['kappa_ci'])}, "
-            f"below --min-agreement {cfg.min_agreement:g}; recall {_fmt(result['recall'])}, false-positive rate "
-            f"{_fmt(result['false_positive_rate'])} on {len(pairs)} known pairs. Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
-            f"~{result['projected']['total_tokens']:,} tokens). Check the model and prompt, or pass --force. Details: {cfg.out / AUDIT_FILE}"
+            "audit: the judge agrees with the known labels at Cohen's kappa (95% CI) "
+            f"{_fmt(kappa, result['kappa_ci'])}, below --min-agreement {cfg.min_agreement:g}; "
+            f"recall {_fmt(result['recall'])}, false-positive rate "
+            f"{_fmt(result['false_positive_rate'])} on {len(pairs)} known pairs. "
+            f"Nothing of the full run was sent ({result['projected']['requests']:,} requests, "
+            f"~{result['projected']['total_tokens']:,} tokens). Check the model and prompt, or pass --force. "
+            f"Details: {cfg.out / AUDIT_FILE}"
         )
     return result
 
@@ -346,7 +349,8 @@ def _confirm(
 
 
 def _project(estimate: StagePlan, stats: dict[str, int]) -> dict[str, Any]:
-    """The full run's requests and tokens: the plan's prompt tokens, completion tokens per request as measured."""
+    """The full run's requests and tokens: the plan's prompt tokens, completion tokens per request as
+    measured."""
     requests = estimate.requests or 0
     sent = stats.get("llm_sent", 0)
     if sent and stats.get("llm_completion_tokens", 0):
@@ -395,7 +399,8 @@ def describe(result: dict[str, Any]) -> str:
         f"kappa {_fmt(result['kappa'], result['kappa_ci'])} (min {result['min_agreement']:g}): {verdict}; "
         f"likely negatives flagged {_fmt(result.get('likely_flag_rate'), result.get('likely_flag_rate_ci'))} "
         f"(unlabelled positives estimated at {_fmt(result.get('unlabelled_positive_estimate'))}). "
-        f"Full run: {p['requests']:,} requests, ~{p['prompt_tokens']:,} prompt + ~{p['completion_tokens']:,} completion tokens"
+        f"Full run: {p['requests']:,} requests, ~{p['prompt_tokens']:,} prompt + "
+        f"~{p['completion_tokens']:,} completion tokens"
     )
 
 
@@ -422,7 +427,8 @@ def report_lines(folder: Path) -> list[str]:
     rows = [
         (
             "known positives / known negatives / likely negatives judged",
-            f"{result['positives']} / {result['negatives']} / {result.get('likely_negatives', 0)} ({result['failed']} failed)",
+            f"{result['positives']} / {result['negatives']} / {result.get('likely_negatives', 0)} "
+            f"({result['failed']} failed)",
         ),
         ("recall on known positives (95% CI)", f"{_fmt(result['recall'], result['recall_ci'])}"),
         (

@@ -62,7 +62,8 @@ ENCODER_OPTIONS = (
 
 
 def embedding_cache_dir(cfg: Any) -> Path | None:
-    """Where a stage config's corpus embeddings are cached: `cache_dir`, else the default; None with `no_cache`."""
+    """Where a stage config's corpus embeddings are cached: `cache_dir`, else the default; None with
+    `no_cache`."""
     return None if cfg.no_cache else (cfg.cache_dir or default_cache_dir() / "embeddings")
 
 
@@ -124,7 +125,8 @@ class Encoder:
         for prompt_name in (query_prompt_name, passage_prompt_name):
             if prompt_name and prompt_name not in prompts:
                 raise MprError(
-                    f"model '{name}' has no prompt named '{prompt_name}' (it has: {', '.join(prompts) or 'none'})"
+                    f"model '{name}' has no prompt named '{prompt_name}' "
+                    f"(it has: {', '.join(prompts) or 'none'})"
                 )
         query_prompt = query_prompt if query_prompt is not None else prompts.get(query_prompt_name or "query")
         passage_prompt = (
@@ -243,7 +245,9 @@ def model_content_hash(folder: str | Path) -> str:
     for path in model_files(folder):
         st = path.stat()
         digest.update(
-            f"{path.relative_to(folder).as_posix()}:{_file_hash(str(path), st.st_size, st.st_mtime_ns)}\n".encode()
+            (
+                f"{path.relative_to(folder).as_posix()}:{_file_hash(str(path), st.st_size, st.st_mtime_ns)}\n"
+            ).encode()
         )
     return digest.hexdigest()
 

@@ -1,4 +1,5 @@
-"""Retrieval evaluation on a BEIR split: `plan` and `run` (the `mpr eval` stage) and `IREvaluator` (for trainers).
+"""Retrieval evaluation on a BEIR split: `plan` and `run` (the `mpr eval` stage) and `IREvaluator`
+(for trainers).
 
 The metrics are computed by ir_measures on the queries of the split that have at least one judgment
 >= 1 (queries with only grade-0 judgments have no defined nDCG/MRR/recall and are counted as skipped):
@@ -48,7 +49,8 @@ PRIMARY = "ndcg@10"
 RANDOMIZATION_SAMPLES = 10_000
 SIGNIFICANCE = (
     "paired two-sided tests over queries: t-test (scipy.stats.ttest_rel) and randomization test "
-    f"(sign flips of the per-query differences; exact up to 13 queries, else {RANDOMIZATION_SAMPLES:,} samples, seed 0)"
+    "(sign flips of the per-query differences; exact up to 13 queries, "
+    f"else {RANDOMIZATION_SAMPLES:,} samples, seed 0)"
 )
 
 Run = Mapping[str, Mapping[str, float]]
@@ -68,7 +70,8 @@ class EvalConfig(BaseModel):
     split: str = Field("test", description="qrels split; only the queries judged in it count.")
     baseline: str | None = Field(
         None,
-        description="A second model evaluated in the same command, with the differences and paired significance tests.",
+        description="A second model evaluated in the same command, "
+        "with the differences and paired significance tests.",
     )
     json_out: Path | None = Field(None, description="Also write the report as JSON to this file.")
     run_out: Path | None = Field(None, description="Write the model's ranking as a TREC run file.")
@@ -248,7 +251,8 @@ def _evaluate_model(
     metrics, per_query = compute_metrics({q: dict(r) for q, r in ranked.items()}, ds.qrels)
     seconds["metrics"] = time.perf_counter() - start
     log(
-        f"eval: {name}: nDCG@10 {metrics[PRIMARY]:.4f} (corpus: {counts['encoded']:,} encoded, {counts['cached']:,} cached; "
+        f"eval: {name}: nDCG@10 {metrics[PRIMARY]:.4f} "
+        f"(corpus: {counts['encoded']:,} encoded, {counts['cached']:,} cached; "
         f"{sum(seconds.values()):.1f}s)"
     )
     return ModelResult(
@@ -351,7 +355,8 @@ def run(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> EvalReport:
     )
     if ds.empty_documents or ds.empty_queries:
         log(
-            f"eval: left out {ds.empty_documents:,} empty document(s) and {ds.empty_queries:,} empty query(ies) "
+            f"eval: left out {ds.empty_documents:,} empty document(s) "
+            f"and {ds.empty_queries:,} empty query(ies) "
             f"with their {ds.qrels_of_empty:,} judgment(s)"
         )
     if depth < 1000:
@@ -386,7 +391,8 @@ def run(cfg: EvalConfig, *, log: Callable[[str], None] = print) -> EvalReport:
 def format_table(report: EvalReport) -> str:
     """Metrics as rows; with a baseline, its column, the delta and both p-values."""
     lines = [
-        f"{report.data} ({report.split}): {number(report.queries, 'count')} queries, {number(report.corpus_size, 'count')} passages, "
+        f"{report.data} ({report.split}): {number(report.queries, 'count')} queries, "
+        f"{number(report.corpus_size, 'count')} passages, "
         f"depth {number(report.depth, 'count')}",
         f"model     {report.result.model}",
     ]
@@ -439,7 +445,8 @@ def _ir_evaluator() -> type:
     base: Any = evaluation.SentenceEvaluator
 
     class IREvaluator(base):
-        """nDCG@10 (primary), MRR@10, Recall@100 and Recall@1000 on a BEIR split, for SentenceTransformerTrainer.
+        """nDCG@10 (primary), MRR@10, Recall@100 and Recall@1000 on a BEIR split, for
+        SentenceTransformerTrainer.
 
         Each call encodes the corpus and the evaluated queries afresh with the model being trained (no cache)
         and scores exactly as `evaluate` does. Prompts resolve as in `Encoder.load`: explicit text, else the

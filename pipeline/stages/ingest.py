@@ -23,7 +23,8 @@ class IngestConfig(BaseModel):
 
     files: list[Path] = Field(
         min_length=1,
-        description="Tevatron/RLHN rows: JSONL(.gz) or Parquet with query_id, query, positive_passages, negative_passages.",
+        description="Tevatron/RLHN rows: JSONL(.gz) or Parquet with query_id, query, "
+        "positive_passages, negative_passages.",
     )
     out: Path = Field(description="Output shard folder.")
     max_negatives: int | None = Field(None, ge=0, description="Keep at most N negatives per query.")
@@ -63,7 +64,8 @@ def _empty_line(empty: dict[str, int]) -> str:
 
 
 def plan(cfg: IngestConfig) -> StagePlan:
-    """The queries and parts `run` would write: one pass over the rows, which are checked as `run` checks them."""
+    """The queries and parts `run` would write: one pass over the rows, which are checked as `run` checks
+    them."""
     empty: dict[str, int] = {}
     queries = parts = 0
     for block in _blocks(cfg.files, cfg.queries_per_shard, cfg.on_empty, empty):

@@ -43,7 +43,8 @@ RRF_K = 60
 
 
 class MineConfig(BaseModel):
-    """Options of `mpr mine` (the names follow sentence-transformers' `mine_hard_negatives` where they can)."""
+    """Options of `mpr mine` (the names follow sentence-transformers' `mine_hard_negatives` where they
+    can)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,7 +73,8 @@ class MineConfig(BaseModel):
     min_score: float | None = Field(None, description="Negatives must score >= this.")
     keep_candidates: bool = Field(
         True,
-        description="Also write the candidates that were not kept as negatives (label null, with the filter that rejected them).",
+        description="Also write the candidates that were not kept as negatives "
+        "(label null, with the filter that rejected them).",
     )
     query_prompt: str | None = Field(None, description="Text prepended to queries (e.g. 'query: ').")
     query_prompt_name: str | None = Field(None, description="Name of a prompt stored in the model's config.")
@@ -92,7 +94,8 @@ class MineConfig(BaseModel):
     )
     on_empty: OnEmpty = Field(
         "skip",
-        description="Empty or blank documents and queries: leave them out and count them, or refuse the data.",
+        description="Empty or blank documents and queries: leave them out and count them, "
+        "or refuse the data.",
     )
     max_queries: int | None = Field(None, ge=1, description="Mine only the first N queries of the split.")
     queries_per_shard: int = Field(
@@ -350,12 +353,14 @@ def _left_out(ds: BeirDataset, cfg: MineConfig) -> list[str]:
     lines = []
     if ds.empty_documents or ds.empty_queries:
         lines.append(
-            f"{cfg.data}: left out {ds.empty_documents} empty document(s) and {ds.empty_queries} empty query(ies) "
+            f"{cfg.data}: left out {ds.empty_documents} empty document(s) "
+            f"and {ds.empty_queries} empty query(ies) "
             f"with their {ds.qrels_of_empty} judgment(s) (--on-empty error refuses them)"
         )
     if ds.dropped_qrels:
         lines.append(
-            f"{ds.files['qrels']}: dropped {ds.dropped_qrels} judgments that point at unknown queries or documents"
+            f"{ds.files['qrels']}: dropped {ds.dropped_qrels} judgments "
+            "that point at unknown queries or documents"
         )
     return lines
 

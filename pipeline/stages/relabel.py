@@ -84,7 +84,8 @@ class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
     )
     prompt: str | None = Field(
         None,
-        description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; default: relabel, "
+        description="Prompt file from prompts/ (relabel, relabel_cot, graded, graded_batch; "
+        "default: relabel, "
         "or graded in graded mode).",
     )
     candidates: Literal["negatives", "all"] = Field(
@@ -331,7 +332,8 @@ def _prompt(cfg: RelabelConfig) -> Prompt:
     prompt = load_prompt(cfg.prompt_name)
     if (prompt.schema in GRADED_SCHEMAS) != (cfg.mode == "graded"):
         raise MprError(
-            f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} prompt does not fit --mode {cfg.mode}"
+            f"--prompt {prompt.name}: a {'graded' if prompt.schema in GRADED_SCHEMAS else 'listwise'} "
+            f"prompt does not fit --mode {cfg.mode}"
         )
     return prompt
 
@@ -386,7 +388,8 @@ def _estimate(
 
 
 def plan(cfg: RelabelConfig) -> StagePlan:
-    """The queries, parts, candidates, requests and prompt tokens of `run`, counted without sending anything."""
+    """The queries, parts, candidates, requests and prompt tokens of `run`, counted without sending
+    anything."""
     _verified_input(cfg)
     _prompt(cfg)
     files, parts = plan_parts(cfg.input, cfg.queries_per_shard)

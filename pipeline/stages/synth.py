@@ -154,7 +154,9 @@ class SynthConfig(LLMStageConfig):
     )
     queries: Path | None = Field(
         None,
-        description='Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).',
+        description=(
+            'Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).'
+        ),
     )
     from_shards: Path | None = Field(
         None, description="Shard folder instead of --data: its queries (qid, query)."
@@ -170,12 +172,14 @@ class SynthConfig(LLMStageConfig):
     styles: list[str] = Field(
         default_factory=lambda: list(DEFAULT_STYLES),
         min_length=1,
-        description=f"Comma-separated writing styles drawn per set (default: {', '.join(DEFAULT_STYLES[:3])}, ...).",
+        description="Comma-separated writing styles drawn per set "
+        f"(default: {', '.join(DEFAULT_STYLES[:3])}, ...).",
     )
     lengths: list[int] = Field(
         default_factory=lambda: list(DEFAULT_LENGTHS),
         min_length=1,
-        description=f"Comma-separated target lengths in words drawn per set (default: {','.join(map(str, DEFAULT_LENGTHS))}).",
+        description="Comma-separated target lengths in words drawn per set "
+        f"(default: {','.join(map(str, DEFAULT_LENGTHS))}).",
     )
     seed: int = Field(
         42, description="Seed of the style/length draws (a function of seed, query id and set only)."
@@ -189,17 +193,21 @@ class SynthConfig(LLMStageConfig):
     )
     with_qrels: bool = Field(
         False,
-        description="Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only).",
+        description=(
+            "Also write the query's qrels positives (label 1, grade 1.0) into its group (--data only)."
+        ),
     )
     verify: bool = Field(
         False,
-        description="Grade every passage with the graded judge of mpr relabel; drop sets that disagree with their levels.",
+        description="Grade every passage with the graded judge of mpr relabel; "
+        "drop sets that disagree with their levels.",
     )
     verify_model: str | None = Field(None, description="Judge model for --verify (default: --model).")
     verify_tolerance: float = Field(
         1.0,
         ge=0,
-        description="--verify drops a set whose mean |judged - intended level| exceeds this (or whose order is inverted).",
+        description="--verify drops a set whose mean |judged - intended level| exceeds this "
+        "(or whose order is inverted).",
     )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the generator.")
     max_tokens: int | None = Field(
@@ -210,7 +218,9 @@ class SynthConfig(LLMStageConfig):
     max_queries: int | None = Field(None, ge=1, description="Only the first N queries.")
     on_empty: OnEmpty = Field(
         "skip",
-        description="Empty or blank queries and documents: leave them out and count them, or refuse the data.",
+        description=(
+            "Empty or blank queries and documents: leave them out and count them, or refuse the data."
+        ),
     )
 
     @field_validator("styles", mode="before")
@@ -514,7 +524,8 @@ class SynthPrompt:
             ""
             if spec.variant == 1
             else (
-                f" This is variant {spec.variant} of this request: write passages that differ from those of the other variants."
+                f" This is variant {spec.variant} of this request: "
+                "write passages that differ from those of the other variants."
             )
         )
         user = Template(self.prompt.user).substitute(

@@ -45,17 +45,20 @@ Reasons = dict[int, str]  # row index in its query's group -> why it was not jud
 
 
 class ZoneOptions(BaseModel):
-    """The zone's options (part of `RelabelConfig`; they change what is judged, so they are in its identity)."""
+    """The zone's options (part of `RelabelConfig`; they change what is judged, so they are in its
+    identity)."""
 
     zone: ZoneMode = Field(
         "all",
-        description="Judge all candidates, or only the ambiguity zone: margin (score near the lowest positive's), "
-        "top (best-ranked), unsure (a cheap judge is not sure they are negative).",
+        description="Judge all candidates, or only the ambiguity zone: margin (score near the lowest "
+        "positive's), top (best-ranked), unsure (a cheap judge is not sure they are negative).",
     )
     zone_margin: float = Field(
         0.1,
         ge=0,
-        description="--zone margin: judge candidates scoring at least the query's lowest positive score minus this.",
+        description=(
+            "--zone margin: judge candidates scoring at least the query's lowest positive score minus this."
+        ),
     )
     zone_top: int = Field(10, ge=1, description="--zone top: judge the R best-ranked candidates.")
     zone_model: str | None = Field(None, description="--zone unsure: the cheap judge (default: --model).")
@@ -78,7 +81,8 @@ def select(rows: list[dict[str, Any]], picked: list[int], cfg: RelabelConfig) ->
         floor = min(scores) - cfg.zone_margin
         kept = [i for i in picked if rows[i]["score"] is not None and rows[i]["score"] >= floor]
         reasons = {
-            i: f"zone margin: score {_score(rows[i]['score'])} < lowest positive {min(scores):.4f} - {cfg.zone_margin:g}"
+            i: f"zone margin: score {_score(rows[i]['score'])} < "
+            f"lowest positive {min(scores):.4f} - {cfg.zone_margin:g}"
             for i in picked
             if i not in set(kept)
         }

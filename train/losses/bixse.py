@@ -22,7 +22,8 @@ def bixse_objective(
     scale: Tensor | float,
     bias: Tensor | float,
 ) -> Tensor:
-    """(1/R) Σ_i Σ_{c valid} BCE(σ(scale·s_ic + bias), y_ic): summed over each row's valid columns, mean over rows."""
+    """(1/R) Σ_i Σ_{c valid} BCE(σ(scale·s_ic + bias), y_ic): summed over each row's valid columns, mean
+    over rows."""
     logits = scores * scale + bias
     bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
     return bce.masked_fill(~valid, 0.0).sum(dim=1).mean()
@@ -39,7 +40,8 @@ class BiXSELoss(GroupLoss):
 
     .. math::
 
-        \mathcal{L} = -\frac{1}{B}\sum_i\sum_{c \in V_i} \big[y_{ic}\log\sigma(z_{ic}) + (1-y_{ic})\log(1-\sigma(z_{ic}))\big]
+        \mathcal{L} = -\frac{1}{B}\sum_i\sum_{c \in V_i}
+            \big[y_{ic}\log\sigma(z_{ic}) + (1-y_{ic})\log(1-\sigma(z_{ic}))\big]
 
     Averaging follows SigLIP: summed over each query's valid pairs, averaged over the queries (so it
     decomposes over queries and DDP ranks exactly; its scale grows with the number of in-batch passages).
@@ -94,7 +96,9 @@ class BiXSELoss(GroupLoss):
                 "passage_1": ["Paris is in France.", "Macbeth is a tragedy."],
                 "label": [[[1.0, 0.6], [1, 0]], [[1.0, 0.0], [1, 0]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=BiXSELoss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=BiXSELoss(model)
+            )
             trainer.train()
     """
 
@@ -132,7 +136,8 @@ class BiXSELoss(GroupLoss):
         self.learn_bias = learn_bias
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
         self.bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)), requires_grad=learn_bias)
-        # b's starting value, NaN until the first batch sets it; saved with the loss's state, so a resumed run keeps b
+        # b's starting value, NaN until the first batch sets it; saved with the loss's state, so a resumed
+        # run keeps b
         self.register_buffer(
             "start_bias", torch.tensor(math.nan if bias is None else float(bias), dtype=torch.float64)
         )
@@ -195,7 +200,8 @@ class BiXSELoss(GroupLoss):
         return """
 @misc{tsirigotis2025bixse,
     title={BiXSE: Improving Dense Retrieval via Probabilistic Graded Relevance Distillation},
-    author={Christos Tsirigotis and Vaibhav Adlakha and Joao Monteiro and Aaron Courville and Perouz Taslakian},
+    author={Christos Tsirigotis and Vaibhav Adlakha and Joao Monteiro and Aaron Courville and \
+Perouz Taslakian},
     year={2025},
     eprint={2508.06781},
     archivePrefix={arXiv},

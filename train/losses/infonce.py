@@ -35,7 +35,8 @@ class InfoNCELoss(GroupLoss):
 
     .. math::
 
-        \mathcal{L} = \frac{1}{B}\sum_i \Big[\log\big(e^{s_{i p_i}} + \sum_{n \in N_i} e^{s_{i n}}\big) - s_{i p_i}\Big]
+        \mathcal{L} = \frac{1}{B}\sum_i \Big[\log\big(e^{s_{i p_i}}
+        + \sum_{n \in N_i} e^{s_{i n}}\big) - s_{i p_i}\Big]
 
     The query's *other* positives are removed from the denominator, so they are neither pulled nor
     pushed; they are simply not used. Grades are ignored (only the slot kinds matter). A query without
@@ -51,7 +52,8 @@ class InfoNCELoss(GroupLoss):
         learn_temperature: learn τ (as a log-parameter).
         mask_duplicates: mask token-identical copies of the query's own passages outside its group.
         mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size (same loss and gradients, bounded memory).
+        mini_batch_size: use GradCache with mini-batches of this size (same loss and gradients, bounded
+            memory).
         gather_across_devices: under DDP, score against the passages of every rank.
 
     Inputs:
@@ -82,7 +84,9 @@ class InfoNCELoss(GroupLoss):
                 "passage_1": ["Lyon is a city in France.", ""],
                 "label": [[[1.0, 0.0], [1, 0]], [[1.0, 0.0], [1, -1]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=InfoNCELoss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=InfoNCELoss(model)
+            )
             trainer.train()
     """
 

@@ -63,7 +63,9 @@ class JointLHLoss(GroupLoss):
                 "passage_1": ["Paris, France's capital city.", "Macbeth is a tragedy."],
                 "label": [[[1.0, 1.0], [1, 1]], [[1.0, 0.0], [1, 0]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=JointLHLoss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=JointLHLoss(model)
+            )
             trainer.train()
     """
 

@@ -66,7 +66,9 @@ class LSEPairLoss(GroupLoss):
                 "passage_1": ["Paris, France's capital city.", "Macbeth is a tragedy."],
                 "label": [[[1.0, 1.0], [1, 1]], [[1.0, 0.0], [1, 0]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=LSEPairLoss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=LSEPairLoss(model)
+            )
             trainer.train()
     """
 

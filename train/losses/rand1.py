@@ -32,7 +32,8 @@ class Rand1Loss(GroupLoss):
 
     .. math::
 
-        \mathcal{L} = \frac{1}{B}\sum_i \Big[\log\big(e^{s_{i p_i}} + \sum_{n \in N_i} e^{s_{i n}}\big) - s_{i p_i}\Big]
+        \mathcal{L} = \frac{1}{B}\sum_i \Big[\log\big(e^{s_{i p_i}} + \sum_{n \in N_i} e^{s_{i n}}\big)
+            - s_{i p_i}\Big]
 
     The other positives of i are left out of the denominator (same convention as :class:`InfoNCELoss`,
     which always takes the first positive). A query without positives contributes 0.

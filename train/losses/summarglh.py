@@ -8,7 +8,8 @@ from .core import MULTI_POSITIVE_CITATION, GroupLoss, masked_logsumexp
 
 
 def summarglh_objective(scores: Tensor, targets: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
-    """mean_i −log Σ_{p ∈ P_i} softmax(s_i)_p, the softmax over all valid columns; 0 for rows without positives."""
+    """mean_i −log Σ_{p ∈ P_i} softmax(s_i)_p, the softmax over all valid columns; 0 for rows without
+    positives."""
     log_partition, _ = masked_logsumexp(scores, valid)
     log_positive, has_positive = masked_logsumexp(scores, positives)
     per_row = (log_partition - log_positive).masked_fill(~has_positive, 0.0)
@@ -63,7 +64,9 @@ class SumMargLHLoss(GroupLoss):
                 "passage_1": ["Paris, France's capital city.", "Macbeth is a tragedy."],
                 "label": [[[1.0, 1.0], [1, 1]], [[1.0, 0.0], [1, 0]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=SumMargLHLoss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=SumMargLHLoss(model)
+            )
             trainer.train()
     """
 

@@ -48,8 +48,9 @@ def ws2_objective(
 class WS2Loss(GroupLoss):
     r"""SyCL: 2-Wasserstein distance between the predicted and the target ranking distributions.
 
-    Each query row gives a predicted distribution over the batch's passages, :math:`X_i = \mathrm{softmax}(s_i)`
-    with :math:`s = \cos/\tau`, and a target distribution :math:`Y_i = \mathrm{softmax}(y_i / t_Y)`, where
+    Each query row gives a predicted distribution over the batch's passages,
+    :math:`X_i = \mathrm{softmax}(s_i)` with :math:`s = \cos/\tau`, and a target distribution
+    :math:`Y_i = \mathrm{softmax}(y_i / t_Y)`, where
     :math:`y_{ic}` is the grade of passage c for query i (its own slots) and 0 for every other passage. Both
     softmaxes run over the row's unmasked columns. Gaussians are fitted to the B rows of X and of Y (mean
     over queries, covariance with the unbiased 1/(B−1) factor as in the SyCL code) and the loss is their
@@ -57,7 +58,8 @@ class WS2Loss(GroupLoss):
 
     .. math::
 
-        \mathcal{L} = \lVert\mu_X-\mu_Y\rVert^2 + \mathrm{tr}\big(\Sigma_X + \Sigma_Y - 2(\Sigma_X\Sigma_Y)^{1/2}\big)
+        \mathcal{L} = \lVert\mu_X-\mu_Y\rVert^2
+            + \mathrm{tr}\big(\Sigma_X + \Sigma_Y - 2(\Sigma_X\Sigma_Y)^{1/2}\big)
 
     The trace of the matrix square root comes from a B×B symmetric eigenproblem in float64 (the nonzero
     eigenvalues of :math:`\Sigma_X\Sigma_Y`, whose rank is < B), with numerically-zero eigenvalues clamped.
@@ -113,7 +115,9 @@ class WS2Loss(GroupLoss):
                 "passage_2": ["Lyon is a city in France.", "Macbeth is a tragedy."],
                 "label": [[[1.0, 0.67, 0.0], [1, 0, 0]], [[1.0, 0.33, 0.0], [1, 0, 0]]],
             })
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=WS2Loss(model))
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=WS2Loss(model)
+            )
             trainer.train()
     """
 
@@ -140,8 +144,10 @@ class WS2Loss(GroupLoss):
     def citation(self) -> str:
         return """
 @inproceedings{esfandiarpoor2025beyond,
-    title={Beyond Contrastive Learning: Synthetic Data Enables List-wise Training with Multiple Levels of Relevance},
-    author={Reza Esfandiarpoor and George Zerveas and Ruochen Zhang and Macton Mgonzo and Carsten Eickhoff and Stephen H. Bach},
+    title={Beyond Contrastive Learning: Synthetic Data Enables List-wise Training with Multiple Levels of \
+Relevance},
+    author={Reza Esfandiarpoor and George Zerveas and Ruochen Zhang and Macton Mgonzo and Carsten \
+Eickhoff and Stephen H. Bach},
     booktitle={Findings of the Association for Computational Linguistics: EMNLP 2025},
     year={2025},
     url={https://arxiv.org/abs/2503.23239}
