@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-real-llm lint bench clean
+.PHONY: install demo test test-fast test-real-llm docs lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,17 @@ demo: install
 
 test: install
 	$(BIN)/mypy  # [tool.mypy] in pyproject.toml: zero errors
+	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The edit loop: everything but the tests marked slow or real_llm.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not real_llm"
+
+# The documentation site (docs/, mkdocs.yml) served on 127.0.0.1:8000.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The real-model tests, building llama-server (once, cached; 20-40 min on 2 cores) and fetching SmolLM2 if missing.
 test-real-llm: install
