@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from mpr.cli import app
 from mpr.orchestrate.experiment import Experiment, load_run_file, parse_value
+from mpr.orchestrate.stages import REGISTRY
 from pipeline.data.shards import read_manifest, read_shards
 
 from .conftest import REPO
@@ -46,9 +47,9 @@ def test_one_positive_threshold_in_every_stage_table(tmp_path, monkeypatch):
     stages = ("relabel", "synth", "train")
     spec = load_run_file(EXAMPLE_TOML, [f"{stage}.positive_threshold=0.5" for stage in stages])
     experiment = Experiment(spec, progress=False)
-    assert [experiment.config(stage, "http://127.0.0.1:9/v1").positive_threshold for stage in stages] == [
-        0.5
-    ] * 3
+    assert [
+        experiment.config(REGISTRY[stage], "http://127.0.0.1:9/v1").positive_threshold for stage in stages
+    ] == [0.5] * 3
     result = runner.invoke(app, ["run", str(EXAMPLE_TOML), "--set", "synth.positive_level=2"])
     assert (
         result.exit_code == 2 and "synth.positive_level" in result.output and not (tmp_path / "runs").exists()
@@ -66,7 +67,8 @@ def test_dry_run_plans_the_stages_and_writes_nothing(tmp_path):
         f"relabel: reads {out / 'mined'}, which mine writes first" in result.output
     )  # planned once mine has run
     assert "synth --dry-run" in result.output and re.search(r"^  requests\s+20$", result.output, re.M)
-    assert f"train: {out / 'model-lsepair'}" in result.output and "eval --dry-run" in result.output
+    assert "train --dry-run" in result.output and str(out / "model-lsepair") in result.output
+    assert "eval --dry-run" in result.output
     assert not out.exists()
 
 
@@ -120,3 +122,37 @@ def test_example_experiment_end_to_end(tmp_path, cache_dir):
     assert changed.exit_code == 2 and "trained with other options" in changed.output
     unknown = runner.invoke(app, [*args, "--only", "fly"])
     assert unknown.exit_code == 2 and "unknown stage" in unknown.output
+
+
+def test_ingest_is_a_stage_of_mpr_run_and_relabel_reads_its_folder(tmp_path):
+    """Tevatron rows -> RUN/ingested -> relabel (the simulated judge) -> RUN/relabeled, from one file."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "query_id": "1",
+                    "query": "what do bees make",
+                    "positive_passages": [{"docid": "p1", "title": "Bees", "text": "Bees make honey."}],
+                    "negative_passages": [{"docid": "n1", "title": "", "text": "Wasps sting."}],
+                }
+            ]
+        )
+        + "\n"
+    )
+    out = tmp_path / "run"
+    (tmp_path / "x.toml").write_text(
+        f"out = {json.dumps(str(out))}\ndata = {json.dumps(str(REPO / 'data' / 'example'))}\n"
+        'stages = ["ingest", "relabel"]\n'
+        f"[ingest]\nfiles = [{json.dumps(str(rows))}]\n[llm]\ntest_server = true\n"
+    )
+    planned = runner.invoke(app, ["run", str(tmp_path / "x.toml"), "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert "ingest --dry-run" in planned.output and f"relabel: reads {out / 'ingested'}" in planned.output
+    result = runner.invoke(app, ["run", str(tmp_path / "x.toml")])
+    assert result.exit_code == 0, result.output
+    relabeled = read_manifest(out / "relabeled")
+    assert relabeled is not None and relabeled.complete
+    assert {r["pid"] for r in read_shards(out / "relabeled").to_pylist()} == {"p1", "n1"}
+    assert "### ingest:" in (out / "report.md").read_text()

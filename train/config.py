@@ -11,13 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.data.identity import RUNTIME
 from pipeline.data.locations import DEFAULT_MODEL
-
-#: Defaults the loss classes (train/losses/) share with the command line.
-DEFAULT_TEMPERATURE = 0.05
-DEFAULT_TEMPERATURE_RANGE = (0.01, 1.0)
-
-LossName = Literal["infonce", "rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse"]
+from train.losses.registry import DEFAULT_LOSS, LOSSES, LossOptions, option_fields, option_name
 
 #: The memory budget on CPU when none is given: the process's peak resident memory.
 CPU_MEMORY_BUDGET = "2GB"
@@ -102,7 +98,9 @@ class TrainConfig(GroupOptions):
     )
     out: Path = Field(description="Output model folder (loads with SentenceTransformer(out)).")
     model: str = Field(DEFAULT_MODEL, description="Starting sentence-transformers model id or local folder.")
-    loss: LossName = Field("lsepair", description="Objective (see the README's table of losses).")
+    loss: str = Field(
+        DEFAULT_LOSS, description=f"Objective: {', '.join(LOSSES)} (see the docs' losses page)."
+    )
     batch_size: int = Field(32, ge=1, description="Queries per batch (per device).")
     memory_budget: str | None = Field(
         None,
@@ -139,28 +137,6 @@ class TrainConfig(GroupOptions):
     similarity: Literal["cos", "dot"] = Field(
         "cos", description="Score by cosine, or by raw dot product (as the multi-positive paper and SyCL)."
     )
-    temperature: float = Field(
-        DEFAULT_TEMPERATURE, gt=0, description="τ: scores are similarities divided by τ (not used by bixse)."
-    )
-    learn_temperature: bool = Field(
-        False, description="Learn τ, within --min-temperature and --max-temperature."
-    )
-    min_temperature: float = Field(
-        DEFAULT_TEMPERATURE_RANGE[0], gt=0, description="Lower bound of a learned τ."
-    )
-    max_temperature: float = Field(
-        DEFAULT_TEMPERATURE_RANGE[1], gt=0, description="Upper bound of a learned τ."
-    )
-    ws2_target_temperature: float = Field(
-        1 / 3, gt=0, description="ws2: temperature of the target softmax over the grades."
-    )
-    bixse_scale: float = Field(10.0, gt=0, description="bixse: initial logit scale t (SigLIP's 10).")
-    bixse_bias: float | None = Field(
-        None,
-        description="bixse: initial logit bias b "
-        "(default: the first batch's log prior of relevance less t times its "
-        "mean similarity; SigLIP's -10 suits from-scratch training on huge batches).",
-    )
     mask_duplicates: bool = Field(
         True,
         description="Mask in-batch copies of a query's own passages (a copy of a positive is no negative).",
@@ -193,23 +169,49 @@ class TrainConfig(GroupOptions):
     resume: bool = Field(
         False,
         description="Continue from the last checkpoint in OUT.checkpoints/: same data order, same draws.",
+        json_schema_extra=RUNTIME,
     )
     device: str | None = Field(None, description="cpu, cuda, ... (default: the best available).")
     overwrite: bool = Field(
         False,
         description="Replace an existing model folder (the old one stays until the new one is complete).",
+        json_schema_extra=RUNTIME,
     )
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=RUNTIME)
+
+    # Every registered loss's options (train/losses/registry.py), under their keys: `temperature`,
+    # `bixse_scale`, ... The chosen loss reads its own through `loss_config()`.
+    __annotations__.update({key: annotation for key, (annotation, _) in option_fields().items()})
+    vars().update({key: info for key, (_, info) in option_fields().items()})
 
     _size = field_validator("memory_budget")(check_size)
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in LOSSES:
+            raise ValueError(f"unknown loss {value!r} (losses: {', '.join(LOSSES)})")
+        return value
+
     @model_validator(mode="after")
-    def _ranges(self) -> TrainConfig:
-        if self.min_temperature > self.max_temperature:
-            raise ValueError("--min-temperature must not exceed --max-temperature")
-        if self.learn_temperature and not self.min_temperature <= self.temperature <= self.max_temperature:
-            raise ValueError("--temperature must lie within --min-temperature and --max-temperature")
+    def _loss_options(self) -> TrainConfig:
+        self.loss_config()
         return self
+
+    def loss_config(self) -> LossOptions:
+        """The chosen loss's options, read from this config's keys for them."""
+        spec = LOSSES[self.loss]
+        return spec.options(**{f: getattr(self, option_name(spec, f)) for f in spec.options.model_fields})
+
+    def foreign_options(self) -> list[str]:
+        """Options of other losses than the chosen one that were set to other than their defaults."""
+        spec = LOSSES[self.loss]
+        own = {option_name(spec, f) for f in spec.options.model_fields}
+        return [
+            key
+            for key, (_, info) in option_fields().items()
+            if key not in own and key in self.model_fields_set and getattr(self, key) != info.default
+        ]
 
     @property
     def checkpoints(self) -> Path:

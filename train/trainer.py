@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.checks import train_inputs
+from pipeline.data.identity import identity, runtime_fields
 from pipeline.data.shards import fingerprint_shards, read_manifest, write_json_atomic
 from pipeline.errors import MprError
+from pipeline.stages.plan import StagePlan
 from train.config import TrainConfig
 
 __all__ = ["TrainConfig", "check_inputs", "train"]
@@ -83,12 +85,7 @@ def _model_card_note(cfg: TrainConfig, memory: str, data: list[dict[str, Any]], 
         "",
         "## Trained with mpr",
         "",
-        f"- loss: `{cfg.loss}` (train.losses), {cfg.similarity} similarity"
-        + (
-            ""
-            if cfg.loss == "bixse"
-            else f", temperature {cfg.temperature}" + (" (learned)" if cfg.learn_temperature else "")
-        ),
+        f"- loss: `{cfg.loss}` (train.losses), {cfg.similarity} similarity, {cfg.loss_config().describe()}",
         f"- {memory}",
         f"- groups: {stats['groups']:,} queries x {cfg.group_size} passages, "
         f"{stats['positives_per_group']} positives per group",
@@ -104,6 +101,46 @@ def _finished_summary(cfg: TrainConfig) -> dict[str, Any] | None:
     if cfg.resume and not cfg.overwrite and record.is_file():  # the folder appears only when complete
         return dict(json.loads(record.read_text())["summary"], already_trained=True)
     return None
+
+
+def plan(cfg: TrainConfig) -> StagePlan:
+    """What `run` would read and write, from the input folders' manifests (nothing is loaded)."""
+    queries, notes = 0, []
+    for folder in cfg.data:
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is None:
+            notes.append(f"{folder}: not written yet")
+        else:
+            queries += int(manifest.summary.get("queries", 0))
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch(s)"
+    notes.append(
+        f"loss {cfg.loss}, {steps} of {cfg.batch_size} queries x {cfg.group_size} passages, "
+        f"learning rate {cfg.learning_rate:g}"
+    )
+    return StagePlan(
+        stage="train",
+        out=cfg.out,
+        inputs=[str(p) for p in cfg.data],
+        queries=queries,
+        models=[cfg.model],
+        notes=notes,
+    )
+
+
+def run(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`train`, except that a model already trained in `cfg.out` with other options is refused (one line)
+    instead of kept: what `mpr run` and `mpr study` need, as their stage tables can change between runs."""
+    record = cfg.out / "mpr" / "train.json"
+    if record.is_file() and not cfg.overwrite:
+        done = json.loads(record.read_text())
+        runtime = runtime_fields(TrainConfig)
+        if {k: v for k, v in done["config"].items() if k not in runtime} != identity(cfg):
+            raise MprError(
+                f"{cfg.out}: trained with other options; overwrite (--overwrite) to train it again"
+            )
+        log(f"{cfg.out}: already trained with these options; nothing to do")
+        return dict(done["summary"])
+    return train(cfg, log=log)
 
 
 def train(
@@ -147,7 +184,7 @@ def train(
         MemoryProgressCallback,
         restore_loss_state,
     )
-    from train.losses import BiXSELoss, build_loss
+    from train.losses import LOSSES
     from train.memory import limit_heap_fragmentation, peak_rss_bytes, plan_embedding, set_attention_dropout
 
     if cfg.overwrite and cfg.checkpoints.exists():
@@ -166,31 +203,18 @@ def train(
     log(f"train: {plan.describe()}")
     if plan.device == "cpu":
         limit_heap_fragmentation(plan.chunk_plan is not None)
-    extra: dict[str, Any] = {"similarity": cfg.similarity, "chunk_plan": plan.chunk_plan}
-    if cfg.loss == "rand1":
-        extra["seed"] = cfg.seed
-    elif cfg.loss == "ws2":
-        extra["target_temperature"] = cfg.ws2_target_temperature
-    elif cfg.loss == "bixse":
-        extra.update(scale=cfg.bixse_scale, bias=cfg.bixse_bias)
-    if cfg.loss != "bixse":
-        extra.update(
-            temperature=cfg.temperature,
-            learn_temperature=cfg.learn_temperature,
-            temperature_range=(cfg.min_temperature, cfg.max_temperature),
-        )
-    elif {"temperature", "learn_temperature"} & cfg.model_fields_set:
-        log(
-            "train: bixse scores with its own learned scale and bias (--bixse-scale, --bixse-bias); "
-            "--temperature is not used"
-        )
-    loss = build_loss(
-        cfg.loss,
-        model,
-        mask_duplicates=cfg.mask_duplicates,
-        mask_other_positives=cfg.mask_other_positives,
-        **extra,
-    )
+    spec = LOSSES[cfg.loss]
+    for key in cfg.foreign_options():
+        log(f"train: --{key.replace('_', '-')} is not an option of {cfg.loss}; not used")
+    options: dict[str, Any] = {
+        "similarity": cfg.similarity,
+        "chunk_plan": plan.chunk_plan,
+        "mask_duplicates": cfg.mask_duplicates,
+        "mask_other_positives": cfg.mask_other_positives,
+        **({"seed": cfg.seed} if spec.seeded else {}),
+        **cfg.loss_config().loss_kwargs(),
+    }
+    loss = spec.load()(model, **options)
     own = loss.named_loss_parameters()
     rates: dict[str, float] = {}
     if cfg.loss_learning_rate is not None and own:
@@ -286,11 +310,7 @@ def train(
         "peak_memory_mb": round(peak / 2**20),
         "seconds": round(seconds, 1),
     }
-    if isinstance(
-        loss, BiXSELoss
-    ):  # where t and b started and ended (b starts from the first batch by default)
-        config = loss.get_config_dict()
-        summary.update({f"bixse_{key}": round(config[key], 4) for key in ("start_bias", "bias", "scale")})
+    summary.update(loss.run_summary())
     if trainer.is_world_process_zero():
         staging = _staging(cfg)
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,18 +18,19 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_folder
+from mpr.orchestrate.stages import EVAL, MINE, REGISTRY, SHARD_SOURCES, TRAIN, StageSpec
 from pipeline.errors import FailedItems, MprError
+from pipeline.llm.backends import AUTO, BACKENDS, SERVER, BackendChoice
 from pipeline.redact import redact, refuse_userinfo
 from pipeline.stages.audit import AuditFailed
+from train.losses.registry import SINGLE_POSITIVE_LOSS
 
 if TYPE_CHECKING:
-    from pipeline.stages.evaluate import EvalConfig
-    from pipeline.stages.mine import MineConfig
     from pipeline.stages.plan import StagePlan
     from pipeline.stages.relabel import RelabelConfig
     from pipeline.stages.synth import SynthConfig
@@ -40,8 +41,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-Stage = Literal["mine", "relabel", "synth", "train", "eval"]
-STAGES: tuple[Stage, ...] = ("mine", "relabel", "synth", "train", "eval")
 TEST_SERVER_MODEL = "simulated-judge-from-qrels"
 TEST_SERVER_NOTICE = (
     "NOTE: no LLM endpoint is configured, so this run starts mpr's SIMULATED judge "
@@ -54,7 +53,7 @@ class LLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    backend: Literal["auto", "openai", "vllm"] = "auto"
+    backend: BackendChoice = AUTO
     base_url: list[str] = Field(default_factory=list)
     test_server: bool = Field(
         False, description="use mpr's local qrels oracle server when no endpoint is configured"
@@ -66,28 +65,44 @@ class LLMSettings(BaseModel):
     @property
     def simulated(self) -> bool:
         """The simulated judge answers: `test_server` is on and no endpoint (nor in-process vLLM) is set."""
-        return self.test_server and not self.base_url and self.backend != "vllm"
+        in_process = self.backend in BACKENDS and BACKENDS[self.backend].in_process
+        return self.test_server and not self.base_url and not in_process
 
 
-class RunFile(BaseModel):
-    """The experiment file."""
+class RunFileBase(BaseModel):
+    """The experiment file, less its stage tables (one per registered stage, added below)."""
 
     model_config = ConfigDict(extra="forbid")
 
     out: Path
     data: Path
     split: str = "train"
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    stages: list[str] = Field(default_factory=lambda: [n for n, s in REGISTRY.items() if s.default])
     llm: LLMSettings = Field(default_factory=LLMSettings)
-    mine: dict[str, Any] = Field(default_factory=dict)
-    relabel: dict[str, Any] = Field(default_factory=dict)
-    synth: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
-    eval: dict[str, Any] = Field(default_factory=dict)
     single_positive: bool = Field(
         False,
         description="also train single-positive InfoNCE on the mined data (not relabeled) and evaluate it",
     )
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(REGISTRY)})")
+        return value
+
+    def table(self, stage: StageSpec) -> dict[str, Any]:
+        """A copy of the stage's table."""
+        return dict(getattr(self, stage.name))
+
+
+RunFile = create_model(
+    "RunFile",
+    __base__=RunFileBase,
+    __doc__="The experiment file.",
+    **{name: (dict[str, Any], Field(default_factory=dict)) for name in REGISTRY},  # type: ignore[call-overload]
+)
 
 
 def parse_value(text: str) -> Any:
@@ -98,7 +113,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_run_file(path: Path, overrides: Sequence[str] = ()) -> RunFile:
+def load_run_file(path: Path, overrides: Sequence[str] = ()) -> RunFileBase:
     if not path.is_file():
         raise MprError(
             f"{path}: {'is a folder, not an experiment file' if path.is_dir() else 'no such experiment file'}"
@@ -169,10 +184,38 @@ def _key_line(path: Path, keys: list[str]) -> int | None:
 class Experiment:
     """The stage configs of one run file, with the paths between stages filled in."""
 
-    def __init__(self, spec: RunFile, *, progress: bool = True):
-        self.spec = spec
+    def __init__(self, spec: RunFileBase, *, progress: bool = True):
+        self.spec: RunFileBase = spec
         self.progress = progress
         self.out = spec.out
+
+    @property
+    def stages(self) -> list[str]:
+        return self.spec.stages
+
+    def table(self, stage: StageSpec) -> dict[str, Any]:
+        return self.spec.table(stage)
+
+    def shards_in(self) -> Path:
+        """The folder relabel (and train, when nothing is relabeled or synthesized) reads."""
+        source = next((s for s in SHARD_SOURCES if s.name in self.stages), MINE)
+        return source.out(self.out)
+
+    def model_out(self) -> Path:
+        from train.config import TrainConfig
+
+        return model_folder(self.out, self.table(TRAIN).get("loss", TrainConfig.model_fields["loss"].default))
+
+    def eval_inputs(self) -> dict[str, Any]:
+        trained = cast("TrainConfig", self.config(TRAIN))
+        return {
+            "data": self.spec.data,
+            "split": "test",
+            "model": str(trained.out),
+            "baseline": trained.model,
+            "json_out": eval_file(self.out, trained.loss),
+            "max_seq_length": trained.max_seq_length,
+        }
 
     def _llm(self, table: dict[str, Any], test_server: str | None) -> dict[str, Any]:
         llm = self.spec.llm
@@ -184,95 +227,35 @@ class Experiment:
         }
         merged.setdefault("model", llm.model)
         if test_server:
-            merged.update(base_url=[test_server], model=TEST_SERVER_MODEL, backend="openai")
+            merged.update(base_url=[test_server], model=TEST_SERVER_MODEL, backend=SERVER.name)
         if not merged.get("model"):
             raise MprError(
                 "the run file names no LLM: set llm.model (or the stage's model), or llm.test_server = true"
             )
         return merged
 
-    def config(self, stage: Stage, base_url: str | None = None) -> BaseModel:
-        spec = self.spec
-        if stage == "mine":
-            from pipeline.stages.mine import MineConfig
-
-            return MineConfig(
-                **{
-                    "data": spec.data,
-                    "split": spec.split,
-                    "out": self.out / "mined",
-                    "progress": self.progress,
-                    **spec.mine,
-                }
-            )
-        if stage == "relabel":
-            from pipeline.stages.relabel import RelabelConfig
-
-            table = self._llm(spec.relabel, base_url)
-            return RelabelConfig(
-                **{
-                    "input": self.out / "mined",
-                    "out": self.out / "relabeled",
-                    "progress": self.progress,
-                    **table,
-                }
-            )
-        if stage == "synth":
-            from pipeline.stages.synth import SynthConfig
-
-            table = self._llm(spec.synth, base_url)
-            return SynthConfig(
-                **{
-                    "data": spec.data,
-                    "split": spec.split,
-                    "out": self.out / "synth",
-                    "progress": self.progress,
-                    **table,
-                }
-            )
-        if stage == "train":
-            from train.trainer import TrainConfig
-
-            table = dict(spec.train)
-            sources = (
-                table.pop("from", None) or [s for s in ("relabel", "synth") if s in spec.stages] or ["mine"]
-            )
-            folders = {"mine": "mined", "relabel": "relabeled", "synth": "synth"}
-            data = [self.out / folders[s] for s in sources]
-            loss = table.get("loss", TrainConfig.model_fields["loss"].default)
-            return TrainConfig(
-                **{
-                    "data": data,
-                    "out": model_folder(self.out, loss),
-                    "progress": self.progress,
-                    "resume": True,
-                    **table,
-                }
-            )
-        from pipeline.stages.evaluate import EvalConfig
-
-        trained = cast("TrainConfig", self.config("train"))
-        table = {"data": spec.data, "split": "test", **spec.eval}
-        return EvalConfig(
-            **{
-                "model": str(trained.out),
-                "baseline": trained.model,
-                "json_out": eval_file(self.out, trained.loss),
-                "max_seq_length": trained.max_seq_length,
-                "progress": self.progress,
-                **table,
-            }
-        )
+    def config(self, stage: StageSpec, base_url: str | None = None) -> BaseModel:
+        """The stage's config: the paths between stages, then the stage's table over them."""
+        table = {k: v for k, v in self.table(stage).items() if k not in stage.run_keys}
+        if stage.llm:
+            table = self._llm(table, base_url)
+        model = stage.config_model()
+        values = {**stage.inputs(self), **table}
+        if "progress" in model.model_fields:
+            values.setdefault("progress", self.progress)
+        if stage.folder is not None:
+            values.setdefault("out", stage.out(self.out))
+        return model(**values)
 
     def single_positive_configs(self) -> tuple[BaseModel, BaseModel]:
         """(train, eval) configs of the single-positive reference: InfoNCE on the mined data, not relabeled,
         with the train table's other settings, evaluated on the same split as the main model."""
-        trained = cast("TrainConfig", self.config("train"))
-        evaluated = self.config("eval")
+        trained = cast("TrainConfig", self.config(TRAIN))
+        evaluated = self.config(EVAL)
         train_cfg = trained.model_copy(
             update={
-                "data": [self.out / "mined"],
-                "loss": "infonce",
+                "data": [self.shards_in()],
+                "loss": SINGLE_POSITIVE_LOSS,
                 "out": model_folder(self.out, SINGLE_POSITIVE),
             }
         )
@@ -288,26 +271,28 @@ class Experiment:
 
 def _checked(
     path: Path, only: list[str] | None, overrides: Sequence[str], progress: bool
-) -> tuple[Experiment, list[Stage]]:
+) -> tuple[Experiment, list[StageSpec]]:
     """The experiment and the stages to run, every stage's options checked (nothing is written)."""
     spec = load_run_file(path, list(overrides))
-    unknown = [s for s in (only or []) if s not in STAGES]
+    unknown = [s for s in (only or []) if s not in REGISTRY]
     if unknown:
-        raise MprError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    stages = [s for s in STAGES if s in spec.stages and (not only or s in only)]
+        raise MprError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(REGISTRY)})")
+    stages = [s for s in REGISTRY.values() if s.name in spec.stages and (not only or s.name in only)]
     experiment = Experiment(spec, progress=progress)
     for stage in stages:
         try:
             experiment.config(stage, _placeholder(spec))
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise key_error(path, [stage, *(str(p) for p in first["loc"])], first["msg"]) from None
-    if spec.single_positive and ("train" in stages or "eval" in stages):
+            raise key_error(path, [stage.name, *(str(p) for p in first["loc"])], first["msg"]) from None
+        except ValueError as exc:  # a path between stages the table names wrongly (train.from)
+            raise key_error(path, [stage.name], str(exc)) from None
+    if spec.single_positive and (TRAIN in stages or EVAL in stages):
         experiment.single_positive_configs()
     return experiment, stages
 
 
-def _placeholder(spec: RunFile) -> str | None:
+def _placeholder(spec: RunFileBase) -> str | None:
     """The base URL the configs are checked with before the test server runs (nothing is sent to it)."""
     return "http://127.0.0.1:9/v1" if spec.llm.simulated else None
 
@@ -315,35 +300,24 @@ def _placeholder(spec: RunFile) -> str | None:
 def plan_experiment(
     path: Path, *, only: list[str] | None = None, overrides: Sequence[str] = ()
 ) -> list[StagePlan | str]:
-    """What `run_experiment` would do, stage by stage: the stage's plan, or a line where the stage has no plan
-    (train) or reads a folder an earlier stage has yet to write."""
-    from pipeline.stages import evaluate, mine, relabel, synth
-
+    """What `run_experiment` would do, stage by stage: the stage's plan, or a line where the stage reads a
+    folder an earlier stage has yet to write."""
     experiment, stages = _checked(path, only, overrides, progress=False)
+    writers = {s.out(experiment.out): s for s in REGISTRY.values() if s.folder is not None}
     plans: list[StagePlan | str] = []
     for stage in stages:
         cfg = experiment.config(stage, _placeholder(experiment.spec))
-        if stage == "mine":
-            plans.append(mine.plan(cast("MineConfig", cfg)))
-        elif stage == "relabel":
-            source = cast("RelabelConfig", cfg).input
+        source = getattr(cfg, "input", None)
+        if isinstance(source, Path) and not source.exists() and source in writers:
             plans.append(
-                relabel.plan(cast("RelabelConfig", cfg))
-                if source.is_dir()
-                else f"relabel: reads {source}, which mine writes first; planned once it exists"
-            )
-        elif stage == "synth":
-            plans.append(synth.plan(cast("SynthConfig", cfg)))
-        elif stage == "train":
-            trained = cast("TrainConfig", cfg)
-            plans.append(
-                f"train: {trained.out} from {', '.join(map(str, trained.data))} (loss {trained.loss})"
+                f"{stage.name}: reads {source}, which {writers[source].name} writes first; "
+                "planned once it exists"
             )
         else:
-            plans.append(evaluate.plan(cast("EvalConfig", cfg)))
-        if experiment.spec.single_positive and stage in ("train", "eval"):
+            plans.append(stage.plan(cfg))
+        if experiment.spec.single_positive and stage in (TRAIN, EVAL):
             plans.append(
-                f"{stage}: also the single-positive reference, "
+                f"{stage.name}: also the single-positive reference, "
                 f"{model_folder(experiment.out, SINGLE_POSITIVE)}"
             )
     return plans
@@ -366,7 +340,7 @@ def run_experiment(
     )
     with ExitStack() as stack:
         base_url = None
-        needs_llm = any(s in stages for s in ("relabel", "synth"))
+        needs_llm = any(s.llm for s in stages)
         if needs_llm and spec.llm.simulated:
             from mpr.simulated_judge import Oracle, start_server
 
@@ -380,7 +354,7 @@ def run_experiment(
             base_url = server.url
             (spec.out / "TEST_SERVER_LABELS").write_text(TEST_SERVER_NOTICE + "\n")
         for stage in stages:
-            log(f"== {stage}")
+            log(f"== {stage.name}")
             cfg = experiment.config(stage, base_url)
             try:
                 run_stage(stage, cfg, log)
@@ -389,56 +363,32 @@ def run_experiment(
 
                 write_report(experiment, log=log)
                 raise
-            if spec.single_positive and stage in ("train", "eval"):
-                log(f"== {stage}: the single-positive reference (InfoNCE on the mined data, not relabeled)")
-                run_stage(stage, experiment.single_positive_configs()[stage == "eval"], log)
+            if spec.single_positive and stage in (TRAIN, EVAL):
+                log(
+                    f"== {stage.name}: the single-positive reference "
+                    "(InfoNCE on the mined data, not relabeled)"
+                )
+                run_stage(stage, experiment.single_positive_configs()[stage is EVAL], log)
     from mpr.orchestrate.report import write_report
 
     return write_report(experiment, log=log)
 
 
-def run_stage(stage: Stage, cfg: BaseModel, log: Callable[[str], None], *, show_table: bool = True) -> Any:
-    """Run one stage from its config: the runner `mpr run` and `mpr study` share. Returns the stage's manifest
-    (mine, relabel, synth), the training summary (train) or the evaluation report (eval, whose metrics table
-    is logged unless `show_table` is off)."""
-    if stage == "mine":
-        from pipeline.stages import mine
-
-        return mine.run(cast("MineConfig", cfg), log=log)
-    if stage in ("relabel", "synth"):
+def run_stage(
+    stage: StageSpec, cfg: BaseModel, log: Callable[[str], None], *, show_table: bool = True
+) -> Any:
+    """Run one stage from its config: the runner `mpr run` and `mpr study` share. Returns what the stage's
+    `run` returns (a manifest, the training summary, the evaluation report, whose table is logged unless
+    `show_table` is off). An LLM stage with more failed items than its `max_failure_rate` raises
+    `FailedItems`: the later stages would train on what is missing, and a rerun retries exactly those."""
+    result = stage.run(cfg, log)
+    if stage.llm:
         from pipeline.llm.stage import failure_line
-        from pipeline.stages import relabel, synth
 
         llm_cfg = cast("RelabelConfig | SynthConfig", cfg)
-        manifest = (
-            relabel.run(cast("RelabelConfig", cfg), log=log)
-            if stage == "relabel"
-            else synth.run(cast("SynthConfig", cfg), log=log)
-        )
-        line = failure_line(stage, llm_cfg.out, manifest.summary, llm_cfg.max_failure_rate)
-        if line:  # the later stages would train on what is missing; a rerun retries exactly those items
+        line = failure_line(stage.name, llm_cfg.out, result.summary, llm_cfg.max_failure_rate)
+        if line:
             raise FailedItems(line)
-        return manifest
-    if stage == "train":
-        import json
-
-        from train.trainer import train
-
-        cfg = cast("TrainConfig", cfg)
-        record = cfg.out / "mpr" / "train.json"
-        if record.exists() and not cfg.overwrite:
-            volatile = {"progress", "resume", "overwrite"}
-            done = {k: v for k, v in json.loads(record.read_text())["config"].items() if k not in volatile}
-            if done != cfg.model_dump(mode="json", exclude=volatile):
-                raise MprError(
-                    f"{cfg.out}: trained with other options; add --set train.overwrite=true to train it again"
-                )
-            log(f"{cfg.out}: already trained with these options; nothing to do")
-            return json.loads(record.read_text())["summary"]
-        return train(cfg, log=log)
-    from pipeline.stages import evaluate
-
-    report = evaluate.run(cast("EvalConfig", cfg), log=log)
-    if show_table:
-        log(evaluate.format_table(report))
-    return report
+    if show_table and stage.shown:
+        log(getattr(stage.load(), stage.shown)(result))
+    return result

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from mpr import __version__
 from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_folders, model_name
+from mpr.orchestrate.stages import REGISTRY, RELABEL, TRAIN
 from pipeline.data.shards import read_manifest, shard_files
 from pipeline.formatting import number, p_clause, summary_value
 from pipeline.redact import redact
@@ -250,12 +251,13 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
     if (out / "TEST_SERVER_LABELS").exists():
         lines += [f"> {(out / 'TEST_SERVER_LABELS').read_text().strip()}", ""]
     lines += ["## What each stage produced", ""]
-    for name, folder in (("mine", "mined"), ("relabel", "relabeled"), ("synth", "synth")):
-        lines += _stage_section(name, out / folder)
-        if name == "relabel":
-            lines += audit_report_lines(out / folder)
-        if name == "relabel" and (out / folder).exists() and (m := read_manifest(out / folder)) and m.shards:
-            lines += _label_changes(out / folder, simulated=(out / "TEST_SERVER_LABELS").exists())
+    for stage in (s for s in REGISTRY.values() if s.folder is not None):
+        folder = stage.out(out)
+        lines += _stage_section(stage.name, folder)
+        if stage is RELABEL:
+            lines += audit_report_lines(folder)
+            if folder.exists() and (m := read_manifest(folder)) and m.shards:
+                lines += _label_changes(folder, simulated=(out / "TEST_SERVER_LABELS").exists())
     for model_dir in model_folders(out):
         record_path = model_dir / "mpr" / "train.json"
         if not record_path.exists():
@@ -307,7 +309,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
                 )
             lines.append("")
     if spec.single_positive:
-        loss = cast("TrainConfig", experiment.config("train")).loss
+        loss = cast("TrainConfig", experiment.config(TRAIN)).loss
         lines += _comparison_section(out, loss)
     path = out / "report.md"
     path.write_text(redact("\n".join(lines)) + "\n")

@@ -58,26 +58,31 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mpr.orchestrate.experiment import run_stage
 from mpr.orchestrate.report import ALPHA, MIN_QUERIES
+from mpr.orchestrate.stages import EVAL, MINE, RELABEL, TRAIN
+from pipeline.data.identity import RUNTIME, identity
 from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import find_file, open_text, read_qrels, split_names
 from pipeline.data.shards import write_json_atomic as _write_json_atomic
 from pipeline.errors import MprError
 from pipeline.formatting import number
+from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import split_list
-from train.config import LossName, TrainConfig, check_size
+from train.config import TrainConfig, check_size
+from train.losses.registry import LOSSES, SINGLE_POSITIVE_LOSS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ALL_LOSSES: tuple[LossName, ...] = get_args(LossName)
-GRADED_LOSSES = frozenset({"ws2", "bixse"})
-MULTI_POSITIVE = ("rand1", "jointlh", "summarglh", "lsepair", "ws2", "bixse")
+ALL_LOSSES = tuple(LOSSES)
+LISTWISE = RelabelConfig.model_fields["mode"].default  # the relabel mode that flags candidates
+GRADED_LOSSES = frozenset(n for n, s in LOSSES.items() if s.graded)
+MULTI_POSITIVE = tuple(n for n, s in LOSSES.items() if s.multi_positive)
 OWN_SPLITS = ("train", "test")
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100", "recall@1000": "R@1000"}
@@ -96,26 +101,38 @@ class StudyConfig(BaseModel):
     data: list[Path] = Field(
         min_length=1,
         description="A BEIR folder to study (repeat for several); the report names it by its folder.",
+        json_schema_extra=RUNTIME,
     )
     out: Path = Field(
         Path("runs/study"),
         description="Report (study.md, study.json, study.png) and one result file per cell.",
+        json_schema_extra=RUNTIME,
     )
-    work: Path | None = Field(None, description="Shards, models and caches (default: OUT/work).")
+    work: Path | None = Field(
+        None, description="Shards, models and caches (default: OUT/work).", json_schema_extra=RUNTIME
+    )
     folds: int = Field(
         5, ge=2, description="k of the k-fold split over the judged queries (each is evaluated exactly once)."
     )
-    fold_ids: list[int] | None = Field(None, description="Run only these folds (0-based, comma-separated).")
-    losses: list[LossName] = Field(
-        list(ALL_LOSSES), min_length=1, description="Losses to train on relabeled data, comma-separated."
+    fold_ids: list[int] | None = Field(
+        None, description="Run only these folds (0-based, comma-separated).", json_schema_extra=RUNTIME
+    )
+    losses: list[str] = Field(
+        list(ALL_LOSSES),
+        min_length=1,
+        description="Losses to train on relabeled data, comma-separated.",
+        json_schema_extra=RUNTIME,
     )
     error_rates: list[float] = Field(
         [0.0, 0.2, 0.4],
         min_length=1,
         description="Simulated judge error rates, comma-separated (each in 0-1).",
+        json_schema_extra=RUNTIME,
     )
     baseline: bool = Field(
-        True, description="Train single-positive InfoNCE on the mined data (not relabeled) as the baseline."
+        True,
+        description="Train single-positive InfoNCE on the mined data (not relabeled) as the baseline.",
+        json_schema_extra=RUNTIME,
     )
     graded: bool = Field(
         True, description="Train ws2 and bixse on graded relabel data (else on the binary labels)."
@@ -155,14 +172,21 @@ class StudyConfig(BaseModel):
         DEFAULT_MODEL,
         description="Base sentence-transformers model (zero-shot, and the start of every model).",
     )
-    memory_budget: str | None = Field(None, description=_TRAINED["memory_budget"].description)
+    memory_budget: str | None = Field(
+        None, description=_TRAINED["memory_budget"].description, json_schema_extra=RUNTIME
+    )
     threads: int | None = Field(
         None,
         ge=1,
         description="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).",
+        json_schema_extra=RUNTIME,
     )
-    keep_models: bool = Field(False, description="Keep every trained model under WORK.")
-    report_only: bool = Field(False, description="Only rebuild the report from the stored cells.")
+    keep_models: bool = Field(
+        False, description="Keep every trained model under WORK.", json_schema_extra=RUNTIME
+    )
+    report_only: bool = Field(
+        False, description="Only rebuild the report from the stored cells.", json_schema_extra=RUNTIME
+    )
 
     _lists = field_validator("fold_ids", "losses", "error_rates", "own_splits", mode="before")(split_list)
     _size = field_validator("memory_budget")(check_size)
@@ -173,6 +197,14 @@ class StudyConfig(BaseModel):
         for folder in value:
             if not folder.is_dir():
                 raise ValueError(f"{folder}: no such folder")
+        return value
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, value: list[str]) -> list[str]:
+        unknown = [loss for loss in value if loss not in LOSSES]
+        if unknown:
+            raise ValueError(f"unknown loss(es) {', '.join(unknown)} (losses: {', '.join(LOSSES)})")
         return value
 
     @field_validator("error_rates")
@@ -213,20 +245,7 @@ class StudyConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine a cell's result (not which cells are run, nor where)."""
-        chosen = {
-            "data",
-            "out",
-            "work",
-            "fold_ids",
-            "error_rates",
-            "losses",
-            "baseline",
-            "memory_budget",
-            "threads",
-            "keep_models",
-            "report_only",
-        }
-        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in chosen}
+        out = identity(self)
         for name in ("own_splits", "attention_dropout"):
             if not out[name] and out[name] != 0:
                 del out[name]  # unset: as results written before the field existed
@@ -564,12 +583,12 @@ class Study:
         from pipeline.stages.mine import MineConfig
 
         out = self.paths.fold(dataset, fold) / "mined"
-        if self.done.get(("mine", dataset, fold)) == out:
+        if self.done.get((MINE.name, dataset, fold)) == out:
             return out
         data, train_split, _ = self.fold_data(dataset, fold)
         started = time.perf_counter()
         run_stage(
-            "mine",
+            MINE,
             MineConfig(
                 data=data,
                 split=train_split,
@@ -585,8 +604,8 @@ class Study:
             ),
             log=lambda m: self.log(f"[{dataset} fold {fold}] {m}"),
         )
-        self.timer.add("mine", started)
-        self.done[("mine", dataset, fold)] = out
+        self.timer.add(MINE.name, started)
+        self.done[(MINE.name, dataset, fold)] = out
         return out
 
     def relabeled(self, dataset: str, fold: int, error_rate: float, graded: bool) -> Path:
@@ -594,13 +613,13 @@ class Study:
 
         mode = "graded" if graded else "relabel"
         out = self.paths.fold(dataset, fold) / f"{mode}-e{error_rate:.2f}"
-        key = ("relabel", dataset, fold, error_rate, mode)
+        key = (RELABEL.name, dataset, fold, error_rate, mode)
         if self.done.get(key) == out:
             return out
         mined = self.mined(dataset, fold)
         started = time.perf_counter()
         run_stage(
-            "relabel",
+            RELABEL,
             RelabelConfig(
                 input=mined,
                 out=out,
@@ -615,7 +634,7 @@ class Study:
             ),
             log=lambda m: self.log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"),
         )
-        self.timer.add("relabel", started)
+        self.timer.add(RELABEL.name, started)
         self.done[key] = out
         return out
 
@@ -634,12 +653,12 @@ class Study:
             return out, json.loads(record.read_text())["summary"]
         started = time.perf_counter()
         summary = run_stage(
-            "train",
+            TRAIN,
             TrainConfig(
                 data=[data],
                 out=out,
                 model=self.cfg.model,
-                loss="infonce" if cell.loss == BASELINE else cell.loss,
+                loss=SINGLE_POSITIVE_LOSS if cell.loss == BASELINE else cell.loss,
                 group_size=self.cfg.group_size,
                 max_positives=self.cfg.max_positives,
                 batch_size=self.cfg.batch_size,
@@ -656,7 +675,7 @@ class Study:
             ),
             log=lambda m: self.log(f"{cell.label} {m}"),
         )
-        self.timer.add("train", started)
+        self.timer.add(TRAIN.name, started)
         return out, summary
 
     def evaluate(self, cell: Cell, model: str, cached: bool) -> dict[str, Any]:
@@ -665,7 +684,7 @@ class Study:
         data, _, test_split = self.fold_data(cell.dataset, cell.fold)
         started = time.perf_counter()
         report: EvalReport = run_stage(
-            "eval",
+            EVAL,
             EvalConfig(
                 model=model,
                 data=data,
@@ -678,7 +697,7 @@ class Study:
             log=lambda m: self.log(f"{cell.label} {m}"),
             show_table=False,
         )
-        self.timer.add("eval", started)
+        self.timer.add(EVAL.name, started)
         return {
             "metrics": report.result.metrics,
             "queries": report.queries,
@@ -769,7 +788,7 @@ def judge_stats(folder: Path) -> dict[str, Any] | None:
     from pipeline.data.shards import read_manifest
 
     manifest = read_manifest(folder)
-    if manifest is None or manifest.stage != "relabel":
+    if manifest is None or manifest.stage != RELABEL.name:
         return None
     summary = manifest.summary
     return {k: summary.get(k, 0) for k in ("queries", "judged", "flagged", "failed")} | {
@@ -804,7 +823,7 @@ def _judge_line(rows: list[dict[str, Any]], error_rates: Sequence[float]) -> str
             if row["error_rate"] == e:
                 for fold, stats in row["judge"].items():
                     by_fold[(stats["mode"], fold)] = stats
-        listwise = [v for (mode, _), v in by_fold.items() if mode == "relabel"] or list(by_fold.values())
+        listwise = [v for (mode, _), v in by_fold.items() if mode == LISTWISE] or list(by_fold.values())
         judged, flagged = sum(v["judged"] for v in listwise), sum(v["flagged"] for v in listwise)
         failed = sum(v["failed"] for v in by_fold.values())
         if judged:

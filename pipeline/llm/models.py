@@ -12,14 +12,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from pipeline.errors import MprError
+from pipeline.llm.backends import AUTO, BACKENDS, IN_PROCESS, SERVER, Backend, BackendChoice
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.types import Message
 from pipeline.redact import USERINFO_HINT, has_userinfo, read_key
+
+if TYPE_CHECKING:
+    from pipeline.llm.stage import LLMStageConfig
 
 log = logging.getLogger("mpr.llm")
 
@@ -111,19 +115,18 @@ def resolve_model(name: str, aliases: Mapping[str, str] | None = None) -> str:
 class BackendSpec(BaseModel):
     """The outcome of `resolve_backend`: what to run and where. `create()` builds the backend."""
 
-    kind: Literal["openai", "vllm"]
+    kind: str  # a key of pipeline.llm.backends.BACKENDS
     model: str
     base_urls: list[str] = []
     served_models: list[str] = []
 
-    def create(self, **kwargs: Any) -> ChatBackend:
-        if self.kind == "vllm":
-            from pipeline.llm.vllm_backend import VLLMBackend
+    @property
+    def backend(self) -> Backend:
+        return BACKENDS[self.kind]
 
-            return VLLMBackend(self.model, **kwargs)
-        from pipeline.llm.client import OpenAIBackend
-
-        return OpenAIBackend(self.model, self.base_urls, **kwargs)
+    def create(self, cfg: LLMStageConfig | None = None, **kwargs: Any) -> ChatBackend:
+        """The backend, with the stage's options (`cfg`) where it takes them and the cache options."""
+        return self.backend.local(self.model, list(self.base_urls), cfg, kwargs)
 
 
 def _cuda_available() -> bool:
@@ -136,7 +139,7 @@ def _cuda_available() -> bool:
 
 
 def resolve_backend(
-    backend: Literal["auto", "openai", "vllm"] = "auto",
+    backend: BackendChoice = AUTO,
     base_urls: Sequence[str] = (),
     model: str | None = None,
     *,
@@ -150,24 +153,24 @@ def resolve_backend(
 
     resolved = resolve_model(model) if model else None
     urls = [u.rstrip("/") for u in base_urls]
-    if backend == "vllm":
+    if backend == IN_PROCESS.name:
         if urls:
             raise MprError(
                 "--backend vllm runs the model in-process; drop --base-url or use --backend openai"
             )
         if not vllm_importable():
             raise MprError(INSTALL_HINT)
-        return BackendSpec(kind="vllm", model=resolved or DEFAULT_MODEL)
+        return BackendSpec(kind=IN_PROCESS.name, model=resolved or DEFAULT_MODEL)
 
     tried: list[str] = []
     env_url = os.environ.get("OPENAI_BASE_URL", "").strip()
     if has_userinfo(env_url) and not urls:
         raise MprError(f"$OPENAI_BASE_URL {USERINFO_HINT}")
     if not urls:
-        if backend == "auto":
+        if backend == AUTO:
             if vllm_importable():
                 if _cuda_available():
-                    return BackendSpec(kind="vllm", model=resolved or DEFAULT_MODEL)
+                    return BackendSpec(kind=IN_PROCESS.name, model=resolved or DEFAULT_MODEL)
                 tried.append("in-process vLLM (no CUDA GPU)")
             else:
                 tried.append("in-process vLLM (not installed)")
@@ -192,7 +195,7 @@ def resolve_backend(
         log.warning("LLM servers not answering, left out: %s", "; ".join(t for t in tried if "://" in t))
     served = sorted({m for _, ms in alive for m in ms})
     chosen = _choose_model(model, resolved, served)
-    return BackendSpec(kind="openai", model=chosen, base_urls=[u for u, _ in alive], served_models=served)
+    return BackendSpec(kind=SERVER.name, model=chosen, base_urls=[u for u, _ in alive], served_models=served)
 
 
 def _choose_model(raw: str | None, resolved: str | None, served: list[str]) -> str:

@@ -42,12 +42,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pipeline.data.identity import RUNTIME
 from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend, RunContext, WorkItem
 from pipeline.llm.types import ChatRequest, ChatResult
 
 if TYPE_CHECKING:
-    from pipeline.llm.stage import LLMStageConfig
+    pass
 
 
 class RayOptions(BaseModel):
@@ -58,24 +59,28 @@ class RayOptions(BaseModel):
         description="local: mpr's async client in this process; "
         "ray: a Ray Data pipeline through ray.data.llm "
         "(pip install 'mpr[ray]'; README: running on a cluster).",
+        json_schema_extra=RUNTIME,
     )
     ray_address: str | None = Field(
-        None, description="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray)."
+        None,
+        description="--engine ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray).",
+        json_schema_extra=RUNTIME,
     )
     ray_processor: Literal["mpr", "ray-llm"] = Field(
         "mpr",
         description="--engine ray, HTTP: mpr's async client in Ray actors, or ray.data.llm's "
         "HttpRequestProcessorConfig (one request in flight per actor).",
+        json_schema_extra=RUNTIME,
     )
     ray_workers: int = Field(
         2,
         ge=1,
         description="--engine ray: HTTP actors per server, or vLLM engine replicas with --backend vllm.",
+        json_schema_extra=RUNTIME,
     )
-    ray_batch_size: int = Field(256, ge=1, description="--engine ray: rows per Ray Data batch.")
-
-
-RAY_KEYS = frozenset(RayOptions.model_fields)
+    ray_batch_size: int = Field(
+        256, ge=1, description="--engine ray: rows per Ray Data batch.", json_schema_extra=RUNTIME
+    )
 
 
 def ensure_ray(address: str | None) -> None:
@@ -371,28 +376,3 @@ class RayVLLMBackend(RayBackend):
             for n, item in enumerate(items)
         ]
         return processor(ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows))))
-
-
-def create_ray_backend(
-    cfg: LLMStageConfig, kind: str, model: str, base_urls: list[str], options: dict[str, Any]
-) -> ChatBackend:
-    common: dict[str, Any] = {
-        "address": cfg.ray_address,
-        "workers": cfg.ray_workers,
-        "batch_size": cfg.ray_batch_size,
-        "max_attempts": cfg.max_attempts,
-        "cache": options["cache"],
-        "max_invalid_retries": cfg.max_invalid_retries,
-    }
-    if kind == "vllm":
-        return RayVLLMBackend(model, **common)
-    return RayHttpBackend(
-        model,
-        base_urls,
-        api_key_env=cfg.api_key_env,
-        timeout_s=cfg.timeout,
-        processor=cfg.ray_processor,
-        concurrency=cfg.concurrency,
-        transport=cfg.http_client,
-        **common,
-    )

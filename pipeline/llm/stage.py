@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
+from pipeline.data.identity import RUNTIME
+from pipeline.llm.backends import AUTO, BACKENDS, BackendChoice
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.models import resolve_backend, resolve_model
-from pipeline.llm.ray_engine import RAY_KEYS, RayOptions
+from pipeline.llm.ray_engine import RayOptions
 from pipeline.llm.types import RunStats
 from pipeline.redact import refuse_userinfo
 
@@ -28,52 +30,41 @@ LLM_KEYS = (
 
 
 class LLMStageConfig(RayOptions):
-    """Options every LLM stage takes; `RUNTIME` names those that do not change what the stage writes."""
+    """Options every LLM stage takes (those marked RUNTIME do not change what the stage writes)."""
 
     model_config = ConfigDict(extra="forbid")
-    RUNTIME: ClassVar[frozenset[str]] = (
-        frozenset(
-            {
-                "backend",
-                "base_url",
-                "api_key_env",
-                "concurrency",
-                "http_client",
-                "timeout",
-                "max_attempts",
-                "max_invalid_retries",
-                "shard",
-                "llm_cache",
-                "overwrite",
-                "progress",
-                "max_failure_rate",
-                "verify_inputs",
-            }
-        )
-        | RAY_KEYS
-    )
 
-    backend: Literal["auto", "openai", "vllm"] = Field(
-        "auto",
+    backend: BackendChoice = Field(
+        AUTO,
         description="openai: any OpenAI-compatible server; vllm: in-process (pip install 'mpr[vllm]'); "
         "auto: vLLM with a GPU, else $OPENAI_BASE_URL or localhost:8000.",
+        json_schema_extra=RUNTIME,
     )
     base_url: list[str] = Field(
         default_factory=list,
         description="OpenAI-compatible base URL; repeat to spread the load over several servers.",
+        json_schema_extra=RUNTIME,
     )
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (never written anywhere)."
+        "OPENAI_API_KEY",
+        description="Environment variable holding the API key (never written anywhere).",
+        json_schema_extra=RUNTIME,
     )
-    concurrency: int = Field(64, ge=1, description="Requests in flight.")
+    concurrency: int = Field(64, ge=1, description="Requests in flight.", json_schema_extra=RUNTIME)
     http_client: Literal["aiohttp", "openai"] = Field(
         "aiohttp",
         description="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client "
         "(4-8x the client CPU per request).",
+        json_schema_extra=RUNTIME,
     )
-    timeout: float = Field(300.0, gt=0, description="Seconds per request before it is retried.")
+    timeout: float = Field(
+        300.0, gt=0, description="Seconds per request before it is retried.", json_schema_extra=RUNTIME
+    )
     max_attempts: int = Field(
-        6, ge=1, description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed."
+        6,
+        ge=1,
+        description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed.",
+        json_schema_extra=RUNTIME,
     )
     max_invalid_retries: int = Field(
         2,
@@ -81,28 +72,37 @@ class LLMStageConfig(RayOptions):
         description=(
             "Times an answer that does not parse or validate is asked again before it is recorded as failed."
         ),
+        json_schema_extra=RUNTIME,
     )
     shard: str | None = Field(
-        None, description="K/N: process one slice (whole queries) of N; N jobs together fill one folder."
+        None,
+        description="K/N: process one slice (whole queries) of N; N jobs together fill one folder.",
+        json_schema_extra=RUNTIME,
     )
     queries_per_shard: int = Field(
         1000, ge=1, description="Queries per output part (the unit of resumption and of --shard)."
     )
-    llm_cache: Path | None = Field(None, description="SQLite request cache (default: $MPR_CACHE/llm.sqlite).")
-    overwrite: bool = Field(
-        False, description="Replace an existing output folder written with other options."
+    llm_cache: Path | None = Field(
+        None, description="SQLite request cache (default: $MPR_CACHE/llm.sqlite).", json_schema_extra=RUNTIME
     )
-    progress: bool = True
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing output folder written with other options.",
+        json_schema_extra=RUNTIME,
+    )
+    progress: bool = Field(True, json_schema_extra=RUNTIME)
     max_failure_rate: float = Field(
         0.0,
         ge=0,
         le=1,
         description="Share of items (rows, sets) left failed that still exits 0; above it the run exits 3.",
+        json_schema_extra=RUNTIME,
     )
     verify_inputs: Literal["fast", "full"] | None = Field(
         None,
         description="Check input shard folders against their manifests: fast (parts, sizes, row counts; "
         "checksums up to 1 GiB) or full (every checksum). Default: $MPR_VERIFY, else fast.",
+        json_schema_extra=RUNTIME,
     )
 
     _no_userinfo = field_validator("base_url")(refuse_userinfo)
@@ -140,28 +140,20 @@ def open_backends(
     if cfg.engine == "ray":
         return _open_ray(cfg, model, others, options, stage=stage, log=log)
     spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
-    if spec.kind == "openai":
-        options.update(
-            api_key_env=cfg.api_key_env,
-            concurrency=cfg.concurrency,
-            timeout_s=cfg.timeout,
-            max_attempts=cfg.max_attempts,
-            transport=cfg.http_client,
-        )
-    backend = spec.create(**options)
+    backend = spec.create(cfg, **options)
     extra = [
         None
         if m is None
         else backend
         if m == spec.model
-        else spec.model_copy(update={"model": m}).create(**options)
+        else spec.model_copy(update={"model": m}).create(cfg, **options)
         for m in others
     ]
     log(
         f"{stage}: {spec.kind} backend, model {spec.model}"
         + (f" at {', '.join(spec.base_urls)}" if spec.base_urls else "")
     )
-    if spec.kind == "openai":
+    if spec.backend.probes_endpoint:
         know_endpoint([backend, *extra], cfg, stage=stage, log=log)
     return backend, extra
 
@@ -212,21 +204,20 @@ def _open_ray(
     log: Callable[[str], None],
 ) -> tuple[ChatBackend, list[ChatBackend | None]]:
     """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.llm.ray_engine)."""
-    from pipeline.llm.ray_engine import create_ray_backend
-
-    if (
-        cfg.backend == "vllm"
-    ):  # the engines run on the cluster's GPU workers: vLLM need not be importable here
-        kind, name, urls = "vllm", resolve_model(model), []
+    chosen = BACKENDS.get(cfg.backend)
+    if chosen is not None and chosen.in_process:  # runs on the cluster's GPU workers: need not import here
+        name, urls = resolve_model(model), []
     else:
         spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
-        kind, name, urls = spec.kind, spec.model, list(spec.base_urls)
-    backend = create_ray_backend(cfg, kind, name, urls, options)
+        chosen, name, urls = spec.backend, spec.model, list(spec.base_urls)
+    backend = chosen.ray(name, urls, cfg, options)
     extra = [
-        None if m is None else backend if m == name else create_ray_backend(cfg, kind, m, urls, options)
-        for m in others
+        None if m is None else backend if m == name else chosen.ray(m, urls, cfg, options) for m in others
     ]
-    log(f"{stage}: ray engine, {kind} backend, model {name}" + (f" at {', '.join(urls)}" if urls else ""))
+    log(
+        f"{stage}: ray engine, {chosen.name} backend, model {name}"
+        + (f" at {', '.join(urls)}" if urls else "")
+    )
     return backend, extra
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from pipeline.data.identity import RUNTIME
 from pipeline.data.shards import write_json_atomic
 from pipeline.errors import MprError
 from pipeline.formatting import number
@@ -58,6 +59,7 @@ class AuditOptions(BaseModel):
         description="First judge N known positives, N known negatives (random passages of other queries) "
         "and N likely negatives; report recall, false-positive rate, Cohen's kappa, the estimated share of "
         "unlabelled positives and the full run's projected tokens.",
+        json_schema_extra=RUNTIME,
     )
     min_agreement: float = Field(
         0.4,
@@ -65,12 +67,12 @@ class AuditOptions(BaseModel):
         le=1,
         description="Stop (exit 2) before the full run when the audit's kappa on the known positives "
         "and negatives is below this.",
+        json_schema_extra=RUNTIME,
     )
-    force: bool = Field(False, description="Run even when the audit is below --min-agreement.")
-    audit_seed: int = Field(0, description="Seed of the audit's sample.")
-
-
-AUDIT_KEYS = frozenset(AuditOptions.model_fields)
+    force: bool = Field(
+        False, description="Run even when the audit is below --min-agreement.", json_schema_extra=RUNTIME
+    )
+    audit_seed: int = Field(0, description="Seed of the audit's sample.", json_schema_extra=RUNTIME)
 
 
 class AuditFailed(MprError):

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from pipeline.data.identity import RUNTIME
 from pipeline.data.locations import DEFAULT_MODEL, default_cache_dir, resolve_model
 from pipeline.errors import MprError
 
@@ -49,16 +51,33 @@ def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | 
 
 
 Similarity = Literal["cosine", "dot"]
+
+
 # The fields of a stage config (MineConfig, EvalConfig) that say how to load and run the encoder.
-ENCODER_OPTIONS = (
-    "device",
-    "max_seq_length",
-    "query_prompt",
-    "query_prompt_name",
-    "passage_prompt",
-    "passage_prompt_name",
-    "batch_size",
-)
+class EncoderOptions(BaseModel):
+    """How a stage encodes texts (mine, eval): part of their configs, so each option is written once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_prompt: str | None = Field(None, description="Text prepended to queries (e.g. 'query: ').")
+    query_prompt_name: str | None = Field(
+        None, description="Name of a query prompt stored in the model's config."
+    )
+    passage_prompt: str | None = Field(None, description="Text prepended to passages.")
+    passage_prompt_name: str | None = Field(
+        None, description="Name of a passage prompt stored in the model's config."
+    )
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Truncate inputs to this many tokens (default: the model's)."
+    )
+    batch_size: int = Field(64, ge=1, description="Encoding batch size.", json_schema_extra=RUNTIME)
+    device: str | None = Field(
+        None, description="cpu, cuda, cuda:1, mps ... (default: best available).", json_schema_extra=RUNTIME
+    )
+
+
+#: The encoder's defaults, for callers that load one without a stage config.
+ENCODE_DEFAULTS = EncoderOptions()
 
 
 def embedding_cache_dir(cfg: Any) -> Path | None:
@@ -76,7 +95,7 @@ class Encoder:
     similarity: Similarity
     query_prompt: str | None = None
     passage_prompt: str | None = None
-    batch_size: int = 64
+    batch_size: int = ENCODE_DEFAULTS.batch_size
 
     @classmethod
     def load(
@@ -89,7 +108,7 @@ class Encoder:
         query_prompt_name: str | None = None,
         passage_prompt: str | None = None,
         passage_prompt_name: str | None = None,
-        batch_size: int = 64,
+        batch_size: int = ENCODE_DEFAULTS.batch_size,
     ) -> Encoder:
         model = load_encoder(name, device=device, max_seq_length=max_seq_length)
         return cls.from_model(
@@ -105,7 +124,7 @@ class Encoder:
     @classmethod
     def from_config(cls, cfg: Any, name: str | None = None) -> Encoder:
         """The encoder a stage config describes (`name` overrides `cfg.model`)."""
-        return cls.load(name or cfg.model, **{k: getattr(cfg, k) for k in ENCODER_OPTIONS})
+        return cls.load(name or cfg.model, **{k: getattr(cfg, k) for k in EncoderOptions.model_fields})
 
     @classmethod
     def from_model(
@@ -117,7 +136,7 @@ class Encoder:
         query_prompt_name: str | None = None,
         passage_prompt: str | None = None,
         passage_prompt_name: str | None = None,
-        batch_size: int = 64,
+        batch_size: int = ENCODE_DEFAULTS.batch_size,
     ) -> Encoder:
         """Wrap a loaded SentenceTransformer. Prompts: the explicit text, else the named prompt of the
         model's config, else its "query" / "document" ("passage") prompts."""

@@ -34,7 +34,7 @@ from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import BeirDataset, load_beir
 from pipeline.errors import MprError
 from pipeline.formatting import number
-from pipeline.stages.encode import Encoder, embedding_cache_dir
+from pipeline.stages.encode import ENCODE_DEFAULTS, Encoder, EncoderOptions, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import exact_topk
 
@@ -57,7 +57,7 @@ Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(EncoderOptions):
     """Options of `mpr eval`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -76,15 +76,6 @@ class EvalConfig(BaseModel):
     json_out: Path | None = Field(None, description="Also write the report as JSON to this file.")
     run_out: Path | None = Field(None, description="Write the model's ranking as a TREC run file.")
     depth: int = Field(1000, ge=1, description="Passages retrieved per query.")
-    max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens.")
-    query_prompt: str | None = Field(None, description="Text prepended to queries.")
-    query_prompt_name: str | None = Field(None, description="Name of a query prompt in the model's config.")
-    passage_prompt: str | None = Field(None, description="Text prepended to passages.")
-    passage_prompt_name: str | None = Field(
-        None, description="Name of a passage prompt in the model's config."
-    )
-    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
-    device: str | None = Field(None, description="cpu, cuda, ... (default: best available).")
     cache_dir: Path | None = Field(
         None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr)."
     )
@@ -459,9 +450,9 @@ def _ir_evaluator() -> type:
             split: str = "test",
             *,
             name: str = "",
-            depth: int = 1000,
+            depth: int = EvalConfig.model_fields["depth"].default,
             max_queries: int | None = None,
-            batch_size: int = 64,
+            batch_size: int = ENCODE_DEFAULTS.batch_size,
             query_prompt: str | None = None,
             query_prompt_name: str | None = None,
             passage_prompt: str | None = None,

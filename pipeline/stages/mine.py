@@ -19,14 +19,15 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from pipeline.data.identity import RUNTIME, identity
 from pipeline.data.locations import DEFAULT_MODEL
 from pipeline.data.readers import BeirDataset, OnEmpty, load_beir
 from pipeline.data.schema import MINE_SCHEMA, to_table
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
-from pipeline.stages.encode import Encoder, embedding_cache_dir
+from pipeline.stages.encode import Encoder, EncoderOptions, embedding_cache_dir
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
@@ -42,7 +43,7 @@ FILTERS = (
 RRF_K = 60
 
 
-class MineConfig(BaseModel):
+class MineConfig(EncoderOptions):
     """Options of `mpr mine` (the names follow sentence-transformers' `mine_hard_negatives` where they
     can)."""
 
@@ -52,7 +53,7 @@ class MineConfig(BaseModel):
         description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (.gz accepted)."
     )
     split: str = Field("train", description="qrels split whose queries are mined.")
-    out: Path = Field(description="Output shard folder.")
+    out: Path = Field(description="Output shard folder.", json_schema_extra=RUNTIME)
     model: str = Field(DEFAULT_MODEL, description="sentence-transformers model id or local path.")
     retriever: Literal["dense", "bm25", "union"] = Field(
         "dense", description="dense, bm25 (bm25s), or their union ranked by reciprocal rank fusion."
@@ -76,15 +77,6 @@ class MineConfig(BaseModel):
         description="Also write the candidates that were not kept as negatives "
         "(label null, with the filter that rejected them).",
     )
-    query_prompt: str | None = Field(None, description="Text prepended to queries (e.g. 'query: ').")
-    query_prompt_name: str | None = Field(None, description="Name of a prompt stored in the model's config.")
-    passage_prompt: str | None = Field(None, description="Text prepended to passages.")
-    passage_prompt_name: str | None = Field(
-        None, description="Name of a passage prompt stored in the model's config."
-    )
-    max_seq_length: int | None = Field(
-        None, ge=8, description="Truncate inputs to this many tokens (default: the model's)."
-    )
     min_relevance: int = Field(1, description="qrels score from which a judgment is a positive.")
     max_bad_qrels: float = Field(
         0.05,
@@ -96,38 +88,34 @@ class MineConfig(BaseModel):
         "skip",
         description="Empty or blank documents and queries: leave them out and count them, "
         "or refuse the data.",
+        json_schema_extra=RUNTIME,
     )
     max_queries: int | None = Field(None, ge=1, description="Mine only the first N queries of the split.")
     queries_per_shard: int = Field(
         1000, ge=1, description="Queries per Parquet part (the unit of resumption)."
     )
     seed: int = Field(42, description="Seed for random sampling.")
-    faiss: bool = Field(False, description="Search with FAISS (pip install 'mpr[faiss]').")
-    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, mps ... (default: best available).")
+    faiss: bool = Field(
+        False, description="Search with FAISS (pip install 'mpr[faiss]').", json_schema_extra=RUNTIME
+    )
     cache_dir: Path | None = Field(
-        None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr)."
+        None,
+        description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr).",
+        json_schema_extra=RUNTIME,
     )
-    no_cache: bool = Field(False, description="Do not read or write the embedding cache.")
+    no_cache: bool = Field(
+        False, description="Do not read or write the embedding cache.", json_schema_extra=RUNTIME
+    )
     overwrite: bool = Field(
-        False, description="Replace an existing output folder written with other options."
+        False,
+        description="Replace an existing output folder written with other options.",
+        json_schema_extra=RUNTIME,
     )
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=RUNTIME)
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {
-            "out",
-            "batch_size",
-            "device",
-            "cache_dir",
-            "no_cache",
-            "overwrite",
-            "progress",
-            "faiss",
-            "on_empty",
-        }
-        return self.model_dump(mode="json", exclude=runtime)
+        return identity(self)
 
 
 def _norm(text: str) -> str:

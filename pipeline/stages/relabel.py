@@ -28,6 +28,7 @@ from typing import Any, Literal, cast
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.data.identity import RUNTIME, identity
 from pipeline.data.labels import (
     NEGATIVE,
     POSITIVE,
@@ -55,7 +56,7 @@ from pipeline.llm.models import TokenCounter, resolve_model
 from pipeline.llm.prompt_files import Prompt, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatResult
-from pipeline.stages.audit import AUDIT_KEYS, AuditOptions, run_audit
+from pipeline.stages.audit import AuditOptions, run_audit
 from pipeline.stages.plan import StagePlan
 from pipeline.stages.zone import ZONE_FIELD, Reasons, ZoneOptions
 from pipeline.stages.zone import select as zone_select
@@ -73,8 +74,8 @@ RELABEL_FIELDS = (
 
 
 class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
-    input: Path = Field(description="Shard folder from mpr mine or mpr ingest.")
-    out: Path = Field(description="Output shard folder.")
+    input: Path = Field(description="Shard folder from mpr mine or mpr ingest.", json_schema_extra=RUNTIME)
+    out: Path = Field(description="Output shard folder.", json_schema_extra=RUNTIME)
     model: str = Field(description="Judge model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
     mode: Mode = Field(
         "relabel", description="What to do with flagged false negatives, or grade every pair 0-3."
@@ -106,9 +107,8 @@ class RelabelConfig(LLMStageConfig, JudgeOptions, AuditOptions, ZoneOptions):
         return "relabel"
 
     def identity(self, model: str, confirm: str | None, prompt: Prompt) -> dict[str, Any]:
-        runtime = {*self.RUNTIME, *AUDIT_KEYS, "input", "out", "model", "confirm_model", "prompt"}
         return {
-            **self.model_dump(mode="json", exclude=runtime),
+            **identity(self),
             "model": model,
             "confirm_model": confirm,
             "prompt": prompt.id,

@@ -60,6 +60,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
+from pipeline.data.identity import RUNTIME, identity
 from pipeline.data.labels import (
     DEFAULT_POSITIVE_THRESHOLD,
     NEGATIVE,
@@ -143,10 +144,12 @@ def split_list(value: Any) -> Any:
 class SynthConfig(LLMStageConfig):
     """Every option of `mpr synth` (see the module docstring for what they mean)."""
 
-    out: Path = Field(description="Output shard folder.")
+    out: Path = Field(description="Output shard folder.", json_schema_extra=RUNTIME)
     model: str = Field(description="Generator model id or alias (Qwen2.5-7B = Qwen/Qwen2.5-7B-Instruct).")
     data: Path | None = Field(
-        None, description="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv)."
+        None,
+        description="BEIR-layout folder: the queries of --split (queries.jsonl, qrels/SPLIT.tsv).",
+        json_schema_extra=RUNTIME,
     )
     split: str = Field(
         "train",
@@ -157,9 +160,12 @@ class SynthConfig(LLMStageConfig):
         description=(
             'Queries file instead of --data: JSONL {"_id", "text"} or TSV id<TAB>text (.gz accepted).'
         ),
+        json_schema_extra=RUNTIME,
     )
     from_shards: Path | None = Field(
-        None, description="Shard folder instead of --data: its queries (qid, query)."
+        None,
+        description="Shard folder instead of --data: its queries (qid, query).",
+        json_schema_extra=RUNTIME,
     )
     levels: int = Field(
         4,
@@ -221,6 +227,7 @@ class SynthConfig(LLMStageConfig):
         description=(
             "Empty or blank queries and documents: leave them out and count them, or refuse the data."
         ),
+        json_schema_extra=RUNTIME,
     )
 
     @field_validator("styles", mode="before")
@@ -251,18 +258,8 @@ class SynthConfig(LLMStageConfig):
 
     def identity(self, model: str, verify_model: str | None, prompt: Prompt) -> dict[str, Any]:
         """The options that determine the shards (not where or how fast they are computed)."""
-        runtime = {
-            *self.RUNTIME,
-            "out",
-            "data",
-            "queries",
-            "from_shards",
-            "model",
-            "verify_model",
-            "on_empty",
-        }
         return {
-            **self.model_dump(mode="json", exclude=runtime),
+            **identity(self),
             "model": model,
             "verify_model": verify_model,
             "prompt": prompt.id,

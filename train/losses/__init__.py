@@ -1,36 +1,44 @@
 """Training objectives over grouped passages: (query, passage_0, ..., passage_{k-1}) with [B, 2, k] labels.
 
 Every loss is a ``torch.nn.Module`` taking the SentenceTransformer, to hand to
-``SentenceTransformerTrainer(loss=...)``. :func:`build_loss` builds one by name.
+``SentenceTransformerTrainer(loss=...)``; :data:`LOSSES` (`registry.py`) lists them with their options, and
+:func:`build_loss` builds one by name. The names below are imported on first use, so reading the registry
+does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from .registry import LOSSES, TemperatureOptions
 
-from .bixse import BiXSELoss, bixse_objective
-from .core import ChunkPlan, GroupLoss, build_targets
-from .infonce import InfoNCELoss, infonce_objective
-from .jointlh import JointLHLoss, jointlh_objective
-from .lsepair import LSEPairLoss, lsepair_objective
-from .rand1 import Rand1Loss, rand1_objective
-from .summarglh import SumMargLHLoss, summarglh_objective
-from .ws2 import WS2Loss, ws2_objective
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .bixse import BiXSELoss, bixse_objective
+    from .core import ChunkPlan, GroupLoss, build_targets
+    from .infonce import InfoNCELoss, infonce_objective
+    from .jointlh import JointLHLoss, jointlh_objective
+    from .lsepair import LSEPairLoss, lsepair_objective
+    from .rand1 import Rand1Loss, rand1_objective
+    from .summarglh import SumMargLHLoss, summarglh_objective
+    from .ws2 import WS2Loss, ws2_objective
 
 logger = logging.getLogger(__name__)
 
-LOSSES: dict[str, type[GroupLoss]] = {
-    "infonce": InfoNCELoss,
-    "rand1": Rand1Loss,
-    "jointlh": JointLHLoss,
-    "summarglh": SumMargLHLoss,
-    "lsepair": LSEPairLoss,
-    "ws2": WS2Loss,
-    "bixse": BiXSELoss,
-}
+_LAZY = {
+    "ChunkPlan": "core", "GroupLoss": "core", "build_targets": "core",
+    **{name: spec.cls.split(":")[0] for spec in LOSSES.values() for name in (spec.cls.split(":")[1],)},
+    **{f"{spec.name}_objective": spec.cls.split(":")[0] for spec in LOSSES.values()},
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_loss(
@@ -47,14 +55,14 @@ def build_loss(
     """The loss ``name`` (a key of :data:`LOSSES`) for ``model``.
 
     ``mini_batch_size`` (or ``chunk_plan``) turns on GradCache; ``temperature`` None keeps the loss's own
-    default. Extra keyword arguments go to the loss class (``seed`` for rand1, ``target_temperature``/``eps``
-    for ws2, ``scale``/``bias``/``learn_scale``/``learn_bias`` for bixse, ``chunk_plan``, ``similarity``,
-    ``temperature_range``, ``gather_across_devices`` for all). BiXSE has no temperature (its learnable
-    scale plays that role): ``temperature``, ``learn_temperature`` and ``temperature_range`` are ignored
-    for it, with a warning if set.
+    default. Extra keyword arguments go to the loss class (its options model's fields: ``target_temperature``
+    for ws2, ``scale``/``bias`` for bixse; ``seed`` for rand1; ``chunk_plan``, ``similarity``,
+    ``temperature_range``, ``gather_across_devices`` for all). A loss without a temperature (bixse: its
+    learnable scale plays that role) ignores ``temperature``, ``learn_temperature`` and ``temperature_range``,
+    with a warning if set.
     """
     try:
-        cls = LOSSES[name]
+        spec = LOSSES[name]
     except KeyError:
         raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(LOSSES)}.") from None
     options: dict[str, Any] = {
@@ -63,15 +71,13 @@ def build_loss(
         "mini_batch_size": mini_batch_size,
         **kwargs,
     }
-    if cls is BiXSELoss:
+    if not issubclass(spec.options, TemperatureOptions):
         if temperature is not None or learn_temperature or options.pop("temperature_range", None):
-            logger.warning(
-                "bixse scores with its own learnable scale and bias; temperature options are ignored."
-            )
-        return cls(model, **options)
+            logger.warning(f"{name} has no temperature; temperature options are ignored.")
+        return spec.load()(model, **options)
     if temperature is not None:
         options["temperature"] = temperature
-    return cls(model, learn_temperature=learn_temperature, **options)
+    return spec.load()(model, learn_temperature=learn_temperature, **options)
 
 
 __all__ = [

@@ -183,6 +183,11 @@ class BiXSELoss(GroupLoss):
             state_dict[prefix + "start_bias"] = state_dict[prefix + "bias"].detach().to(torch.float64)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def run_summary(self) -> dict[str, float]:
+        """Where t and b started and ended (b starts from the first batch by default)."""
+        config = self.get_config_dict()
+        return {f"bixse_{key}": round(config[key], 4) for key in ("start_bias", "bias", "scale")}
+
     def get_config_dict(self) -> dict[str, Any]:
         config = super().get_config_dict()
         del config["temperature"], config["learn_temperature"]

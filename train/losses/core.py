@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from pipeline.data.labels import PADDING, POSITIVE
-from train.config import DEFAULT_TEMPERATURE, DEFAULT_TEMPERATURE_RANGE
+from train.losses.registry import DEFAULT_TEMPERATURE, DEFAULT_TEMPERATURE_RANGE
 
 MULTI_POSITIVE_CITATION = """
 @misc{wang2026multipositive,
@@ -518,6 +518,10 @@ class GroupLoss(nn.Module):
     @property
     def citation(self) -> str:
         return ""
+
+    def run_summary(self) -> dict[str, float]:
+        """Values of the loss worth keeping in the training summary (where learned parameters ended)."""
+        return {}
 
     def named_loss_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters owned by the loss itself (not the model's), by name."""
