@@ -248,13 +248,16 @@ def test_schema_keywords_a_server_lacks_are_dropped_before_the_schema_is(transpo
         },
         "required": ["relevant"],
     }
-    with start_server(faults={"reject_schema_keywords": ["uniqueItems", "maxItems"]}) as h:
-        b = backend(h.url, transport=transport, concurrency=2)
-        results = b.run_sync(requests(12, json_schema=schema))
-        assert all(r.ok and isinstance(r.parsed["relevant"], list) for r in results)
-        assert b.servers[0].schema_level == 1 and h.stats()["status"]["400"] <= 2
-        sent = h.stats(keys=True)
-        assert sent["status"]["200"] == 12
+    # random delays interleave the requests: one refused at the full schema after another has learnt the
+    # core must still be asked with the core, not with no schema at all
+    for seed in range(6):
+        faults = {"reject_schema_keywords": ["uniqueItems", "maxItems"], "delay_s": 0.05, "p_delay": 0.5}
+        with start_server(faults={**faults, "seed": seed}) as h:
+            b = backend(h.url, transport=transport, concurrency=8)
+            results = b.run_sync(requests(24, json_schema=schema))
+            assert all(r.ok and isinstance(r.parsed["relevant"], list) for r in results), seed
+            assert b.servers[0].schema_level == 1 and h.stats()["status"]["400"] <= 8, seed
+            assert h.stats(keys=True)["status"]["200"] == 24
 
 
 def test_a_greedy_invalid_answer_is_asked_again_sampled_and_a_cut_one_with_more_room():
@@ -288,9 +291,9 @@ def test_response_format_rejected_falls_back_and_is_remembered(transport):
         b = backend(h.url, transport=transport, concurrency=4)
         results = b.run_sync(requests(40, json_schema=SCHEMA))
         assert all(r.ok and r.parsed == {"label": 2, "why": "matches"} for r in results)
-        assert h.stats()["status"]["400"] <= 8 and b.servers[0].schema_level == 0
+        assert h.stats()["status"]["400"] <= 16 and b.servers[0].schema_level == 0
         b.run_sync(requests(10, json_schema=SCHEMA, seed=1))
-        assert h.stats()["status"]["400"] <= 8
+        assert h.stats()["status"]["400"] <= 16
 
 
 def test_several_base_urls_share_load_and_survive_a_dead_one(transport):

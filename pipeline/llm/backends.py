@@ -32,6 +32,7 @@ class Backend:
     ray: Factory  # `--engine ray`: the same requests through Ray Data
     in_process: bool = False  # the model runs in the process (on Ray: on the GPU workers), not behind a URL
     probes_endpoint: bool = False  # ask the server what it supports before the work (pipeline.llm.endpoint)
+    missing: Callable[[], str | None] = lambda: None  # why it cannot run here (one line), or None
 
 
 def _openai(model: str, urls: list[str], cfg: LLMStageConfig | None, options: dict[str, Any]) -> ChatBackend:
@@ -53,6 +54,12 @@ def _vllm(model: str, urls: list[str], cfg: LLMStageConfig | None, options: dict
     from pipeline.llm.vllm_backend import VLLMBackend
 
     return VLLMBackend(model, **options)
+
+
+def _vllm_missing() -> str | None:
+    from pipeline.llm.vllm_backend import INSTALL_HINT, vllm_importable
+
+    return None if vllm_importable() else INSTALL_HINT
 
 
 def _ray_common(cfg: LLMStageConfig | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +105,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("openai", local=_openai, ray=_ray_openai, probes_endpoint=True),
-        Backend("vllm", local=_vllm, ray=_ray_vllm, in_process=True),
+        Backend("vllm", local=_vllm, ray=_ray_vllm, in_process=True, missing=_vllm_missing),
     )
 }
 #: The backend for a server found at a URL, and the one `auto` runs in-process when it can.

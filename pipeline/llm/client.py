@@ -178,10 +178,12 @@ class OpenAIBackend(ChatBackend):
         overrides: dict[str, Any] = {}  # after an invalid answer: sample, and give a cut answer more room
         last: _Server | None = None
         refused_by: _Server | None = None  # the server that answered HTTP 400 to this request's schema
-        refused = 0  # schema levels stepped down on it
+        below = 0  # after a refusal at level L: L, so the next try asks with less (whatever others learnt)
         while True:
             server = refused_by or await self._pick(last if failures else None)
-            level = max(0, server.schema_level - refused) if item.request.json_schema is not None else 0
+            level = server.schema_level if item.request.json_schema is not None else 0
+            if refused_by is not None:
+                level = max(0, min(level, below - 1))
             attempts += 1
             if attempts > 1:
                 stats.retries += 1
@@ -190,7 +192,7 @@ class OpenAIBackend(ChatBackend):
             out = await self._attempt(server, poster, item, messages, level, secret, overrides)
             last = server
             if out.schema_refused:
-                refused_by, refused = server, refused + 1
+                refused_by, below = server, level
                 continue
             if out.result is not None:
                 result = out.result
@@ -203,7 +205,7 @@ class OpenAIBackend(ChatBackend):
                         if level
                         else "parsing JSON answers leniently instead",
                     )
-                refused_by, refused = None, 0
+                refused_by = None
                 result.attempts = attempts
                 problem = ctx.check(item, result)
                 if problem is None:
@@ -219,7 +221,7 @@ class OpenAIBackend(ChatBackend):
                 overrides.update(_retry_sampling(item.request, invalid, result.finish_reason))
                 messages = reask(asked, result.content or "", problem)
                 continue
-            refused_by, refused = None, 0
+            refused_by = None
             failures += 1
             log.debug("request %s attempt %d on %s: %s", item.key[:12], attempts, server.url, out.error)
             if not out.retryable or failures >= self.max_attempts:

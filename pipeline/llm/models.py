@@ -149,18 +149,21 @@ def resolve_backend(
     """Pick the backend. `auto` without base URLs: in-process vLLM when importable and a CUDA GPU is present,
     else the server in $OPENAI_BASE_URL, else vLLM's default local address. Servers are probed with
     `GET /models`; when none answers, one MprError line says what was tried and how to start a server."""
-    from pipeline.llm.vllm_backend import INSTALL_HINT, vllm_importable
+    from pipeline.llm.vllm_backend import vllm_importable
 
     resolved = resolve_model(model) if model else None
     urls = [u.rstrip("/") for u in base_urls]
-    if backend == IN_PROCESS.name:
+    chosen = BACKENDS.get(backend)
+    if chosen is not None and chosen.in_process:
         if urls:
             raise MprError(
-                "--backend vllm runs the model in-process; drop --base-url or use --backend openai"
+                f"--backend {backend} runs the model in-process; "
+                f"drop --base-url or use --backend {SERVER.name}"
             )
-        if not vllm_importable():
-            raise MprError(INSTALL_HINT)
-        return BackendSpec(kind=IN_PROCESS.name, model=resolved or DEFAULT_MODEL)
+        problem = chosen.missing()
+        if problem:
+            raise MprError(problem)
+        return BackendSpec(kind=chosen.name, model=resolved or DEFAULT_MODEL)
 
     tried: list[str] = []
     env_url = os.environ.get("OPENAI_BASE_URL", "").strip()
@@ -194,8 +197,8 @@ def resolve_backend(
     if len(alive) < len(urls):
         log.warning("LLM servers not answering, left out: %s", "; ".join(t for t in tried if "://" in t))
     served = sorted({m for _, ms in alive for m in ms})
-    chosen = _choose_model(model, resolved, served)
-    return BackendSpec(kind=SERVER.name, model=chosen, base_urls=[u for u, _ in alive], served_models=served)
+    name = _choose_model(model, resolved, served)
+    return BackendSpec(kind=SERVER.name, model=name, base_urls=[u for u, _ in alive], served_models=served)
 
 
 def _choose_model(raw: str | None, resolved: str | None, served: list[str]) -> str:
