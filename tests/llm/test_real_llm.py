@@ -29,8 +29,8 @@ from pipeline.stages.audit import AuditFailed
 from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import SynthConfig
 
-from .conftest import EXAMPLE, read_jsonl, write_beir
-from .handmade import handmade_mined
+from ..conftest import EXAMPLE, read_jsonl, write_beir
+from ..handmade import handmade_mined
 
 pytestmark = pytest.mark.real_llm
 REQUIRED = os.environ.get("MPR_REAL_LLM") == "1"

@@ -17,7 +17,9 @@ from pipeline.errors import MprError
 from train.config import GroupOptions
 from train.groups import build_groups
 
-from .conftest import SEQ, scifact_slice
+from ..conftest import SEQ, scifact_slice
+
+pytestmark = pytest.mark.slow  # trains or encodes: left out of `make test-fast`
 
 
 def shard_folder(path, rows):

@@ -35,7 +35,7 @@ from pipeline.stages.synth import (
     word_bounds,
 )
 
-from .conftest import EXAMPLE, REPO
+from ..conftest import EXAMPLE, REPO
 
 runner = CliRunner()
 MODEL = "gen-model"
@@ -56,7 +56,7 @@ def cli_app() -> typer.Typer:
 
 
 def cli_argv() -> list[str]:
-    return [sys.executable, "-c", "from tests.test_synth import cli_app; cli_app()(prog_name='mpr')"]
+    return [sys.executable, "-c", "from tests.stages.test_synth import cli_app; cli_app()(prog_name='mpr')"]
 
 
 @pytest.fixture(scope="module")

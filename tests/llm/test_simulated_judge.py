@@ -19,7 +19,7 @@ from pipeline.llm.prompt_files import Prompt, available, load_prompt
 from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import SetSpec, SynthPrompt
 
-from .conftest import REPO, write_beir
+from ..conftest import REPO, write_beir
 
 QUERY = "How do bees make <honey> & wax?"
 PASSAGES = {

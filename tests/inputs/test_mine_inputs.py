@@ -13,7 +13,7 @@ from mpr.cli import app
 from pipeline.data.readers import load_beir
 from pipeline.data.shards import read_manifest, read_shards
 
-from .conftest import write_beir
+from ..conftest import write_beir
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def test_bad_input(tmp_path, case, expected):
         (data / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0 d0 1\n")
     elif case == "no_split":
         extra = ["--split", "test"]
-    if case in ("empty_doc", "empty_query"):  # left out and counted by default (tests/test_integrity.py)
+    if case in ("empty_doc", "empty_query"):  # left out and counted by default (tests/data/test_integrity.py)
         extra = ["--on-empty", "error"]
     if case in ("malformed_json", "duplicate_doc", "empty_doc", "missing_field"):
         (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
@@ -195,7 +195,7 @@ def test_ingest_bad_rows(tmp_path, row, expected):
     src.write_text(json.dumps(row) + "\n")
     strict = (
         ["--on-empty", "error"] if "empty" in expected else []
-    )  # left out and counted by default (tests/test_integrity.py)
+    )  # left out and counted by default (tests/data/test_integrity.py)
     line = one_error_line(runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "out"), *strict]))
     assert str(src) in line and expected in line
 

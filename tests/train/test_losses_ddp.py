@@ -13,9 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as worker
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is unavailable"
-)
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable"),
+    pytest.mark.slow,
+]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:

@@ -28,7 +28,7 @@ from pipeline.data.shards import read_part, write_json_atomic
 from pipeline.errors import MprError
 from pipeline.redact import MARKER, redact, redact_logging, register
 
-from .conftest import REPO, write_beir
+from ..conftest import REPO, write_beir
 
 runner = CliRunner()
 KEY = "sk-test-ECHOED-0123456789abcdef"

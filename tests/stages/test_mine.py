@@ -13,7 +13,9 @@ from pipeline.data.shards import read_manifest, read_shards
 from pipeline.stages import mine
 from pipeline.stages.mine import MineConfig
 
-from .conftest import SEQ
+from ..conftest import SEQ
+
+pytestmark = pytest.mark.slow  # trains or encodes: left out of `make test-fast`
 
 
 def run_mine(data, out, cache_dir, **kw):
@@ -68,7 +70,7 @@ def test_positives_are_never_negatives(mined, scifact_small):
 def test_identical_text_positive_is_not_a_negative(scifact_small, cache_dir, tmp_path):
     import shutil
 
-    from .conftest import read_jsonl, write_beir
+    from ..conftest import read_jsonl, write_beir
 
     corpus = read_jsonl(scifact_small / "corpus.jsonl")
     rows = [line.split("\t") for line in (scifact_small / "qrels" / "train.tsv").read_text().splitlines()[1:]]

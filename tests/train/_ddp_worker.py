@@ -1,4 +1,4 @@
-"""Worker of tests/test_losses_ddp.py:
+"""Worker of tests/train/test_losses_ddp.py:
 ``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py MODEL OUT``.
 
 Each rank takes its slice of a fixed global batch, runs every loss configuration through a DDP-wrapped tiny

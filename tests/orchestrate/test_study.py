@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SHARED_DATA
+from ..conftest import REPO, SHARED_DATA
+
+pytestmark = pytest.mark.slow  # trains or encodes: left out of `make test-fast`
 
 LOSSES = ("lsepair", "bixse")
 ERRORS = (0.0, 0.4)
@@ -157,7 +159,7 @@ def _tiny_collection(root: Path) -> tuple[Path, set[str]]:
     """16 documents in 4 topics, 8 queries with 2-3 positives each, judged in two qrels files, plus one
     document with an empty title and text and one query with an empty text, each with a judgment. Returns
     the folder and the judged queries that have a text."""
-    from .conftest import write_beir
+    from ..conftest import write_beir
 
     corpus, queries, qrels = [], [], {"train": [], "test": []}
     for t, (topic, docs) in enumerate(TOPICS.items()):

@@ -21,7 +21,7 @@ from pipeline.stages import mine, relabel
 from pipeline.stages.mine import MineConfig
 from pipeline.stages.relabel import RelabelConfig
 
-from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
+from ..conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 
 runner = CliRunner()
 MODEL = "judge-model"

@@ -330,7 +330,7 @@ def mined_example(tmp_path_factory, cache_dir):
     from pipeline.stages import mine
     from pipeline.stages.mine import MineConfig
 
-    from .conftest import EXAMPLE, SEQ
+    from ..conftest import EXAMPLE, SEQ
 
     out = tmp_path_factory.mktemp("mined-example") / "mined"
     mine.run(
@@ -357,7 +357,7 @@ def test_relabel_rerun_retries_exactly_the_failed_rows(mined_example, tmp_path):
     from mpr.simulated_judge import Oracle, start_server
     from pipeline.data.shards import read_shards
 
-    from .conftest import EXAMPLE
+    from ..conftest import EXAMPLE
 
     runner = CliRunner()
     model = "judge-model"
@@ -436,7 +436,7 @@ def test_synth_rerun_retries_exactly_the_failed_sets(tmp_path):
     from mpr.simulated_judge import Oracle, start_server
     from pipeline.data.shards import read_shards
 
-    from .conftest import EXAMPLE
+    from ..conftest import EXAMPLE
 
     runner = CliRunner()
     model = "gen-model"
@@ -536,7 +536,7 @@ def test_every_stage_output_opens_as_a_folder(mined_example, tmp_path):
     from mpr.cli import app
     from mpr.simulated_judge import Oracle, start_server
 
-    from .conftest import EXAMPLE
+    from ..conftest import EXAMPLE
 
     runner = CliRunner()
     open_every_way(mined_example)
@@ -677,7 +677,7 @@ def test_eval_of_a_model_retrained_into_the_same_folder_reports_new_numbers(enco
     from pipeline.stages import evaluate
     from pipeline.stages.evaluate import EvalConfig
 
-    from .conftest import EXAMPLE
+    from ..conftest import EXAMPLE
 
     model_dir = tmp_path / "models" / "x"
     shutil.copytree(encoder_path, model_dir)
@@ -712,7 +712,7 @@ def test_empty_documents_and_queries_are_skipped_and_counted(tmp_path):
     from mpr.cli import app
     from pipeline.data.shards import read_shards
 
-    from .conftest import write_beir
+    from ..conftest import write_beir
 
     corpus = [
         {"_id": f"d{i}", "title": "", "text": f"passage number {i} about topic {i % 3}"} for i in range(8)

@@ -14,7 +14,7 @@ from pipeline.stages import relabel
 from pipeline.stages.audit import AUDIT_FILE, AuditFailed, agreement, cohen_kappa
 from pipeline.stages.relabel import RelabelConfig
 
-from .handmade import handmade_mined, vaswani_slice
+from ..handmade import handmade_mined, vaswani_slice
 
 MODEL = "judge-model"
 runner = CliRunner()

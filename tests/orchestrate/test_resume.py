@@ -8,11 +8,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pipeline.data.shards import read_manifest, read_shards
 from pipeline.stages import mine
 from pipeline.stages.mine import MineConfig
 
-from .conftest import SEQ
+from ..conftest import SEQ
+
+pytestmark = pytest.mark.slow  # trains or encodes: left out of `make test-fast`
 
 
 def mine_args(data, out, cache):

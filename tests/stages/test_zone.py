@@ -11,7 +11,7 @@ from pipeline.data.shards import read_shards
 from pipeline.stages import relabel
 from pipeline.stages.relabel import RelabelConfig
 
-from .handmade import handmade_mined, vaswani_slice
+from ..handmade import handmade_mined, vaswani_slice
 
 MODEL, CHEAP = "judge-model", "cheap-model"
 runner = CliRunner()

@@ -13,7 +13,7 @@ from mpr.orchestrate.experiment import Experiment, load_run_file, parse_value
 from mpr.orchestrate.stages import REGISTRY
 from pipeline.data.shards import read_manifest, read_shards
 
-from .conftest import REPO
+from ..conftest import REPO
 
 runner = CliRunner()
 EXAMPLE_TOML = REPO / "experiments" / "example.toml"

@@ -22,7 +22,9 @@ from pipeline.stages.evaluate import (
     relevant_queries,
 )
 
-from .conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
+from ..conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
+
+pytestmark = pytest.mark.slow  # trains or encodes: left out of `make test-fast`
 
 L2_3 = math.log2(3)  # discount at rank 2; rank 1 is log2(2) = 1, rank 3 is log2(4) = 2
 

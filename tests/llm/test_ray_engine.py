@@ -13,12 +13,12 @@ from pipeline.stages import relabel, synth
 from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import SynthConfig
 
-from .conftest import EXAMPLE
-from .handmade import handmade_mined, vaswani_slice
+from ..conftest import EXAMPLE
+from ..handmade import handmade_mined, vaswani_slice
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data.llm")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MODEL = "judge-model"
 quiet = {"log": lambda _: None}
 

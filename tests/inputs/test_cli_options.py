@@ -25,7 +25,7 @@ from pipeline.stages.relabel import RelabelConfig
 from pipeline.stages.synth import SynthConfig
 from train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Parameters that are no config field: what the command does around the stage, not what the stage does.
 OWN = {"quiet", "encoding", "dry_run", "help"}
 COMMANDS: dict[str, type[BaseModel]] = {
