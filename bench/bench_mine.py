@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.data.locations import DEFAULT_MODEL, resolve_model
+    from pipeline.data.locations import DEFAULT_ENCODER, encoder_path
     from pipeline.data.readers import load_beir
 
     ds = load_beir(args.data, "train")
@@ -36,7 +36,7 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
     extra: dict = {}
     if variant == "encode-only":
-        model = SentenceTransformer(resolve_model(DEFAULT_MODEL), device="cpu")
+        model = SentenceTransformer(encoder_path(DEFAULT_ENCODER), device="cpu")
         model.max_seq_length = args.max_seq_length
         model.encode(passages, batch_size=args.batch_size, normalize_embeddings=True)
         model.encode([ds.queries[q] for q in ds.qrels], batch_size=args.batch_size, normalize_embeddings=True)
@@ -65,7 +65,7 @@ def worker(variant: str, args: argparse.Namespace, work: Path) -> dict:
         from datasets import Dataset
         from sentence_transformers.util import mine_hard_negatives
 
-        model = SentenceTransformer(resolve_model(DEFAULT_MODEL), device="cpu")
+        model = SentenceTransformer(encoder_path(DEFAULT_ENCODER), device="cpu")
         model.max_seq_length = args.max_seq_length
         pairs = [
             (ds.queries[q], ds.corpus.full_text(ds.corpus.index[p]))

@@ -36,7 +36,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from pipeline.stages.encode import load_encoder
+    from pipeline.retrieval.encode import load_encoder
     from train.config import GroupOptions
     from train.groups import build_groups
     from train.losses import build_loss

@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipeline.stages.evaluate import paired_tests
+from pipeline.retrieval.metrics import paired_tests
 
 
 def _cells(out: Path, loss: str, error_rate: float) -> dict[tuple[str, int], dict[str, float]]:

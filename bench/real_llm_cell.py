@@ -46,7 +46,7 @@ from mpr.orchestrate.study import (  # noqa: E402
     judge_stats,
     pooled_qrels,
 )
-from pipeline.stages.evaluate import paired_tests  # noqa: E402
+from pipeline.retrieval.metrics import paired_tests  # noqa: E402
 
 ALIAS = "SmolLM2-135M-Instruct"
 # the settings of the committed study (bench/results/study/*/study.md)

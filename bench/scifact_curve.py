@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.data.locations import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_ENCODER
 from pipeline.stages import evaluate
 from pipeline.stages.evaluate import EvalConfig
 
@@ -52,7 +52,7 @@ def write_table(out: Path) -> str:
         "",
         "Each row: a checkpoint of `mpr train` on mined SciFact train, evaluated with `mpr eval` "
         "against the zero-shot "
-        f"model ({DEFAULT_MODEL}); p is the paired randomization test over the test queries.",
+        f"model ({DEFAULT_ENCODER}); p is the paired randomization test over the test queries.",
         "",
     ]
     for run in sorted(p for p in out.iterdir() if p.is_dir()):
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate.run(
             EvalConfig(
                 model=str(folder),
-                baseline=DEFAULT_MODEL,
+                baseline=DEFAULT_ENCODER,
                 data=args.data,
                 split="test",
                 json_out=target,

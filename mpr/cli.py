@@ -12,7 +12,8 @@ from typer._click.formatting import HelpFormatter
 from typer.core import TyperCommand, TyperGroup
 
 from mpr import __version__
-from mpr.commands import eval, ingest, mine, relabel, run, serve, shards, study, synth, train
+from mpr.commands import evaluate, ingest, mine, relabel, run, serve, shards, study, synth
+from mpr.commands import train as train_command  # not to shadow the `train` package
 
 NO_BREAK_HYPHEN = "\u2011"
 
@@ -85,8 +86,8 @@ app.command(cls=Command, rich_help_panel=STAGES)(mine.mine)
 app.command(cls=Command, rich_help_panel=STAGES)(ingest.ingest)
 app.command(cls=Command, rich_help_panel=STAGES)(relabel.relabel)
 app.command(cls=Command, rich_help_panel=STAGES)(synth.synth)
-app.command(cls=Command, rich_help_panel=STAGES)(train.train)
-app.command(name="eval", cls=Command, rich_help_panel=STAGES)(eval.eval)
+app.command(cls=Command, rich_help_panel=STAGES)(train_command.train)
+app.command(name="eval", cls=Command, rich_help_panel=STAGES)(evaluate.evaluate)
 app.command(cls=Command, rich_help_panel="Experiments")(run.run)
 app.command(cls=Command, rich_help_panel="Experiments")(study.study)
 app.command(cls=Command, rich_help_panel=SHARDS)(shards.inspect)

@@ -12,6 +12,7 @@ from .conftest import REPO
 LAYERS = {
     "pipeline.data": 0,
     "pipeline.llm": 1,
+    "pipeline.retrieval": 1,
     "pipeline.stages": 2,
     "train": 3,
     "mpr.simulated_judge": 4,

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.data.identity import RUNTIME
-from pipeline.data.locations import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_ENCODER
 from train.losses.registry import DEFAULT_LOSS, LOSSES, LossOptions, option_fields, option_name
 
 #: The memory budget on CPU when none is given: the process's peak resident memory.
@@ -97,7 +97,9 @@ class TrainConfig(GroupOptions):
         "derived from it (mined, relabeled) the later stage wins; queries of different datasets never merge.",
     )
     out: Path = Field(description="Output model folder (loads with SentenceTransformer(out)).")
-    model: str = Field(DEFAULT_MODEL, description="Starting sentence-transformers model id or local folder.")
+    model: str = Field(
+        DEFAULT_ENCODER, description="Starting sentence-transformers model id or local folder."
+    )
     loss: str = Field(
         DEFAULT_LOSS, description=f"Objective: {', '.join(LOSSES)} (see the docs' losses page)."
     )

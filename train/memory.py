@@ -62,12 +62,10 @@ def peak_rss_bytes() -> int:
 def limit_heap_fragmentation(limit: bool = True) -> bool:
     """On glibc, with ``limit``, serve allocations of 1 MB and more with mmap, so memory freed between
     GradCache chunks goes back to the system instead of fragmenting the heap (which otherwise grows the
-    resident memory step after step). Measured on a 108-text step: peak 2.20 GB -> 2.02 GB, resident memory
-    after the step 2.09 GB -> 1.47 GB. Every such allocation then costs fresh zeroed pages: on a whole batch
-    of 56 texts at 96 tokens (6 steps) system time 6.8 -> 16.6 s and wall time 59 -> 76 s, for a peak
-    2.59 -> 2.20 GB. So it is for runs the budget binds (GradCache chunks); without ``limit`` the threshold
-    is glibc's largest (32 MB), as its own adjustment reaches, also after an earlier limited run in the
-    process. Whether it applied."""
+    resident memory step after step). Every such allocation then costs fresh zeroed pages, which slows a
+    whole-batch step (bench/README.md has the figures), so it is for runs the budget binds (GradCache
+    chunks); without ``limit`` the threshold is glibc's largest (32 MB), as its own adjustment reaches, also
+    after an earlier limited run in the process. Whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:

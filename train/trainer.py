@@ -176,7 +176,7 @@ def train(
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from pipeline.stages.encode import load_encoder
+    from pipeline.retrieval.encode import load_encoder
     from train.callbacks import (
         LogLinesCallback,
         LossStateCallback,
@@ -227,7 +227,7 @@ def train(
         )
     evaluator = None
     if cfg.eval_data is not None:
-        from pipeline.stages.evaluate import IREvaluator
+        from pipeline.retrieval.ir_evaluator import IREvaluator
 
         evaluator = IREvaluator(
             cfg.eval_data,

@@ -4,8 +4,6 @@ labels, the training curve and the evaluation against the starting model."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -16,6 +14,7 @@ import pyarrow.parquet as pq
 
 from mpr import __version__
 from mpr.orchestrate.layout import SINGLE_POSITIVE, eval_file, model_folders, model_name
+from mpr.orchestrate.machine import hardware
 from mpr.orchestrate.stages import REGISTRY, RELABEL, TRAIN
 from pipeline.data.shards import read_manifest, shard_files
 from pipeline.formatting import number, p_clause, summary_value
@@ -25,13 +24,6 @@ from pipeline.stages.audit import report_lines as audit_report_lines
 if TYPE_CHECKING:
     from mpr.orchestrate.experiment import Experiment
     from train.config import TrainConfig
-
-
-def _hardware() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
@@ -116,7 +108,7 @@ def _pair_sentence(
     name_a: str, a: dict[str, float], name_b: str, b: dict[str, float], tests: int
 ) -> tuple[list[str], str]:
     """One row of the comparison table and the sentence that says what it means, for nDCG@10 per query."""
-    from pipeline.stages.evaluate import paired_tests
+    from pipeline.retrieval.metrics import paired_tests
 
     qids = [
         q for q in a if q in b
@@ -239,7 +231,7 @@ def write_report(experiment: Experiment, *, log: Callable[[str], None] = print) 
         "",
         (
             f"- written {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
-            f"by mpr {__version__} on {_hardware()}"
+            f"by mpr {__version__} on {hardware()['summary']}"
         ),
         (
             f"- data `{spec.data}` (split `{spec.split}`), stages: {', '.join(spec.stages)}; "

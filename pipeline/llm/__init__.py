@@ -13,7 +13,7 @@ from pipeline.llm.base import ChatBackend, RunContext, WorkItem
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.client import OpenAIBackend
 from pipeline.llm.jsonparse import parse_json
-from pipeline.llm.models import BackendSpec, TokenCounter, resolve_backend, resolve_model
+from pipeline.llm.models import BackendSpec, TokenCounter, resolve_backend, resolve_llm_alias
 from pipeline.llm.types import ChatRequest, ChatResult, Message, RunStats, TokenLogprob
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "WorkItem",
     "parse_json",
     "resolve_backend",
-    "resolve_model",
+    "resolve_llm_alias",
 ]

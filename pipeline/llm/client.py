@@ -6,10 +6,10 @@ Two HTTP paths, the same requests and the same error handling:
   with the headers an OpenAI client sends (bearer key, JSON content type). vLLM's own serving benchmark
   talks to the server the same way.
 - `openai`: the official `openai` client, through `AsyncOpenAI.post("/chat/completions", cast_to=bytes)`,
-  its documented raw-request call (it skips the typed `chat.completions.create()` transformation, which
-  costs 1.8-3.8 ms of CPU per request here). Its request machinery still costs 4-8x the CPU of the
-  aiohttp path per request (bench/bench_llm_client.py), which caps pointwise judging on a small client
-  machine; it is there for servers or proxies that only the SDK's defaults get along with.
+  its documented raw-request call (it skips the typed `chat.completions.create()` transformation). Its
+  request machinery still costs several times the CPU of the aiohttp path per request (measured by
+  bench/bench_llm_client.py), which caps pointwise judging on a small client machine; it is there for
+  servers or proxies that only the SDK's defaults get along with.
 
 Retries are ours on both paths (the SDK's own are off, `max_retries=0`): the SDK retries the same URL at most
 twice with at most 8 s of backoff, while a long batch needs a retry that may move to another base URL, a 429's

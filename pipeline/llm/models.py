@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mpr.llm")
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+DEFAULT_LLM = "Qwen/Qwen2.5-7B-Instruct"
 DEFAULT_BASE_URL = "http://localhost:8000/v1"  # `vllm serve` listens here by default
 ALIASES_ENV = "MPR_MODEL_ALIASES"
 
@@ -103,7 +103,7 @@ def _parse_aliases_json(text: str, where: str) -> dict[str, Any]:
     return data
 
 
-def resolve_model(name: str, aliases: Mapping[str, str] | None = None) -> str:
+def resolve_llm_alias(name: str, aliases: Mapping[str, str] | None = None) -> str:
     """The full model id for an alias (case-insensitive); other names come back unchanged."""
     table = load_aliases() if aliases is None else aliases
     if name in table:
@@ -151,7 +151,7 @@ def resolve_backend(
     `GET /models`; when none answers, one MprError line says what was tried and how to start a server."""
     from pipeline.llm.vllm_backend import vllm_importable
 
-    resolved = resolve_model(model) if model else None
+    resolved = resolve_llm_alias(model) if model else None
     urls = [u.rstrip("/") for u in base_urls]
     chosen = BACKENDS.get(backend)
     if chosen is not None and chosen.in_process:
@@ -163,7 +163,7 @@ def resolve_backend(
         problem = chosen.missing()
         if problem:
             raise MprError(problem)
-        return BackendSpec(kind=chosen.name, model=resolved or DEFAULT_MODEL)
+        return BackendSpec(kind=chosen.name, model=resolved or DEFAULT_LLM)
 
     tried: list[str] = []
     env_url = os.environ.get("OPENAI_BASE_URL", "").strip()
@@ -173,7 +173,7 @@ def resolve_backend(
         if backend == AUTO:
             if vllm_importable():
                 if _cuda_available():
-                    return BackendSpec(kind=IN_PROCESS.name, model=resolved or DEFAULT_MODEL)
+                    return BackendSpec(kind=IN_PROCESS.name, model=resolved or DEFAULT_LLM)
                 tried.append("in-process vLLM (no CUDA GPU)")
             else:
                 tried.append("in-process vLLM (not installed)")
@@ -191,7 +191,7 @@ def resolve_backend(
     if not alive:
         raise MprError(
             f"no LLM endpoint answered: tried {'; '.join(tried)}. Start a server, e.g. "
-            f"`vllm serve {resolved or DEFAULT_MODEL}`, then pass --base-url http://HOST:8000/v1 "
+            f"`vllm serve {resolved or DEFAULT_LLM}`, then pass --base-url http://HOST:8000/v1 "
             f"or set OPENAI_BASE_URL"
         )
     if len(alive) < len(urls):
@@ -259,7 +259,7 @@ class TokenCounter:
     """Token counts for dry runs: the model's own tokenizer when it is on disk, else ~4 characters/token."""
 
     def __init__(self, model: str | None = None):
-        self.tokenizer = _local_tokenizer(resolve_model(model)) if model else None
+        self.tokenizer = _local_tokenizer(resolve_llm_alias(model)) if model else None
 
     @property
     def exact(self) -> bool:

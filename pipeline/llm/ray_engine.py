@@ -11,8 +11,7 @@ requests of a part as one Ray Data job, `ray.data.from_items(requests)` and then
   postprocess)`, one processor per `--base-url`, with `preprocess` writing mpr's own request body
   (`OpenAIBackend._body`) and `postprocess` reading the answer with mpr's parser (`client._parse`).
   Ray's HTTP stage (Ray 2.60) awaits its requests one after another: one request in flight per actor
-  (bench/README.md: 160 requests of 0.2 s take 42 s with 2 actors, 9 s through mpr's client, 0.7 s
-  locally), so it is there for parity with Ray's API, not for throughput;
+  (measured in bench/bench_ray.py), so it is there for parity with Ray's API, not for throughput;
 - with `--backend vllm`: `vLLMEngineProcessorConfig` (vLLM engines on the cluster's GPU workers;
   `pip install "ray[llm]"` there), `preprocess` giving messages and sampling parameters (the JSON
   schema as structured output), `postprocess` the generated text. Not exercised here: no vLLM or GPU.

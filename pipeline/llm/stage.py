@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator
 from pipeline.data.identity import RUNTIME
 from pipeline.llm.backends import AUTO, BACKENDS, BackendChoice
 from pipeline.llm.base import ChatBackend
-from pipeline.llm.models import resolve_backend, resolve_model
+from pipeline.llm.models import resolve_backend, resolve_llm_alias
 from pipeline.llm.ray_engine import RayOptions
 from pipeline.llm.types import RunStats
 from pipeline.redact import refuse_userinfo
@@ -206,7 +206,7 @@ def _open_ray(
     """`--engine ray`: the same models, asked through Ray Data's LLM processors (pipeline.llm.ray_engine)."""
     chosen = BACKENDS.get(cfg.backend)
     if chosen is not None and chosen.in_process:  # runs on the cluster's GPU workers: need not import here
-        name, urls = resolve_model(model), []
+        name, urls = resolve_llm_alias(model), []
     else:
         spec = resolve_backend(cfg.backend, cfg.base_url, model, api_key_env=cfg.api_key_env)
         chosen, name, urls = spec.backend, spec.model, list(spec.base_urls)

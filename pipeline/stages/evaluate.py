@@ -1,60 +1,40 @@
-"""Retrieval evaluation on a BEIR split: `plan` and `run` (the `mpr eval` stage) and `IREvaluator`
-(for trainers).
-
-The metrics are computed by ir_measures on the queries of the split that have at least one judgment
->= 1 (queries with only grade-0 judgments have no defined nDCG/MRR/recall and are counted as skipped):
-
-- ndcg@10: graded nDCG@10 (gain = the qrels score, log2 discount; trec_eval's ndcg_cut.10, as in BEIR)
-- mrr@10: reciprocal rank of the first document with score >= 1 within the top 10 (RR@10)
-- recall@100 / recall@1000: share of the documents with score >= 1 retrieved in the top 100 / 1000
-
-A judged query missing from a run scores 0 on every metric, and the aggregate is the mean over all
-evaluated queries. Rankings order documents by score, ties by document id descending (trec_eval's
-order); the ranks, not the raw scores, are what the metrics see, so every ir_measures provider agrees.
-"""
+"""`mpr eval`: nDCG@10, MRR@10, Recall@100 and Recall@1000 of a model (and a baseline, with paired tests) on a
+BEIR split, with exact search over the whole corpus. The metrics are `pipeline.retrieval.metrics`'."""
 
 from __future__ import annotations
 
-import csv
-import functools
-import math
 import os
-import re
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import ir_measures
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.data.locations import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_ENCODER
 from pipeline.data.readers import BeirDataset, load_beir
 from pipeline.errors import MprError
 from pipeline.formatting import number
-from pipeline.stages.encode import ENCODE_DEFAULTS, Encoder, EncoderOptions, embedding_cache_dir
+from pipeline.retrieval.encode import Encoder, EncoderOptions, embedding_cache_dir
+from pipeline.retrieval.metrics import (
+    DEFAULT_DEPTH,
+    LABELS,
+    MEASURES,
+    PRIMARY,
+    RANDOMIZATION_SAMPLES,
+    compute_metrics,
+    format_run,
+    paired_tests,
+    relevant_queries,
+    retrieve,
+    run_tag,
+)
 from pipeline.stages.plan import StagePlan
-from pipeline.stages.search import exact_topk
 
-MEASURES: dict[str, Any] = {
-    "ndcg@10": ir_measures.nDCG @ 10,
-    "mrr@10": ir_measures.RR @ 10,
-    "recall@100": ir_measures.R @ 100,
-    "recall@1000": ir_measures.R @ 1000,
-}
-LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "Recall@100", "recall@1000": "Recall@1000"}
-PRIMARY = "ndcg@10"
-RANDOMIZATION_SAMPLES = 10_000
 SIGNIFICANCE = (
     "paired two-sided tests over queries: t-test (scipy.stats.ttest_rel) and randomization test "
     "(sign flips of the per-query differences; exact up to 13 queries, "
     f"else {RANDOMIZATION_SAMPLES:,} samples, seed 0)"
 )
-
-Run = Mapping[str, Mapping[str, float]]
-Qrels = Mapping[str, Mapping[str, int]]
 
 
 class EvalConfig(EncoderOptions):
@@ -64,7 +44,7 @@ class EvalConfig(EncoderOptions):
 
     data: Path = Field(description="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")
     model: str = Field(
-        DEFAULT_MODEL,
+        DEFAULT_ENCODER,
         description="Model to evaluate: a folder from mpr train, or any sentence-transformers id/path.",
     )
     split: str = Field("test", description="qrels split; only the queries judged in it count.")
@@ -75,7 +55,7 @@ class EvalConfig(EncoderOptions):
     )
     json_out: Path | None = Field(None, description="Also write the report as JSON to this file.")
     run_out: Path | None = Field(None, description="Write the model's ranking as a TREC run file.")
-    depth: int = Field(1000, ge=1, description="Passages retrieved per query.")
+    depth: int = Field(DEFAULT_DEPTH, ge=1, description="Passages retrieved per query.")
     cache_dir: Path | None = Field(
         None, description="Embedding cache folder (default: $MPR_CACHE or ~/.cache/mpr)."
     )
@@ -120,108 +100,6 @@ class EvalReport(BaseModel):
     seconds: float = 0.0
 
 
-def relevant_queries(qrels: Qrels) -> list[str]:
-    """The queries that are evaluated: those with a judgment >= 1, in qrels order."""
-    return [qid for qid, judged in qrels.items() if any(score >= 1 for score in judged.values())]
-
-
-def rank_run(run: Run) -> dict[str, list[tuple[str, float]]]:
-    """Each query's (pid, score) list best first: score descending, ties by pid descending."""
-    return {
-        qid: sorted(((pid, float(s)) for pid, s in docs.items()), key=lambda x: (x[1], x[0]), reverse=True)
-        for qid, docs in run.items()
-    }
-
-
-def compute_metrics(run: Run, qrels: Qrels) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(aggregate, per query) nDCG@10, MRR@10, Recall@100, Recall@1000 over `relevant_queries(qrels)`."""
-    qids = relevant_queries(qrels)
-    if not qids:
-        raise MprError("no query has a judgment >= 1")
-    wanted = set(qids)
-    eval_qrels = {qid: {pid: int(s) for pid, s in qrels[qid].items()} for qid in qids}
-    eval_run = {
-        qid: {pid: float(len(ranking) - i) for i, (pid, _) in enumerate(ranking)}
-        for qid, ranking in rank_run(run).items()
-        if qid in wanted and ranking
-    }
-    per_query = {qid: dict.fromkeys(MEASURES, 0.0) for qid in qids}
-    names = {str(measure): key for key, measure in MEASURES.items()}
-    if eval_run:
-        for m in ir_measures.iter_calc(list(MEASURES.values()), eval_qrels, eval_run):
-            if m.query_id in per_query:
-                per_query[m.query_id][names[str(m.measure)]] = float(m.value)
-    aggregate = {key: float(np.mean([per_query[q][key] for q in qids])) for key in MEASURES}
-    return aggregate, per_query
-
-
-def paired_tests(
-    a: Sequence[float], b: Sequence[float], *, samples: int = RANDOMIZATION_SAMPLES, seed: int = 0
-) -> tuple[float | None, float | None]:
-    """Two-sided p-values (t-test, randomization test) of a - b over paired observations; None below 2 pairs.
-
-    Identical observations give p = 1 for both (the t statistic is undefined there).
-    """
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    n = len(diff)
-    if n < 2:
-        return None, None
-    if not np.any(diff):
-        return 1.0, 1.0
-    from scipy.stats import ttest_rel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant non-zero differences: t = inf, p = 0
-        p_t = float(ttest_rel(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).pvalue)
-    observed = abs(diff.mean())
-    tolerance = 1e-12 * max(1.0, float(np.abs(diff).max()))
-    if 2**n <= samples:
-        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
-        p_r = float(np.mean(np.abs(signs @ diff) / n >= observed - tolerance))
-    else:
-        rng = np.random.default_rng(seed)
-        hits = 0
-        for start in range(0, samples, 1000):
-            signs = rng.choice(np.array([-1.0, 1.0]), size=(min(1000, samples - start), n))
-            hits += int(np.sum(np.abs(signs @ diff) / n >= observed - tolerance))
-        p_r = (hits + 1) / (samples + 1)
-    return (p_t if math.isfinite(p_t) else None), p_r
-
-
-def _retrieve(
-    encoder: Encoder,
-    ds: BeirDataset,
-    qids: list[str],
-    depth: int,
-    *,
-    cache_dir: Path | None,
-    progress: bool,
-    seconds: dict[str, float],
-    passages: list[str] | None = None,
-) -> tuple[dict[str, list[tuple[str, float]]], dict[str, int]]:
-    start = time.perf_counter()
-    if passages is None:
-        passages = [ds.corpus.full_text(i) for i in range(len(ds.corpus))]
-    corpus_emb, counts = encoder.encode(
-        passages, "passage", cache_dir=cache_dir, desc="encode corpus", progress=progress
-    )
-    seconds["encode_corpus"] = time.perf_counter() - start
-    start = time.perf_counter()
-    query_emb, _ = encoder.encode(
-        [ds.queries[q] for q in qids], "query", cache_dir=cache_dir, desc="encode queries", progress=False
-    )
-    seconds["encode_queries"] = time.perf_counter() - start
-    start = time.perf_counter()
-    indices, scores = exact_topk(query_emb, corpus_emb, depth)
-    ids = ds.corpus.ids
-    run = {
-        qid: {ids[i]: float(s) for i, s in zip(idx.tolist(), sc.tolist())}
-        for qid, idx, sc in zip(qids, indices, scores)
-    }
-    seconds["search"] = time.perf_counter() - start
-    return rank_run(run), counts
-
-
 def _evaluate_model(
     name: str, cfg: EvalConfig, ds: BeirDataset, qids: list[str], log: Callable[[str], None]
 ) -> tuple[ModelResult, dict[str, list[tuple[str, float]]]]:
@@ -229,7 +107,7 @@ def _evaluate_model(
     start = time.perf_counter()
     encoder = Encoder.from_config(cfg, name)
     seconds["load_model"] = time.perf_counter() - start
-    ranked, counts = _retrieve(
+    ranked, counts = retrieve(
         encoder,
         ds,
         qids,
@@ -274,19 +152,6 @@ def compare(result: ModelResult, baseline: ModelResult) -> list[Comparison]:
             )
         )
     return rows
-
-
-def run_tag(model: str) -> str:
-    return re.sub(r"\s+", "_", model.strip()) or "mpr"
-
-
-def format_run(ranked: Mapping[str, Sequence[tuple[str, float]]], tag: str) -> str:
-    """TREC run lines `qid Q0 pid rank score tag`; 9 significant digits keep float32 scores' order."""
-    return "".join(
-        f"{qid} Q0 {pid} {rank} {score:.9g} {tag}\n"
-        for qid, ranking in ranked.items()
-        for rank, (pid, score) in enumerate(ranking, start=1)
-    )
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -415,108 +280,3 @@ def format_table(report: EvalReport) -> str:
     if report.significance:
         lines.append(f"p: {report.significance}")
     return "\n".join(lines)
-
-
-def __getattr__(name: str) -> Any:
-    """`IREvaluator` is built on first use: sentence-transformers takes seconds to import, and `mpr eval`
-    checks its inputs before paying for it."""
-    if name == "IREvaluator":
-        return _ir_evaluator()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _ir_evaluator() -> type:
-    import importlib
-
-    try:  # sentence-transformers >= 6
-        evaluation = importlib.import_module("sentence_transformers.base.evaluation")
-    except ImportError:  # pragma: no cover - sentence-transformers 5.x
-        evaluation = importlib.import_module("sentence_transformers.evaluation")
-    base: Any = evaluation.SentenceEvaluator
-
-    class IREvaluator(base):
-        """nDCG@10 (primary), MRR@10, Recall@100 and Recall@1000 on a BEIR split, for
-        SentenceTransformerTrainer.
-
-        Each call encodes the corpus and the evaluated queries afresh with the model being trained (no cache)
-        and scores exactly as `evaluate` does. Prompts resolve as in `Encoder.load`: explicit text, else the
-        named prompt, else the model's "query" / "document" ("passage") prompts.
-        """
-
-        def __init__(
-            self,
-            data: str | Path | BeirDataset,
-            split: str = "test",
-            *,
-            name: str = "",
-            depth: int = EvalConfig.model_fields["depth"].default,
-            max_queries: int | None = None,
-            batch_size: int = ENCODE_DEFAULTS.batch_size,
-            query_prompt: str | None = None,
-            query_prompt_name: str | None = None,
-            passage_prompt: str | None = None,
-            passage_prompt_name: str | None = None,
-            show_progress_bar: bool = False,
-            write_csv: bool = True,
-        ):
-            super().__init__()
-            self.ds = data if isinstance(data, BeirDataset) else load_beir(data, split)
-            self.qids = relevant_queries(self.ds.qrels)[:max_queries]
-            if not self.qids:
-                raise MprError(f"{self.ds.files.get('qrels', self.ds.root)}: no query has a judgment >= 1")
-            self.passages = [self.ds.corpus.full_text(i) for i in range(len(self.ds.corpus))]
-            self.qrels = {q: self.ds.qrels[q] for q in self.qids}
-            self.name = name
-            self.depth = min(depth, len(self.ds.corpus))
-            self.batch_size = batch_size
-            self.query_prompt, self.query_prompt_name = query_prompt, query_prompt_name
-            self.passage_prompt, self.passage_prompt_name = passage_prompt, passage_prompt_name
-            self.show_progress_bar = show_progress_bar
-            self.write_csv = write_csv
-            self.csv_file = f"IR_evaluation{'_' + name if name else ''}_results.csv"
-            self.primary_metric = PRIMARY
-
-        def _encoder(self, model: Any) -> Encoder:
-            return Encoder.from_model(
-                "<training>",
-                model,
-                query_prompt=self.query_prompt,
-                query_prompt_name=self.query_prompt_name,
-                passage_prompt=self.passage_prompt,
-                passage_prompt_name=self.passage_prompt_name,
-                batch_size=self.batch_size,
-            )
-
-        def __call__(
-            self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
-        ) -> dict[str, float]:
-            seconds: dict[str, float] = {}
-            ranked, _ = _retrieve(
-                self._encoder(model), self.ds, self.qids, self.depth,
-                cache_dir=None, progress=self.show_progress_bar, seconds=seconds, passages=self.passages,
-            )  # fmt: skip
-            aggregate, _ = compute_metrics({q: dict(r) for q, r in ranked.items()}, self.qrels)
-            if output_path is not None and self.write_csv:
-                path = Path(output_path) / self.csv_file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                new = not path.exists()
-                with open(path, "a", newline="", encoding="utf-8") as fh:
-                    writer = csv.writer(fh)
-                    if new:
-                        writer.writerow(["epoch", "steps", *MEASURES])
-                    writer.writerow([epoch, steps, *(aggregate[k] for k in MEASURES)])
-            metrics = self.prefix_name_to_metrics(aggregate, self.name)
-            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
-            return metrics
-
-        def get_config_dict(self) -> dict[str, Any]:
-            return {
-                "split": self.ds.split,
-                "queries": len(self.qids),
-                "corpus_size": len(self.passages),
-                "depth": self.depth,
-            }
-
-    IREvaluator.__qualname__ = "IREvaluator"
-    return IREvaluator

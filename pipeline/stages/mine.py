@@ -22,14 +22,14 @@ import pyarrow as pa
 from pydantic import ConfigDict, Field
 
 from pipeline.data.identity import RUNTIME, identity
-from pipeline.data.locations import DEFAULT_MODEL
+from pipeline.data.locations import DEFAULT_ENCODER
 from pipeline.data.readers import BeirDataset, OnEmpty, load_beir
 from pipeline.data.schema import MINE_SCHEMA, to_table
 from pipeline.data.shards import InputInfo, Manifest, ShardRun, read_manifest, sha256_file
 from pipeline.errors import MprError
-from pipeline.stages.encode import Encoder, EncoderOptions, embedding_cache_dir
+from pipeline.retrieval.encode import Encoder, EncoderOptions, embedding_cache_dir
+from pipeline.retrieval.search import BM25Index, FaissIndex, exact_topk
 from pipeline.stages.plan import StagePlan
-from pipeline.stages.search import BM25Index, FaissIndex, exact_topk
 
 FILTERS = (
     "same_text_as_positive",
@@ -54,7 +54,7 @@ class MineConfig(EncoderOptions):
     )
     split: str = Field("train", description="qrels split whose queries are mined.")
     out: Path = Field(description="Output shard folder.", json_schema_extra=RUNTIME)
-    model: str = Field(DEFAULT_MODEL, description="sentence-transformers model id or local path.")
+    model: str = Field(DEFAULT_ENCODER, description="sentence-transformers model id or local path.")
     retriever: Literal["dense", "bm25", "union"] = Field(
         "dense", description="dense, bm25 (bm25s), or their union ranked by reciprocal rank fusion."
     )

@@ -52,7 +52,7 @@ from pipeline.data.shards import (
 from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.judge import GRADED_SCHEMAS, Judge, JudgeOptions, Verdict
-from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.models import TokenCounter, resolve_llm_alias
 from pipeline.llm.prompt_files import Prompt, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatResult
@@ -340,9 +340,9 @@ def _prompt(cfg: RelabelConfig) -> Prompt:
 
 def _models(cfg: RelabelConfig) -> tuple[str, str | None, str | None]:
     """The judge, the cascade's second judge and the zone's cheap judge, aliases resolved."""
-    confirm = resolve_model(cfg.confirm_model) if cfg.confirm_model else None
-    zone = resolve_model(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
-    return resolve_model(cfg.model), confirm, zone
+    confirm = resolve_llm_alias(cfg.confirm_model) if cfg.confirm_model else None
+    zone = resolve_llm_alias(cfg.zone_model) if cfg.zone == "unsure" and cfg.zone_model else None
+    return resolve_llm_alias(cfg.model), confirm, zone
 
 
 def _verified_input(cfg: RelabelConfig) -> Manifest:

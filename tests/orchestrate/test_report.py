@@ -113,7 +113,7 @@ def test_rendered_report_formats_by_kind(tmp_path: Path, monkeypatch: pytest.Mon
         comparison=[_comparison("ndcg@10", 0.6, 0.5, 5e-5), _comparison("mrr@10", 0.5, 0.5, 1.0)],
     )
     (out / "eval-lsepair.json").write_text(report.model_dump_json())
-    monkeypatch.setattr(report_module, "_hardware", lambda: "a test machine")
+    monkeypatch.setattr(report_module, "hardware", lambda: {"summary": "a test machine"})
     text = write_report(Experiment(RunFile(out=out, data=tmp_path / "data")), log=lambda _: None).read_text()
     assert "105.0000" not in text and "| rows | 105 |" in text and "| queries | 1,234 |" in text
     assert (

@@ -307,7 +307,7 @@ def test_findings_name_only_the_losses_run_at_each_error_rate() -> None:
     every multi-positive loss that ran at any error rate)."""
     from types import SimpleNamespace
 
-    from mpr.orchestrate.study import _findings_md
+    from mpr.orchestrate.study.report import _findings_md
 
     def got(delta: float) -> dict:
         return {"mean_delta": delta, "wins": 2, "n": 2, "p_randomization": 0.01, "queries": 40}
@@ -366,7 +366,7 @@ def test_a_cell_missing_folds_is_marked_in_the_table_and_left_out_of_the_plot() 
 
     import matplotlib.pyplot as plt
 
-    from mpr.orchestrate.study import _by_error_rate, figure
+    from mpr.orchestrate.study.report import _by_error_rate, figure
 
     cfg = SimpleNamespace(
         datasets=["d"],

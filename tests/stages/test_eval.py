@@ -11,16 +11,10 @@ import pytest
 from scipy import stats
 
 from pipeline.errors import MprError
+from pipeline.retrieval.ir_evaluator import IREvaluator
+from pipeline.retrieval.metrics import compute_metrics, paired_tests, relevant_queries
 from pipeline.stages import evaluate
-from pipeline.stages.evaluate import (
-    EvalConfig,
-    EvalReport,
-    IREvaluator,
-    compute_metrics,
-    format_table,
-    paired_tests,
-    relevant_queries,
-)
+from pipeline.stages.evaluate import EvalConfig, EvalReport, format_table
 
 from ..conftest import SEQ, SHARED_DATA, read_jsonl, write_beir
 

@@ -198,7 +198,7 @@ def mean_loss(model, dataset, loss_name):
 def test_short_training_run_lowers_the_loss_and_saves_a_model(mined_slice, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.stages.encode import load_encoder
+    from pipeline.retrieval.encode import load_encoder
     from train.trainer import TrainConfig, train
 
     groups, _ = build_groups([mined_slice], GroupOptions(group_size=4, seed=0))

@@ -58,48 +58,15 @@ class BiXSELoss(GroupLoss):
     of 1/τ, this loss has no separate temperature: the similarity fed to it is the raw cosine.
 
     Args:
-        model: the SentenceTransformer to train.
         scale: initial t.
         bias: initial b; None: the first batch's log prior less t times its mean similarity (above).
         learn_scale: learn t (as a log-parameter).
         learn_bias: learn b.
-        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
-        mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size.
-        chunk_plan: GradCache with chunks planned from a memory budget.
-        gather_across_devices: under DDP, score against the passages of every rank.
-        similarity: ``"cos"`` (the paper's) or ``"dot"``, the raw dot product.
-
-    Inputs:
-        +---------------------------------------------------+--------------------------------------------+
-        | Texts                                             | Labels                                     |
-        +===================================================+============================================+
-        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
-        +---------------------------------------------------+--------------------------------------------+
 
     References:
         - Tsirigotis et al., BiXSE: Improving Dense Retrieval via Probabilistic Graded Relevance Distillation,
           2025. https://arxiv.org/abs/2508.06781
         - Zhai et al., Sigmoid Loss for Language Image Pre-Training (SigLIP), 2023. https://arxiv.org/abs/2303.15343
-
-    Example:
-        ::
-
-            from datasets import Dataset
-            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from train.losses import BiXSELoss
-
-            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-            train_dataset = Dataset.from_dict({
-                "query": ["capital of France?", "who wrote Hamlet?"],
-                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
-                "passage_1": ["Paris is in France.", "Macbeth is a tragedy."],
-                "label": [[[1.0, 0.6], [1, 0]], [[1.0, 0.0], [1, 0]]],
-            })
-            trainer = SentenceTransformerTrainer(
-                model=model, train_dataset=train_dataset, loss=BiXSELoss(model)
-            )
-            trainer.train()
     """
 
     start_bias: Tensor

@@ -409,6 +409,37 @@ class _Cache:
 # ------------------------------------------------------------------------------------------------------------
 
 
+_SHARED_DOC = """
+    Every loss also takes the arguments of :class:`GroupLoss` (model, temperature, learn_temperature,
+    mask_duplicates, mask_other_positives, mini_batch_size, chunk_plan, similarity, temperature_range,
+    gather_across_devices; BiXSE has no temperature).
+
+    Inputs:
+        +---------------------------------------------------+--------------------------------------------+
+        | Texts                                             | Labels                                     |
+        +===================================================+============================================+
+        | (query, passage_0, ..., passage_{k-1})            | [2, k] per row: grades, kinds (1/0/-1)     |
+        +---------------------------------------------------+--------------------------------------------+
+
+    Example:
+        ::
+
+            from datasets import Dataset
+            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+            from train.losses import LOSS
+
+            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            train_dataset = Dataset.from_dict({
+                "query": ["capital of France?", "who wrote Hamlet?"],
+                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
+                "passage_1": ["Paris, France's capital city.", "Macbeth is a tragedy."],
+                "label": [[[1.0, 1.0], [1, 1]], [[1.0, 0.0], [1, 0]]],
+            })
+            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=LOSS(model))
+            trainer.train()
+"""
+
+
 class GroupLoss(nn.Module):
     """Base class of the group losses. Subclasses implement :meth:`objective`.
 
@@ -433,6 +464,12 @@ class GroupLoss(nn.Module):
             passages (and for batch-level objectives the queries) of all ranks, with gradient, so every
             query is scored against the global batch. False: each rank scores its own batch only.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every loss's docstring ends with the contract all of them share (written once, below)."""
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "Inputs:" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n" + _SHARED_DOC.replace("LOSS", cls.__name__)
 
     #: The objective couples the rows (e.g. batch statistics): every rank then scores all gathered queries
     #: and returns the global loss, instead of the mean over its own queries.

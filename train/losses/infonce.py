@@ -46,48 +46,10 @@ class InfoNCELoss(GroupLoss):
     ``mask_duplicates`` a copy of one of i's passages elsewhere in the batch is not a negative of i; with
     ``mask_other_positives`` the other queries' positives are not negatives of i.
 
-    Args:
-        model: the SentenceTransformer to train.
-        temperature: τ (``scale = 1/τ`` in sentence-transformers terms).
-        learn_temperature: learn τ (as a log-parameter).
-        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
-        mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size (same loss and gradients, bounded
-            memory).
-        gather_across_devices: under DDP, score against the passages of every rank.
-
-    Inputs:
-        +---------------------------------------------------+--------------------------------------------+
-        | Texts                                             | Labels                                     |
-        +===================================================+============================================+
-        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
-        +---------------------------------------------------+--------------------------------------------+
-
-        Positives come first in each group; padding slots hold "" and kind -1.
-
     References:
         - van den Oord et al., Representation Learning with Contrastive Predictive Coding, 2018.
           https://arxiv.org/abs/1807.03748
         - Henderson et al., Efficient Natural Language Response Suggestion for Smart Reply, 2017.
-
-    Example:
-        ::
-
-            from datasets import Dataset
-            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from train.losses import InfoNCELoss
-
-            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-            train_dataset = Dataset.from_dict({
-                "query": ["capital of France?", "who wrote Hamlet?"],
-                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
-                "passage_1": ["Lyon is a city in France.", ""],
-                "label": [[[1.0, 0.0], [1, 0]], [[1.0, 0.0], [1, -1]]],
-            })
-            trainer = SentenceTransformerTrainer(
-                model=model, train_dataset=train_dataset, loss=InfoNCELoss(model)
-            )
-            trainer.train()
     """
 
     def objective(self, scores: Tensor, targets: Tensor, positives: Tensor, valid: Tensor) -> Tensor:

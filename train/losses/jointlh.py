@@ -29,44 +29,9 @@ class JointLHLoss(GroupLoss):
     JointLH), so the positives also compete with each other. It is a *sum* over positives, so queries with
     more positives weigh more; queries without positives contribute 0. Grades are not used.
 
-    Args:
-        model: the SentenceTransformer to train.
-        temperature: τ.
-        learn_temperature: learn τ (as a log-parameter).
-        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
-        mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size.
-        gather_across_devices: under DDP, score against the passages of every rank.
-
-    Inputs:
-        +---------------------------------------------------+--------------------------------------------+
-        | Texts                                             | Labels                                     |
-        +===================================================+============================================+
-        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
-        +---------------------------------------------------+--------------------------------------------+
-
     References:
         - Wang et al., Training Dense Retrievers with Multiple Positive Passages, 2026.
           https://arxiv.org/abs/2602.12727
-
-    Example:
-        ::
-
-            from datasets import Dataset
-            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from train.losses import JointLHLoss
-
-            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-            train_dataset = Dataset.from_dict({
-                "query": ["capital of France?", "who wrote Hamlet?"],
-                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
-                "passage_1": ["Paris, France's capital city.", "Macbeth is a tragedy."],
-                "label": [[[1.0, 1.0], [1, 1]], [[1.0, 0.0], [1, 0]]],
-            })
-            trainer = SentenceTransformerTrainer(
-                model=model, train_dataset=train_dataset, loss=JointLHLoss(model)
-            )
-            trainer.train()
     """
 
     def objective(self, scores: Tensor, targets: Tensor, positives: Tensor, valid: Tensor) -> Tensor:

@@ -44,44 +44,11 @@ class Rand1Loss(GroupLoss):
     batch). Without a seed the generator is seeded once from the global torch RNG.
 
     Args:
-        model: the SentenceTransformer to train.
-        temperature: τ.
-        learn_temperature: learn τ (as a log-parameter).
-        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
-        mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size.
-        gather_across_devices: under DDP, score against the passages of every rank.
         seed: seed of the draws.
-
-    Inputs:
-        +---------------------------------------------------+--------------------------------------------+
-        | Texts                                             | Labels                                     |
-        +===================================================+============================================+
-        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
-        +---------------------------------------------------+--------------------------------------------+
 
     References:
         - Wang et al., Training Dense Retrievers with Multiple Positive Passages, 2026.
           https://arxiv.org/abs/2602.12727
-
-    Example:
-        ::
-
-            from datasets import Dataset
-            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from train.losses import Rand1Loss
-
-            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-            train_dataset = Dataset.from_dict({
-                "query": ["capital of France?", "who wrote Hamlet?"],
-                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
-                "passage_1": ["Paris, France's capital city.", "Hamlet is by William Shakespeare."],
-                "passage_2": ["Lyon is a city in France.", "Macbeth is a tragedy."],
-                "label": [[[1.0, 1.0, 0.0], [1, 1, 0]], [[1.0, 0.8, 0.0], [1, 1, 0]]],
-            })
-            loss = Rand1Loss(model, seed=0)
-            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
-            trainer.train()
     """
 
     def __init__(self, model: nn.Module, *, seed: int | None = None, **kwargs: Any) -> None:

@@ -79,46 +79,12 @@ class WS2Loss(GroupLoss):
     batches of graded synthetic lists at a learning rate of 1e-5.
 
     Args:
-        model: the SentenceTransformer to train.
-        temperature: τ of the predicted distribution.
-        learn_temperature: learn τ (as a log-parameter).
-        mask_duplicates: mask token-identical copies of the query's own passages outside its group.
-        mask_other_positives: mask every other query's positives.
-        mini_batch_size: use GradCache with mini-batches of this size.
-        gather_across_devices: under DDP, gather every rank's queries and passages.
         target_temperature: t_Y, the temperature of the target softmax over the grades.
         eps: eigenvalues of the trace term below ``eps`` times the largest are treated as 0.
-
-    Inputs:
-        +---------------------------------------------------+--------------------------------------------+
-        | Texts                                             | Labels                                     |
-        +===================================================+============================================+
-        | (query, passage_0, ..., passage_{k-1})             | [2, k] per row: grades, kinds (1/0/-1)     |
-        +---------------------------------------------------+--------------------------------------------+
 
     References:
         - Esfandiarpoor et al., Beyond Contrastive Learning: Synthetic Data Enables List-wise Training with
           Multiple Levels of Relevance (SyCL), Findings of EMNLP 2025. https://arxiv.org/abs/2503.23239
-
-    Example:
-        ::
-
-            from datasets import Dataset
-            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from train.losses import WS2Loss
-
-            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-            train_dataset = Dataset.from_dict({
-                "query": ["capital of France?", "who wrote Hamlet?"],
-                "passage_0": ["Paris is the capital of France.", "Shakespeare wrote Hamlet."],
-                "passage_1": ["Paris is in France.", "Hamlet is a play."],
-                "passage_2": ["Lyon is a city in France.", "Macbeth is a tragedy."],
-                "label": [[[1.0, 0.67, 0.0], [1, 0, 0]], [[1.0, 0.33, 0.0], [1, 0, 0]]],
-            })
-            trainer = SentenceTransformerTrainer(
-                model=model, train_dataset=train_dataset, loss=WS2Loss(model)
-            )
-            trainer.train()
     """
 
     batch_level: ClassVar[bool] = True

@@ -13,7 +13,9 @@ from pipeline.stages.evaluate import EvalConfig
 
 @one_line_errors
 @config_options(EvalConfig, exclude={"progress"}, flags={"json_out": "--json", "run_out": "--run"})
-def eval(encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = False, **options: Any) -> None:
+def evaluate(
+    encoding: Encoding = None, dry_run: DryRun = False, quiet: Quiet = False, **options: Any
+) -> None:
     """nDCG@10, MRR@10, Recall@100 and Recall@1000 of a model on a BEIR split (exact search).
 
     Example: mpr eval --model models/x-lsepair --baseline sentence-transformers/all-MiniLM-L6-v2

