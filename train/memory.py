@@ -7,7 +7,7 @@ passages each) is 288 texts, far past a laptop's memory, so the planner measures
 the model at hand and picks, in this order:
 
 1. the whole batch in one pass, when it fits;
-2. GradCache chunks (:class:`train.losses.core.ChunkPlan`) of length-sorted texts, as many as the budget
+2. GradCache chunks (:class:`train.losses.gradcache.ChunkPlan`) of length-sorted texts, as many as the budget
    holds at each chunk's longest text;
 3. the same with gradient checkpointing, only when not even one text of the maximum length fits without it.
 
@@ -33,7 +33,7 @@ from pipeline.errors import MprError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 from train.config import CPU_MEMORY_BUDGET, GPU_MEMORY_SHARE, parse_size
-from train.losses.core import ChunkPlan
+from train.losses.gradcache import ChunkPlan
 
 #: Activation memory held during a chunk's backward pass, relative to what its forward pass saved (the
 #: gradients of the activations live beside them for a while).

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .bixse import BiXSELoss, bixse_objective
-    from .core import ChunkPlan, GroupLoss, build_targets
+    from .core import GroupLoss, build_targets
+    from .gradcache import ChunkPlan
     from .infonce import InfoNCELoss, infonce_objective
     from .jointlh import JointLHLoss, jointlh_objective
     from .lsepair import LSEPairLoss, lsepair_objective
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LAZY = {
-    "ChunkPlan": "core", "GroupLoss": "core", "build_targets": "core",
+    "ChunkPlan": "gradcache", "GroupLoss": "core", "build_targets": "core",
     **{name: spec.cls.split(":")[0] for spec in LOSSES.values() for name in (spec.cls.split(":")[1],)},
     **{f"{spec.name}_objective": spec.cls.split(":")[0] for spec in LOSSES.values()},
 }  # fmt: skip

@@ -10,7 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import ChunkPlan, GroupLoss, world
+from .core import GroupLoss, world
+from .gradcache import ChunkPlan
+from .registry import BiXSEOptions
 
 
 def bixse_objective(
@@ -75,8 +77,8 @@ class BiXSELoss(GroupLoss):
         self,
         model: nn.Module,
         *,
-        scale: float = 10.0,
-        bias: float | None = None,
+        scale: float = BiXSEOptions().scale,
+        bias: float | None = BiXSEOptions().bias,
         learn_scale: bool = True,
         learn_bias: bool = True,
         mask_duplicates: bool = True,

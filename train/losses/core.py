@@ -1,4 +1,4 @@
-"""Shared machinery of the group losses: embedding, DDP gathering, the score/target/mask matrices, GradCache.
+"""Shared machinery of the group losses: DDP gathering, the score/target/mask matrices, the base class.
 
 A batch holds B queries, each with a group of k passage slots (``labels`` of shape [B, 2, k]: the grade of
 each slot, then its kind: 1 positive, 0 negative, -1 padding). The passages are flattened query-major, so
@@ -17,10 +17,7 @@ subclass's :meth:`GroupLoss.objective`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -28,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sentence_transformers.util import all_gather, all_gather_with_grad
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import get_device_states, set_device_states
 
 from pipeline.data.labels import PADDING, POSITIVE
+from train.losses.batch import GroupBatch, prepare_batch
+from train.losses.gradcache import ChunkPlan, forward_cached
 from train.losses.registry import DEFAULT_TEMPERATURE, DEFAULT_TEMPERATURE_RANGE
 
 MULTI_POSITIVE_CITATION = """
@@ -127,150 +124,6 @@ def build_targets(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Features: merging the k passage columns, selecting and slicing rows
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _num_rows(features: dict[str, Any]) -> int:
-    for key in ("input_ids", "attention_mask"):
-        value = features.get(key)
-        if isinstance(value, Tensor):
-            return value.shape[0]
-    return next(v.shape[0] for v in features.values() if isinstance(v, Tensor) and v.ndim > 0)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
-    return bool(a == b)
-
-
-def _concat_rows(features_list: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate the rows of same-kind feature dicts (column-major), right-padding token axes with 0."""
-    first = features_list[0]
-    if any(set(features) != set(first) for features in features_list[1:]):
-        raise ValueError("The passage columns were tokenized into different sets of features.")
-    rows = _num_rows(first)
-    merged: dict[str, Any] = {}
-    for key, value in first.items():
-        values = [features[key] for features in features_list]
-        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            if value.ndim >= 2:
-                width = max(v.shape[1] for v in values)
-                values = [F.pad(v, [0, 0] * (v.ndim - 2) + [0, width - v.shape[1]]) for v in values]
-            merged[key] = torch.cat(values)
-        elif all(_same(v, value) for v in values[1:]):
-            merged[key] = value
-        else:
-            raise ValueError(f"The passage columns disagree on the feature {key!r}.")
-    return merged
-
-
-def _select_rows(features: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:
-    """The given rows of ``features``, with the token columns that are padding in all of them dropped."""
-    rows = _num_rows(features)
-    out = {
-        key: value[index]
-        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == rows
-        else value
-        for key, value in features.items()
-    }
-    mask = out.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[0] > 0:
-        active = mask.bool().any(dim=0).nonzero()
-        width = int(active.max()) + 1 if len(active) else 1
-        if width < mask.shape[1]:
-            seq = mask.shape[1]
-            out = {
-                key: value[:, :width]
-                if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == seq
-                else value
-                for key, value in out.items()
-            }
-    return out
-
-
-@dataclass
-class GroupBatch:
-    """One batch in the loss's terms (local to this process)."""
-
-    queries: dict[str, Any]
-    passages: dict[str, Any]
-    """Features of the distinct non-padding passages, in query-major order of first occurrence."""
-    real: Tensor
-    """[n] the flat query-major position (i*k + j) of each non-padding slot."""
-    passage_index: Tensor | None
-    """[n] the row of ``passages`` each non-padding slot holds (None: one row per slot)."""
-    grades: Tensor
-    """[B, k] float grades (0 on padding slots)."""
-    kinds: Tensor
-    """[B, k] long slot kinds."""
-    token_ids: Tensor | None
-    """[B*k, L] query-major token ids, -1 beyond each sequence; None when the features carry no input_ids."""
-
-
-def prepare_batch(sentence_features: Iterable[dict[str, Any]], labels: Tensor | None) -> GroupBatch:
-    """Split the collator's output into queries, the non-padding passages and the group labels."""
-    features = list(sentence_features)
-    if len(features) < 2:
-        raise ValueError(
-            f"Expected a query column and at least one passage column, got {len(features)} column(s)."
-        )
-    k = len(features) - 1
-    if labels is None or labels.ndim != 3 or labels.shape[1] != 2 or labels.shape[2] != k:
-        shape = None if labels is None else tuple(labels.shape)
-        raise ValueError(
-            f"Expected labels of shape [batch, 2, {k}] (grades, then kinds 1/0/-1 of the {k} passage slots), "
-            f"got {shape}."
-        )
-    batch_size = labels.shape[0]
-    kinds = labels[:, 1, :].round().long()
-    grades = labels[:, 0, :].float().masked_fill(kinds == PADDING, 0.0)
-    merged = _concat_rows(features[1:])
-    device = merged["input_ids"].device if isinstance(merged.get("input_ids"), Tensor) else labels.device
-    # merged is column-major (slot j of query i at row j*B + i); ``order`` maps query-major positions to it.
-    slots = torch.arange(k, device=device) * batch_size
-    order = (torch.arange(batch_size, device=device).unsqueeze(1) + slots.unsqueeze(0)).reshape(-1)
-    real = (kinds.reshape(-1) != PADDING).nonzero().squeeze(1).to(device)
-    token_ids = None
-    input_ids, attention_mask = merged.get("input_ids"), merged.get("attention_mask")
-    if isinstance(input_ids, Tensor) and input_ids.ndim == 2:
-        token_ids = input_ids[order].long()
-        if isinstance(attention_mask, Tensor) and attention_mask.shape == input_ids.shape:
-            token_ids = token_ids.masked_fill(attention_mask[order] == 0, -1)
-    rows, passage_index = order[real], None
-    if token_ids is not None and len(real):
-        first, passage_index = _first_occurrences(token_ids[real])
-        if len(first) < len(real):
-            rows = rows[first]
-        else:
-            passage_index = None
-    return GroupBatch(
-        queries=features[0],
-        passages=_select_rows(merged, rows),
-        real=real,
-        passage_index=passage_index,
-        grades=grades.to(device),
-        kinds=kinds.to(device),
-        token_ids=token_ids,
-    )
-
-
-def _first_occurrences(token_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """For rows of token ids: the index of the first row of each distinct sequence (ascending), and for
-    every row the position of its sequence in that list. A passage that occurs several times in a batch is
-    embedded once; autograd sums the gradients of its copies."""
-    _, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
-    positions = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device, dtype=positions.dtype)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    first, ranked = first.sort()
-    rank = torch.empty_like(ranked)
-    rank[ranked] = torch.arange(len(ranked), device=ranked.device)
-    return first, rank[inverse]
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Distributed helpers
 # ------------------------------------------------------------------------------------------------------------
 
@@ -308,100 +161,6 @@ def _check_same_shape(batch_size: int, k: int, device: torch.device) -> None:
             "Gathering across processes needs the same per-device batch size and group size on every rank "
             f"(this rank: {batch_size} queries x {k} slots). Use drop_last or an even split."
         )
-
-
-# ------------------------------------------------------------------------------------------------------------
-# GradCache
-# ------------------------------------------------------------------------------------------------------------
-
-
-class RandContext:
-    """Snapshot the CPU/CUDA RNG at creation and restore it on enter, so that re-embedding a mini-batch
-    draws the same dropout masks as the first (gradient-free) pass. After GradCache (Gao et al., 2021)."""
-
-    def __init__(self, *tensors: Tensor) -> None:
-        self.cpu_state = torch.get_rng_state()
-        self.devices, self.device_states = get_device_states(*tensors)
-        self._fork: AbstractContextManager[Any] | None = None
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
-        self._fork.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        set_device_states(self.devices, self.device_states)
-
-    def __exit__(self, *exc: Any) -> None:
-        assert self._fork is not None
-        self._fork.__exit__(*exc)
-        self._fork = None
-
-
-def _replay_context(model: nn.Module, synchronize: bool) -> AbstractContextManager[Any]:
-    """DDP all-reduces once, after the last re-embedded mini-batch."""
-    if isinstance(model, DistributedDataParallel) and not synchronize:
-        return model.no_sync()
-    return nullcontext()
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How GradCache splits the texts of one column (queries, or passages) into chunks.
-
-    Texts are sorted by length, longest first, and a chunk takes texts while it has at most ``max_texts``
-    of them and ``n * cost(L)`` stays within ``max_bytes``, where L is the chunk's longest text (every text
-    of a chunk is padded to it) and ``cost(L) = bytes_per_token * L + bytes_per_token_squared * L**2`` is
-    the activation memory one text of L tokens keeps for the backward pass. A column that fits in one
-    chunk is embedded as it comes, unsorted.
-    """
-
-    max_texts: int | None = None
-    max_bytes: float | None = None
-    bytes_per_token: float = 0.0
-    bytes_per_token_squared: float = 0.0
-
-    def cost(self, length: int) -> float:
-        return self.bytes_per_token * length + self.bytes_per_token_squared * length * length
-
-    def texts_at(self, length: int) -> int:
-        """How many texts of ``length`` tokens one chunk holds."""
-        fit = (
-            int(self.max_bytes // self.cost(length)) if self.max_bytes and self.cost(length) > 0 else 1 << 30
-        )
-        return max(1, min(fit, self.max_texts or fit))
-
-    def split(self, lengths: Tensor) -> list[Tensor]:
-        """Chunks of row indices for texts of the given token ``lengths``."""
-        rows = len(lengths)
-        if rows == 0:
-            return []
-        if rows <= self.texts_at(int(lengths.max())):
-            return [torch.arange(rows, device=lengths.device)]
-        order = torch.sort(lengths, descending=True, stable=True).indices
-        chunks, begin = [], 0
-        while begin < rows:
-            size = self.texts_at(int(lengths[order[begin]]))
-            chunks.append(order[begin : begin + size])
-            begin += size
-        return chunks
-
-
-def _lengths(features: dict[str, Any]) -> Tensor:
-    mask = features.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.ndim == 2:
-        return mask.sum(dim=1)
-    rows = _num_rows(features)
-    width = next((v.shape[1] for v in features.values() if isinstance(v, Tensor) and v.ndim >= 2), 1)
-    return torch.full((rows,), width)
-
-
-@dataclass
-class _Cache:
-    columns: list[dict[str, Any]]
-    chunks: list[list[Tensor]]
-    states: list[list[RandContext]]
-    grads: list[list[Tensor]]
-    parameters: list[nn.Parameter]
-    parameter_grads: list[Tensor | None]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -586,7 +345,7 @@ class GroupLoss(nn.Module):
     def forward(self, sentence_features: Iterable[dict[str, Any]], labels: Tensor) -> Tensor:
         batch = prepare_batch(sentence_features, labels)
         if self.chunk_plan is not None:
-            return self._forward_cached(batch)
+            return forward_cached(self, batch)
         queries = self._embed(batch.queries)
         passages = self._embed(batch.passages) if len(batch.real) else queries.new_zeros(0, queries.shape[-1])
         return self.loss_from_embeddings(queries, passages, batch)
@@ -644,76 +403,3 @@ class GroupLoss(nn.Module):
     ) -> Tensor:
         """Hook for objectives that need to know which global rows they score (e.g. per-row random draws)."""
         return self.objective(scores, targets, positives, valid)
-
-    # -- GradCache -------------------------------------------------------------------------------------------
-
-    def _forward_cached(self, batch: GroupBatch) -> Tensor:
-        assert self.chunk_plan is not None
-        grad_enabled = torch.is_grad_enabled()
-        columns = [batch.queries, batch.passages] if len(batch.real) else [batch.queries]
-        chunks: list[list[Tensor]] = []
-        states: list[list[RandContext]] = []
-        reps: list[list[Tensor]] = []
-        embedded: list[Tensor] = []
-        for features in columns:
-            column_chunks = self.chunk_plan.split(_lengths(features))
-            column_states, column_reps = [], []
-            for rows in column_chunks:
-                minibatch = _select_rows(features, rows)
-                if grad_enabled:
-                    column_states.append(
-                        RandContext(*(v for v in minibatch.values() if isinstance(v, Tensor)))
-                    )
-                with torch.no_grad():
-                    embedding = self._embed(minibatch)
-                column_reps.append(embedding.detach().requires_grad_(grad_enabled))
-            chunks.append(column_chunks)
-            states.append(column_states)
-            reps.append(column_reps)
-            stacked = torch.cat(column_reps)
-            if len(column_chunks) > 1:  # back from length order to the column's own order
-                stacked = stacked[torch.argsort(torch.cat(column_chunks))]
-            embedded.append(stacked)
-        queries = embedded[0]
-        passages = embedded[1] if len(embedded) > 1 else queries.new_zeros(0, queries.shape[-1])
-        loss = self.loss_from_embeddings(queries, passages, batch)
-        if not grad_enabled:
-            return loss
-
-        leaves = [rep for column in reps for rep in column]
-        parameters = self.loss_parameters()
-        grads = torch.autograd.grad(loss, [*leaves, *parameters], allow_unused=True)
-        rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(leaves, grads[: len(leaves)])]
-        cache_grads, position = [], 0
-        for column in reps:
-            cache_grads.append(rep_grads[position : position + len(column)])
-            position += len(column)
-        cache = _Cache(columns, chunks, states, cache_grads, parameters, list(grads[len(leaves) :]))
-        result = loss.detach().requires_grad_()
-        result.register_hook(partial(self._replay, cache=cache))
-        return result
-
-    def _replay(self, grad_output: Tensor, *, cache: _Cache) -> None:
-        """Backward hook of the cached loss: push the cached gradients through a second, gradient-enabled
-        embedding of every mini-batch, scaled by whatever the outer backward hands us (grad accumulation,
-        fp16 loss scaling)."""
-        with torch.enable_grad():
-            for parameter, grad in zip(cache.parameters, cache.parameter_grads):
-                if grad is not None:
-                    (parameter * (grad * grad_output)).sum().backward()
-            remaining = sum(len(c) for c in cache.chunks)
-            for features, column_chunks, column_states, column_grads in zip(
-                cache.columns, cache.chunks, cache.states, cache.grads
-            ):
-                for rows, state, grad in zip(column_chunks, column_states, column_grads):
-                    remaining -= 1
-                    with _replay_context(self.model, synchronize=remaining == 0):
-                        with state:
-                            embedding = self._embed(_select_rows(features, rows))
-                        if not embedding.requires_grad:  # a frozen model
-                            continue
-                        dtype = torch.promote_types(
-                            torch.promote_types(embedding.dtype, grad.dtype), torch.float32
-                        )
-                        surrogate = torch.dot(embedding.reshape(-1).to(dtype), grad.reshape(-1).to(dtype))
-                        (surrogate * grad_output).backward()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import GroupLoss, masked_softmax
+from .registry import WS2Options
 
 
 def ws2_objective(
@@ -16,7 +17,7 @@ def ws2_objective(
     positives: Tensor,
     valid: Tensor,
     *,
-    target_temperature: float = 1.0,
+    target_temperature: float,
     eps: float = 1e-12,
 ) -> Tensor:
     """W₂² between N(μ_X, Σ_X) and N(μ_Y, Σ_Y) fitted to the rows of X = softmax(S), Y = softmax(T / t_T).
@@ -90,7 +91,12 @@ class WS2Loss(GroupLoss):
     batch_level: ClassVar[bool] = True
 
     def __init__(
-        self, model: nn.Module, *, target_temperature: float = 1 / 3, eps: float = 1e-12, **kwargs: Any
+        self,
+        model: nn.Module,
+        *,
+        target_temperature: float = WS2Options().target_temperature,
+        eps: float = 1e-12,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         if not target_temperature > 0:
