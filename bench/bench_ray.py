@@ -44,6 +44,7 @@ def main() -> None:
                 max_attempts=3,
                 processor=processor,
                 concurrency=args.concurrency,
+                transport="aiohttp",
             )
             t0 = time.perf_counter()
             results = backend.run_sync(requests)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.checks import train_inputs
+from pipeline.data.checks import train_inputs, weights_problem
 from pipeline.data.identity import identity, runtime_fields
 from pipeline.data.shards import fingerprint_shards, read_manifest, write_json_atomic
 from pipeline.errors import MprError
@@ -62,6 +62,33 @@ def check_inputs(cfg: TrainConfig) -> None:
 def _checkpoints(cfg: TrainConfig) -> list[Path]:
     found = [p for p in cfg.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a run killed while saving it), or None."""
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"{state.name} is missing or cut short"
+    for path in sorted(folder.iterdir()):
+        problem = weights_problem(path) if path.suffix in (".safetensors", ".bin", ".pt", ".pth") else None
+        if problem:
+            return f"{path.name} {problem}"
+    return None
+
+
+def resume_point(cfg: TrainConfig, log: Callable[[str], None]) -> Path | None:
+    """The last checkpoint that can be resumed from; a damaged later one is said and passed over."""
+    found = _checkpoints(cfg)
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"train: {folder} cannot be resumed from ({problem}); trying the checkpoint before it")
+    if found:
+        raise MprError(f"{cfg.checkpoints}: no checkpoint can be resumed from; --overwrite starts over")
+    return None
 
 
 def _staging(cfg: TrainConfig) -> Path:
@@ -291,11 +318,11 @@ def train(
     else:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogLinesCallback(log))
-    checkpoints = _checkpoints(cfg) if cfg.resume else []
-    if checkpoints:
-        restore_loss_state(loss, checkpoints[-1])
-        log(f"train: resuming from {checkpoints[-1]}")
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    resume = resume_point(cfg, log) if cfg.resume else None
+    if resume is not None:
+        restore_loss_state(loss, resume)
+        log(f"train: resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()

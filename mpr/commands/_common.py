@@ -3,7 +3,9 @@ summary."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -89,14 +91,25 @@ def one_line_errors(fn: F | None = None, *, cleanup: bool = True) -> Any:
                 cleanup and not kwargs.get("shard") and not getattr(exc, "keeps_output", False)
             ):  # --shard jobs share the folder
                 _remove(fresh)
-            raise fail(_message(exc)) from None
+            outputs = [p for p in (kwargs.get(k) for k in OUTPUT_OPTIONS) if isinstance(p, Path)]
+            raise fail(_message(exc, outputs)) from None
         except KeyboardInterrupt:
             raise fail("interrupted; rerun the same command to resume") from None
 
     return wrapper
 
 
-def _message(exc: BaseException) -> str:
+#: Write errors that free space (or a higher file-size limit) cures: disk full, file too large, quota.
+NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _message(exc: BaseException, outputs: list[Path] | None = None) -> str:
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+        where = exc.filename or (outputs[0] if outputs else None) or "the output"
+        return (
+            f"{where}: no room to write ({os.strerror(exc.errno or 0)}); free space (or raise the limit) and "
+            "run the same command again: it keeps what was finished"
+        )
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         return f"{_option(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"

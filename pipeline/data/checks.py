@@ -179,5 +179,50 @@ def _incomplete(folder: Path) -> str | None:
         except ValueError:
             return f"{(root / 'config.json').relative_to(folder)} is not valid JSON"
         empty = [w for w in weights if w.stat().st_size == 0]
-        return f"{empty[0].relative_to(folder)} is empty" if empty else None
+        if empty:
+            return f"{empty[0].relative_to(folder)} is empty"
+        for w in weights:
+            problem = weights_problem(w)
+            if problem:
+                return f"{w.relative_to(folder)} {problem}"
+        return None
     return "no config.json with model weights (model.safetensors or pytorch_model.bin)"
+
+
+def weights_problem(path: Path) -> str | None:
+    """Why a weights file cannot be loaded (cut short, or not the format its name says), or None. Reads the
+    safetensors header (8-byte length, JSON with every tensor's byte range) or the zip directory of a
+    PyTorch `.bin`, never the tensors."""
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return f"is truncated ({size} bytes)"
+                length = int.from_bytes(head, "little")
+                if length > size - 8:
+                    return f"is truncated ({size:,} bytes, its header alone says {length + 8:,})"
+                header = json.loads(fh.read(length))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            expected = 8 + length + max(ends, default=0)
+            if size != expected:
+                how = "truncated" if size < expected else "longer than its header says"
+                return f"is {how} ({size:,} bytes, expected {expected:,})"
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            import zipfile
+
+            with path.open("rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format; older files are plain pickles
+            if zipped and not zipfile.is_zipfile(path):
+                return f"is truncated ({size:,} bytes: its zip directory is missing)"
+            if zipped:
+                with zipfile.ZipFile(path) as archive:
+                    archive.infolist()
+            elif size < 1024:
+                return f"is not a PyTorch file ({size} bytes)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    except Exception as exc:  # zipfile.BadZipFile and kin
+        return f"is corrupt ({type(exc).__name__}: {exc})"
+    return None

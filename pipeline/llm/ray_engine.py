@@ -271,9 +271,9 @@ class RayHttpBackend(RayBackend):
         *,
         api_key_env: str,
         timeout_s: float,
-        processor: str = "mpr",
-        concurrency: int = 64,
-        transport: str = "aiohttp",
+        processor: str,
+        concurrency: int,
+        transport: str,
         **kw: Any,
     ):
         super().__init__(model, **kw)

@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, field_validator
 from pipeline.data.identity import RUNTIME
 from pipeline.llm.backends import AUTO, BACKENDS, BackendChoice
 from pipeline.llm.base import ChatBackend
+from pipeline.llm.client import ClientOptions
 from pipeline.llm.models import resolve_backend, resolve_llm_alias
 from pipeline.llm.ray_engine import RayOptions
 from pipeline.llm.types import RunStats
@@ -29,7 +30,7 @@ LLM_KEYS = (
 )
 
 
-class LLMStageConfig(RayOptions):
+class LLMStageConfig(RayOptions, ClientOptions):
     """Options every LLM stage takes (those marked RUNTIME do not change what the stage writes)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -43,35 +44,6 @@ class LLMStageConfig(RayOptions):
     base_url: list[str] = Field(
         default_factory=list,
         description="OpenAI-compatible base URL; repeat to spread the load over several servers.",
-        json_schema_extra=RUNTIME,
-    )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
-        description="Environment variable holding the API key (never written anywhere).",
-        json_schema_extra=RUNTIME,
-    )
-    concurrency: int = Field(64, ge=1, description="Requests in flight.", json_schema_extra=RUNTIME)
-    http_client: Literal["aiohttp", "openai"] = Field(
-        "aiohttp",
-        description="HTTP path to OpenAI-compatible servers: aiohttp (fast), or the official openai client "
-        "(4-8x the client CPU per request).",
-        json_schema_extra=RUNTIME,
-    )
-    timeout: float = Field(
-        300.0, gt=0, description="Seconds per request before it is retried.", json_schema_extra=RUNTIME
-    )
-    max_attempts: int = Field(
-        6,
-        ge=1,
-        description="Attempts per request (429, 5xx, timeouts) before it is recorded as failed.",
-        json_schema_extra=RUNTIME,
-    )
-    max_invalid_retries: int = Field(
-        2,
-        ge=0,
-        description=(
-            "Times an answer that does not parse or validate is asked again before it is recorded as failed."
-        ),
         json_schema_extra=RUNTIME,
     )
     shard: str | None = Field(
