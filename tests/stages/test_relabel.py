@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -465,3 +466,46 @@ def test_requests_are_fitted_to_the_context_window():
         and unchanged.messages
         == Judge(load_prompt("relabel"), JudgeOptions()).requests("a query", [], short)[0][0].messages
     )
+
+
+@pytest.mark.slow
+def test_four_shard_jobs_started_together_one_killed_and_restarted(hidden, truth_data, tmp_path):
+    """What the cluster docs recommend: N `--shard K/N` jobs into one --out with one --llm-cache, at once.
+    One job is killed mid-run and started again; the folder ends complete, valid and equal to a single job's,
+    with every part listed once, and the shared cache still opens."""
+    mined, _, _ = hidden
+    oracle = Oracle(truth_data)
+    with start_server(responder=oracle, models=(MODEL,)) as fast:
+        run(
+            mined, tmp_path / "single", fast, tmp_path, queries_per_shard=2, llm_cache=tmp_path / "ref.sqlite"
+        )
+    out, cache = tmp_path / "jobs", tmp_path / "shared.sqlite"
+    with start_server(responder=oracle, models=(MODEL,), faults={"delay_s": 0.01}) as slow:
+
+        def job(k: int) -> list[str]:
+            return [
+                sys.executable, "-m", "mpr", "relabel", "--in", str(mined), "--out", str(out),
+                "--model", MODEL, "--base-url", slow.url, "--queries-per-shard", "2", "--concurrency", "4",
+                "--llm-cache", str(cache), "--shard", f"{k}/4", "--candidates", "all",
+                "--max-candidates", "100", "--batch-candidates", "10", "-q",
+            ]  # fmt: skip
+
+        procs = [
+            subprocess.Popen(job(k), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(4)
+        ]
+        deadline = time.time() + 120
+        while slow.stats()["answered"] < 10 and time.time() < deadline and procs[1].poll() is None:
+            time.sleep(0.01)
+        procs[1].kill()
+        assert procs[1].wait() == -signal.SIGKILL  # killed mid-run, not after it finished
+        errors = [p.communicate(timeout=300)[1] for p in (procs[0], procs[2], procs[3])]
+        assert all(p.returncode == 0 for p in (procs[0], procs[2], procs[3])), errors
+        again = subprocess.run(job(1), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+    assert validate_shards(out) == []
+    manifest = read_manifest(out)
+    names = [part.name for part in manifest.shards]
+    assert manifest.complete and len(names) == len(set(names)) == manifest.planned_shards
+    assert read_shards(out).equals(read_shards(tmp_path / "single"))
+    with sqlite3.connect(cache) as db:
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
