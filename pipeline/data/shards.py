@@ -217,6 +217,11 @@ class ShardRun:
             own = own if own.exists() or not legacy.exists() else legacy
         old = _load_manifest(own) if own.exists() else None
         siblings = _manifests_in(self.out)
+        if not siblings and self.out.is_dir():
+            leftovers = list(self.out.iterdir())
+            if leftovers and all(p.name.endswith(TMP_SUFFIX) and p.is_file() for p in leftovers):
+                for path in leftovers:  # a run killed while it put its first manifest in place
+                    path.unlink(missing_ok=True)
         if self.out.exists() and any(self.out.iterdir()):
             if overwrite and self.job is None:
                 shutil.rmtree(self.out)
