@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 from pipeline.errors import MprError
@@ -210,19 +211,15 @@ def weights_problem(path: Path) -> str | None:
                 how = "truncated" if size < expected else "longer than its header says"
                 return f"is {how} ({size:,} bytes, expected {expected:,})"
         elif path.suffix in (".bin", ".pt", ".pth"):
-            import zipfile
-
             with path.open("rb") as fh:
                 zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format; older files are plain pickles
-            if zipped and not zipfile.is_zipfile(path):
-                return f"is truncated ({size:,} bytes: its zip directory is missing)"
             if zipped:
-                with zipfile.ZipFile(path) as archive:
-                    archive.infolist()
+                with zipfile.ZipFile(path):  # reads the zip directory, which a file cut short lacks
+                    pass
             elif size < 1024:
                 return f"is not a PyTorch file ({size} bytes)"
+    except zipfile.BadZipFile as exc:
+        return f"is truncated or corrupt ({size:,} bytes: {exc})"
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         return f"is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    except Exception as exc:  # zipfile.BadZipFile and kin
-        return f"is corrupt ({type(exc).__name__}: {exc})"
     return None

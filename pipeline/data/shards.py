@@ -115,6 +115,11 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def _temporary(path: Path) -> bool:
+    """A file mpr writes before renaming it into place (`_part-*.parquet.tmp`, `_manifest.json.tmp`, ...)."""
+    return path.name.startswith("_") and path.name.endswith(TMP_SUFFIX)
+
+
 def manifest_path(folder: str | Path) -> Path:
     """The folder's manifest file: `_manifest.json`, or `manifest.json` in a folder written before."""
     folder = Path(folder)
@@ -217,12 +222,8 @@ class ShardRun:
             own = own if own.exists() or not legacy.exists() else legacy
         old = _load_manifest(own) if own.exists() else None
         siblings = _manifests_in(self.out)
-        if not siblings and self.out.is_dir():
-            leftovers = list(self.out.iterdir())
-            if leftovers and all(p.name.endswith(TMP_SUFFIX) and p.is_file() for p in leftovers):
-                for path in leftovers:  # a run killed while it put its first manifest in place
-                    path.unlink(missing_ok=True)
-        if self.out.exists() and any(self.out.iterdir()):
+        # temporary files are a killed run's (removed below) or a parallel job's: they make no folder foreign
+        if self.out.exists() and any(not _temporary(p) for p in self.out.iterdir()):
             if overwrite and self.job is None:
                 shutil.rmtree(self.out)
                 old = None
