@@ -38,6 +38,7 @@ from mpr.orchestrate.experiment import run_stage  # noqa: E402
 from mpr.orchestrate.stages import RELABEL  # noqa: E402
 from mpr.orchestrate.study import (  # noqa: E402
     BASELINE,
+    LISTWISE,
     ZERO_SHOT,
     Cell,
     Paths,
@@ -202,25 +203,20 @@ def run(args: argparse.Namespace) -> None:
     results.mkdir(parents=True, exist_ok=True)
     work = args.work / dataset
     command = "python bench/real_llm_cell.py " + " ".join(sys.argv[1:])
-    full = pooled_qrels(StudyConfig(data=[data]).sources[dataset])
     log = lambda m: print(m, flush=True)  # noqa: E731
 
     with ExitStack() as stack:
+
+        def open_study(error_rate: float) -> Study:
+            cfg = study_config(data, work, args.fold, args.loss, error_rate)
+            return Study(cfg, cfg.sources, Paths(work / "out", work), False, stack, command, log=log)
+
         # the real judge first: its measured error rate is the simulated judge's
-        probe = Study(
-            study_config(data, work, args.fold, args.loss, 0.0),
-            StudyConfig(data=[data]).sources,
-            Paths(work / "out", work),
-            False,
-            stack,
-            command,
-            log=log,
-        )
+        probe = open_study(0.0)
+        full = pooled_qrels(probe.cfg.sources[dataset])
         mined = probe.mined(dataset, args.fold)
         real_out = work / f"fold{args.fold}" / "relabel-smollm2"
         if not (real_out / "_manifest.json").exists():
-            from pipeline.stages.relabel import RelabelConfig
-
             server = stack.enter_context(
                 LlamaServer(
                     ensure_binary(None, build=True, log=log),
@@ -230,35 +226,14 @@ def run(args: argparse.Namespace) -> None:
                 )
             )
             run_stage(
-                RELABEL,
-                RelabelConfig(
-                    input=mined,
-                    out=real_out,
-                    model=ALIAS,
-                    mode="relabel",
-                    base_url=[server.base_url],
-                    candidates="negatives",
-                    max_candidates=probe.cfg.candidates,
-                    max_passage_chars=probe.cfg.judge_chars,
-                    llm_cache=work / "llm.sqlite",
-                    progress=False,
-                ),
-                log=log,
+                RELABEL, probe.relabel_config(mined, real_out, ALIAS, server.base_url, LISTWISE), log=log
             )
             server.stop()
         real_err = judge_errors(real_out, full)
         matched = round(real_err["error_rate"], 2)
         log(f"real judge: {real_err}; the simulated judge runs at e={matched:.2f}")
 
-        study = Study(
-            study_config(data, work, args.fold, args.loss, matched),
-            StudyConfig(data=[data]).sources,
-            Paths(work / "out", work),
-            False,
-            stack,
-            command,
-            log=log,
-        )
+        study = open_study(matched)
         sim_out = study.relabeled(dataset, args.fold, matched, graded=False)
         meta = {
             "command": command,

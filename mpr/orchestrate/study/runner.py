@@ -183,23 +183,29 @@ class Study:
         started = time.perf_counter()
         run_stage(
             RELABEL,
-            RelabelConfig(
-                input=mined,
-                out=out,
-                model=Oracles.model(dataset, error_rate),
-                mode=mode,
-                base_url=[self.oracles.url(dataset)],
-                candidates="negatives",
-                max_candidates=self.cfg.candidates,
-                max_passage_chars=self.cfg.judge_chars,
-                llm_cache=self.paths.llm_cache,
-                progress=False,
+            self.relabel_config(
+                mined, out, Oracles.model(dataset, error_rate), self.oracles.url(dataset), mode
             ),
             log=lambda m: self.log(f"[{dataset} fold {fold} e={error_rate:.2f}] {m}"),
         )
         self.timer.add(RELABEL.name, started)
         self.done[key] = out
         return out
+
+    def relabel_config(self, mined: Path, out: Path, model: str, base_url: str, mode: str) -> RelabelConfig:
+        """The study's relabel options for any judge: the simulated one, or a real server's model."""
+        return RelabelConfig(
+            input=mined,
+            out=out,
+            model=model,
+            mode=mode,
+            base_url=[base_url],
+            candidates="negatives",
+            max_candidates=self.cfg.candidates,
+            max_passage_chars=self.cfg.judge_chars,
+            llm_cache=self.paths.llm_cache,
+            progress=False,
+        )
 
     def training_data(self, cell: Cell) -> Path | None:
         if cell.loss == ZERO_SHOT:
