@@ -15,6 +15,9 @@ from pipeline.data.identity import RUNTIME
 from pipeline.data.locations import DEFAULT_ENCODER
 from train.losses.registry import DEFAULT_LOSS, LOSSES, LossOptions, option_fields, option_name
 
+#: Every registered loss's options under their TrainConfig keys (`temperature`, `bixse_scale`, ...).
+LOSS_OPTIONS = option_fields()
+
 #: The memory budget on CPU when none is given: the process's peak resident memory.
 CPU_MEMORY_BUDGET = "2GB"
 #: Share of the free device memory a GPU run plans with when no budget is given.
@@ -183,8 +186,8 @@ class TrainConfig(GroupOptions):
 
     # Every registered loss's options (train/losses/registry.py), under their keys: `temperature`,
     # `bixse_scale`, ... The chosen loss reads its own through `loss_config()`.
-    __annotations__.update({key: annotation for key, (annotation, _) in option_fields().items()})
-    vars().update({key: info for key, (_, info) in option_fields().items()})
+    __annotations__.update({key: annotation for key, (annotation, _) in LOSS_OPTIONS.items()})
+    vars().update({key: info for key, (_, info) in LOSS_OPTIONS.items()})
 
     _size = field_validator("memory_budget")(check_size)
 
@@ -211,7 +214,7 @@ class TrainConfig(GroupOptions):
         own = {option_name(spec, f) for f in spec.options.model_fields}
         return [
             key
-            for key, (_, info) in option_fields().items()
+            for key, (_, info) in LOSS_OPTIONS.items()
             if key not in own and key in self.model_fields_set and getattr(self, key) != info.default
         ]
 
